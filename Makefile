@@ -1,0 +1,33 @@
+# Set-up and the two commands the README promises: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint docs clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# This machine's torch lies on disk; a GPU user keeps whatever torch>=2.4 they have.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/decodekit demo --out outputs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+	$(BIN)/mkdocs build --strict --quiet --site-dir .site
+
+lint: $(STAMP)
+	$(BIN)/ruff check core plugins pipelines tests
+
+docs: $(STAMP)
+	$(BIN)/mkdocs serve
+
+clean:
+	rm -rf $(VENV) .site build dist *.egg-info

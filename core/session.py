@@ -1,0 +1,273 @@
+"""attach() and the Run handle: per-run state, stats, and exact restore on detach."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Any, Iterable
+
+import pluggy
+
+from . import hookspecs
+from .errors import AttachError, ConfigError, DecodekitError
+from .manager import PluginManager, get_manager
+from .strategy import Strategy, resolve, strategy_hooks
+
+# Objects currently attached, mapped to their run. Kept outside the objects so
+# attaching does not write marker attributes into the user's pipeline.
+_ATTACHED: weakref.WeakKeyDictionary[Any, Run] = weakref.WeakKeyDictionary()
+
+
+def attached_run(obj: Any) -> Run | None:
+    """The live run attached to ``obj``, or None."""
+    return _ATTACHED.get(obj)
+
+
+StrategySpec = str | dict | Strategy
+
+
+def build_strategies(specs: Iterable[StrategySpec], manager: PluginManager, path: str = "strategies") -> list[Strategy]:
+    """Turn names, ``{"name", "params"}`` dicts or instances into strategy instances."""
+    if isinstance(specs, (str, dict, Strategy)):
+        specs = [specs]
+    out = []
+    for i, spec in enumerate(specs):
+        where = f"{path}.{i}"
+        if isinstance(spec, Strategy):
+            out.append(spec)
+            continue
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        if not isinstance(spec, dict):
+            raise ConfigError(where, f"expected a strategy name or a mapping with 'name' and 'params', got {type(spec).__name__}")
+        unknown = set(spec) - {"name", "params"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key; a strategy entry has 'name' and 'params'")
+        if "name" not in spec:
+            raise ConfigError(f"{where}.name", "missing; say which strategy to use")
+        cls = manager.strategy(spec["name"], f"{where}.name")
+        out.append(cls(spec.get("params") or {}, path=f"{where}.params"))
+    return out
+
+
+def find_adapter(obj: Any, manager: PluginManager, pipeline: str | None = None) -> type:
+    """The adapter class for ``obj``: the one named, or the first registered that matches."""
+    if pipeline is not None:
+        cls = manager.pipeline(pipeline, "pipeline")
+        if not cls.matches(obj):
+            raise AttachError(f"pipeline adapter {pipeline!r} cannot attach to a {type(obj).__name__}.")
+        return cls
+    for cls in manager.registry.pipelines.values():
+        if cls.matches(obj):
+            return cls
+    known = ", ".join(f"{n} ({c.description or c.loop})" for n, c in manager.registry.pipelines.items())
+    raise AttachError(
+        f"decodekit has no pipeline adapter for a {type(obj).__module__}.{type(obj).__name__}. "
+        f"Installed adapters: {known or 'none'}."
+    )
+
+
+class Run:
+    """One attachment of strategies to a pipeline or model.
+
+    Use as a context manager or call `detach`. ``run.stats`` holds model calls
+    (NFE), calls served by strategies (cache hits), wall time, and per
+    strategy the time spent in its hooks plus what it counted itself.
+    """
+
+    def __init__(self, target: Any, adapter_cls: type, strategies: list[Strategy]):
+        self.target = target
+        self.strategies = resolve(strategies, adapter_cls.loop)
+        self.loop = adapter_cls.loop
+        self.attached = False
+        self.in_call = False
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self._pm.add_hookspecs(hookspecs.RuntimeSpecs)
+        # pluggy calls the last registered implementation first; register in
+        # reverse so hooks run in the resolved order.
+        for s in reversed(self.strategies):
+            self._pm.register(s, name=s.name)
+        self._impls: dict[str, list] = {}
+        self._firstresult: dict[str, bool] = {}
+        for hook_name in dir(hookspecs.RuntimeSpecs):
+            if hook_name.startswith("decodekit_"):
+                caller = getattr(self._pm.hook, hook_name)
+                self._impls[hook_name] = [(i.plugin_name, i.function, i.argnames) for i in reversed(caller.get_hookimpls())]
+                self._firstresult[hook_name] = bool(caller.spec.opts.get("firstresult"))
+        self._hook_time = {s.name: 0.0 for s in self.strategies}
+        self.calls = 0
+        self.nfe = 0
+        self.served = 0
+        self.time_s = 0.0
+        self.last: dict[str, Any] = {}
+        self.adapter = adapter_cls(target, self)
+
+    # -- hooks --------------------------------------------------------------------
+    def has(self, hook: str) -> bool:
+        """Whether any attached strategy implements ``hook`` (lets adapters skip work)."""
+        return bool(self._impls[hook])
+
+    def call(self, hook: str, **kwargs: Any) -> Any:
+        """Call runtime hook ``hook`` on the attached strategies, in resolved order.
+
+        Returns the first non-None result for first-result hooks, else the list
+        of non-None results. Time spent is charged to each strategy.
+        """
+        impls = self._impls[hook]
+        if not impls:
+            return None if self._firstresult[hook] else []
+        first = self._firstresult[hook]
+        results = []
+        clock = time.perf_counter
+        for name, fn, argnames in impls:
+            t0 = clock()
+            res = fn(*[kwargs[a] for a in argnames])
+            self._hook_time[name] += clock() - t0
+            if res is not None:
+                if first:
+                    return res
+                results.append(res)
+        return None if first else results
+
+    # -- per call -------------------------------------------------------------------
+    def begin_call(self, call_kwargs: dict[str, Any]) -> None:
+        """Adapters call this when a pipeline call starts: per-call state starts fresh."""
+        self.in_call = True
+        self.calls += 1
+        self._call_nfe0, self._call_served0 = self.nfe, self.served
+        self._t0 = time.perf_counter()
+        for s in self.strategies:
+            s.reset(self)
+        self.call("decodekit_call_start", run=self, call_kwargs=call_kwargs)
+
+    def end_call(self, output: Any) -> None:
+        """Adapters call this when a pipeline call returned."""
+        self.call("decodekit_call_end", run=self, output=output)
+        dt = time.perf_counter() - self._t0
+        self.time_s += dt
+        self.last = {"nfe": self.nfe - self._call_nfe0, "served": self.served - self._call_served0, "time_s": dt}
+        self.in_call = False
+
+    def guarded(self, fn, *args, **kwargs):
+        """Run a pipeline call; on an exception detach everything, then re-raise it."""
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            self.in_call = False
+            self.detach()
+            raise
+
+    # -- lifecycle --------------------------------------------------------------------
+    def _attach(self) -> None:
+        touched = self.adapter.touched()
+        for obj in touched:
+            other = _ATTACHED.get(obj)
+            if other is not None:
+                raise AttachError(
+                    f"this {type(obj).__name__} already has decodekit strategies attached "
+                    f"({', '.join(s.name for s in other.strategies) or 'none'}); "
+                    "detach that run first (leave its `with` block or call run.detach())."
+                )
+        self.adapter.attach()
+        try:
+            for s in self.strategies:
+                s.run = self
+                s.on_attach(self)
+        except BaseException:
+            for s in self.strategies:
+                s.run = None
+            self.adapter.detach()
+            raise
+        for obj in touched:
+            _ATTACHED[obj] = self
+        self.attached = True
+
+    def detach(self) -> None:
+        """Remove every hook; the pipeline is exactly as it was before `attach`. Idempotent."""
+        if not self.attached:
+            return
+        self.attached = False
+        try:
+            for s in reversed(self.strategies):
+                s.on_detach(self)
+                s.run = None
+        finally:
+            self.adapter.detach()
+            for obj in self.adapter.touched():
+                if _ATTACHED.get(obj) is self:
+                    del _ATTACHED[obj]
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters of this run (see the class docstring)."""
+        per = {}
+        for s in self.strategies:
+            per[s.name] = {"hook_time_s": self._hook_time[s.name], **s.stats()}
+        return {
+            "calls": self.calls,
+            "nfe": self.nfe,
+            "served": self.served,
+            "time_s": self.time_s,
+            "last_call": dict(self.last),
+            "strategies": per,
+        }
+
+    def ideal_speedup(self) -> float | None:
+        """Product of the strategies' stated FLOP-ideal speed-ups for the last call, if any stated one."""
+        vals = [v for v in (s.ideal_speedup(self) for s in self.strategies) if v is not None]
+        if not vals:
+            return None
+        out = 1.0
+        for v in vals:
+            out *= v
+        return out
+
+    def __repr__(self) -> str:
+        names = ", ".join(s.name for s in self.strategies)
+        return f"Run({type(self.target).__name__}, [{names}], attached={self.attached})"
+
+
+def attach(
+    target: Any,
+    strategies: Iterable[StrategySpec] | StrategySpec = (),
+    *,
+    pipeline: str | None = None,
+    manager: PluginManager | None = None,
+) -> Run:
+    """Attach decoding strategies to a diffusers/transformers pipeline or model.
+
+    Args:
+        target: the pipeline or model to speed up.
+        strategies: names, ``{"name": ..., "params": {...}}`` dicts, or
+            `Strategy` instances, in the order their hooks should run.
+        pipeline: an adapter name, when more than one could attach to ``target``.
+        manager: the plugin manager to resolve names (default: the global one).
+
+    Returns:
+        A `Run`; use it as a context manager, or call ``run.detach()``.
+
+    Raises:
+        ConfigError: an unknown strategy or bad params (the message names the key).
+        CompositionError: the strategies cannot run together.
+        AttachError: nothing can attach to ``target``, or it is attached already.
+    """
+    manager = manager or get_manager()
+    built = build_strategies(strategies, manager)
+    adapter_cls = find_adapter(target, manager, pipeline)
+    run = Run(target, adapter_cls, built)
+    run._attach()
+    return run
+
+
+def hooks_of(strategy_cls: type[Strategy]) -> list[str]:
+    """The runtime hooks a strategy class implements (for `decodekit plugins`)."""
+    return strategy_hooks(strategy_cls)
+
+
+__all__ = ["attach", "Run", "attached_run", "build_strategies", "find_adapter", "DecodekitError"]

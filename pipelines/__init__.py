@@ -1,0 +1,1 @@
+"""Pipeline adapters, one module per pipeline family, and the reference zoo."""
