@@ -13,13 +13,13 @@ plugins`` lists it under *failed*) and skipped; the host carries on.
 
 from __future__ import annotations
 
-
 import os
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -122,7 +122,7 @@ class PluginManager:
                 table[key] = value
                 reg.origin[(kind, key)] = _info
 
-            def reg_strategy(cls: type[Strategy]) -> None:
+            def reg_strategy(cls: type[Strategy], name: str = name) -> None:
                 if not (isinstance(cls, type) and issubclass(cls, Strategy) and cls.name):
                     raise DecodekitError(f"plugin {name!r} registered {cls!r}, which is not a named Strategy subclass")
                 add("strategies", cls.name, cls)

@@ -1,1 +1,242 @@
-"""placeholder"""
+"""Adapter `causal-lm`: transformers generation on causal LMs (and text-generation pipelines).
+
+transformers owns the loop. decodekit wraps the model's ``generate`` (an
+instance attribute, removed on detach) to mark where a call starts and ends,
+to append the strategies' logits processors, and — when a strategy drives
+decoding itself (``decodekit_generate``) — to pass a local callable as
+``generate(custom_generate=...)`` so transformers still does all its set-up
+(generation config, processors, stopping criteria, cache). A forward pre-hook
+counts model calls and lets strategies edit each forward's inputs
+(``decodekit_model_inputs``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from decodekit.errors import AttachError, ConfigError
+from decodekit.hookspecs import hookimpl
+from decodekit.pipeline import Inputs, PipelineAdapter
+
+
+class CausalLMInputs(Inputs):
+    """YAML ``inputs`` of a causal-lm pipeline (prompts and ``generate`` keyword arguments)."""
+
+    prompt: str | list[str]
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    extra: dict[str, Any] = {}
+    """Any other keyword argument of ``generate`` (``temperature``, ``top_k``, ``num_beams`` ...)."""
+
+
+def _model_of(obj: Any) -> Any:
+    from transformers import Pipeline, PreTrainedModel
+
+    if isinstance(obj, Pipeline):
+        obj = obj.model
+    if isinstance(obj, PreTrainedModel) and hasattr(obj, "generate"):
+        return obj
+    return None
+
+
+class CausalLMAdapter(PipelineAdapter):
+    """Attach to a transformers model's ``generate`` (or a text-generation pipeline's model)."""
+
+    name = "causal-lm"
+    loop = "token-autoregression"
+    Inputs = CausalLMInputs
+    description = (
+        "transformers causal LMs and text-generation pipelines (generate with custom_generate)"
+    )
+
+    def __init__(self, target: Any, run):
+        super().__init__(target, run)
+        self.model = _model_of(target)
+        self.step = 0  # model forwards in the current generate call
+        self._saved: dict[str, Any] = {}
+
+    @classmethod
+    def matches(cls, obj: Any) -> bool:
+        return _model_of(obj) is not None
+
+    def touched(self) -> list[Any]:
+        return [self.model] if self.model is self.target else [self.target, self.model]
+
+    def attach(self) -> None:
+        model = self.model
+        if not model.can_generate():
+            raise AttachError(
+                f"{type(model).__name__} cannot generate (no generation head); attach to a *ForCausalLM model."
+            )
+        self._saved = {
+            "generate_in_dict": "generate" in model.__dict__,
+            "generate_obj": model.__dict__.get("generate"),
+        }
+        original_generate = model.generate
+        adapter = self
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            return adapter.call_generate(original_generate, args, kwargs)
+
+        generate.__doc__ = original_generate.__doc__
+        self._handle = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        model.__dict__["generate"] = generate
+
+    def detach(self) -> None:
+        if not self._saved:
+            return
+        model = self.model
+        self._handle.remove()
+        if self._saved["generate_in_dict"]:
+            model.__dict__["generate"] = self._saved["generate_obj"]
+        else:
+            model.__dict__.pop("generate", None)
+        self._saved = {}
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+        run = self.run
+        step = self.step
+        self.step += 1
+        run.nfe += 1
+        if run.has("decodekit_model_inputs"):
+            run.call("decodekit_model_inputs", run=run, step=step, model_inputs=kwargs)
+            return args, kwargs
+        return None
+
+    def call_generate(self, original_generate: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The wrapped ``generate``: per-call reset, strategies' processors and loop, guarded run."""
+        run = self.run
+        self.step = 0
+        run.begin_call(kwargs)
+        processors = [
+            p
+            for ps in run.call(
+                "decodekit_logits_processors",
+                run=run,
+                generation_config=kwargs.get("generation_config"),
+            )
+            for p in ps
+        ]
+        if processors:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(
+                list(kwargs.get("logits_processor") or []) + processors
+            )
+        if run.has("decodekit_generate"):
+            if kwargs.get("custom_generate") is not None:
+                raise AttachError(
+                    "generate(custom_generate=...) was given while a decodekit strategy drives decoding "
+                    f"({', '.join(s.name for s in run.strategies)}); pass one or the other."
+                )
+
+            def decodekit_loop(
+                model,
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                **model_kwargs,
+            ):
+                return run.call(
+                    "decodekit_generate",
+                    run=run,
+                    model=model,
+                    input_ids=input_ids,
+                    logits_processor=logits_processor,
+                    stopping_criteria=stopping_criteria,
+                    generation_config=generation_config,
+                    model_kwargs=model_kwargs,
+                )
+
+            kwargs["custom_generate"] = decodekit_loop
+        out = run.guarded(original_generate, *args, **kwargs)
+        run.end_call(out)
+        return out
+
+    # -- YAML runs and bench -----------------------------------------------------------------
+    @classmethod
+    def load(cls, source: str, *, device: str, dtype: str, options: dict[str, Any]) -> Any:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=getattr(torch, dtype), local_files_only=True, **options
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return pipeline("text-generation", model=model.to(device).eval(), tokenizer=tokenizer)
+
+    @classmethod
+    def generate(
+        cls, target: Any, inputs: CausalLMInputs, progress: bool = False
+    ) -> list[dict[str, Any]]:
+        model, tokenizer = target.model, target.tokenizer
+        if tokenizer is None:
+            raise ConfigError(
+                "pipeline.model",
+                "the model folder has no tokenizer; add one (tokenizer.json) to the folder.",
+            )
+        prompts = [inputs.prompt] if isinstance(inputs.prompt, str) else list(inputs.prompt)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+        torch.manual_seed(inputs.seed)
+        kwargs = {
+            "max_new_tokens": inputs.max_new_tokens,
+            "do_sample": inputs.do_sample,
+            "pad_token_id": tokenizer.pad_token_id,
+            **inputs.extra,
+        }
+        out = model.generate(**enc, **kwargs)
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        new = sequences[:, enc["input_ids"].shape[1] :]
+        results = []
+        for i, row in enumerate(new):
+            tokens = row.tolist()
+            results.append(
+                {
+                    "prompt": prompts[i % len(prompts)],
+                    "text": tokenizer.decode(row, skip_special_tokens=True),
+                    "tokens": tokens,
+                }
+            )
+        return results
+
+    @classmethod
+    def save(cls, outputs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "outputs.jsonl"
+        with path.open("w") as f:
+            for row in outputs:
+                f.write(json.dumps(row) + "\n")
+        return [path]
+
+    @classmethod
+    def quality(
+        cls, baseline: list[dict[str, Any]], outputs: list[dict[str, Any]]
+    ) -> dict[str, float]:
+        return {
+            "token_agreement": token_agreement(
+                [b["tokens"] for b in baseline], [o["tokens"] for o in outputs]
+            ),
+            "exact_match": sum(b["text"] == o["text"] for b, o in zip(baseline, outputs))
+            / max(1, len(baseline)),
+        }
+
+
+def token_agreement(baseline: list[list[int]], outputs: list[list[int]]) -> float:
+    """Fraction of baseline token positions where the strategy produced the same token."""
+    same = total = 0
+    for b, o in zip(baseline, outputs):
+        total += len(b)
+        same += sum(x == y for x, y in zip(b, o))
+    return same / total if total else 1.0
+
+
+@hookimpl
+def decodekit_register_pipelines(register):
+    register(CausalLMAdapter)

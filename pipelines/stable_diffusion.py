@@ -1,1 +1,345 @@
-"""placeholder"""
+"""Adapter `stable-diffusion`: diffusers pipelines whose denoiser is a `UNet2DConditionModel`.
+
+Covers StableDiffusion 1.x/2.x, SDXL, ControlNet and img2img pipelines. The
+pipeline keeps its own loop: decodekit registers a diffusers `ModelHook` on the
+UNet (``decodekit_denoiser_forward`` / ``decodekit_denoiser_output``) and chains
+a ``callback_on_step_end`` for ``decodekit_step_end``. To see where a pipeline
+call starts and ends, the pipeline object is given a one-off subclass whose
+``__call__`` wraps the original; detach puts the original class back.
+
+Steps are counted by denoiser calls within one pipeline call (``step`` = the
+loop iteration), never by looking up timestep values, so schedulers that repeat
+a timestep or run twice per step (``scheduler.order == 2``) are counted right.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from decodekit.errors import AttachError, ConfigError
+from decodekit.hookspecs import hookimpl
+from decodekit.pipeline import Inputs, PipelineAdapter
+from diffusers.hooks import HookRegistry, ModelHook
+
+HOOK_NAME = "decodekit"
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
+
+class StableDiffusionInputs(Inputs):
+    """YAML ``inputs`` of a stable-diffusion pipeline (the keyword arguments of its ``__call__``)."""
+
+    prompt: str | list[str]
+    negative_prompt: str | list[str] | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    num_images_per_prompt: int = 1
+    extra: dict[str, Any] = {}
+    """Any other keyword argument of the pipeline's ``__call__`` (``eta``, ``strength`` ...)."""
+
+
+class _DenoiserHook(ModelHook):
+    """Routes every UNet call through the run's denoiser hooks."""
+
+    def __init__(self, adapter: StableDiffusionAdapter):
+        super().__init__()
+        self.adapter = adapter
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.adapter.denoise(module, self.fn_ref.original_forward, args, kwargs)
+
+
+class StableDiffusionAdapter(PipelineAdapter):
+    """Attach to a diffusers UNet pipeline through `HookRegistry` and ``callback_on_step_end``."""
+
+    name = "stable-diffusion"
+    loop = "continuous-denoising"
+    Inputs = StableDiffusionInputs
+    description = (
+        "diffusers pipelines with a UNet2DConditionModel (SD 1.x/2.x, SDXL, ControlNet, img2img)"
+    )
+
+    def __init__(self, target: Any, run):
+        super().__init__(target, run)
+        self.pipe = target
+        self.unet = target.unet
+        self.step = 0  # denoiser calls in the current pipeline call
+        self.initial_latents: torch.Tensor | None = None  # z_T of the current call
+        self.call_kwargs: dict[str, Any] = {}
+        self._saved: dict[str, Any] = {}
+
+    @classmethod
+    def matches(cls, obj: Any) -> bool:
+        from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+        return isinstance(obj, DiffusionPipeline) and isinstance(
+            getattr(obj, "unet", None), UNet2DConditionModel
+        )
+
+    def touched(self) -> list[Any]:
+        return [self.pipe, self.unet]
+
+    @property
+    def scheduler_order(self) -> int:
+        """Denoiser calls per solver step of the pipeline's scheduler (2 for Heun)."""
+        return int(getattr(self.pipe.scheduler, "order", 1))
+
+    # -- attach / detach ----------------------------------------------------------------
+    def _step_tensors(self) -> list[str]:
+        names: list[str] = ["latents"]
+        for s in self.run.strategies:
+            for n in getattr(s, "step_tensors", ()):
+                if n not in names:
+                    names.append(n)
+        return names
+
+    def attach(self) -> None:
+        pipe, unet = self.pipe, self.unet
+        cls = type(pipe)
+        if self.run.has("decodekit_step_end"):
+            if "callback_on_step_end" not in inspect.signature(cls.__call__).parameters:
+                raise AttachError(
+                    f"{cls.__name__}.__call__ has no callback_on_step_end, which "
+                    f"{', '.join(s.name for s in self.run.strategies)} need; use a diffusers pipeline that has it."
+                )
+            allowed = list(getattr(pipe, "_callback_tensor_inputs", ["latents"]))
+            missing = [n for n in self._step_tensors() if n not in allowed]
+            if missing:
+                raise AttachError(
+                    f"{cls.__name__} does not expose {missing} to step callbacks (it exposes {allowed}); "
+                    "the strategies that need them cannot run on this pipeline."
+                )
+        registry_existed = hasattr(unet, "_diffusers_hook")
+        self._saved = {
+            "class": cls,
+            "registry_existed": registry_existed,
+            "forward_in_dict": "forward" in unet.__dict__,
+            "forward_obj": unet.__dict__.get("forward"),
+        }
+        registry = HookRegistry.check_if_exists_or_initialize(unet)
+        if registry.get_hook(HOOK_NAME) is not None:
+            raise AttachError(
+                "the UNet already carries a decodekit hook; detach the other run first."
+            )
+        registry.register_hook(_DenoiserHook(self), HOOK_NAME)
+        adapter = self
+
+        def __call__(pipe_self, *args: Any, **kwargs: Any) -> Any:
+            return adapter.call_pipeline(pipe_self, args, kwargs)
+
+        def prepare_latents(pipe_self, *args: Any, **kwargs: Any) -> Any:
+            out = cls.prepare_latents(pipe_self, *args, **kwargs)
+            adapter.initial_latents = out[0] if isinstance(out, tuple) else out  # z_T, (B, C, h, w)
+            return out
+
+        methods: dict[str, Any] = {"__call__": __call__, "__module__": cls.__module__}
+        if hasattr(cls, "prepare_latents"):
+            methods["prepare_latents"] = prepare_latents
+        pipe.__class__ = type(cls.__name__, (cls,), methods)
+
+    def detach(self) -> None:
+        if not self._saved:
+            return
+        pipe, unet, saved = self.pipe, self.unet, self._saved
+        pipe.__class__ = saved["class"]
+        registry = getattr(unet, "_diffusers_hook", None)
+        if registry is not None:
+            registry.remove_hook(HOOK_NAME, recurse=False)
+            if not registry.hooks and not saved["registry_existed"]:
+                # diffusers leaves the bound forward and the empty registry behind; undo both.
+                del unet._diffusers_hook
+                if saved["forward_in_dict"]:
+                    unet.__dict__["forward"] = saved["forward_obj"]
+                else:
+                    unet.__dict__.pop("forward", None)
+        self._saved = {}
+
+    # -- the loop ---------------------------------------------------------------------------
+    def call_pipeline(self, pipe: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The wrapped pipeline ``__call__``: per-call reset, step callback, guarded run."""
+        run = self.run
+        original_call = self._saved["class"].__call__
+        if run.has("decodekit_step_end"):
+            self._chain_callback(kwargs)
+        self.step = 0
+        self.initial_latents = None
+        self.call_kwargs = kwargs
+        run.begin_call(kwargs)
+        out = run.guarded(original_call, pipe, *args, **kwargs)
+        run.end_call(out)
+        return out
+
+    def _chain_callback(self, kwargs: dict[str, Any]) -> None:
+        user_cb = kwargs.get("callback_on_step_end")
+        user_inputs = list(
+            getattr(user_cb, "tensor_inputs", None)
+            or kwargs.get("callback_on_step_end_tensor_inputs")
+            or ["latents"]
+        )
+        wanted = list(dict.fromkeys(user_inputs + self._step_tensors()))
+        run = self.run
+
+        def on_step_end(
+            pipe: Any, i: int, t: Any, callback_kwargs: dict[str, Any]
+        ) -> dict[str, Any]:
+            run.call(
+                "decodekit_step_end", run=run, step=i, timestep=t, callback_kwargs=callback_kwargs
+            )
+            if user_cb is not None:
+                user_view = {k: callback_kwargs[k] for k in user_inputs if k in callback_kwargs}
+                callback_kwargs.update(user_cb(pipe, i, t, user_view) or {})
+            return callback_kwargs
+
+        kwargs["callback_on_step_end"] = on_step_end
+        kwargs["callback_on_step_end_tensor_inputs"] = wanted
+
+    def denoise(
+        self, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]
+    ) -> Any:
+        """One denoiser call: served by a strategy, or run for real and shown to the strategies."""
+        run = self.run
+        step = self.step
+        self.step += 1
+        out = run.call(
+            "decodekit_denoiser_forward",
+            run=run,
+            step=step,
+            module=module,
+            args=args,
+            kwargs=kwargs,
+        )
+        if out is not None:
+            run.served += 1
+            return out
+        out = forward(*args, **kwargs)
+        run.nfe += 1
+        run.call(
+            "decodekit_denoiser_output",
+            run=run,
+            step=step,
+            module=module,
+            args=args,
+            kwargs=kwargs,
+            output=out,
+        )
+        return out
+
+    # -- YAML runs and bench -----------------------------------------------------------------
+    @classmethod
+    def load(cls, source: str, *, device: str, dtype: str, options: dict[str, Any]) -> Any:
+        from diffusers import DiffusionPipeline
+
+        options = dict(options)
+        scheduler = options.pop("scheduler", None)
+        kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype), "local_files_only": True}
+        kwargs.update(options)
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+        if not cls.matches(pipe):
+            raise ConfigError(
+                "pipeline.type",
+                f"{source} loads a {type(pipe).__name__}, which has no UNet2DConditionModel; pick another pipeline type.",
+            )
+        if scheduler is not None:
+            import diffusers
+
+            if scheduler not in SCHEDULERS:
+                raise ConfigError(
+                    "pipeline.options.scheduler",
+                    f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}",
+                )
+            sched_cls = getattr(diffusers, SCHEDULERS[scheduler])
+            pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
+        return pipe.to(device)
+
+    @classmethod
+    def generate(cls, target: Any, inputs: StableDiffusionInputs, progress: bool = False) -> list:
+        target.set_progress_bar_config(disable=not progress)
+        generator = torch.Generator(device="cpu").manual_seed(inputs.seed)
+        kwargs: dict[str, Any] = {
+            "prompt": inputs.prompt,
+            "negative_prompt": inputs.negative_prompt,
+            "num_inference_steps": inputs.num_inference_steps,
+            "guidance_scale": inputs.guidance_scale,
+            "num_images_per_prompt": inputs.num_images_per_prompt,
+            "generator": generator,
+            "output_type": "pil",
+        }
+        if inputs.height:
+            kwargs["height"] = inputs.height
+        if inputs.width:
+            kwargs["width"] = inputs.width
+        kwargs.update(inputs.extra)
+        return list(target(**kwargs).images)
+
+    @classmethod
+    def save(cls, outputs: list, out_dir: Path) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, image in enumerate(outputs):
+            p = out_dir / f"{i:03d}.png"
+            image.save(p)
+            paths.append(p)
+        return paths
+
+    @classmethod
+    def quality(cls, baseline: list, outputs: list) -> dict[str, float]:
+        return {
+            "psnr": psnr(baseline, outputs),
+            "identical": float(
+                all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(baseline, outputs))
+            ),
+        }
+
+    @classmethod
+    def picture(cls, baseline: list, outputs: list, path: Path) -> bool:
+        image_grid([baseline, outputs], ["baseline", "strategy"]).save(path)
+        return True
+
+
+def psnr(a: list, b: list) -> float:
+    """Mean PSNR (dB, 8-bit peak) over pairs of images; inf where identical."""
+    vals = []
+    for x, y in zip(a, b):
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        mse = float(np.mean((x - y) ** 2))
+        vals.append(float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def image_grid(rows: list[list], labels: list[str]):
+    """One PNG-able image: each row of PIL images side by side, a label column on the left."""
+    from PIL import Image, ImageDraw
+
+    w, h = rows[0][0].size
+    scale = max(1, 96 // max(w, h))
+    w, h = w * scale, h * scale
+    label_w = 72
+    ncol = max(len(r) for r in rows)
+    grid = Image.new("RGB", (label_w + ncol * w, len(rows) * h), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        draw.text((4, r * h + h // 2 - 5), label, fill="black")
+        for c, im in enumerate(row):
+            grid.paste(im.convert("RGB").resize((w, h), Image.NEAREST), (label_w + c * w, r * h))
+    return grid
+
+
+@hookimpl
+def decodekit_register_pipelines(register):
+    register(StableDiffusionAdapter)

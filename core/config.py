@@ -1,0 +1,502 @@
+"""The YAML run configuration: schema, loader and ``--set`` overrides; every error names its key path.
+
+A config says which pipeline adapter loads which model, which strategies
+attach to it, what inputs it runs and where outputs go::
+
+    pipeline:
+      type: stable-diffusion     # a registered adapter name
+      model: zoo:shapes-sd       # zoo:<name>, a local folder, or a hub id already in the local HF cache
+      device: auto               # auto|cpu|cuda|cuda:N|mps; auto = cuda when available, else cpu
+      dtype: float32             # float32|float16|bfloat16|float64
+      options: {}                # adapter-specific, passed to adapter.load(options=...)
+    strategies:
+      - name: faster-diffusion
+        params: {key_steps: paper-50}
+    inputs: {prompt: ["a red circle"], seed: 0}   # the adapter's Inputs model
+    output: {dir: outputs/shapes-sd}
+    bench: {repeat: 3, warmup: 1}                  # optional
+
+`load_config` validates all of it before anything is loaded and raises
+`ConfigError` whose ``path`` is the key at fault (``strategies.0.params.key_steps``).
+A relative model folder is looked up in the current directory, then next to
+the config file. Models are never downloaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from .errors import ConfigError, DecodekitError, UnknownNameError
+from .manager import PluginManager, get_manager
+from .pipeline import Inputs, PipelineAdapter
+from .strategy import Strategy, resolve
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# Files whose presence in the local HF cache shows a hub model was downloaded.
+_HUB_MARKERS = ("model_index.json", "config.json")
+
+
+class _Section(BaseModel):
+    """Base of the config sections: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PipelineConfig(_Section):
+    """The ``pipeline`` section: which adapter loads which model, where and in what precision."""
+
+    type: StrictStr = Field(description="a registered pipeline adapter name")
+    model: StrictStr = Field(description="zoo:<name>, a local folder, or a hub id in the local cache")
+    device: StrictStr = Field("auto", description="auto|cpu|cuda|cuda:N|mps")
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+    options: dict[str, Any] = Field(default_factory=dict, description="adapter-specific load options")
+
+
+class StrategyConfig(_Section):
+    """One entry of ``strategies``: a registered strategy name and its params."""
+
+    name: StrictStr
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputConfig(_Section):
+    """The ``output`` section."""
+
+    dir: StrictStr = Field("outputs", description="folder that `decodekit run` writes outputs into")
+
+
+class BenchConfig(_Section):
+    """The optional ``bench`` section: how `decodekit bench` measures."""
+
+    repeat: StrictInt = Field(3, ge=1, description="baseline/strategy pairs measured")
+    warmup: StrictInt = Field(1, ge=0, description="unmeasured runs of each arm first")
+
+
+TOP_LEVEL = ("pipeline", "strategies", "inputs", "output", "bench")
+
+
+@dataclass
+class RunConfig:
+    """A validated run configuration, with the adapter, model source and device resolved."""
+
+    pipeline: PipelineConfig
+    strategies: list[StrategyConfig]
+    inputs: Inputs
+    output: OutputConfig
+    bench: BenchConfig
+    adapter: type[PipelineAdapter]
+    source: str  # the local folder the adapter loads from
+    device: str  # `pipeline.device` with "auto" resolved
+    raw: dict[str, Any] = field(default_factory=dict)  # the document after overrides
+    file: Path | None = None
+
+    def strategy_specs(self) -> list[dict[str, Any]]:
+        """The strategies as ``{"name", "params"}`` dicts, ready for `decodekit.attach`."""
+        return [{"name": s.name, "params": dict(s.params)} for s in self.strategies]
+
+    def build_strategies(self, manager: PluginManager | None = None) -> list[Strategy]:
+        """Fresh strategy instances, in config order."""
+        from .session import build_strategies
+
+        return build_strategies(self.strategy_specs(), manager or get_manager(), "strategies")
+
+    def resolve_strategies(self, manager: PluginManager | None = None) -> list[Strategy]:
+        """Strategy instances in hook order; `CompositionError` when they cannot run together."""
+        return resolve(self.build_strategies(manager), self.adapter.loop)
+
+    def load_pipeline(self) -> Any:
+        """Load the model through the adapter (once; callers keep the result)."""
+        return self.adapter.load(
+            self.source, device=self.device, dtype=self.pipeline.dtype, options=dict(self.pipeline.options)
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready description of what runs: pipeline, resolved source and device, strategies, inputs."""
+        return {
+            "file": str(self.file) if self.file else None,
+            "pipeline": {**self.pipeline.model_dump(), "source": self.source, "resolved_device": self.device},
+            "strategies": self.strategy_specs(),
+            "inputs": self.inputs.model_dump(mode="json"),
+            "output": self.output.model_dump(),
+            "bench": self.bench.model_dump(),
+        }
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # unhashable key; the constructor below reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+            )
+        seen[key] = key_node
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file; syntax errors become a `ConfigError` with the file, line and column."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {str(p)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("", f"cannot read config file {str(p)!r}: {e}") from None
+    return parse_yaml(text, str(p))
+
+
+def parse_yaml(text: str, name: str = "<config>") -> Any:
+    """Parse YAML text (``name`` labels errors)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else name
+        problem = getattr(e, "problem", None) or str(e)
+        context = getattr(e, "context", None)
+        detail = f"{context}, {problem}" if context else problem
+        raise ConfigError("", f"{where}: invalid YAML: {detail}") from None
+
+
+# -- overrides ------------------------------------------------------------------------
+
+
+def apply_overrides(doc: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """Apply ``a.b.0.c=value`` overrides (value parsed as YAML) to a copy of ``doc``.
+
+    A missing mapping key is created (validation then says whether it is
+    allowed); a list index must already exist.
+    """
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for item in overrides:
+        key, sep, value_text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError("--set", f"expected KEY=VALUE (like strategies.0.params.key_steps=uniform-4), got {item!r}")
+        value = parse_yaml(value_text, f"--set {key}") if value_text.strip() else None
+        if value_text.strip() and value is None and value_text.strip() not in ("null", "~", "Null", "NULL"):
+            value = value_text
+        parts = key.split(".")
+        if any(p == "" for p in parts):
+            raise ConfigError(key, "empty segment in the --set key path")
+        if doc is None:
+            doc = {}
+        node = doc
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            here = ".".join(parts[: i + 1])
+            if isinstance(node, dict):
+                if last:
+                    node[part] = value
+                elif not isinstance(node.get(part), (dict, list)):
+                    if node.get(part) is not None:
+                        raise ConfigError(
+                            here, f"--set {key}: {here} is a {type(node[part]).__name__}, not a mapping or list"
+                        )
+                    node[part] = {}
+                node = node[part] if not last else node
+            elif isinstance(node, list):
+                if not re.fullmatch(r"-?\d+", part):
+                    raise ConfigError(here, f"--set {key}: {'.'.join(parts[:i]) or 'top level'} is a list; use an index")
+                idx = int(part)
+                if not -len(node) <= idx < len(node):
+                    raise ConfigError(
+                        here, f"--set {key}: index {idx} is out of range; the list has {len(node)} entries"
+                    )
+                if last:
+                    node[idx] = value
+                else:
+                    if not isinstance(node[idx], (dict, list)):
+                        raise ConfigError(here, f"--set {key}: {here} is a {type(node[idx]).__name__}, not a mapping")
+                    node = node[idx]
+            else:
+                prev = ".".join(parts[:i]) or "top level"
+                raise ConfigError(prev, f"--set {key}: {prev} is a {type(node).__name__}, not a mapping or list")
+    return doc
+
+
+# -- validating -------------------------------------------------------------------------
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "mapping", list: "list", str: "string", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _raise_validation(e: ValidationError, model: type[BaseModel], prefix: str, data: Any, what: str) -> None:
+    """Turn the first pydantic error into a `ConfigError` at its key path, in plain words."""
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    path = ".".join([prefix, *loc] if prefix else loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = _known_keys(model, err["loc"][:-1])
+        name = loc[-1] if loc else ""
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(path, f"unknown key in {what}.{hint} Known keys: {', '.join(known) or 'none'}.")
+    if kind == "missing":
+        raise ConfigError(path, "missing required key")
+    msg = err["msg"]
+    if "input" in err and kind not in ("value_error", "assertion_error"):
+        msg = f"{msg} (got {_type_name(err['input'])} {_short(err['input'])})"
+    raise ConfigError(path, msg)
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the (nested) model at ``loc``, for an unknown-key suggestion."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = fields[part].annotation
+    return list(getattr(current, "model_fields", {}) or {})
+
+
+def _section(model: type[BaseModel], data: Any, path: str, what: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a mapping, got {_type_name(data)} {_short(data)}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        _raise_validation(e, model, path, data, what)
+
+
+def resolve_device(device: str, path: str = "pipeline.device") -> str:
+    """Check a device string and resolve ``auto`` (cuda when available, else cpu)."""
+    if not _DEVICE_RE.match(device):
+        raise ConfigError(path, f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device == "cpu":
+        return device
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(path, f"{device!r} asked for, but CUDA is not available here; use auto or cpu")
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= torch.cuda.device_count():
+            raise ConfigError(path, f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(path, "'mps' asked for, but MPS is not available here; use auto or cpu")
+    return device
+
+
+def _zoo():
+    """The zoo module, or None when this build has no zoo yet."""
+    try:
+        from decodekit.pipelines import zoo
+    except ImportError:
+        return None
+    return zoo
+
+
+def zoo_model_names() -> list[str] | None:
+    """Names of the zoo models, or None when the zoo is not available."""
+    zoo = _zoo()
+    if zoo is None or not hasattr(zoo, "list_models"):
+        return None
+    names = []
+    for m in zoo.list_models():
+        if isinstance(m, str):
+            names.append(m)
+        elif isinstance(m, dict):
+            names.append(str(m.get("name")))
+        else:
+            names.append(str(getattr(m, "name", m)))
+    return names
+
+
+def resolve_model(model: str, base_dir: Path | None = None, path: str = "pipeline.model") -> str:
+    """Resolve ``pipeline.model`` to a local folder: a zoo model, a folder, or a cached hub snapshot."""
+    if model.startswith("zoo:"):
+        return _resolve_zoo(model[4:], path)
+    given = Path(model).expanduser()
+    candidates = [given]
+    if base_dir is not None and not given.is_absolute():
+        candidates.append(base_dir / given)
+    for c in candidates:
+        if c.exists():
+            return str(c.resolve())
+    looks_local = model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
+    looked = " and ".join(repr(str(c)) for c in candidates)
+    if looks_local or not _HUB_ID_RE.match(model):
+        raise ConfigError(path, f"model folder {model!r} does not exist (looked at {looked}); give an existing folder")
+    cached = _hub_snapshot(model)
+    if cached is not None:
+        return cached
+    raise ConfigError(
+        path,
+        f"{model!r} is not a local folder (looked at {looked}) and not a hub model in the local "
+        "Hugging Face cache; decodekit never downloads. Download it first "
+        f"(`hf download {model}`) or set pipeline.model to a local folder.",
+    )
+
+
+def _hub_snapshot(repo_id: str) -> str | None:
+    """The cached snapshot folder of ``repo_id``, looked up in the local HF cache only (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for marker in _HUB_MARKERS:
+        try:
+            hit = try_to_load_from_cache(repo_id, marker)
+        except Exception:  # an id the hub library rejects is simply not cached
+            return None
+        if isinstance(hit, str):
+            return str(Path(hit).parent)
+    return None
+
+
+def _resolve_zoo(name: str, path: str) -> str:
+    zoo = _zoo()
+    if zoo is None or not hasattr(zoo, "zoo_path"):
+        raise ConfigError(
+            path,
+            f"zoo model {name!r} asked for, but this build of decodekit has no model zoo "
+            "(decodekit.pipelines.zoo.zoo_path); give a local folder instead",
+        )
+    known = zoo_model_names()
+    if known is not None and name not in known:
+        raise UnknownNameError(path, "zoo model", name, known)
+    try:
+        folder = Path(zoo.zoo_path(name))
+    except DecodekitError as e:
+        raise ConfigError(path, getattr(e, "message", str(e))) from None
+    except (LookupError, ValueError, OSError) as e:
+        raise ConfigError(path, f"zoo model {name!r}: {e}") from None
+    if not folder.exists():
+        raise ConfigError(path, f"zoo model {name!r} should be at {str(folder)!r}, which does not exist")
+    return str(folder)
+
+
+def load_config(
+    source: str | os.PathLike | dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    manager: PluginManager | None = None,
+) -> RunConfig:
+    """Load, override and validate a run config from a YAML file or a dict.
+
+    Raises:
+        ConfigError: the first problem found; ``path`` is its key path
+            (``UnknownNameError`` for an unknown strategy, pipeline or zoo name).
+    """
+    manager = manager or get_manager()
+    file: Path | None = None
+    if isinstance(source, dict):
+        doc = source
+    else:
+        file = Path(source)
+        doc = read_yaml(file)
+    doc = apply_overrides(doc, list(overrides))
+    if doc is None:
+        raise ConfigError("", "the config is empty; it needs at least 'pipeline' with 'type' and 'model'")
+    if not isinstance(doc, dict):
+        raise ConfigError("", f"the config must be a mapping of sections ({', '.join(TOP_LEVEL)}), got {_type_name(doc)}")
+    for key in doc:
+        if key not in TOP_LEVEL:
+            close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(str(key), f"unknown top-level key.{hint} Known keys: {', '.join(TOP_LEVEL)}.")
+    if "pipeline" not in doc:
+        raise ConfigError("pipeline", "missing required key; say which adapter (type) loads which model")
+
+    pipeline = _section(PipelineConfig, doc["pipeline"], "pipeline", "pipeline")
+    adapter = manager.pipeline(pipeline.type, "pipeline.type")
+    if not _DEVICE_RE.match(pipeline.device):
+        raise ConfigError("pipeline.device", f"unknown device {pipeline.device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+    strategies = _strategies(doc.get("strategies"), manager)
+    inputs = _section(adapter.Inputs, doc.get("inputs"), "inputs", f"inputs of the {adapter.name!r} pipeline")
+    output = _section(OutputConfig, doc.get("output"), "output", "output")
+    bench = _section(BenchConfig, doc.get("bench"), "bench", "bench")
+
+    base_dir = file.parent if file is not None else None
+    source_dir = resolve_model(pipeline.model, base_dir)
+    device = resolve_device(pipeline.device)
+    return RunConfig(
+        pipeline=pipeline,
+        strategies=strategies,
+        inputs=inputs,
+        output=output,
+        bench=bench,
+        adapter=adapter,
+        source=source_dir,
+        device=device,
+        raw=doc,
+        file=file,
+    )
+
+
+def _strategies(data: Any, manager: PluginManager) -> list[StrategyConfig]:
+    from .session import build_strategies
+
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise ConfigError("strategies", f"expected a list of strategies, got {_type_name(data)} {_short(data)}")
+    entries = []
+    for i, item in enumerate(data):
+        where = f"strategies.{i}"
+        if isinstance(item, str):
+            item = {"name": item}
+        if isinstance(item, dict) and item.get("params", {}) is None:
+            item = {**item, "params": {}}
+        entry = _section(StrategyConfig, item, where, "a strategy entry")
+        entries.append(entry)
+    # Names and params are checked by the strategies' own models.
+    build_strategies([{"name": e.name, "params": e.params} for e in entries], manager, "strategies")
+    return entries
+
+
+__all__ = [
+    "RunConfig",
+    "PipelineConfig",
+    "StrategyConfig",
+    "OutputConfig",
+    "BenchConfig",
+    "load_config",
+    "apply_overrides",
+    "read_yaml",
+    "parse_yaml",
+    "resolve_model",
+    "resolve_device",
+    "zoo_model_names",
+]
