@@ -1,9 +1,9 @@
 """decodekit: composable decoding strategies for diffusion and multimodal models.
 
-    import decodekit
-    with decodekit.attach(pipe, ["faster-diffusion"]) as run:
-        images = pipe(prompt).images
-    print(run.stats)
+import decodekit
+with decodekit.attach(pipe, ["faster-diffusion"]) as run:
+    images = pipe(prompt).images
+print(run.stats)
 """
 
 from .errors import AttachError, CompositionError, ConfigError, DecodekitError, UnknownNameError

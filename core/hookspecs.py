@@ -79,7 +79,16 @@ class RuntimeSpecs:
 
     # -- token autoregression (transformers generate) --------------------------
     @hookspec(firstresult=True)
-    def decodekit_generate(self, run, model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
+    def decodekit_generate(
+        self,
+        run,
+        model,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        model_kwargs,
+    ):
         """Drive the whole decoding loop for ``generate(custom_generate=...)``; return what ``generate`` returns (first result)."""
 
     @hookspec

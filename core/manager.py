@@ -66,8 +66,14 @@ class PluginManager:
     # -- loading ----------------------------------------------------------------
     def _load_entry_points(self) -> None:
         allow_env = os.environ.get("DECODEKIT_LOAD_PLUGINS")
-        allow = None if allow_env is None else {n.strip() for n in allow_env.split(",") if n.strip()}
-        deny = {n.strip() for n in os.environ.get("DECODEKIT_DISABLE_PLUGINS", "").split(",") if n.strip()}
+        allow = (
+            None if allow_env is None else {n.strip() for n in allow_env.split(",") if n.strip()}
+        )
+        deny = {
+            n.strip()
+            for n in os.environ.get("DECODEKIT_DISABLE_PLUGINS", "").split(",")
+            if n.strip()
+        }
         for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist is not None else "?"
             builtin = dist == BUILTIN_DIST
@@ -124,7 +130,9 @@ class PluginManager:
 
             def reg_strategy(cls: type[Strategy], name: str = name) -> None:
                 if not (isinstance(cls, type) and issubclass(cls, Strategy) and cls.name):
-                    raise DecodekitError(f"plugin {name!r} registered {cls!r}, which is not a named Strategy subclass")
+                    raise DecodekitError(
+                        f"plugin {name!r} registered {cls!r}, which is not a named Strategy subclass"
+                    )
                 add("strategies", cls.name, cls)
 
             def reg_pipeline(cls: type) -> None:
@@ -181,5 +189,3 @@ def reset_manager() -> None:
     """Forget the loaded plugins; the next `get_manager` loads them again (reads the env anew)."""
     global _manager
     _manager = None
-
-

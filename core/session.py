@@ -27,7 +27,9 @@ def attached_run(obj: Any) -> Run | None:
 StrategySpec = str | dict | Strategy
 
 
-def build_strategies(specs: Iterable[StrategySpec], manager: PluginManager, path: str = "strategies") -> list[Strategy]:
+def build_strategies(
+    specs: Iterable[StrategySpec], manager: PluginManager, path: str = "strategies"
+) -> list[Strategy]:
     """Turn names, ``{"name", "params"}`` dicts or instances into strategy instances."""
     if isinstance(specs, (str, dict, Strategy)):
         specs = [specs]
@@ -40,10 +42,16 @@ def build_strategies(specs: Iterable[StrategySpec], manager: PluginManager, path
         if isinstance(spec, str):
             spec = {"name": spec}
         if not isinstance(spec, dict):
-            raise ConfigError(where, f"expected a strategy name or a mapping with 'name' and 'params', got {type(spec).__name__}")
+            raise ConfigError(
+                where,
+                f"expected a strategy name or a mapping with 'name' and 'params', got {type(spec).__name__}",
+            )
         unknown = set(spec) - {"name", "params"}
         if unknown:
-            raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key; a strategy entry has 'name' and 'params'")
+            raise ConfigError(
+                f"{where}.{sorted(unknown)[0]}",
+                "unknown key; a strategy entry has 'name' and 'params'",
+            )
         if "name" not in spec:
             raise ConfigError(f"{where}.name", "missing; say which strategy to use")
         cls = manager.strategy(spec["name"], f"{where}.name")
@@ -56,12 +64,16 @@ def find_adapter(obj: Any, manager: PluginManager, pipeline: str | None = None) 
     if pipeline is not None:
         cls = manager.pipeline(pipeline, "pipeline")
         if not cls.matches(obj):
-            raise AttachError(f"pipeline adapter {pipeline!r} cannot attach to a {type(obj).__name__}.")
+            raise AttachError(
+                f"pipeline adapter {pipeline!r} cannot attach to a {type(obj).__name__}."
+            )
         return cls
     for cls in manager.registry.pipelines.values():
         if cls.matches(obj):
             return cls
-    known = ", ".join(f"{n} ({c.description or c.loop})" for n, c in manager.registry.pipelines.items())
+    known = ", ".join(
+        f"{n} ({c.description or c.loop})" for n, c in manager.registry.pipelines.items()
+    )
     raise AttachError(
         f"decodekit has no pipeline adapter for a {type(obj).__module__}.{type(obj).__name__}. "
         f"Installed adapters: {known or 'none'}."
@@ -93,7 +105,10 @@ class Run:
         for hook_name in dir(hookspecs.RuntimeSpecs):
             if hook_name.startswith("decodekit_"):
                 caller = getattr(self._pm.hook, hook_name)
-                self._impls[hook_name] = [(i.plugin_name, i.function, i.argnames) for i in reversed(caller.get_hookimpls())]
+                self._impls[hook_name] = [
+                    (i.plugin_name, i.function, i.argnames)
+                    for i in reversed(caller.get_hookimpls())
+                ]
                 self._firstresult[hook_name] = bool(caller.spec.opts.get("firstresult"))
         self._hook_time = {s.name: 0.0 for s in self.strategies}
         self.calls = 0
@@ -146,7 +161,11 @@ class Run:
         self.call("decodekit_call_end", run=self, output=output)
         dt = time.perf_counter() - self._t0
         self.time_s += dt
-        self.last = {"nfe": self.nfe - self._call_nfe0, "served": self.served - self._call_served0, "time_s": dt}
+        self.last = {
+            "nfe": self.nfe - self._call_nfe0,
+            "served": self.served - self._call_served0,
+            "time_s": dt,
+        }
         self.in_call = False
 
     def guarded(self, fn, *args, **kwargs):

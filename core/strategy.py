@@ -104,7 +104,9 @@ def strategy_hooks(cls: type[Strategy]) -> list[str]:
     from .hookspecs import PROJECT
 
     return sorted(
-        n for n in dir(cls) if n.startswith("decodekit_") and hasattr(getattr(cls, n), PROJECT + "_impl")
+        n
+        for n in dir(cls)
+        if n.startswith("decodekit_") and hasattr(getattr(cls, n), PROJECT + "_impl")
     )
 
 
@@ -122,7 +124,9 @@ def resolve(strategies: list[Strategy], loop: str) -> list[Strategy]:
     seen: dict[str, Strategy] = {}
     for s in strategies:
         if s.name in seen:
-            raise CompositionError(f"strategy {s.name!r} is listed twice; keep one entry and merge its params.")
+            raise CompositionError(
+                f"strategy {s.name!r} is listed twice; keep one entry and merge its params."
+            )
         seen[s.name] = s
         if loop not in s.loops:
             raise CompositionError(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 
+import decodekit.manager as manager_mod
 import pytest
 import torch
-
-import decodekit.manager as manager_mod
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -43,14 +43,14 @@ def tiny_text_encoder(hidden: int = 32):
     folder = Path(tempfile.mkdtemp(prefix="dk-tok-"))
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32)
     cfg = CLIPTextConfig(
         vocab_size=len(vocab),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=1,
         num_attention_heads=2,
-        max_position_embeddings=16,
+        max_position_embeddings=32,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
@@ -94,7 +94,9 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=sched_cls(num_train_timesteps=1000, **({"clip_sample": False} if scheduler == "ddim" else {})),
+        scheduler=sched_cls(
+            num_train_timesteps=1000, **({"clip_sample": False} if scheduler == "ddim" else {})
+        ),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -1,0 +1,932 @@
+"""The shared cache interfaces: K/V by absolute position, a per-step feature memo, and HF interop.
+
+Every caching strategy builds on the three classes here:
+
+- :class:`PositionalKVCache` holds, per layer, keys and values ``(B, H, L, D)``
+  whose sequence index *is* the absolute position, with a per-row ``(B, L)``
+  validity mask. It serves delayed commit and refresh (dKV-Cache), crop to a
+  length (speculative rejection in SJD), row selection (beam search), and
+  evict/admit that keep original positions (Dynamic-LLaVA, FastV).
+- :class:`StepFeatureMemo` stores named tensors per loop *step index*
+  (Faster-Diffusion, DeepCache encoder reuse).
+- :class:`TransformersKVCache` is a transformers ``Cache`` whose layers read and
+  write a :class:`PositionalKVCache`, so an HF model (``generate``, forward)
+  and decodekit's own crop/select/evict act on the same tensors.
+
+Positions are given in one of three forms everywhere (a *position spec*):
+
+- a 1-D ``LongTensor`` (or list of ints) ``(Q,)``: the same positions in every row;
+- a 2-D ``LongTensor`` ``(B, Q)``: per-row positions; ``-1`` entries are padding and
+  are ignored, so rows can name different numbers of positions (ragged batches);
+- a 2-D ``BoolTensor`` ``(B, P)``: position ``p`` of row ``b`` is named where
+  ``mask[b, p]`` is true (``P`` may be shorter or longer than the cache).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import DecodekitError
+
+__all__ = [
+    "CacheError",
+    "KVView",
+    "PositionalKVCache",
+    "StepFeatureMemo",
+    "TransformersKVCache",
+]
+
+PositionSpec = torch.Tensor | Sequence[int]
+
+_NEVER = torch.iinfo(torch.int64).min  # "not decoded" / "never stored" in the step records
+
+
+class CacheError(DecodekitError, ValueError):
+    """A cache was used wrongly (bad shape, position out of range, rows that disagree)."""
+
+
+# ----------------------------------------------------------------------------- K/V by position
+
+
+@dataclass
+class KVView:
+    """What attention needs from one layer: keys, values, and which keys are real.
+
+    Attributes:
+        keys: ``(B, H, K, D)``.
+        values: ``(B, H, K, Dv)``.
+        key_mask: ``(B, K)`` bool, true where the key holds valid K/V (attend to it).
+        key_positions: ``(B, K)`` long, the absolute position of each key; ``-1`` on
+            padding (only in a compact view).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_mask: torch.Tensor
+    key_positions: torch.Tensor
+
+    def additive_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The key mask as an additive attention bias ``(B, 1, 1, K)``: 0 to attend, min to skip."""
+        dtype = dtype or self.keys.dtype
+        bias = torch.zeros(self.key_mask.shape, dtype=dtype, device=self.key_mask.device)
+        bias = bias.masked_fill(~self.key_mask, torch.finfo(dtype).min)
+        return bias[:, None, None, :]  # (B, 1, 1, K)
+
+
+class _LayerKV:
+    """One layer's tensors in a :class:`PositionalKVCache` (internal)."""
+
+    __slots__ = ("keys", "values", "filled", "evicted", "stored_step")
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None  # (B, H, L, D)
+        self.values: torch.Tensor | None = None  # (B, H, L, Dv)
+        self.filled: torch.Tensor | None = None  # (B, L) bool: K/V written and not invalidated
+        self.evicted: torch.Tensor | None = None  # (B, L) bool: excluded from attention
+        self.stored_step: torch.Tensor | None = None  # (B, L) long: step of the last write
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def apply(self, fn) -> None:
+        """Apply ``fn(tensor, seq_dim)`` to every tensor of the layer."""
+        if self.keys is None:
+            return
+        self.keys = fn(self.keys, 2)
+        self.values = fn(self.values, 2)
+        self.filled = fn(self.filled, 1)
+        self.evicted = fn(self.evicted, 1)
+        self.stored_step = fn(self.stored_step, 1)
+
+
+def _grow(tensor: torch.Tensor, dim: int, new_length: int, fill: Any) -> torch.Tensor:
+    """Pad ``tensor`` along ``dim`` with ``fill`` up to ``new_length``."""
+    missing = new_length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    pad = torch.full(shape, fill, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([tensor, pad], dim=dim)
+
+
+class PositionalKVCache:
+    """Per-layer K/V addressed by absolute position, with per-row validity and step records.
+
+    Layout: layer ``i`` holds keys ``(B, H, L_i, D)`` and values ``(B, H, L_i, Dv)``
+    where sequence index ``p`` *is* absolute position ``p``. ``L_i`` (:meth:`length`)
+    is the number of position slots the layer holds: the highest position ever
+    stored plus one, until :meth:`crop` shortens it. A slot holds usable K/V for
+    row ``b`` only where the key mask (:meth:`key_mask`) is true: it was stored,
+    not invalidated by :meth:`refresh`/:meth:`crop`, and not evicted. Rows may hold
+    different positions (ragged batches, per-row cache sizes).
+
+    Delayed commit (dKV-Cache, arXiv:2505.15781): a token decoded at step ``t`` was
+    a mask token during step ``t``'s forward, so the K/V written then are stale.
+    With ``commit_delay=d`` the position becomes *reusable* at step ``s`` when
+
+    - it was decoded at some step ``t`` (:meth:`mark_decoded`), and
+    - its K/V were last stored at a step ``w >= t + d`` (recomputed with its
+      identity), and
+    - ``s > w`` (the K/V come from an earlier step's forward), and
+    - it holds valid K/V in the layer (:meth:`key_mask`).
+
+    With the default ``d = 1``: decoded at ``t``, recomputed and stored at
+    ``t + 1``, reusable from ``t + 2``. Prompt tokens are known before step 0:
+    mark them decoded at step ``-1`` so that K/V stored at step 0 are reusable
+    from step 1. Steps are the loop's step indices (ints), never timestep values.
+
+    Args:
+        num_layers: number of attention layers.
+        commit_delay: steps between decoding a token and storing reusable K/V (>= 0).
+        max_length: optional bound; positions ``>= max_length`` are errors.
+    """
+
+    def __init__(self, num_layers: int, *, commit_delay: int = 1, max_length: int | None = None):
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise CacheError(f"num_layers must be a positive int, got {num_layers!r}.")
+        if not isinstance(commit_delay, int) or commit_delay < 0:
+            raise CacheError(
+                f"commit_delay must be an int >= 0 (steps between decoding a token and reusing "
+                f"its K/V; dKV-Cache uses 1), got {commit_delay!r}."
+            )
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise CacheError(f"max_length must be a positive int or None, got {max_length!r}.")
+        self.num_layers = num_layers
+        self.commit_delay = commit_delay
+        self.max_length = max_length
+        self._layers = [_LayerKV() for _ in range(num_layers)]
+        self._batch_size: int | None = None
+        self._device: torch.device | None = None
+        self._decoded_at: torch.Tensor | None = None  # (B, Ld) long, _NEVER where not decoded
+
+    # ----------------------------------------------------------------- introspection
+
+    @property
+    def batch_size(self) -> int | None:
+        """Number of rows, or None before anything was stored or marked."""
+        return self._batch_size
+
+    def length(self, layer: int | None = None) -> int:
+        """Position slots held by ``layer`` (highest stored position + 1), or the max over layers."""
+        if layer is None:
+            return max(lay.length for lay in self._layers)
+        return self._layer(layer).length
+
+    def key_mask(self, layer: int) -> torch.Tensor:
+        """``(B, L)`` bool: true where ``layer`` holds valid, non-evicted K/V for that row."""
+        lay = self._layer(layer)
+        if lay.keys is None:
+            raise CacheError(f"layer {layer} holds no K/V yet; store some first.")
+        return lay.filled & ~lay.evicted
+
+    def stored_mask(self, layer: int) -> torch.Tensor:
+        """``(B, L)`` bool: true where ``layer`` holds K/V, evicted or not."""
+        lay = self._layer(layer)
+        if lay.keys is None:
+            raise CacheError(f"layer {layer} holds no K/V yet; store some first.")
+        return lay.filled.clone()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_layers={self.num_layers}, batch_size={self._batch_size}, "
+            f"length={self.length()}, commit_delay={self.commit_delay})"
+        )
+
+    # ----------------------------------------------------------------- writing
+
+    def store(
+        self,
+        layer: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: PositionSpec,
+        *,
+        step: int | None = None,
+    ) -> None:
+        """Write K/V of ``layer`` at absolute ``positions``; they become valid (and un-evicted).
+
+        Args:
+            layer: layer index.
+            keys: ``(B, H, Q, D)``. With index positions, ``keys[:, :, q]`` goes to
+                ``positions[..., q]``. With a bool mask ``(B, P)``, keys are dense over
+                positions ``0..P-1`` (``Q == P``) and only the masked ones are written.
+            values: ``(B, H, Q, Dv)``, laid out like ``keys``.
+            positions: a position spec (see the module docstring).
+            step: the loop step whose forward computed these K/V; needed for
+                :meth:`reusable`. None for loops without steps (token autoregression).
+        """
+        lay = self._layer(layer)
+        if keys.dim() != 4 or values.dim() != 4 or keys.shape[:3] != values.shape[:3]:
+            raise CacheError(
+                f"keys and values must be (B, H, Q, D) with the same B, H, Q; got keys "
+                f"{tuple(keys.shape)} and values {tuple(values.shape)}."
+            )
+        batch, heads, q_len = keys.shape[:3]
+        self._check_batch(batch, "keys")
+        rows, pos, cols = self._triples(positions, batch, q_len)
+        self._ensure_layer(lay, keys, values)
+        if lay.keys.shape[1] != heads or lay.keys.shape[3] != keys.shape[3]:
+            raise CacheError(
+                f"layer {layer} holds keys with H={lay.keys.shape[1]}, D={lay.keys.shape[3]}; "
+                f"got H={heads}, D={keys.shape[3]}."
+            )
+        if pos.numel():
+            lay.apply(lambda t, dim: _grow(t, dim, int(pos.max()) + 1, _fill_for(t)))
+        # Advanced indices separated by a slice put the indexed dim first: (N, H, D).
+        lay.keys[rows, :, pos, :] = keys[rows, :, cols, :].to(lay.keys.dtype)
+        lay.values[rows, :, pos, :] = values[rows, :, cols, :].to(lay.values.dtype)
+        lay.filled[rows, pos] = True
+        lay.evicted[rows, pos] = False
+        lay.stored_step[rows, pos] = _NEVER if step is None else _check_step(step)
+
+    def append(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor, *, step: int | None = None
+    ) -> torch.Tensor:
+        """Write K/V ``(B, H, Q, D)`` at the next ``Q`` slots of ``layer``; returns those positions ``(Q,)``."""
+        if keys.dim() != 4:
+            raise CacheError(f"keys must be (B, H, Q, D), got {tuple(keys.shape)}.")
+        start = self._layer(layer).length
+        lay = self._layer(layer)
+        if lay.keys is not None and keys.shape[0] == lay.keys.shape[0] and step is None:
+            # Fast path (every autoregressive step): one concatenation, like DynamicCache.
+            self._check_batch(keys.shape[0], "keys")
+            if keys.shape[1:2] != lay.keys.shape[1:2] or keys.shape[3] != lay.keys.shape[3]:
+                raise CacheError(
+                    f"layer {layer} holds keys (B, H, L, D) = {tuple(lay.keys.shape)}; "
+                    f"got {tuple(keys.shape)}."
+                )
+            q_len = keys.shape[2]
+            self._check_range(start + q_len - 1)
+            lay.keys = torch.cat([lay.keys, keys.to(lay.keys.dtype)], dim=2)  # (B, H, L+Q, D)
+            lay.values = torch.cat([lay.values, values.to(lay.values.dtype)], dim=2)
+            ones = lay.filled.new_ones(lay.filled.shape[0], q_len)
+            lay.filled = torch.cat([lay.filled, ones], dim=1)  # (B, L+Q)
+            lay.evicted = torch.cat([lay.evicted, ~ones], dim=1)
+            never = lay.stored_step.new_full((lay.stored_step.shape[0], q_len), _NEVER)
+            lay.stored_step = torch.cat([lay.stored_step, never], dim=1)
+            return torch.arange(start, start + q_len, device=keys.device)
+        positions = torch.arange(start, start + keys.shape[2], device=keys.device)
+        self.store(layer, keys, values, positions, step=step)
+        return positions
+
+    # ----------------------------------------------------------------- reading
+
+    def gather(self, layer: int, *, compact: bool = False) -> KVView:
+        """K/V of ``layer`` for attention, with the key mask.
+
+        Args:
+            layer: layer index.
+            compact: False returns every slot ``(B, H, L, D)`` (position ``p`` at index
+                ``p``; invalid slots have ``key_mask`` false). True packs each row's
+                valid keys to the left in position order, ``(B, H, K, D)`` with ``K``
+                the largest valid count over rows; shorter rows are padded
+                (``key_mask`` false, ``key_positions`` -1). Compact views cut
+                attention cost after eviction.
+        """
+        lay = self._layer(layer)
+        if lay.keys is None:
+            raise CacheError(f"layer {layer} holds no K/V yet; store some first.")
+        valid = lay.filled & ~lay.evicted  # (B, L)
+        batch, length = valid.shape
+        if not compact:
+            positions = torch.arange(length, device=valid.device).expand(batch, length)
+            return KVView(lay.keys, lay.values, valid.clone(), positions.clone())
+        counts = valid.sum(dim=1)  # (B,)
+        kept = int(counts.max()) if batch else 0
+        # Stable sort on "is invalid" puts each row's valid slots first, in ascending position.
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :kept]  # (B, K)
+        key_mask = torch.arange(kept, device=valid.device)[None, :] < counts[:, None]  # (B, K)
+        key_positions = torch.where(key_mask, order, torch.full_like(order, -1))
+        index = order[:, None, :, None]  # (B, 1, K, 1)
+        keys = lay.keys.gather(2, index.expand(-1, lay.keys.shape[1], -1, lay.keys.shape[3]))
+        values = lay.values.gather(
+            2, index.expand(-1, lay.values.shape[1], -1, lay.values.shape[3])
+        )
+        return KVView(keys, values, key_mask, key_positions)  # keys (B, H, K, D)
+
+    # ----------------------------------------------------------------- delayed commit
+
+    def mark_decoded(self, positions: PositionSpec, step: int) -> None:
+        """Record that ``positions`` got their final token at the end of loop step ``step``.
+
+        Use ``step=-1`` for prompt tokens (known before step 0). Marking again
+        overwrites the step. Positions may lie beyond what is stored yet.
+        """
+        step = _check_step(step)
+        batch = self._batch_size
+        if batch is None:
+            if isinstance(positions, torch.Tensor) and positions.dim() == 2:
+                batch = positions.shape[0]
+            else:
+                raise CacheError(
+                    "mark_decoded before anything is stored needs per-row positions (B, Q) or a "
+                    "(B, P) bool mask, so that the batch size is known."
+                )
+            self._check_batch(batch, "positions")
+        rows, pos, _ = self._triples(positions, batch, None)
+        decoded = self._decoded(max(int(pos.max()) + 1 if pos.numel() else 0, 0))
+        decoded[rows, pos] = step
+
+    def decoded_mask(self) -> torch.Tensor:
+        """``(B, L)`` bool over ``L = length()``: true where the position has been marked decoded."""
+        if self._batch_size is None:
+            raise CacheError("nothing is stored or marked yet.")
+        length = self.length()
+        return self._decoded(length)[:, :length] != _NEVER
+
+    def reusable(self, step: int, layer: int | None = None) -> torch.Tensor:
+        """``(B, L)`` bool: positions whose cached K/V may be reused in step ``step``'s forward.
+
+        See the class docstring for the rule. With ``layer=None`` a position must
+        be reusable in every layer; ``L`` is then ``length()``.
+        """
+        step = _check_step(step)
+        layers = range(self.num_layers) if layer is None else [layer]
+        length = self.length() if layer is None else self.length(layer)
+        if self._batch_size is None:
+            raise CacheError("nothing is stored yet; store K/V before asking what is reusable.")
+        decoded_at = self._decoded(length)[:, :length]  # (B, L)
+        result = decoded_at != _NEVER
+        for index in layers:
+            lay = self._layer(index)
+            if lay.keys is None:
+                return torch.zeros_like(result)
+            full = lambda t, dim: _grow(t, dim, length, _fill_for(t))  # noqa: E731
+            valid = full(lay.filled & ~lay.evicted, 1)
+            stored = full(lay.stored_step, 1)
+            fresh = (
+                (stored != _NEVER) & (stored >= decoded_at + self.commit_delay) & (stored < step)
+            )
+            result &= valid & fresh
+        return result
+
+    def refresh(self, layer: int | None = None) -> None:
+        """Invalidate all stored K/V (of ``layer``, or of every layer); decoded records stay.
+
+        A full forward then re-stores every position (dKV-Cache's periodic refresh).
+        Slots and lengths are kept.
+        """
+        for lay in self._select_layers(layer):
+            if lay.keys is not None:
+                lay.filled.zero_()
+                lay.evicted.zero_()
+                lay.stored_step.fill_(_NEVER)
+
+    # ----------------------------------------------------------------- crop / rows / evict
+
+    def crop(self, length: int | torch.Tensor) -> None:
+        """Roll back to ``length`` positions: drop every position ``>= length`` (K/V and records).
+
+        Args:
+            length: an int for every row, or a ``(B,)`` long tensor of per-row lengths
+                (speculative decoding accepts different counts per row). Slots beyond
+                the largest length are freed; per row, positions beyond its own
+                length become invalid and undecoded. Larger than the current
+                length is a no-op for that row.
+        """
+        if isinstance(length, torch.Tensor):
+            if length.dim() != 1 or length.dtype in (torch.bool,) or length.is_floating_point():
+                raise CacheError(
+                    f"per-row crop lengths must be a (B,) integer tensor, got {length.dtype} "
+                    f"{tuple(length.shape)}."
+                )
+            if self._batch_size is not None and length.shape[0] != self._batch_size:
+                raise CacheError(
+                    f"crop got {length.shape[0]} row lengths but the cache has {self._batch_size} rows."
+                )
+            if (length < 0).any():
+                raise CacheError(f"crop lengths must be >= 0, got {length.tolist()}.")
+            keep_upto = int(length.max()) if length.numel() else 0
+            per_row = length
+        else:
+            if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+                raise CacheError(f"crop length must be an int >= 0, got {length!r}.")
+            keep_upto, per_row = length, None
+
+        def cut(t: torch.Tensor, dim: int) -> torch.Tensor:
+            return t if t.shape[dim] <= keep_upto else t.narrow(dim, 0, keep_upto).clone()
+
+        for lay in self._layers:
+            lay.apply(cut)
+            if per_row is not None and lay.keys is not None:
+                beyond = self._beyond(per_row, lay.length, lay.filled.device)
+                lay.filled &= ~beyond
+                lay.evicted &= ~beyond
+                lay.stored_step.masked_fill_(beyond, _NEVER)
+        if self._decoded_at is not None:
+            self._decoded_at = cut(self._decoded_at, 1)
+            if per_row is not None:
+                beyond = self._beyond(per_row, self._decoded_at.shape[1], self._decoded_at.device)
+                self._decoded_at.masked_fill_(beyond, _NEVER)
+
+    def select_rows(self, index: torch.Tensor | Sequence[int]) -> None:
+        """Keep rows ``index`` in that order: reorder (beams), repeat, or drop rows.
+
+        ``index`` is a 1-D long tensor of row indices into the current batch; the
+        new batch size is ``len(index)``. ``[2, 0, 0]`` gives new row 0 = old row 2,
+        rows 1 and 2 = old row 0.
+        """
+        if self._batch_size is None:
+            raise CacheError("select_rows on an empty cache: store something first.")
+        index = torch.as_tensor(index)
+        if index.dim() != 1 or index.dtype in (torch.bool,) or index.is_floating_point():
+            raise CacheError(
+                f"select_rows needs a 1-D integer tensor of row indices, got {index.dtype} "
+                f"{tuple(index.shape)}."
+            )
+        if index.numel() and (index.min() < 0 or index.max() >= self._batch_size):
+            raise CacheError(
+                f"row indices must lie in [0, {self._batch_size}), got {index.tolist()}."
+            )
+        for lay in self._layers:
+            if lay.keys is not None:
+                lay.apply(lambda t, _dim: t.index_select(0, index.to(t.device)))
+        if self._decoded_at is not None:
+            self._decoded_at = self._decoded_at.index_select(0, index.to(self._decoded_at.device))
+        self._batch_size = int(index.numel())
+
+    def evict(self, positions: PositionSpec, layer: int | None = None) -> None:
+        """Exclude ``positions`` from attention (of ``layer``, or every layer); slots stay.
+
+        Absolute positions never shift: the remaining keys keep the positions (and
+        the rotary phases) they were stored with. Evicting a position that holds no
+        K/V is an error. Memory is not reclaimed; :meth:`gather` with
+        ``compact=True`` skips evicted keys.
+        """
+        for index, lay in self._indexed_layers(layer):
+            rows, pos = self._existing(index, lay, positions, "evict")
+            lay.evicted[rows, pos] = True
+
+    def admit(self, positions: PositionSpec, layer: int | None = None) -> None:
+        """Undo :meth:`evict`: ``positions`` take part in attention again with their stored K/V.
+
+        Only positions that still hold K/V can be admitted (not ones dropped by
+        :meth:`crop` or :meth:`refresh`); to add new positions use :meth:`store`.
+        """
+        for index, lay in self._indexed_layers(layer):
+            rows, pos = self._existing(index, lay, positions, "admit")
+            lay.evicted[rows, pos] = False
+
+    def clear(self) -> None:
+        """Forget everything: K/V, records and the batch size."""
+        self._layers = [_LayerKV() for _ in range(self.num_layers)]
+        self._batch_size = None
+        self._device = None
+        self._decoded_at = None
+
+    # ----------------------------------------------------------------- internals
+
+    def _layer(self, layer: int) -> _LayerKV:
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise CacheError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}.")
+        return self._layers[layer]
+
+    def _select_layers(self, layer: int | None) -> list[_LayerKV]:
+        return list(self._layers) if layer is None else [self._layer(layer)]
+
+    def _indexed_layers(self, layer: int | None) -> list[tuple[int, _LayerKV]]:
+        if layer is None:
+            return list(enumerate(self._layers))
+        return [(layer, self._layer(layer))]
+
+    def _check_batch(self, batch: int, what: str) -> None:
+        if self._batch_size is None:
+            self._batch_size = batch
+        elif batch != self._batch_size:
+            raise CacheError(
+                f"{what} have {batch} rows but the cache holds {self._batch_size}; use "
+                f"select_rows() to change the batch, or clear() to start over."
+            )
+
+    def _check_range(self, highest: int) -> None:
+        if self.max_length is not None and highest >= self.max_length:
+            raise CacheError(
+                f"position {highest} is out of range: this cache holds positions "
+                f"[0, {self.max_length}) (max_length)."
+            )
+
+    def _ensure_layer(self, lay: _LayerKV, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if lay.keys is not None:
+            return
+        batch, heads, _, head_dim = keys.shape
+        device = keys.device
+        lay.keys = keys.new_zeros(batch, heads, 0, head_dim)  # (B, H, 0, D)
+        lay.values = values.new_zeros(batch, values.shape[1], 0, values.shape[3])
+        lay.filled = torch.zeros(batch, 0, dtype=torch.bool, device=device)  # (B, 0)
+        lay.evicted = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        lay.stored_step = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        self._device = device
+
+    def _decoded(self, length: int) -> torch.Tensor:
+        """The decoded-step record, grown to at least ``length`` slots."""
+        if self._decoded_at is None:
+            device = self._device or torch.device("cpu")
+            self._decoded_at = torch.full(
+                (self._batch_size, 0), _NEVER, dtype=torch.long, device=device
+            )
+        self._decoded_at = _grow(self._decoded_at, 1, length, _NEVER)
+        return self._decoded_at
+
+    @staticmethod
+    def _beyond(lengths: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
+        positions = torch.arange(width, device=device)[None, :]  # (1, L)
+        return positions >= lengths.to(device)[:, None]  # (B, L)
+
+    def _existing(
+        self, index: int, lay: _LayerKV, positions: PositionSpec, verb: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if lay.keys is None:
+            raise CacheError(f"cannot {verb} in layer {index}: it holds no K/V yet.")
+        rows, pos, _ = self._triples(positions, lay.keys.shape[0], None)
+        if pos.numel() and int(pos.max()) >= lay.length:
+            raise CacheError(
+                f"cannot {verb} position {int(pos.max())}: layer {index} holds positions "
+                f"[0, {lay.length})."
+            )
+        missing = ~lay.filled[rows, pos]
+        if missing.any():
+            row, p = int(rows[missing][0]), int(pos[missing][0])
+            raise CacheError(
+                f"cannot {verb} position {p} of row {row} in layer {index}: it holds no K/V "
+                f"(never stored, cropped or refreshed); store() it instead."
+            )
+        return rows, pos
+
+    def _triples(
+        self, positions: PositionSpec, batch: int, q_len: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flatten a position spec to ``(rows, positions, source columns)``, each ``(N,)``."""
+        device = self._device
+        if not isinstance(positions, torch.Tensor):
+            positions = torch.as_tensor(list(positions), dtype=torch.long)
+        if device is not None:
+            positions = positions.to(device)
+        if positions.dtype == torch.bool:
+            if positions.dim() != 2 or positions.shape[0] != batch:
+                raise CacheError(
+                    f"a position mask must be (B, P) bool with B={batch}, got "
+                    f"{tuple(positions.shape)}."
+                )
+            if q_len is not None and positions.shape[1] != q_len:
+                raise CacheError(
+                    f"with a (B, P) position mask, keys must be dense over positions 0..P-1: "
+                    f"P={positions.shape[1]} but keys have Q={q_len}."
+                )
+            rows, pos = positions.nonzero(as_tuple=True)
+            if pos.numel():
+                self._check_range(int(pos.max()))
+            return rows, pos, pos
+        if positions.is_floating_point() or positions.is_complex():
+            raise CacheError(
+                f"positions must be integer indices or a bool mask, got dtype {positions.dtype}."
+            )
+        positions = positions.long()
+        if positions.dim() == 1:
+            if (positions < 0).any():
+                raise CacheError(
+                    f"positions must be >= 0, got {positions.tolist()} (use a (B, Q) tensor with "
+                    f"-1 padding for ragged rows)."
+                )
+            positions = positions[None, :].expand(batch, -1)  # (B, Q)
+        elif positions.dim() != 2 or positions.shape[0] != batch:
+            raise CacheError(
+                f"positions must be (Q,) or (B, Q) with B={batch}, got {tuple(positions.shape)}."
+            )
+        if q_len is not None and positions.shape[1] != q_len:
+            raise CacheError(
+                f"positions name {positions.shape[1]} slots per row but keys have Q={q_len}."
+            )
+        if (positions < -1).any():
+            raise CacheError(
+                f"positions must be >= 0 (or -1 for padding in a (B, Q) tensor), got "
+                f"{int(positions.min())}."
+            )
+        real = positions >= 0  # (B, Q)
+        if real.any():
+            self._check_range(int(positions.max()))
+            ordered = positions.sort(dim=1).values
+            repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+            if repeated.any():
+                row = int(repeated.any(dim=1).nonzero()[0])
+                raise CacheError(f"row {row} names a position twice: {positions[row].tolist()}.")
+        rows, cols = real.nonzero(as_tuple=True)
+        return rows, positions[rows, cols], cols
+
+
+def _fill_for(tensor: torch.Tensor) -> Any:
+    if tensor.dtype == torch.bool:
+        return False
+    if tensor.dtype == torch.long:
+        return _NEVER
+    return 0
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise CacheError(
+            f"step must be the loop's step index as an int, got {type(step).__name__} {step!r}; "
+            f"pass the index i of `for i, t in enumerate(timesteps)`, not the timestep t."
+        )
+    return step
+
+
+# ----------------------------------------------------------------------------- per-step memo
+
+
+class StepFeatureMemo:
+    """Named tensors stored per loop step index (encoder reuse: Faster-Diffusion, DeepCache).
+
+    Keys are the loop's step *index* ``i`` (an int), never the timestep value: two
+    steps with the same timestep are two entries. With ``max_steps`` set, storing
+    a new step beyond the cap drops the oldest-inserted step.
+
+    Example:
+        memo = StepFeatureMemo(max_steps=2)
+        memo.put(0, "down_residuals", feats)
+        step, feats = memo.latest("down_residuals", at_or_before=3)
+    """
+
+    def __init__(self, max_steps: int | None = None):
+        if max_steps is not None and (
+            isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
+        ):
+            raise CacheError(f"max_steps must be a positive int or None, got {max_steps!r}.")
+        self.max_steps = max_steps
+        self._steps: OrderedDict[int, dict[str, Any]] = OrderedDict()
+
+    def put(self, step: int, name: str, value: Any) -> None:
+        """Store ``value`` (a tensor or any object) under ``name`` for loop step ``step``."""
+        step = _check_memo_step(step)
+        if not isinstance(name, str) or not name:
+            raise CacheError(f"feature name must be a non-empty str, got {name!r}.")
+        if step not in self._steps:
+            self._steps[step] = {}
+            if self.max_steps is not None:
+                while len(self._steps) > self.max_steps:
+                    self._steps.popitem(last=False)
+        self._steps[step][name] = value
+
+    def get(self, step: int, name: str, default: Any = ...) -> Any:
+        """The value stored under ``name`` at ``step``; ``default`` if given, else a clear error."""
+        step = _check_memo_step(step)
+        features = self._steps.get(step)
+        if features is None or name not in features:
+            if default is not ...:
+                return default
+            have = sorted(k for k, v in self._steps.items() if name in v)
+            raise KeyError(
+                f"no feature {name!r} stored at step {step}; steps holding it: {have or 'none'}."
+            )
+        return features[name]
+
+    def has(self, step: int, name: str) -> bool:
+        """Whether ``name`` is stored at ``step``."""
+        return name in self._steps.get(_check_memo_step(step), {})
+
+    def latest(self, name: str, at_or_before: int) -> tuple[int, Any]:
+        """The most recent ``(step, value)`` of ``name`` with step ``<= at_or_before``.
+
+        Raises KeyError when no such step is stored.
+        """
+        at_or_before = _check_memo_step(at_or_before)
+        candidates = [s for s, feats in self._steps.items() if s <= at_or_before and name in feats]
+        if not candidates:
+            raise KeyError(f"no feature {name!r} stored at or before step {at_or_before}.")
+        step = max(candidates)
+        return step, self._steps[step][name]
+
+    def steps(self) -> list[int]:
+        """The stored step indices, ascending."""
+        return sorted(self._steps)
+
+    def clear(self, step: int | None = None) -> None:
+        """Drop one step's features, or everything when ``step`` is None."""
+        if step is None:
+            self._steps.clear()
+        else:
+            self._steps.pop(_check_memo_step(step), None)
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def __contains__(self, step: object) -> bool:
+        return step in self._steps
+
+
+def _check_memo_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, int):
+        kind = "a tensor" if isinstance(step, torch.Tensor) else type(step).__name__
+        raise CacheError(
+            f"StepFeatureMemo is keyed by the loop's step index (int), got {kind} {step!r}; "
+            f"pass i from `for i, t in enumerate(timesteps)`, not the timestep t (two steps may "
+            f"share a timestep value)."
+        )
+    return step
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def _hf_cache_classes():
+    try:
+        from transformers.cache_utils import Cache, CacheLayerMixin
+    except ImportError as exc:  # pragma: no cover - transformers is a dependency
+        raise CacheError("TransformersKVCache needs transformers >= 5 installed.") from exc
+    return Cache, CacheLayerMixin
+
+
+_Cache, _CacheLayerMixin = _hf_cache_classes()
+
+
+class _PositionalLayer(_CacheLayerMixin):
+    """A transformers cache layer whose tensors live in a :class:`PositionalKVCache` (internal)."""
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, store: PositionalKVCache, layer_idx: int):
+        # CacheLayerMixin.__init__ would assign keys/values, which are views of the store here.
+        self.store = store
+        self.layer_idx = layer_idx
+
+    @property
+    def is_initialized(self) -> bool:  # type: ignore[override]
+        return self.store._layers[self.layer_idx].keys is not None
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self.store._layers[self.layer_idx].keys
+
+    @property
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self.store._layers[self.layer_idx].values
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to do: the store allocates on the first write."""
+
+    def kept_slots(self) -> torch.Tensor | None:
+        """``(K,)`` slot indices attention sees, or None when it sees every slot."""
+        lay = self.store._layers[self.layer_idx]
+        if lay.keys is None:
+            return None
+        valid = lay.filled & ~lay.evicted  # (B, L)
+        if bool(valid.all()):
+            return None
+        if not bool((valid == valid[:1]).all()):
+            raise CacheError(
+                f"layer {self.layer_idx}: rows hold different positions, which a transformers "
+                f"model cannot mask through its 2-D attention_mask; evict the same positions in "
+                f"every row, or use PositionalKVCache.gather(compact=True) in your own attention."
+            )
+        return valid[0].nonzero().squeeze(1)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``(B, H, Q, D)`` at the next slots; return the K/V attention should see."""
+        self.store.append(self.layer_idx, key_states, value_states)
+        kept = self.kept_slots()
+        lay = self.store._layers[self.layer_idx]
+        if kept is None:
+            return lay.keys, lay.values  # (B, H, L, D)
+        reference = self.store._layers[0]
+        if self.layer_idx > 0 and reference.keys is not None:
+            reference_kept = int((reference.filled & ~reference.evicted)[0].sum())
+            if reference_kept != kept.numel():
+                raise CacheError(
+                    f"layer {self.layer_idx} keeps {kept.numel()} positions but layer 0 keeps "
+                    f"{reference_kept}; transformers builds one mask for all layers, so evict "
+                    f"the same positions in every layer (evict(..., layer=None))."
+                )
+        # Packed: evicted slots vanish from attention, the rest keep their order.
+        return lay.keys.index_select(2, kept), lay.values.index_select(2, kept)  # (B, H, K, D)
+
+    def attended_length(self) -> int:
+        """Number of slots attention sees in this layer."""
+        kept = self.kept_slots()
+        return self.store.length(self.layer_idx) if kept is None else int(kept.numel())
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for the mask of a forward over ``query_length`` new tokens."""
+        return self.attended_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """Slots held (tokens processed), evicted ones included: positions continue from here."""
+        return self.store.length(self.layer_idx)
+
+    def get_max_length(self) -> int:
+        """The store's ``max_length``, or -1 for unbounded."""
+        return -1 if self.store.max_length is None else self.store.max_length
+
+    def reset(self) -> None:
+        """Refuse: a layer cannot be reset alone; call ``reset()`` on the cache."""
+        raise CacheError("reset a TransformersKVCache as a whole (cache.reset()), not one layer.")
+
+    def _whole_cache_only(self, *args, **kwargs) -> None:
+        raise CacheError(
+            "crop/reorder/select act on every layer of the shared store at once; call them on "
+            "the TransformersKVCache, not on one of its layers."
+        )
+
+    crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _whole_cache_only
+
+
+class TransformersKVCache(_Cache):
+    """A transformers ``Cache`` backed by a :class:`PositionalKVCache`; pass it as the model's cache.
+
+    Slot ``p`` of the store holds the K/V of the ``p``-th token the model has
+    processed (left padding included), exactly where ``DynamicCache`` would put
+    it, so greedy/beam generation matches ``DynamicCache``. ``crop``,
+    ``reorder_cache``, ``batch_repeat_interleave`` and ``batch_select_indices``
+    act on the store, and decodekit code may call the store directly
+    (``cache.store.crop``, ``select_rows``, ``evict``) between forwards.
+
+    Eviction: positions evicted in the store vanish from attention (the layer
+    returns only kept slots, and reports the packed length to the mask builder),
+    while ``get_seq_length`` still counts every slot, so new tokens get their
+    original position ids. transformers builds one mask for all layers and rows
+    from its 2-D ``attention_mask``, read against the packed slots: every row
+    and layer must keep the same slots, and with left padding no evicted slot
+    may lie before the end of any row's padding.
+
+    Pass it as ``cache=`` (transformers 5.x; ``past_key_values=`` is the
+    deprecated name) to a forward or to ``generate``.
+
+    Args:
+        store: the store to use; a new one when None.
+        config: a model config, to size a new store (``num_hidden_layers`` of its text config).
+        num_layers: size of a new store, when no ``config`` is given.
+    """
+
+    def __init__(
+        self,
+        store: PositionalKVCache | None = None,
+        *,
+        config: Any = None,
+        num_layers: int | None = None,
+    ):
+        if store is None:
+            if config is not None:
+                text_config = config.get_text_config(decoder=True)
+                layer_types = getattr(text_config, "layer_types", None)
+                if layer_types and any(t != "full_attention" for t in layer_types):
+                    raise CacheError(
+                        f"TransformersKVCache supports full-attention layers only; this model has "
+                        f"{sorted(set(layer_types))}. Use transformers' DynamicCache for it."
+                    )
+                num_layers = text_config.num_hidden_layers
+            if num_layers is None:
+                raise CacheError("TransformersKVCache needs a store, a model config or num_layers.")
+            store = PositionalKVCache(num_layers)
+        self.store = store
+        layers = [_PositionalLayer(store, i) for i in range(store.num_layers)]
+        super().__init__(layers=layers)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new K/V ``(B, H, Q, D)`` of ``layer_idx``; return the K/V to attend to."""
+        if layer_idx >= len(self.layers):
+            raise CacheError(
+                f"the model wrote layer {layer_idx} but this cache has {len(self.layers)} layers; "
+                f"build it with config=model.config."
+            )
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Index of the first new query among the attended keys (packed after eviction)."""
+        return self.layers[layer_idx].attended_length() if layer_idx < len(self.layers) else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """transformers' crop: ``n <= 0`` removes ``-n`` tokens; ``n > 0`` (legacy) keeps ``n``."""
+        current = self.store.length()
+        target = current + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
+        self.store.crop(max(target, 0))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder rows for beam search (``select_rows``)."""
+        if self.store.batch_size is not None:
+            self.store.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every row ``repeats`` times in place (row ``b`` becomes rows ``b*r .. b*r+r-1``)."""
+        if self.store.batch_size is not None:
+            self.store.select_rows(torch.arange(self.store.batch_size).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only rows ``indices``."""
+        if self.store.batch_size is not None:
+            self.store.select_rows(indices)
+
+    def reset(self) -> None:
+        """Empty the store (same layers, same store object)."""
+        self.store.clear()

@@ -1,0 +1,174 @@
+"""Test helpers every strategy's tests reuse, third-party plugins' included.
+
+`StrategyTesterMixin` checks the contract of attach/detach on a concrete
+pipeline: exact restore, refusing a second attach, per-call state reset, seed
+determinism, batch invariance, and detach on an exception. A test class mixes
+it in and says how to build the pipeline and run it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import decodekit
+import torch
+
+
+def _modules_of(obj: Any) -> dict[str, torch.nn.Module]:
+    if isinstance(obj, torch.nn.Module):
+        return dict(obj.named_modules())
+    mods: dict[str, torch.nn.Module] = {}
+    components = getattr(obj, "components", None)
+    if isinstance(components, dict):
+        for name, comp in components.items():
+            if isinstance(comp, torch.nn.Module):
+                for sub, m in comp.named_modules():
+                    mods[f"{name}.{sub}"] = m
+    model = getattr(obj, "model", None)
+    if isinstance(model, torch.nn.Module):
+        for sub, m in model.named_modules():
+            mods[f"model.{sub}"] = m
+    return mods
+
+
+def fingerprint(obj: Any) -> dict[str, Any]:
+    """What attach may touch, recorded so that a detach can be checked against it.
+
+    The class, the instance attributes, and for every submodule its instance
+    attributes (a hook leaves ``forward``/``_diffusers_hook`` behind), its
+    torch hook dicts, and the identity of its parameters.
+    """
+    fp: dict[str, Any] = {
+        "class": type(obj),
+        "dict": {k: id(v) for k, v in vars(obj).items()} if hasattr(obj, "__dict__") else {},
+    }
+    for name, m in _modules_of(obj).items():
+        fp[name] = {
+            "class": type(m),
+            "dict": sorted(k for k in vars(m) if not k.startswith("_buffers") and k != "training"),
+            "forward": m.__dict__.get("forward"),
+            "generate": m.__dict__.get("generate"),
+            "hooks": tuple(
+                len(getattr(m, h))
+                for h in (
+                    "_forward_hooks",
+                    "_forward_pre_hooks",
+                    "_forward_hooks_with_kwargs",
+                    "_forward_pre_hooks_with_kwargs",
+                )
+            ),
+            "params": tuple(id(p) for p in m.parameters(recurse=False)),
+        }
+    return fp
+
+
+def assert_restored(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Fail with the first difference between two fingerprints."""
+    assert before.keys() == after.keys(), f"submodules changed: {set(before) ^ set(after)}"
+    for k in before:
+        assert before[k] == after[k], f"{k or 'object'} not restored: {before[k]!r} != {after[k]!r}"
+
+
+class StrategyTesterMixin:
+    """Contract tests for one strategy on one pipeline; subclasses fill in the four hooks below.
+
+    Attributes:
+        strategies: what to pass to `decodekit.attach` (names, dicts or instances).
+        atol: tolerance of the batch-invariance check (0 for exact strategies).
+    """
+
+    strategies: list[Any] = []
+    atol: float = 1e-5
+
+    def make_pipeline(self) -> Any:
+        """A fresh pipeline or model (tiny, random weights are fine)."""
+        raise NotImplementedError
+
+    def run_pipeline(
+        self, pipe: Any, inputs: list[Any], seed: int, row_offset: int = 0
+    ) -> torch.Tensor:
+        """Run the pipeline on a batch of ``inputs`` with ``seed``; one output row per input, as a tensor.
+
+        Row ``i``'s random draws (initial noise, sampling) must depend on ``seed``
+        and ``row_offset + i`` only, not on the batch, so that a batch equals its rows run alone.
+        """
+        raise NotImplementedError
+
+    def sample_inputs(self) -> list[Any]:
+        """Two or more different inputs (prompts ...) for the batch checks."""
+        raise NotImplementedError
+
+    def broken_call(self, pipe: Any) -> None:
+        """Call the pipeline so that it raises inside generation."""
+        raise NotImplementedError
+
+    def attach(self, pipe: Any):
+        return decodekit.attach(pipe, self.strategies)
+
+    # -- the contract ----------------------------------------------------------------
+    def test_detach_restores(self):
+        pipe = self.make_pipeline()
+        inputs = self.sample_inputs()[:1]
+        base = self.run_pipeline(pipe, inputs, seed=0)
+        before = fingerprint(pipe)
+        with self.attach(pipe) as run:
+            self.run_pipeline(pipe, inputs, seed=0)
+            assert run.attached
+        assert not run.attached
+        assert_restored(before, fingerprint(pipe))
+        assert torch.equal(self.run_pipeline(pipe, inputs, seed=0), base)
+
+    def test_attach_twice_raises(self):
+        pipe = self.make_pipeline()
+        with self.attach(pipe):
+            try:
+                decodekit.attach(pipe, self.strategies)
+            except decodekit.AttachError as e:
+                assert "already" in str(e)
+            else:
+                raise AssertionError("a second attach to the same pipeline was accepted")
+
+    def test_state_reset_between_calls(self):
+        pipe = self.make_pipeline()
+        inputs = self.sample_inputs()[:1]
+        with self.attach(pipe) as run:
+            first = self.run_pipeline(pipe, inputs, seed=0)
+            stats_first = dict(run.last)
+            second = self.run_pipeline(pipe, inputs, seed=0)
+            assert (
+                run.last["nfe"] == stats_first["nfe"]
+                and run.last["served"] == stats_first["served"]
+            )
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+    def test_seed_deterministic(self):
+        pipe = self.make_pipeline()
+        inputs = self.sample_inputs()[:1]
+        with self.attach(pipe):
+            a = self.run_pipeline(pipe, inputs, seed=3)
+        with self.attach(pipe):
+            b = self.run_pipeline(pipe, inputs, seed=3)
+        assert torch.equal(a, b)
+
+    def test_batch_invariant(self):
+        pipe = self.make_pipeline()
+        inputs = self.sample_inputs()
+        with self.attach(pipe):
+            batch = self.run_pipeline(pipe, inputs, seed=0)
+            alone = torch.cat(
+                [self.run_pipeline(pipe, [x], seed=0, row_offset=i) for i, x in enumerate(inputs)]
+            )
+        torch.testing.assert_close(batch, alone, rtol=0, atol=self.atol)
+
+    def test_exception_detaches(self):
+        pipe = self.make_pipeline()
+        before = fingerprint(pipe)
+        run = self.attach(pipe)
+        try:
+            self.broken_call(pipe)
+        except Exception:
+            pass
+        else:
+            raise AssertionError("broken_call did not raise")
+        assert not run.attached
+        assert_restored(before, fingerprint(pipe))

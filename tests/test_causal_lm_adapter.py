@@ -1,0 +1,160 @@
+"""The causal-lm adapter: custom_generate loops, logits processors, model-input hooks, exact restore."""
+
+from __future__ import annotations
+
+import decodekit
+import pytest
+import torch
+from decodekit import Strategy, hookimpl
+from decodekit.testing import StrategyTesterMixin, assert_restored, fingerprint
+from transformers import LogitsProcessor
+
+from tests.tiny import tiny_llama
+
+PROMPTS = [[1, 5, 6, 7], [1, 9, 3, 4]]
+
+
+class GreedyLoop(Strategy):
+    """Drives decoding itself: plain greedy without a cache (what transformers' greedy computes)."""
+
+    name = "greedy-loop"
+    loops = ("token-autoregression",)
+    slot = "proposer"
+
+    @hookimpl
+    def decodekit_generate(
+        self,
+        run,
+        model,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        model_kwargs,
+    ):
+        for _ in range(generation_config.max_new_tokens):
+            scores = logits_processor(input_ids, model(input_ids).logits[:, -1])  # (B, V)
+            input_ids = torch.cat([input_ids, scores.argmax(-1, keepdim=True)], dim=1)
+        return input_ids
+
+
+class BanToken(LogitsProcessor):
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.token] = -float("inf")
+        return scores
+
+
+class Ban(Strategy):
+    name = "ban"
+    loops = ("token-autoregression",)
+
+    @hookimpl
+    def decodekit_logits_processors(self, run, generation_config):
+        return [BanToken(self.banned)]
+
+
+class CountInputs(Strategy):
+    name = "count-inputs"
+    loops = ("token-autoregression",)
+
+    def reset(self, run):
+        self.steps = []
+
+    @hookimpl
+    def decodekit_model_inputs(self, run, step, model_inputs):
+        self.steps.append((step, model_inputs["input_ids"].shape[1]))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def gen(model, rows=PROMPTS, n=6, **kw):
+    return model.generate(
+        torch.tensor(rows), max_new_tokens=n, do_sample=False, pad_token_id=0, **kw
+    )
+
+
+def test_custom_loop_equals_transformers_greedy(model):
+    base = gen(model)
+    with decodekit.attach(model, [GreedyLoop()]) as run:
+        out = gen(model)
+    assert torch.equal(base, out)
+    assert run.stats["nfe"] == 6  # the loop's forwards are counted by the pre-hook
+
+
+def test_logits_processor_appended(model):
+    base = gen(model, rows=PROMPTS[:1])
+    ban = Ban()
+    ban.banned = int(base[0, 4])
+    with decodekit.attach(model, [ban]):
+        out = gen(model, rows=PROMPTS[:1])
+    assert ban.banned not in out[0, 4:].tolist()
+    assert torch.equal(gen(model, rows=PROMPTS[:1]), base)
+
+
+def test_model_inputs_hook_sees_each_forward(model):
+    c = CountInputs()
+    with decodekit.attach(model, [c]):
+        gen(model, rows=PROMPTS[:1], n=4)
+    assert [s for s, _ in c.steps] == [0, 1, 2, 3]
+    assert [length for _, length in c.steps] == [
+        4,
+        1,
+        1,
+        1,
+    ]  # prefill, then one token per step with the cache
+
+
+def test_user_custom_generate_conflicts_with_loop_strategy(model):
+    before = fingerprint(model)
+    run = decodekit.attach(model, [GreedyLoop()])
+    with pytest.raises(decodekit.AttachError, match="custom_generate"):
+        gen(model, custom_generate=lambda *a, **k: None)
+    run.detach()
+    assert_restored(before, fingerprint(model))
+
+
+def test_attach_to_text_generation_pipeline(model):
+    from transformers import pipeline
+
+    from tests.tiny import tiny_text_encoder
+
+    _, tok = tiny_text_encoder()
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    with decodekit.attach(pipe, [CountInputs()]) as run:
+        pipe.model.generate(torch.tensor(PROMPTS[:1]), max_new_tokens=2, do_sample=False)
+        with pytest.raises(decodekit.AttachError, match="already"):
+            decodekit.attach(model, [])
+    assert run.stats["nfe"] == 2
+
+
+def test_non_generating_object_refused():
+    with pytest.raises(decodekit.AttachError, match="no pipeline adapter"):
+        decodekit.attach(torch.nn.Linear(2, 2), [])
+
+
+class TestGreedyLoopContract(StrategyTesterMixin):
+    atol = 0
+
+    @property
+    def strategies(self):
+        return [GreedyLoop()]
+
+    def make_pipeline(self):
+        return tiny_llama(dtype=torch.float64)
+
+    def sample_inputs(self):
+        return PROMPTS
+
+    def run_pipeline(self, pipe, inputs, seed, row_offset=0):
+        torch.manual_seed(seed)
+        return gen(pipe, rows=inputs)
+
+    def broken_call(self, pipe):
+        gen(pipe, rows=[[1, 200]])  # token id outside the vocabulary
