@@ -19,7 +19,8 @@ attach to it, what inputs it runs and where outputs go::
 `load_config` validates all of it before anything is loaded and raises
 `ConfigError` whose ``path`` is the key at fault (``strategies.0.params.key_steps``).
 A relative model folder is looked up in the current directory, then next to
-the config file. Models are never downloaded.
+the config file; a relative ``output.dir`` is taken from the current directory.
+Models are never downloaded.
 """
 
 from __future__ import annotations
@@ -56,10 +57,14 @@ class PipelineConfig(_Section):
     """The ``pipeline`` section: which adapter loads which model, where and in what precision."""
 
     type: StrictStr = Field(description="a registered pipeline adapter name")
-    model: StrictStr = Field(description="zoo:<name>, a local folder, or a hub id in the local cache")
+    model: StrictStr = Field(
+        description="zoo:<name>, a local folder, or a hub id in the local cache"
+    )
     device: StrictStr = Field("auto", description="auto|cpu|cuda|cuda:N|mps")
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
-    options: dict[str, Any] = Field(default_factory=dict, description="adapter-specific load options")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="adapter-specific load options"
+    )
 
 
 class StrategyConfig(_Section):
@@ -115,16 +120,39 @@ class RunConfig:
         return resolve(self.build_strategies(manager), self.adapter.loop)
 
     def load_pipeline(self) -> Any:
-        """Load the model through the adapter (once; callers keep the result)."""
-        return self.adapter.load(
-            self.source, device=self.device, dtype=self.pipeline.dtype, options=dict(self.pipeline.options)
-        )
+        """Load the model through the adapter (once; callers keep the result).
+
+        A folder the adapter's library cannot read (missing or broken files)
+        becomes a `ConfigError` at ``pipeline.model``.
+        """
+        try:
+            return self.adapter.load(
+                self.source,
+                device=self.device,
+                dtype=self.pipeline.dtype,
+                options=dict(self.pipeline.options),
+            )
+        except DecodekitError:
+            raise
+        except (OSError, ValueError) as e:
+            detail = " ".join(str(e).split())
+            if len(detail) > 300:
+                detail = detail[:297] + "..."
+            raise ConfigError(
+                "pipeline.model",
+                f"the {self.adapter.name!r} adapter could not load {self.source!r}: "
+                f"{type(e).__name__}: {detail}",
+            ) from e
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready description of what runs: pipeline, resolved source and device, strategies, inputs."""
         return {
             "file": str(self.file) if self.file else None,
-            "pipeline": {**self.pipeline.model_dump(), "source": self.source, "resolved_device": self.device},
+            "pipeline": {
+                **self.pipeline.model_dump(),
+                "source": self.source,
+                "resolved_device": self.device,
+            },
             "strategies": self.strategy_specs(),
             "inputs": self.inputs.model_dump(mode="json"),
             "output": self.output.model_dump(),
@@ -139,7 +167,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last silently)."""
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _construct_mapping(
+    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict:
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
@@ -149,7 +179,10 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
             continue
         if duplicate:
             raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                "while constructing a mapping",
+                node.start_mark,
+                f"found duplicate key {key!r}",
+                key_node.start_mark,
             )
         seen[key] = key_node
     return loader.construct_mapping(node, deep=deep)
@@ -165,7 +198,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("", f"config file {str(p)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: a NUL in the path
         raise ConfigError("", f"cannot read config file {str(p)!r}: {e}") from None
     return parse_yaml(text, str(p))
 
@@ -194,51 +227,53 @@ def apply_overrides(doc: Any, overrides: list[str] | tuple[str, ...]) -> Any:
     """
     import copy
 
-    doc = copy.deepcopy(doc)
+    doc = copy.deepcopy(doc) if doc is not None else {}
     for item in overrides:
         key, sep, value_text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError("--set", f"expected KEY=VALUE (like strategies.0.params.key_steps=uniform-4), got {item!r}")
-        value = parse_yaml(value_text, f"--set {key}") if value_text.strip() else None
-        if value_text.strip() and value is None and value_text.strip() not in ("null", "~", "Null", "NULL"):
-            value = value_text
+            raise ConfigError(
+                "--set",
+                f"expected KEY=VALUE (like strategies.0.params.key_steps=uniform-4), got {item!r}",
+            )
+        try:
+            value = parse_yaml(value_text, "value")
+        except ConfigError as e:
+            raise ConfigError(key, f"--set {key}: {e.message}") from None
         parts = key.split(".")
         if any(p == "" for p in parts):
             raise ConfigError(key, "empty segment in the --set key path")
-        if doc is None:
-            doc = {}
         node = doc
         for i, part in enumerate(parts):
-            last = i == len(parts) - 1
             here = ".".join(parts[: i + 1])
+            parent = ".".join(parts[:i]) or "the top level"
+            last = i == len(parts) - 1
             if isinstance(node, dict):
                 if last:
                     node[part] = value
-                elif not isinstance(node.get(part), (dict, list)):
-                    if node.get(part) is not None:
-                        raise ConfigError(
-                            here, f"--set {key}: {here} is a {type(node[part]).__name__}, not a mapping or list"
-                        )
+                    break
+                if node.get(part) is None:
                     node[part] = {}
-                node = node[part] if not last else node
+                node = node[part]
             elif isinstance(node, list):
                 if not re.fullmatch(r"-?\d+", part):
-                    raise ConfigError(here, f"--set {key}: {'.'.join(parts[:i]) or 'top level'} is a list; use an index")
+                    raise ConfigError(
+                        here, f"--set {key}: {parent} is a list; use an index, not {part!r}"
+                    )
                 idx = int(part)
                 if not -len(node) <= idx < len(node):
                     raise ConfigError(
-                        here, f"--set {key}: index {idx} is out of range; the list has {len(node)} entries"
+                        here,
+                        f"--set {key}: index {idx} is out of range; {parent} has {len(node)} entries",
                     )
                 if last:
                     node[idx] = value
-                else:
-                    if not isinstance(node[idx], (dict, list)):
-                        raise ConfigError(here, f"--set {key}: {here} is a {type(node[idx]).__name__}, not a mapping")
-                    node = node[idx]
+                    break
+                node = node[idx]
             else:
-                prev = ".".join(parts[:i]) or "top level"
-                raise ConfigError(prev, f"--set {key}: {prev} is a {type(node).__name__}, not a mapping or list")
+                raise ConfigError(
+                    parent, f"--set {key}: {parent} is a {_type_name(node)}, not a mapping or list"
+                )
     return doc
 
 
@@ -246,13 +281,17 @@ def apply_overrides(doc: Any, overrides: list[str] | tuple[str, ...]) -> Any:
 
 
 def _type_name(v: Any) -> str:
-    return {dict: "mapping", list: "list", str: "string", type(None): "null"}.get(type(v), type(v).__name__)
+    return {dict: "mapping", list: "list", str: "string", type(None): "null"}.get(
+        type(v), type(v).__name__
+    )
 
 
-def _raise_validation(e: ValidationError, model: type[BaseModel], prefix: str, data: Any, what: str) -> None:
+def _raise_validation(
+    e: ValidationError, model: type[BaseModel], prefix: str, data: Any, what: str
+) -> None:
     """Turn the first pydantic error into a `ConfigError` at its key path, in plain words."""
     err = e.errors()[0]
-    loc = [str(p) for p in err["loc"]]
+    loc = [str(p) for p in err["loc"] if p != "[key]"]  # "[key]": pydantic's marker for a bad key
     path = ".".join([prefix, *loc] if prefix else loc)
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -260,7 +299,9 @@ def _raise_validation(e: ValidationError, model: type[BaseModel], prefix: str, d
         name = loc[-1] if loc else ""
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(path, f"unknown key in {what}.{hint} Known keys: {', '.join(known) or 'none'}.")
+        raise ConfigError(
+            path, f"unknown key in {what}.{hint} Known keys: {', '.join(known) or 'none'}."
+        )
     if kind == "missing":
         raise ConfigError(path, "missing required key")
     msg = err["msg"]
@@ -308,10 +349,14 @@ def resolve_device(device: str, path: str = "pipeline.device") -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(path, f"{device!r} asked for, but CUDA is not available here; use auto or cpu")
+            raise ConfigError(
+                path, f"{device!r} asked for, but CUDA is not available here; use auto or cpu"
+            )
         idx = int(device.split(":")[1]) if ":" in device else 0
         if idx >= torch.cuda.device_count():
-            raise ConfigError(path, f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(
+                path, f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         return device
     if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError(path, "'mps' asked for, but MPS is not available here; use auto or cpu")
@@ -345,6 +390,10 @@ def zoo_model_names() -> list[str] | None:
 
 def resolve_model(model: str, base_dir: Path | None = None, path: str = "pipeline.model") -> str:
     """Resolve ``pipeline.model`` to a local folder: a zoo model, a folder, or a cached hub snapshot."""
+    if not model.strip():
+        raise ConfigError(
+            path, "empty; give zoo:<name>, a local folder, or a hub id in the local cache"
+        )
     if model.startswith("zoo:"):
         return _resolve_zoo(model[4:], path)
     given = Path(model).expanduser()
@@ -357,7 +406,10 @@ def resolve_model(model: str, base_dir: Path | None = None, path: str = "pipelin
     looks_local = model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
     looked = " and ".join(repr(str(c)) for c in candidates)
     if looks_local or not _HUB_ID_RE.match(model):
-        raise ConfigError(path, f"model folder {model!r} does not exist (looked at {looked}); give an existing folder")
+        raise ConfigError(
+            path,
+            f"model folder {model!r} does not exist (looked at {looked}); give an existing folder",
+        )
     cached = _hub_snapshot(model)
     if cached is not None:
         return cached
@@ -403,48 +455,64 @@ def _resolve_zoo(name: str, path: str) -> str:
     except (LookupError, ValueError, OSError) as e:
         raise ConfigError(path, f"zoo model {name!r}: {e}") from None
     if not folder.exists():
-        raise ConfigError(path, f"zoo model {name!r} should be at {str(folder)!r}, which does not exist")
+        raise ConfigError(
+            path, f"zoo model {name!r} should be at {str(folder)!r}, which does not exist"
+        )
     return str(folder)
 
 
 def load_config(
-    source: str | os.PathLike | dict[str, Any],
+    source: str | os.PathLike | dict[str, Any] | Any,
     overrides: list[str] | tuple[str, ...] = (),
     manager: PluginManager | None = None,
 ) -> RunConfig:
-    """Load, override and validate a run config from a YAML file or a dict.
+    """Load, override and validate a run config from a YAML file or an already parsed document.
 
     Raises:
         ConfigError: the first problem found; ``path`` is its key path
             (``UnknownNameError`` for an unknown strategy, pipeline or zoo name).
     """
-    manager = manager or get_manager()
     file: Path | None = None
-    if isinstance(source, dict):
-        doc = source
-    else:
+    if isinstance(source, (str, os.PathLike)):
         file = Path(source)
         doc = read_yaml(file)
+    else:  # an already parsed document
+        doc = source
     doc = apply_overrides(doc, list(overrides))
     if doc is None:
-        raise ConfigError("", "the config is empty; it needs at least 'pipeline' with 'type' and 'model'")
+        raise ConfigError(
+            "", "the config is empty; it needs at least 'pipeline' with 'type' and 'model'"
+        )
     if not isinstance(doc, dict):
-        raise ConfigError("", f"the config must be a mapping of sections ({', '.join(TOP_LEVEL)}), got {_type_name(doc)}")
+        raise ConfigError(
+            "",
+            f"the config must be a mapping of sections ({', '.join(TOP_LEVEL)}), got {_type_name(doc)}",
+        )
     for key in doc:
         if key not in TOP_LEVEL:
             close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1, cutoff=0.6)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(str(key), f"unknown top-level key.{hint} Known keys: {', '.join(TOP_LEVEL)}.")
+            raise ConfigError(
+                str(key), f"unknown top-level key.{hint} Known keys: {', '.join(TOP_LEVEL)}."
+            )
     if "pipeline" not in doc:
-        raise ConfigError("pipeline", "missing required key; say which adapter (type) loads which model")
+        raise ConfigError(
+            "pipeline", "missing required key; say which adapter (type) loads which model"
+        )
 
+    manager = manager or get_manager()  # loaded only once the document parsed
     pipeline = _section(PipelineConfig, doc["pipeline"], "pipeline", "pipeline")
     adapter = manager.pipeline(pipeline.type, "pipeline.type")
     if not _DEVICE_RE.match(pipeline.device):
-        raise ConfigError("pipeline.device", f"unknown device {pipeline.device!r}; use auto, cpu, cuda, cuda:N or mps")
+        raise ConfigError(
+            "pipeline.device",
+            f"unknown device {pipeline.device!r}; use auto, cpu, cuda, cuda:N or mps",
+        )
 
     strategies = _strategies(doc.get("strategies"), manager)
-    inputs = _section(adapter.Inputs, doc.get("inputs"), "inputs", f"inputs of the {adapter.name!r} pipeline")
+    inputs = _section(
+        adapter.Inputs, doc.get("inputs"), "inputs", f"inputs of the {adapter.name!r} pipeline"
+    )
     output = _section(OutputConfig, doc.get("output"), "output", "output")
     bench = _section(BenchConfig, doc.get("bench"), "bench", "bench")
 
@@ -471,7 +539,9 @@ def _strategies(data: Any, manager: PluginManager) -> list[StrategyConfig]:
     if data is None:
         return []
     if not isinstance(data, list):
-        raise ConfigError("strategies", f"expected a list of strategies, got {_type_name(data)} {_short(data)}")
+        raise ConfigError(
+            "strategies", f"expected a list of strategies, got {_type_name(data)} {_short(data)}"
+        )
     entries = []
     for i, item in enumerate(data):
         where = f"strategies.{i}"
@@ -480,6 +550,9 @@ def _strategies(data: Any, manager: PluginManager) -> list[StrategyConfig]:
         if isinstance(item, dict) and item.get("params", {}) is None:
             item = {**item, "params": {}}
         entry = _section(StrategyConfig, item, where, "a strategy entry")
+        for k in entry.params:
+            if not isinstance(k, str):
+                raise ConfigError(f"{where}.params.{k}", "parameter names must be strings")
         entries.append(entry)
     # Names and params are checked by the strategies' own models.
     build_strategies([{"name": e.name, "params": e.params} for e in entries], manager, "strategies")

@@ -1,0 +1,419 @@
+"""The ``decodekit`` command: run, validate and bench YAML configs; list plugins and the zoo; the demo.
+
+Every decodekit error prints one line, ``error: <key path>: <message>``, on
+stderr and exits with status 2; set ``DECODEKIT_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, DecodekitError
+
+EXIT_USAGE = 2
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value; KEY is a dotted path with list indices "
+        "(strategies.0.params.key_steps=uniform-4), VALUE is parsed as YAML. Repeatable.",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``decodekit`` command."""
+    parser = argparse.ArgumentParser(
+        prog="decodekit",
+        description="Composable decoding strategies for diffusion and multimodal models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run", help="generate with the strategies of a YAML config and save the outputs"
+    )
+    p.add_argument("config", help="YAML run config")
+    _add_set(p)
+
+    p = sub.add_parser(
+        "validate", help="check a YAML config (names, params, inputs, composition) and print ok"
+    )
+    p.add_argument("config")
+    _add_set(p)
+
+    p = sub.add_parser("bench", help="measure strategies against the baseline, side by side")
+    p.add_argument("config")
+    p.add_argument(
+        "--repeat", type=int, help="baseline/strategy pairs (default: bench.repeat of the config)"
+    )
+    p.add_argument(
+        "--json",
+        dest="json_path",
+        help="write the result as JSON here (default: OUTPUT_DIR/bench.json)",
+    )
+    p.add_argument(
+        "--png", dest="png_path", help="write a picture here (default: OUTPUT_DIR/bench.png)"
+    )
+    p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="also measure decodekit's own cost (hook dispatch per model call, attach + detach)",
+    )
+    _add_set(p)
+
+    p = sub.add_parser("plugins", help="list installed strategies, pipelines and quality metrics")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("demo", help="bench the embedded zoo configs (no download)")
+    p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    p.add_argument("--repeat", type=int, help="baseline/strategy pairs per config")
+
+    p = sub.add_parser("zoo", help="the reference zoo of tiny models")
+    zoo_sub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    zoo_sub.add_parser("list", help="list the zoo models")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``decodekit``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    handler = {
+        "run": cmd_run,
+        "validate": cmd_validate,
+        "bench": cmd_bench,
+        "plugins": cmd_plugins,
+        "demo": cmd_demo,
+        "zoo": cmd_zoo,
+    }[args.command]
+    try:
+        return handler(args) or 0
+    except DecodekitError as e:
+        if os.environ.get("DECODEKIT_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def one_line(e: DecodekitError) -> str:
+    """``<path>: <message>`` for a config error, the message otherwise, on one line."""
+    if isinstance(e, ConfigError):
+        text = f"{e.path}: {e.message}" if e.path else e.message
+    else:
+        text = str(e)
+    return " ".join(text.split())
+
+
+# -- run / validate / bench ---------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Load the config, attach the strategies, generate, save the outputs, print a summary."""
+    from .config import load_config
+    from .manager import get_manager
+    from .session import attach
+
+    cfg = load_config(args.config, args.overrides)
+    manager = get_manager()
+    cfg.resolve_strategies(manager)
+    target = cfg.load_pipeline()
+    with attach(target, cfg.strategy_specs(), pipeline=cfg.adapter.name, manager=manager) as run:
+        outputs = cfg.adapter.generate(target, cfg.inputs, progress=sys.stderr.isatty())
+    out_dir = Path(cfg.output.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = cfg.adapter.save(outputs, out_dir) or []
+    stats = run.stats
+    names = ", ".join(s.name for s in run.strategies) or "none (baseline)"
+    print(f"{cfg.adapter.name} on {cfg.device}, strategies: {names}")
+    print(
+        f"  model calls: {stats['nfe']}  served by strategies: {stats['served']}  time: {stats['time_s']:.3f} s"
+    )
+    for name, figures in stats["strategies"].items():
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in figures.items())
+        print(f"  {name}: {shown}")
+    ideal = run.ideal_speedup()
+    if ideal is not None:
+        print(f"  FLOP-ideal speed-up: x{ideal:.2f}")
+    print(f"  wrote {len(files)} file(s) to {out_dir}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate names, params, inputs, model source and strategy composition; print ok."""
+    from .config import load_config
+    from .manager import get_manager
+
+    cfg = load_config(args.config, args.overrides)
+    manager = get_manager()
+    ordered = cfg.resolve_strategies(manager)
+    names = " -> ".join(s.name for s in ordered) or "no strategies"
+    print(f"ok: {cfg.adapter.name} ({cfg.adapter.loop}) on {cfg.device}, {names}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Bench the config's strategies against the baseline and write JSON and PNG."""
+    from .bench import bench
+    from .config import load_config
+    from .manager import get_manager
+
+    cfg = load_config(args.config, args.overrides)
+    manager = get_manager()
+    if args.repeat is not None and args.repeat < 1:
+        raise ConfigError("--repeat", f"must be at least 1, got {args.repeat}")
+    out_dir = Path(cfg.output.dir)
+    json_path = args.json_path or out_dir / "bench.json"
+    png_path = args.png_path or out_dir / "bench.png"
+    r = bench(
+        cfg,
+        repeat=args.repeat,
+        json_path=json_path,
+        png_path=png_path,
+        manager=manager,
+        overhead=args.overhead,
+    )
+    print(format_bench(r))
+    if "overhead" in r:
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in r["overhead"].items())
+        print(f"decodekit overhead: {shown}")
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    """A short text summary of a bench result."""
+    names = ", ".join(s["name"] for s in r["strategies"]) or "none"
+    b, s = r["baseline"], r["strategy"]
+    mem = r["peak_memory"]
+    lines = [
+        f"strategies: {names}   device: {r['machine']['device']}   pairs: {r['repeat']}",
+        f"{'':12}{'baseline':>14}{'strategy':>14}",
+        f"{'time (med)':12}{b['time_s']['median']:>13.4f}s{s['time_s']['median']:>13.4f}s",
+        f"{'model calls':12}{b['nfe']:>14}{s['nfe']:>14}",
+        f"{'peak mem':12}{_mib(mem['baseline']):>14}{_mib(mem['strategy']):>14}   ({mem['kind']})",
+        f"speed-up: x{r['speedup']:.3f} (median of per-pair ratios)"
+        + (f"   FLOP-ideal: x{r['ideal_speedup']:.3f}" if r["ideal_speedup"] else ""),
+    ]
+    for source, figures in r["quality"].items():
+        if figures:
+            lines.append(
+                f"quality ({source}): " + ", ".join(f"{k}={_fmt(v)}" for k, v in figures.items())
+            )
+    return "\n".join(lines)
+
+
+def _mib(v: int | None) -> str:
+    return "-" if v is None else f"{v / 2**20:.1f} MiB"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# -- plugins ---------------------------------------------------------------------------
+
+
+def _fields(model: Any) -> list[dict[str, Any]]:
+    """Name, type, default and description of each field of a pydantic model."""
+    from pydantic_core import PydanticUndefined
+
+    out = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        type_name = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+        if f.default_factory is not None:
+            default, required = f.default_factory(), False
+        elif f.default is PydanticUndefined:
+            default, required = None, True
+        else:
+            default, required = f.default, False
+        out.append(
+            {
+                "name": name,
+                "type": type_name,
+                "default": default,
+                "required": required,
+                "description": f.description or "",
+            }
+        )
+    return out
+
+
+def _origin(manager: Any, kind: str, name: str) -> dict[str, str]:
+    try:
+        info = manager.origin(kind, name)
+    except KeyError:
+        return {"package": "?", "version": "?", "plugin": "?"}
+    return {"package": info.package, "version": info.version, "plugin": info.plugin}
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
+
+
+def plugins_info(manager: Any = None) -> dict[str, Any]:
+    """Everything ``decodekit plugins`` shows, as JSON-ready data."""
+    from .bench import jsonable
+    from .manager import get_manager
+    from .strategy import strategy_hooks
+
+    manager = manager or get_manager()
+    reg = manager.registry
+    strategies = []
+    for name, cls in sorted(reg.strategies.items()):
+        strategies.append(
+            {
+                "name": name,
+                **_origin(manager, "strategies", name),
+                "summary": _first_line(cls.__doc__),
+                "paper": cls.paper,
+                "loops": list(cls.loops),
+                "slot": cls.slot,
+                "requires": list(cls.requires),
+                "conflicts": list(cls.conflicts),
+                "before": list(cls.before),
+                "after": list(cls.after),
+                "params": _fields(cls.Params),
+                "hooks": strategy_hooks(cls),
+            }
+        )
+    pipelines = []
+    for name, cls in sorted(reg.pipelines.items()):
+        pipelines.append(
+            {
+                "name": name,
+                **_origin(manager, "pipelines", name),
+                "loop": cls.loop,
+                "description": cls.description or _first_line(cls.__doc__),
+                "inputs": _fields(cls.Inputs),
+            }
+        )
+    metrics = [{"name": n, **_origin(manager, "metrics", n)} for n in sorted(reg.metrics)]
+    failed = [{"name": n, "error": err} for n, err in sorted(reg.failed.items())]
+    return jsonable(
+        {"strategies": strategies, "pipelines": pipelines, "metrics": metrics, "failed": failed}
+    )
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """Print installed strategies, pipelines, metrics and failed plugins."""
+    info = plugins_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"strategies ({len(info['strategies'])}):")
+    for s in info["strategies"]:
+        print(f"  {s['name']}  [{s['package']} {s['version']}]  {s['summary']}")
+        print(f"    loops: {', '.join(s['loops']) or '-'}   slot: {s['slot'] or '-'}")
+        if s["requires"] or s["conflicts"]:
+            print(
+                f"    requires: {', '.join(s['requires']) or '-'}   conflicts: {', '.join(s['conflicts']) or '-'}"
+            )
+        if s["paper"]:
+            print(f"    paper: {s['paper']}")
+        for p in s["params"]:
+            default = "(required)" if p["required"] else f"= {p['default']!r}"
+            desc = f"  {p['description']}" if p["description"] else ""
+            print(f"    {p['name']}: {p['type']} {default}{desc}")
+        print(f"    hooks: {', '.join(s['hooks']) or '-'}")
+    print(f"pipelines ({len(info['pipelines'])}):")
+    for p in info["pipelines"]:
+        print(
+            f"  {p['name']}  [{p['package']} {p['version']}]  loop: {p['loop']}  {p['description']}"
+        )
+    if info["metrics"]:
+        print(f"quality metrics ({len(info['metrics'])}):")
+        for m in info["metrics"]:
+            print(f"  {m['name']}  [{m['package']} {m['version']}]")
+    if info["failed"]:
+        print(f"failed ({len(info['failed'])}):")
+        for f in info["failed"]:
+            print(f"  {f['name']}: {f['error']}")
+    return 0
+
+
+# -- demo / zoo -------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Bench the embedded zoo configs and write PNGs and a markdown table."""
+    from .demo import markdown_table, run_demo
+
+    if args.repeat is not None and args.repeat < 1:
+        raise ConfigError("--repeat", f"must be at least 1, got {args.repeat}")
+    results = run_demo(args.out, repeat=args.repeat)
+    print(markdown_table(results), end="")
+    print(f"wrote {Path(args.out) / 'README.md'} and one JSON and PNG per config")
+    return 0
+
+
+def zoo_rows() -> list[dict[str, Any]]:
+    """The zoo models as dicts (name first); `DecodekitError` when this build has no zoo."""
+    try:
+        from decodekit.pipelines import zoo
+    except ImportError:
+        zoo = None
+    if zoo is None or not hasattr(zoo, "list_models"):
+        raise DecodekitError(
+            "this build of decodekit has no model zoo (decodekit.pipelines.zoo.list_models)."
+        )
+    rows = []
+    for m in zoo.list_models():
+        if isinstance(m, str):
+            row = {"name": m}
+        elif isinstance(m, dict):
+            row = dict(m)
+        elif dataclasses.is_dataclass(m):
+            row = dataclasses.asdict(m)
+        elif hasattr(m, "model_dump"):
+            row = m.model_dump()
+        else:
+            row = {k: v for k, v in vars(m).items() if not k.startswith("_")}
+        rows.append(row)
+    return rows
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    """``decodekit zoo list``: a table of the zoo models."""
+    rows = zoo_rows()
+    if not rows:
+        print("the zoo is empty")
+        return 0
+    cols: list[str] = []
+    for row in rows:
+        cols += [k for k in row if k not in cols]
+    if "description" in cols:  # the long column goes last
+        cols = [c for c in cols if c != "description"] + ["description"]
+    cells = [[_cell(row.get(c)) for c in cols] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v))
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={w}" for k, w in v.items()) or "-"
+    return " ".join(str(v).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

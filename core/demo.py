@@ -1,0 +1,156 @@
+"""The embedded default of ``decodekit demo``: bench configs over the reference zoo, no download.
+
+Each config benches one strategy set on one zoo model; the demo writes a
+JSON and a PNG per config and a markdown table of speed-up, model calls and
+quality. The zoo models are trained and committed in this repository
+(``decodekit.pipelines.zoo``), so the demo needs nothing from the network.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, DecodekitError
+
+# Inputs are kept small so the whole demo runs in about a minute on a laptop CPU.
+DEMO_CONFIGS: dict[str, dict[str, Any]] = {
+    "shapes-sd": {
+        "pipeline": {
+            "type": "stable-diffusion",
+            "model": "zoo:shapes-sd",
+            "device": "auto",
+            "dtype": "float32",
+        },
+        "strategies": [{"name": "faster-diffusion", "params": {}}],
+        "inputs": {
+            "prompt": ["a red circle", "a blue square"],
+            "num_inference_steps": 20,
+            "seed": 0,
+        },
+        "bench": {"repeat": 3, "warmup": 1},
+    },
+    "arith-ar": {
+        "pipeline": {
+            "type": "causal-lm",
+            "model": "zoo:arith-ar",
+            "device": "auto",
+            "dtype": "float32",
+        },
+        "strategies": [{"name": "speculative-jacobi", "params": {}}],
+        "inputs": {"prompt": ["12+7=", "30-4="], "max_new_tokens": 16, "seed": 0},
+        "bench": {"repeat": 3, "warmup": 1},
+    },
+}
+"""Demo name → run config (the same shape as a YAML file)."""
+
+
+def demo_configs() -> dict[str, dict[str, Any]]:
+    """Copies of the embedded demo configs."""
+    return copy.deepcopy(DEMO_CONFIGS)
+
+
+def check_zoo(configs: dict[str, dict[str, Any]]) -> None:
+    """Raise a `DecodekitError` naming every zoo model the demo needs and this build lacks."""
+    from .config import zoo_model_names
+
+    wanted = {
+        name: cfg["pipeline"]["model"][4:]
+        for name, cfg in configs.items()
+        if str(cfg["pipeline"]["model"]).startswith("zoo:")
+    }
+    known = zoo_model_names()
+    missing = [m for m in wanted.values() if known is None or m not in known]
+    if missing:
+        why = (
+            "this build has no model zoo yet"
+            if known is None
+            else f"the zoo has {', '.join(known) or 'none'}"
+        )
+        raise DecodekitError(
+            f"the demo needs the zoo model(s) {', '.join(map(repr, missing))} "
+            f"(decodekit.pipelines.zoo), but {why}; run a YAML config with `decodekit bench` meanwhile."
+        )
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _bytes(v: int | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v / 2**20:.1f} MiB"
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of bench results, one row per demo config."""
+    lines = [
+        "| config | strategies | speed-up (median of pairs) | FLOP-ideal | model calls (baseline → strategy) "
+        "| peak memory (baseline / strategy) | quality |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        strategies = ", ".join(s["name"] for s in r["strategies"]) or "none"
+        nfe = r["nfe"]
+        mem = r["peak_memory"]
+        quality = (
+            "; ".join(
+                f"{k}={_fmt(v)}" for figures in r["quality"].values() for k, v in figures.items()
+            )
+            or "–"
+        )
+        lines.append(
+            f"| {name} | {strategies} | ×{_fmt(r['speedup'])} | {'×' + _fmt(r['ideal_speedup']) if r['ideal_speedup'] else '–'} "
+            f"| {nfe['baseline']} → {nfe['strategy']} | {_bytes(mem['baseline'])} / {_bytes(mem['strategy'])} "
+            f"({mem['kind']}) | {quality} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(
+    out_dir: str | Path = "outputs/demo",
+    configs: dict[str, dict[str, Any]] | None = None,
+    repeat: int | None = None,
+    manager=None,
+) -> dict[str, dict[str, Any]]:
+    """Bench every demo config; write ``<name>.json``, ``<name>.png`` and ``README.md`` into ``out_dir``."""
+    from .bench import bench
+    from .config import load_config
+
+    configs = demo_configs() if configs is None else configs
+    check_zoo(configs)
+    out = Path(out_dir)
+    # Validate every config before the first model loads, so a bad one fails fast.
+    loaded = {}
+    for name, cfg in configs.items():
+        try:
+            loaded[name] = load_config({**cfg, "output": {"dir": str(out / name)}}, manager=manager)
+            loaded[name].resolve_strategies(manager)
+        except ConfigError as e:
+            raise ConfigError(e.path, f"(demo config {name!r}) {e.message}") from e
+        except DecodekitError as e:
+            raise DecodekitError(f"demo config {name!r}: {e}") from e
+    results = {}
+    for name, cfg in loaded.items():
+        results[name] = bench(
+            cfg,
+            repeat=repeat,
+            json_path=out / f"{name}.json",
+            png_path=out / f"{name}.png",
+            manager=manager,
+        )
+    device = next(iter(results.values()))["machine"]["device"] if results else "–"
+    text = (
+        "# decodekit demo\n\n"
+        f"Baseline and strategies run alternately in one process on `{device}`; the speed-up is the median "
+        "of per-pair time ratios. On CPU only ratios mean something.\n\n" + markdown_table(results)
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "README.md").write_text(text, encoding="utf-8")
+    return results
