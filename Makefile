@@ -6,12 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint docs clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/decodekit-cfg-cutoff/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# This machine's torch lies on disk; a GPU user keeps whatever torch>=2.4 they have.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[test]'
+	# The example third-party plugin: CI checks that it is found and used like any other.
+	$(BIN)/pip install -q --no-deps -e examples/decodekit-cfg-cutoff
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,11 +22,11 @@ demo: $(STAMP)
 	$(BIN)/decodekit demo --out outputs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests examples/decodekit-cfg-cutoff/tests
 	$(BIN)/mkdocs build --strict --quiet --site-dir .site
 
 lint: $(STAMP)
-	$(BIN)/ruff check core plugins pipelines tests
+	$(BIN)/ruff check core plugins pipelines tests examples
 
 docs: $(STAMP)
 	$(BIN)/mkdocs serve
