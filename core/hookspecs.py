@@ -66,16 +66,18 @@ class RuntimeSpecs:
 
     # -- masked-diffusion text -------------------------------------------------
     @hookspec(firstresult=True)
-    def decodekit_mdm_forward(self, run, step, model, x, attention_mask, position_ids):
-        """Before a masked-diffusion model call on tokens ``x`` (B, L): return logits (B, L, V) to serve it (first result)."""
+    def decodekit_mdm_forward(
+        self, run, step, block_step, model, x, attention_mask, position_ids, mask_index, need_logits
+    ):
+        """Before the model call of loop step ``step`` (``block_step`` within the current block) on tokens ``x`` (B, L) with ``attention_mask``, ``position_ids`` (B, L), ``mask_index`` (B, L bool, still masked): return logits (B, L, V), valid at least where ``need_logits`` (B, L bool) is true, or ``(logits, tokens_computed)``, to serve it (first result)."""
 
-    @hookspec
-    def decodekit_mdm_select(self, run, step, x, logits, mask_index, num_transfer):
-        """Choose what commits at this step: return a (B, L) bool tensor, or None to leave it to the pipeline's remasking policy."""
+    @hookspec(firstresult=True)
+    def decodekit_mdm_select(self, run, step, policy):
+        """Return the `RemaskingPolicy` that chooses this step's commits instead of the pipeline's ``policy``, or None to keep it (first result)."""
 
     @hookspec
     def decodekit_mdm_committed(self, run, step, x, committed):
-        """Tokens ``committed`` (B, L bool) were written into ``x`` at this step."""
+        """Tokens ``committed`` (B, L bool) were written into ``x`` (B, L) at this step."""
 
     # -- token autoregression (transformers generate) --------------------------
     @hookspec(firstresult=True)

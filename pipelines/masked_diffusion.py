@@ -1,0 +1,582 @@
+"""Masked-diffusion text generation with LLaDA semantics, and its adapter `masked-diffusion-lm`.
+
+`MaskedDiffusionLMPipeline` runs any Hugging Face model that maps token ids to
+logits with bidirectional attention as a masked diffusion LM, following LLaDA's
+``generate`` (Nie et al., "Large Language Diffusion Models", arXiv:2502.09992):
+the prompt is followed by ``gen_length`` mask tokens; generation proceeds in
+semi-autoregressive blocks of ``block_length``; ``steps`` are split evenly over
+the blocks; each step predicts every masked position (Gumbel-max in float64 at
+temperature > 0), and the remasking policy commits the most confident ones,
+``n // steps`` per step and one more in the first ``n % steps`` steps; nothing
+past the current block is committed and committed tokens never change.
+Classifier-free guidance masks the prompt in the unconditional copy and combines
+``un + (s + 1)(cond - un)``. Dream's options (Ye et al., "Dream 7B",
+arXiv:2508.15487) are ``shift=True`` (position ``i`` is predicted by the output
+at ``i - 1``) and ``schedule="dream"`` (``linspace(1, eps, steps + 1)``).
+Confidence-threshold parallel decoding (Fast-dLLM, arXiv:2505.22618) is the
+``"threshold"`` remasking policy: each step commits the top token and every
+other one above ``threshold``, and a block ends when it holds no mask.
+
+Batches are left-padded with an attention mask; position ids start at 0 at each
+row's first real token, and random draws come from one generator per row over
+the generated region only, so a row's result equals the same prompt run alone.
+
+The loop calls decodekit's runtime hooks when strategies are attached:
+``decodekit_mdm_forward`` (a cache may serve the model call),
+``decodekit_mdm_select`` (a selector may replace the remasking policy), and
+``decodekit_mdm_committed`` after tokens were written. It counts model calls
+(``run.nfe``; ``run.served`` when a strategy served one) and tokens computed
+per step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from decodekit.errors import AttachError, ConfigError
+from decodekit.hookspecs import hookimpl
+from decodekit.pipeline import Inputs, PipelineAdapter
+from decodekit.sampler import (
+    RemaskingPolicy,
+    classifier_free_guidance,
+    get_remasking_policy,
+    transfer_count_schedule,
+)
+from decodekit.session import attached_run
+
+__all__ = [
+    "MaskedDiffusionLMPipeline",
+    "MaskedDiffusionOutput",
+    "MaskedDiffusionLMAdapter",
+    "dream_transfer_counts",
+    "shift_logits",
+]
+
+
+@dataclass
+class MaskedDiffusionOutput:
+    """What a `MaskedDiffusionLMPipeline` call returns."""
+
+    sequences: torch.Tensor
+    """Long ``(B, gen_length)``: the generated tokens (no prompt, no padding)."""
+    texts: list[str] | None = None
+    """Decoded texts, cut after the first EOS; None without a tokenizer."""
+    nfe: int = 0
+    """Model calls (a CFG step's doubled batch is one call)."""
+    tokens_computed: list[int] = field(default_factory=list)
+    """Per model call, the token positions the model computed (batch × fed length)."""
+    steps_per_block: list[int] = field(default_factory=list)
+    """Model calls each block took (varies with threshold decoding)."""
+
+
+def shift_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Dream's shift: position ``i`` takes the output at ``i - 1`` (position 0 keeps its own), ``(B, L, V)``."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def dream_transfer_counts(num_masked: torch.Tensor, step: int, steps: int, eps: float) -> torch.Tensor:
+    """Dream's commit count at ``step`` of ``steps``: ``int(n (1 - s / t))`` on ``linspace(1, eps, steps + 1)``.
+
+    ``num_masked`` ``(B,)`` is each row's masked count now; the last step commits all of them.
+    """
+    if step >= steps - 1:
+        return num_masked.clone()
+    timesteps = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
+    t, s = timesteps[step], timesteps[step + 1]
+    return (num_masked.to(torch.float64) * (1 - s / t)).long()  # (B,)
+
+
+class MaskedDiffusionLMPipeline:
+    """Generate text from a bidirectional token-to-logits model by masked diffusion (LLaDA semantics).
+
+    Args:
+        model: a Hugging Face model (``model(input_ids, attention_mask=, position_ids=)``
+            returning ``.logits`` ``(B, L, V)``) with bidirectional attention.
+        tokenizer: optional; needed for string prompts and ``texts``.
+        mask_token_id: the mask token; default ``tokenizer.mask_token_id``.
+        eos_token_id: default ``tokenizer.eos_token_id``; texts are cut after it.
+        pad_token_id: the id written in left padding; default the tokenizer's, else the EOS id.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        mask_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        if mask_token_id is None and tokenizer is not None:
+            mask_token_id = getattr(tokenizer, "mask_token_id", None)
+        if mask_token_id is None:
+            raise ValueError(
+                "MaskedDiffusionLMPipeline needs mask_token_id (the tokenizer has no mask token); "
+                "pass mask_token_id=<id of the mask token the model was trained with>."
+            )
+        self.mask_token_id = int(mask_token_id)
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_id = eos_token_id
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------------ inputs
+    def encode(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize prompts, left-padded: ``input_ids`` and ``attention_mask`` ``(B, P)``."""
+        if self.tokenizer is None:
+            raise ValueError("string prompts need a tokenizer; pass input_ids instead.")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        return left_pad(rows, self.pad_token_id)
+
+    # ------------------------------------------------------------------------ the call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        input_ids: torch.Tensor | list[list[int]] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        gen_length: int = 128,
+        block_length: int = 32,
+        steps: int = 128,
+        temperature: float = 0.0,
+        cfg_scale: float = 0.0,
+        remasking: str | RemaskingPolicy = "low-confidence",
+        threshold: float | None = None,
+        shift: bool = False,
+        schedule: Literal["llada", "dream"] = "llada",
+        eps: float = 1e-3,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> MaskedDiffusionOutput:
+        """Generate ``gen_length`` tokens after each prompt.
+
+        Args:
+            prompt: a string or list of strings (needs the tokenizer).
+            input_ids: token ids ``(B, P)`` (left-padded) or a list of unpadded rows.
+            attention_mask: ``(B, P)``, 1 on real tokens, 0 on left padding.
+            gen_length: tokens to generate; a multiple of ``block_length``.
+            block_length: semi-autoregressive block size (``gen_length`` for one block).
+            steps: model calls in all, split evenly over the blocks (a multiple of the
+                number of blocks); threshold decoding may finish a block earlier.
+            temperature: Gumbel-max temperature; 0 is argmax.
+            cfg_scale: LLaDA's guidance scale (0: no guidance).
+            remasking: a core remasking policy name (``low-confidence``, ``random``,
+                ``margin``, ``entropy``, ``threshold``) or a policy instance.
+            threshold: with ``remasking="threshold"``, the confidence threshold τ (default 0.9);
+                giving it alone selects threshold decoding.
+            shift: Dream's shifted logits (AR-adapted models).
+            schedule: per-step commit counts: ``"llada"`` (even split) or ``"dream"``
+                (``linspace(1, eps, steps + 1)``).
+            eps: the last timestep of the Dream schedule.
+            generator: one ``torch.Generator`` or one per row (a row's draws then
+                do not depend on the batch); needed at temperature > 0 and for ``random``.
+        """
+        call_kwargs = dict(
+            prompt=prompt, input_ids=input_ids, attention_mask=attention_mask,
+            gen_length=gen_length, block_length=block_length, steps=steps,
+            temperature=temperature, cfg_scale=cfg_scale, remasking=remasking,
+            threshold=threshold, shift=shift, schedule=schedule, eps=eps, generator=generator,
+        )
+        run = attached_run(self)
+        if run is None:
+            return self._generate(None, **call_kwargs)
+        run.begin_call(call_kwargs)
+        out = run.guarded(self._generate, run, **call_kwargs)
+        run.end_call(out)
+        return out
+
+    def _generate(
+        self,
+        run: Any,
+        *,
+        prompt,
+        input_ids,
+        attention_mask,
+        gen_length,
+        block_length,
+        steps,
+        temperature,
+        cfg_scale,
+        remasking,
+        threshold,
+        shift,
+        schedule,
+        eps,
+        generator,
+    ) -> MaskedDiffusionOutput:
+        ids, pad_mask = self._prompt_tensors(prompt, input_ids, attention_mask)
+        num_blocks, steps_per_block = check_lengths(gen_length, block_length, steps)
+        if schedule not in ("llada", "dream"):
+            raise ValueError(f"schedule must be 'llada' or 'dream', got {schedule!r}.")
+        if threshold is not None and remasking == "low-confidence":
+            remasking = "threshold"
+        params = {"threshold": threshold} if remasking == "threshold" and threshold is not None else {}
+        policy = get_remasking_policy(remasking, **params)
+        batch, prompt_len = ids.shape
+        generators = _row_generators(generator, batch)
+        device = self.device
+        mask_id = self.mask_token_id
+
+        # x: (B, P + G), prompt left-padded then gen_length masks.
+        x = torch.cat([ids, torch.full((batch, gen_length), mask_id, dtype=torch.long)], dim=1)
+        x = x.to(device)
+        attn = torch.cat([pad_mask, torch.ones(batch, gen_length, dtype=torch.long)], dim=1)
+        attn = attn.to(device)  # (B, L)
+        position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
+        prompt_index = torch.zeros_like(x, dtype=torch.bool)
+        prompt_index[:, :prompt_len] = pad_mask.to(device).bool()
+        total = x.shape[1]
+        out = MaskedDiffusionOutput(sequences=x[:, prompt_len:])
+        step = 0
+        for block in range(num_blocks):
+            start = prompt_len + block * block_length
+            end = start + block_length
+            allowed = torch.zeros(gen_length, dtype=torch.bool, device=device)
+            allowed[start - prompt_len : end - prompt_len] = True
+            block_masked = (x[:, start:end] == mask_id).sum(dim=1)  # (B,)
+            counts = transfer_count_schedule(block_masked.cpu(), steps_per_block)  # (B, S)
+            block_step = 0
+            while bool((x[:, start:end] == mask_id).any()):
+                mask_index = x == mask_id  # (B, L)
+                step_policy = policy
+                if run is not None and run.has("decodekit_mdm_select"):
+                    chosen = run.call("decodekit_mdm_select", run=run, step=step, policy=policy)
+                    step_policy = chosen if chosen is not None else policy
+                if step_policy.needs_num_transfer and block_step >= steps_per_block:
+                    raise RuntimeError(
+                        f"block {block} still holds masks after its {steps_per_block} steps; "
+                        "a custom policy committed fewer tokens than scheduled."
+                    )
+                # The positions whose logits this step reads (Dream: one to the left).
+                need = mask_index.clone()
+                need[:, :start] = False
+                need[:, end:] = False
+                if shift:
+                    need = torch.cat([need[:, 1:], torch.zeros_like(need[:, :1])], dim=1)
+                logits = self._logits(
+                    run, step, block_step, x, attn, position_ids, mask_index, need,
+                    prompt_index, cfg_scale, out,
+                )  # (B, L, V)
+                if shift:
+                    logits = shift_logits(logits)
+                if mask_id < logits.shape[-1]:
+                    # Never predict the mask token itself: committing it would leave the
+                    # position masked (LLaDA's models never predict it; random ones may).
+                    logits = logits.clone()
+                    logits[..., mask_id] = float("-inf")
+                if not step_policy.needs_num_transfer:
+                    num_transfer = None
+                elif schedule == "dream":
+                    masked_now = mask_index[:, start:end].sum(dim=1).cpu()
+                    num_transfer = dream_transfer_counts(masked_now, block_step, steps_per_block, eps)
+                else:
+                    num_transfer = counts[:, block_step]
+                gen_x = x[:, prompt_len:]  # (B, G): noise is drawn here only (batch-invariant)
+                result = _apply_policy(
+                    step_policy,
+                    logits[:, prompt_len:],
+                    gen_x,
+                    mask_index[:, prompt_len:],
+                    num_transfer,
+                    allowed,
+                    temperature,
+                    generators,
+                )
+                committed = torch.zeros_like(mask_index)
+                committed[:, prompt_len:] = result.committed
+                x = torch.cat([x[:, :prompt_len], result.x], dim=1)
+                if run is not None and run.has("decodekit_mdm_committed"):
+                    run.call("decodekit_mdm_committed", run=run, step=step, x=x, committed=committed)
+                step += 1
+                block_step += 1
+            out.steps_per_block.append(block_step)
+        assert x.shape[1] == total
+        out.sequences = x[:, prompt_len:]
+        out.nfe = len(out.tokens_computed)
+        out.texts = self._texts(out.sequences)
+        return out
+
+    def _logits(
+        self, run, step, block_step, x, attn, position_ids, mask_index, need, prompt_index,
+        cfg_scale, out,
+    ) -> torch.Tensor:
+        """One model call (through the strategies when attached): logits ``(B, L, V)``."""
+        if cfg_scale > 0:
+            un_x = x.masked_fill(prompt_index, self.mask_token_id)
+            model_x = torch.cat([x, un_x])  # (2B, L)
+            model_attn = torch.cat([attn, attn])
+            model_pos = torch.cat([position_ids, position_ids])
+            model_mask = torch.cat([mask_index, un_x == self.mask_token_id])
+            model_need = torch.cat([need, need])
+        else:
+            model_x, model_attn, model_pos = x, attn, position_ids
+            model_mask, model_need = mask_index, need
+        logits = None
+        if run is not None:
+            run.nfe += 1
+            served = run.call(
+                "decodekit_mdm_forward", run=run, step=step, block_step=block_step,
+                model=self.model, x=model_x, attention_mask=model_attn,
+                position_ids=model_pos, mask_index=model_mask, need_logits=model_need,
+            )
+            if served is not None:
+                run.served += 1
+                logits, computed = served if isinstance(served, tuple) else (served, None)
+                out.tokens_computed.append(
+                    int(computed) if computed is not None else model_x.numel()
+                )
+        if logits is None:
+            logits = self.model(
+                input_ids=model_x, attention_mask=model_attn, position_ids=model_pos
+            ).logits  # (B', L, V)
+            out.tokens_computed.append(model_x.numel())
+        if cfg_scale > 0:
+            cond, uncond = logits.chunk(2)
+            logits = classifier_free_guidance(cond, uncond, cfg_scale, convention="llada")
+        return logits
+
+    def _prompt_tensors(self, prompt, input_ids, attention_mask):
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("pass exactly one of prompt (strings) or input_ids (token ids).")
+        if prompt is not None:
+            return self.encode(prompt)
+        if isinstance(input_ids, list):
+            if attention_mask is not None:
+                raise ValueError("with a list of rows, leave attention_mask out: rows are padded here.")
+            return left_pad([list(r) for r in input_ids], self.pad_token_id)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(
+                f"input_ids must be a long tensor (B, P), got {input_ids.dtype} {tuple(input_ids.shape)}."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
+                f"{tuple(input_ids.shape)}."
+            )
+        am = attention_mask.long().cpu()
+        if bool((am[:, 1:] < am[:, :-1]).any()):
+            raise ValueError(
+                "attention_mask must be left padding (zeros before ones in each row); "
+                "pad prompts on the left (tokenizer.padding_side = 'left')."
+            )
+        if bool((input_ids.cpu()[am.bool()] == self.mask_token_id).any()):
+            raise ValueError("a prompt contains the mask token id; remove it from the prompt.")
+        return input_ids.cpu(), am
+
+    def _texts(self, sequences: torch.Tensor) -> list[str] | None:
+        if self.tokenizer is None:
+            return None
+        rows = []
+        for row in sequences.tolist():
+            if self.eos_token_id is not None and self.eos_token_id in row:
+                row = row[: row.index(self.eos_token_id)]
+            rows.append(row)
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token rows: ``input_ids`` and ``attention_mask`` ``(B, P)``."""
+    if not rows:
+        raise ValueError("no prompts given.")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def check_lengths(gen_length: int, block_length: int, steps: int) -> tuple[int, int]:
+    """Validate LLaDA's lengths; returns (number of blocks, steps per block)."""
+    for name, value in (("gen_length", gen_length), ("block_length", block_length), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+    if gen_length % block_length:
+        raise ValueError(
+            f"gen_length ({gen_length}) must be a multiple of block_length ({block_length}); "
+            f"e.g. block_length={gen_length} for one block."
+        )
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(
+            f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks} = "
+            f"gen_length / block_length) so that every block gets the same steps."
+        )
+    per_block = steps // num_blocks
+    if per_block > block_length:
+        raise ValueError(
+            f"steps per block ({per_block}) exceed block_length ({block_length}); "
+            f"use steps <= gen_length ({gen_length})."
+        )
+    return num_blocks, per_block
+
+
+def _row_generators(generator, batch: int) -> list[torch.Generator] | torch.Generator | None:
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} rows; pass one per row.")
+        return list(generator)
+    return generator
+
+
+def _apply_policy(policy, logits, x, mask_index, num_transfer, allowed, temperature, generators):
+    """Run ``policy`` over the batch, or row by row with one generator each."""
+    if not isinstance(generators, list):
+        return policy(
+            logits, x, mask_index, num_transfer,
+            temperature=temperature, generator=generators, allowed=allowed,
+        )
+    parts = []
+    for b, gen in enumerate(generators):
+        n = None if num_transfer is None else num_transfer[b : b + 1]
+        parts.append(
+            policy(
+                logits[b : b + 1], x[b : b + 1], mask_index[b : b + 1], n,
+                temperature=temperature, generator=gen, allowed=allowed,
+            )
+        )
+    return type(parts[0])(*(torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))))
+
+
+# ---------------------------------------------------------------------------------- adapter
+
+
+class MaskedDiffusionInputs(Inputs):
+    """YAML ``inputs`` of a masked-diffusion-lm pipeline (the arguments of its ``__call__``)."""
+
+    prompt: str | list[str]
+    gen_length: int = 64
+    block_length: int = 32
+    steps: int = 64
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    remasking: str = "low-confidence"
+    threshold: float | None = None
+    shift: bool = False
+    schedule: Literal["llada", "dream"] = "llada"
+    batch_size: int | None = None
+    """Run the prompts in batches of this many rows (None: all at once)."""
+
+
+class MaskedDiffusionLMAdapter(PipelineAdapter):
+    """Attach to a `MaskedDiffusionLMPipeline`: its loop calls the runtime hooks itself."""
+
+    name = "masked-diffusion-lm"
+    loop = "masked-diffusion"
+    Inputs = MaskedDiffusionInputs
+    description = "decodekit's LLaDA/Dream-semantics masked diffusion over a bidirectional HF model"
+
+    def __init__(self, target: Any, run):
+        super().__init__(target, run)
+        self.model = getattr(target, "model", None)
+
+    @classmethod
+    def matches(cls, obj: Any) -> bool:
+        return isinstance(obj, MaskedDiffusionLMPipeline)
+
+    def touched(self) -> list[Any]:
+        return [self.target, self.model]
+
+    def attach(self) -> None:
+        if not isinstance(self.model, torch.nn.Module):
+            raise AttachError("the pipeline has no model (pipe.model must be a torch module).")
+
+    def detach(self) -> None:
+        """Nothing to undo: the pipeline looks up its run at every call."""
+
+    @classmethod
+    def load(cls, source: str, *, device: str, dtype: str, options: dict[str, Any]) -> Any:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        options = dict(options)
+        mask_token_id = options.pop("mask_token_id", None)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=getattr(torch, dtype), local_files_only=True, **options
+        )
+        if getattr(model.config, "is_causal", True):
+            raise ConfigError(
+                "pipeline.model",
+                f"{source} is a causal model (config.is_causal is not False); masked diffusion "
+                "needs bidirectional attention: set \"is_causal\": false in its config.json.",
+            )
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        return MaskedDiffusionLMPipeline(
+            model.to(device).eval(), tokenizer, mask_token_id=mask_token_id
+        )
+
+    @classmethod
+    def generate(
+        cls, target: Any, inputs: MaskedDiffusionInputs, progress: bool = False
+    ) -> list[dict[str, Any]]:
+        prompts = [inputs.prompt] if isinstance(inputs.prompt, str) else list(inputs.prompt)
+        size = inputs.batch_size or len(prompts)
+        results = []
+        for first in range(0, len(prompts), size):
+            chunk = prompts[first : first + size]
+            gens = [
+                torch.Generator("cpu").manual_seed(inputs.seed * 100003 + first + i)
+                for i in range(len(chunk))
+            ]
+            out = target(
+                prompt=chunk,
+                gen_length=inputs.gen_length,
+                block_length=inputs.block_length,
+                steps=inputs.steps,
+                temperature=inputs.temperature,
+                cfg_scale=inputs.cfg_scale,
+                remasking=inputs.remasking,
+                threshold=inputs.threshold,
+                shift=inputs.shift,
+                schedule=inputs.schedule,
+                generator=gens,
+            )
+            for i, row in enumerate(out.sequences.tolist()):
+                results.append(
+                    {"prompt": chunk[i], "text": (out.texts or [""] * len(chunk))[i], "tokens": row}
+                )
+        return results
+
+    @classmethod
+    def save(cls, outputs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "outputs.jsonl"
+        with path.open("w") as f:
+            for row in outputs:
+                f.write(json.dumps(row) + "\n")
+        return [path]
+
+    @classmethod
+    def quality(
+        cls, baseline: list[dict[str, Any]], outputs: list[dict[str, Any]]
+    ) -> dict[str, float]:
+        same = total = 0
+        for b, o in zip(baseline, outputs):
+            total += len(b["tokens"])
+            same += sum(x == y for x, y in zip(b["tokens"], o["tokens"]))
+        return {
+            "token_agreement": same / total if total else 1.0,
+            "exact_match": sum(b["text"] == o["text"] for b, o in zip(baseline, outputs))
+            / max(1, len(baseline)),
+        }
+
+
+@hookimpl
+def decodekit_register_pipelines(register):
+    register(MaskedDiffusionLMAdapter)

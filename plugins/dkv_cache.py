@@ -1,0 +1,326 @@
+"""dKV-Cache, from "dKV-Cache: The Cache for Diffusion Language Models" (arXiv:2505.15781).
+
+A masked diffusion LM recomputes every position at every step. dKV-Cache keeps
+each position's keys and values and recomputes only some positions per step:
+
+- ``decode``: a token decoded at step ``t`` is recomputed once at ``t + 1``
+  (with its real identity instead of the mask) and its K/V are reused from
+  ``t + 2`` on — the one-step delay the paper shows is essential
+  (``commit_delay=0`` reproduces the ablation). Every ``refresh_interval``
+  steps of a block (and at each block's first step) all positions are recomputed.
+- ``greedy``: recompute only the positions whose logits the step reads (the
+  current block's masked tokens), the tokens decoded at the previous step and
+  masked neighbours within ``window`` of them; everything else comes from the
+  cache, stale or not.
+- ``prefill``: the prompt's K/V are computed once; the generated region is
+  recomputed every step.
+- ``pd``: the prompt is cached once for good, and ``decode`` runs on the
+  generated tokens (refreshes recompute only those).
+
+How it attaches: the model's attention implementation
+(``config._attn_implementation``) is switched to a function registered in
+transformers' ``AttentionInterface`` (restored on detach). The model is then fed
+only the positions to recompute, with their own position ids; per layer the
+function receives their queries, keys and values after RoPE, stores the K/V in a
+:class:`decodekit.cache.PositionalKVCache` at their absolute positions, and
+attends over every position of the sequence (fresh K/V where recomputed, cached
+elsewhere). Logits are scattered back to their positions. Rows may recompute
+different numbers of positions (ragged batches); GQA models cache K/V heads only.
+
+Supported models: transformers' Llama, Mistral, Qwen2 and Qwen3 families with
+bidirectional attention (``config.is_causal = False``) and no sliding window —
+their attention applies RoPE and then dispatches through ``AttentionInterface``
+with the same arguments. Others are refused by name. Classifier-free guidance
+works (the unconditional copy is cached as extra rows); Dream's shifted logits
+work (the pipeline asks for the logits one position to the left).
+
+Measured results (speed-up, NFE, tokens computed, accuracy): docs/benchmarks.md
+(section dkv-cache), from ``benchmarks/dkv_cache.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from decodekit.cache import PositionalKVCache
+from decodekit.errors import AttachError
+from decodekit.hookspecs import hookimpl
+from decodekit.strategy import Params, Strategy
+from pydantic import Field
+
+ATTN_NAME = "decodekit_dkv_cache"
+"""The name our attention function is registered under in transformers' AttentionInterface."""
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# id(attention module) -> the DKVCache strategy that owns it while attached.
+_OWNERS: dict[int, DKVCache] = {}
+
+
+def _dkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: serve one layer from the owner's cache."""
+    owner = _OWNERS.get(id(module))
+    if owner is None or owner._ctx is None:
+        raise RuntimeError(
+            "this model's attention is driven by the dkv-cache strategy while it is attached; "
+            "call the model through its pipeline, or detach the strategy (leave the `with` "
+            "block) to call it directly."
+        )
+    return owner._attend(module, query, key, value, scaling)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    if AttentionInterface._global_mapping.get(ATTN_NAME) is not _dkv_attention:
+        AttentionInterface.register(ATTN_NAME, _dkv_attention)
+
+
+class DKVCacheParams(Params):
+    """Parameters of `dkv-cache`."""
+
+    variant: Literal["decode", "greedy", "prefill", "pd"] = Field(
+        "decode",
+        description="decode: delayed caching of decoded tokens with periodic refresh; greedy: "
+        "recompute only the current block's masked tokens, the just-decoded ones and a window; "
+        "prefill: cache the prompt once; pd: prompt once plus decode on generated tokens.",
+    )
+    refresh_interval: int = Field(
+        4,
+        ge=1,
+        description="Recompute every position at each block step that is a multiple of this "
+        "(block step 0 included); 1 refreshes every step, which equals no cache "
+        "(paper's cache_reloading_step: 4 or 8). Not used by prefill.",
+    )
+    window: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="greedy: masked positions within this distance of a just-decoded token are "
+        "recomputed too (the paper uses up to 6).",
+    )
+    commit_delay: int = Field(
+        1,
+        ge=0,
+        description="Steps between decoding a token and reusing its K/V (paper: 1; 0 reuses the "
+        "K/V computed while the position was still a mask, the ablation that collapses).",
+    )
+
+
+class _Forward:
+    """What the attention function needs during one partial forward."""
+
+    __slots__ = ("q_pos", "key_ok", "length", "step")
+
+    def __init__(self, q_pos: torch.Tensor, key_ok: torch.Tensor, length: int, step: int):
+        self.q_pos = q_pos  # (B, Q) long, -1 on padding entries
+        self.key_ok = key_ok  # (B, L) bool, real (non-padding) positions
+        self.length = length
+        self.step = step
+
+
+class DKVCache(Strategy):
+    """Cache keys and values of masked-diffusion LMs with delayed commit (dKV-Cache)."""
+
+    name = "dkv-cache"
+    loops = ("masked-diffusion",)
+    Params = DKVCacheParams
+    slot = "kv-cache"
+    paper = "dKV-Cache: The Cache for Diffusion Language Models, arXiv:2505.15781"
+
+    def __init__(self, params=None, *, path: str = "params"):
+        super().__init__(params, path=path)
+        self._ctx: _Forward | None = None
+        self._saved_impl: dict[int, Any] = {}
+        self._modules: list[torch.nn.Module] = []
+        self.model = None
+        self.reset(None)
+
+    # ------------------------------------------------------------------ attach / detach
+    def on_attach(self, run) -> None:
+        model = getattr(run.adapter, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            raise AttachError("dkv-cache needs the pipeline's model (adapter.model) to hook.")
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise AttachError(
+                f"dkv-cache hooks the attention of {', '.join(SUPPORTED_MODEL_TYPES)} models "
+                f"(transformers); {type(model).__name__} (model_type={model_type!r}) is not "
+                "supported. Use one of those families, or run without dkv-cache."
+            )
+        if getattr(config, "is_causal", True):
+            raise AttachError(
+                f"dkv-cache needs a bidirectional model, but {type(model).__name__} has "
+                "config.is_causal=True (causal attention); masked diffusion LMs set "
+                "config.is_causal = False."
+            )
+        if getattr(config, "use_sliding_window", False) or (
+            model_type == "mistral" and getattr(config, "sliding_window", None)
+        ):
+            raise AttachError(
+                "dkv-cache does not support sliding-window attention; set sliding_window=None."
+            )
+        modules = [
+            m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")
+        ]
+        if not modules:
+            raise AttachError(f"found no attention modules with a layer_idx in {type(model).__name__}.")
+        for m in modules:
+            if id(m) in _OWNERS:
+                raise AttachError("this model's attention is already hooked by another dkv-cache run.")
+        _register_attention()
+        configs = {id(c): c for c in [config] + [m.config for m in modules if hasattr(m, "config")]}
+        self._saved_impl = {
+            key: (c, c.__dict__.get("_attn_implementation_internal", None))
+            for key, c in configs.items()
+        }
+        for c, _ in self._saved_impl.values():
+            c.__dict__["_attn_implementation_internal"] = ATTN_NAME
+        for m in modules:
+            _OWNERS[id(m)] = self
+        self._modules = modules
+        self.model = model
+        self.num_layers = 1 + max(int(m.layer_idx) for m in modules)
+
+    def on_detach(self, run) -> None:
+        for m in self._modules:
+            if _OWNERS.get(id(m)) is self:
+                del _OWNERS[id(m)]
+        for c, value in self._saved_impl.values():
+            c.__dict__["_attn_implementation_internal"] = value
+        self._saved_impl = {}
+        self._modules = []
+        self.model = None
+        self.cache = None
+
+    def reset(self, run) -> None:
+        self.cache: PositionalKVCache | None = None
+        self._prev_x: torch.Tensor | None = None
+        self._prompt: torch.Tensor | None = None  # (B, L0) bool: known before step 0
+        self._just_decoded: torch.Tensor | None = None  # (B, L) bool: decoded at step - 1
+        self._stats = {"steps": 0, "refreshes": 0, "tokens_computed": 0, "tokens_full": 0}
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats)
+
+    def ideal_speedup(self, run) -> float | None:
+        """Ratio of the tokens a full forward computes to the tokens this cache computed."""
+        if not self._stats["tokens_computed"]:
+            return None
+        return self._stats["tokens_full"] / self._stats["tokens_computed"]
+
+    # ------------------------------------------------------------------ the hook
+    @hookimpl
+    def decodekit_mdm_forward(
+        self, run, step, block_step, model, x, attention_mask, position_ids, mask_index, need_logits
+    ):
+        if model is not self.model:
+            return None
+        batch, length = x.shape
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(mask_index)
+        self._track(x, mask_index, valid, step)
+        cache = self.cache
+        stored = _pad_cols(cache.key_mask(0), length) if cache.length(0) else torch.zeros_like(valid)
+        p = self.params
+        refresh = p.variant != "prefill" and block_step % p.refresh_interval == 0
+        prompt = _pad_cols(self._prompt, length)
+        if p.variant == "prefill":
+            fed = ~prompt
+        elif refresh:
+            fed = ~prompt if p.variant == "pd" else torch.ones_like(valid)
+        elif p.variant == "greedy":
+            near = _dilate(self._just_decoded, p.window) & mask_index
+            fed = self._just_decoded | near
+        else:  # decode, pd
+            fed = ~_pad_cols(cache.reusable(step), length) if cache.length(0) else torch.ones_like(valid)
+        fed = (fed | need_logits.bool() | ~stored) & valid  # (B, L)
+        self._stats["steps"] += 1
+        self._stats["refreshes"] += int(refresh)
+        logits, computed = self._partial_forward(model, x, position_ids, fed, valid, step)
+        self._stats["tokens_computed"] += computed
+        self._stats["tokens_full"] += batch * length
+        return logits, computed
+
+    # ------------------------------------------------------------------ internals
+    def _track(self, x: torch.Tensor, mask_index: torch.Tensor, valid: torch.Tensor, step: int) -> None:
+        """Record which positions got (new) tokens since the last forward, and when."""
+        prev = self._prev_x
+        if prev is None or prev.shape[0] != x.shape[0]:
+            self.cache = PositionalKVCache(self.num_layers, commit_delay=self.params.commit_delay)
+            self._prompt = ~mask_index & valid  # (B, L)
+            self.cache.mark_decoded(self._prompt, -1)
+            self._just_decoded = torch.zeros_like(mask_index)
+        else:
+            overlap = min(prev.shape[1], x.shape[1])
+            changed = torch.zeros_like(mask_index)
+            changed[:, :overlap] = x[:, :overlap] != prev[:, :overlap]
+            changed[:, overlap:] = ~mask_index[:, overlap:]
+            changed &= valid & ~mask_index
+            if bool(changed.any()):
+                self.cache.mark_decoded(changed, step - 1)
+            self._just_decoded = changed
+        self._prev_x = x.clone()
+
+    def _partial_forward(self, model, x, position_ids, fed, valid, step):
+        """Run ``model`` on the ``fed`` positions only; logits ``(B, L, V)`` and tokens computed."""
+        batch, length = x.shape
+        counts = fed.sum(dim=1)  # (B,)
+        width = int(counts.max())
+        order = torch.sort((~fed).to(torch.int8), dim=1, stable=True).indices[:, :width]  # (B, Q)
+        real = torch.arange(width, device=x.device)[None, :] < counts[:, None]  # (B, Q)
+        q_pos = torch.where(real, order, torch.full_like(order, -1))
+        ids = x.gather(1, order)  # (B, Q)
+        pos_ids = position_ids.gather(1, order)  # (B, Q)
+        self._ctx = _Forward(q_pos, valid, length, step)
+        try:
+            out = model(input_ids=ids, position_ids=pos_ids, use_cache=False)
+        finally:
+            self._ctx = None
+        logits_q = out.logits  # (B, Q, V)
+        logits = logits_q.new_zeros(batch, length, logits_q.shape[-1])  # (B, L, V)
+        rows, cols = real.nonzero(as_tuple=True)
+        logits[rows, order[rows, cols]] = logits_q[rows, cols]
+        return logits, batch * width
+
+    def _attend(self, module, query, key, value, scaling):
+        """Store this layer's fresh K/V, then attend over every position (B, H, Q, D) -> (B, Q, H, D)."""
+        ctx = self._ctx
+        layer = int(module.layer_idx)
+        cache = self.cache
+        cache.store(layer, key, value, ctx.q_pos, step=ctx.step)
+        view = cache.gather(layer)
+        keys = view.keys[:, :, : ctx.length]  # (B, Hkv, L, D)
+        values = view.values[:, :, : ctx.length]
+        key_mask = view.key_mask[:, : ctx.length] & ctx.key_ok[:, : keys.shape[2]]  # (B, L)
+        groups = query.shape[1] // keys.shape[1]
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=1)  # (B, H, L, D)
+            values = values.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=key_mask[:, None, None, :], scale=scaling
+        )  # (B, H, Q, D)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def _pad_cols(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """A (B, L') bool mask cut or padded with False to (B, length)."""
+    if mask.shape[1] >= length:
+        return mask[:, :length]
+    pad = torch.zeros(mask.shape[0], length - mask.shape[1], dtype=torch.bool, device=mask.device)
+    return torch.cat([mask, pad], dim=1)
+
+
+def _dilate(mask: torch.Tensor, window: int) -> torch.Tensor:
+    """Positions within ``window`` of a true entry, (B, L) bool."""
+    if window == 0 or not bool(mask.any()):
+        return mask
+    grown = F.max_pool1d(mask[:, None].float(), 2 * window + 1, stride=1, padding=window)
+    return grown[:, 0] > 0
+
+
+@hookimpl
+def decodekit_register_strategies(register):
+    register(DKVCache)

@@ -1,0 +1,197 @@
+"""dkv-cache: exactness oracles on tiny random bidirectional Llamas (float64, temperature 0)."""
+
+from __future__ import annotations
+
+import decodekit
+import pytest
+import torch
+from decodekit.hookspecs import hookimpl
+from decodekit.strategy import Strategy
+from decodekit.testing import StrategyTesterMixin
+
+from tests.test_masked_diffusion import MASK, PROMPTS, Recorder, tiny_pipeline
+
+KW = dict(gen_length=16, block_length=8, steps=8)
+VARIANTS = ["decode", "greedy", "prefill", "pd"]
+
+
+def dkv(variant="decode", **params):
+    return {"name": "dkv-cache", "params": {"variant": variant, **params}}
+
+
+@pytest.mark.parametrize("variant", ["decode", "greedy"])  # pd, prefill: prompt never recomputed
+def test_refresh_every_step_equals_no_cache(variant):
+    pipe = tiny_pipeline()
+    base = pipe(input_ids=PROMPTS, **KW).sequences
+    with decodekit.attach(pipe, [dkv(variant, refresh_interval=1)]) as run:
+        out = pipe(input_ids=PROMPTS, **KW).sequences
+    assert torch.equal(out, base)
+    assert run.stats["strategies"]["dkv-cache"]["refreshes"] == 8
+
+
+def test_cache_computes_fewer_tokens_and_decode_stays_close():
+    pipe = tiny_pipeline()
+    base = pipe(input_ids=PROMPTS, **KW)
+    with decodekit.attach(pipe, [dkv("decode", refresh_interval=4)]) as run:
+        out = pipe(input_ids=PROMPTS, **KW)
+    assert out.nfe == base.nfe == 8 and run.last["served"] == 8
+    assert sum(out.tokens_computed) < 0.8 * sum(base.tokens_computed)
+    assert run.ideal_speedup() > 1.2
+
+
+class LogitsSpy(Strategy):
+    """Serves each step through the cache itself and records x and the logits (runs first)."""
+
+    name = "logits-spy"
+    loops = ("masked-diffusion",)
+    before = ("dkv-cache",)
+
+    def reset(self, run):
+        self.records = []
+
+    @hookimpl
+    def decodekit_mdm_forward(self, run, step, block_step, model, x, attention_mask,
+                              position_ids, mask_index, need_logits):
+        cache = next(s for s in run.strategies if s.name == "dkv-cache")
+        logits, _ = cache.decodekit_mdm_forward(
+            run, step, block_step, model, x, attention_mask, position_ids, mask_index,
+            need_logits,
+        )
+        self.records.append((x.clone(), attention_mask.clone(), position_ids.clone(),
+                             need_logits.clone(), logits))
+        return logits
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_layer_model_every_variant_is_exact(variant):
+    # One layer: a position's K/V depend only on its own token and position, so any
+    # cached K/V of an unchanged token are exact, and logits must equal uncached ones.
+    pipe = tiny_pipeline(layers=1)
+    from decodekit.plugins.dkv_cache import DKVCache
+
+    spy = LogitsSpy()
+    cache = DKVCache({"variant": variant, "refresh_interval": 4})
+    with decodekit.attach(pipe, [cache, spy]):
+        pipe(input_ids=PROMPTS, **KW)
+    assert len(spy.records) == 8
+    for x, attn, pos, need, logits in spy.records:
+        with torch.no_grad():
+            ref = pipe.model(input_ids=x, attention_mask=attn, position_ids=pos).logits
+        torch.testing.assert_close(logits[need], ref[need], rtol=1e-10, atol=1e-10)
+
+
+def test_without_delay_one_layer_is_not_exact():
+    # The control: reusing K/V computed while the token was still a mask is wrong.
+    pipe = tiny_pipeline(layers=1)
+    from decodekit.plugins.dkv_cache import DKVCache
+
+    spy = LogitsSpy()
+    cache = DKVCache({"variant": "decode", "refresh_interval": 8, "commit_delay": 0})
+    with decodekit.attach(pipe, [cache, spy]):
+        pipe(input_ids=PROMPTS, **KW)
+    worst = 0.0
+    for x, attn, pos, need, logits in spy.records:
+        with torch.no_grad():
+            ref = pipe.model(input_ids=x, attention_mask=attn, position_ids=pos).logits
+        worst = max(worst, float((logits[need] - ref[need]).abs().max()))
+    assert worst > 1e-4
+
+
+def test_ragged_batch_row_equals_row_alone_with_cache():
+    pipe = tiny_pipeline()
+    with decodekit.attach(pipe, [dkv("decode", refresh_interval=4)]):
+        batch = pipe(input_ids=PROMPTS, **KW).sequences
+        for i, row in enumerate(PROMPTS):
+            alone = pipe(input_ids=[row], **KW).sequences
+            assert torch.equal(batch[i : i + 1], alone)
+
+
+def test_composes_with_threshold_and_cfg_and_shift():
+    pipe = tiny_pipeline()
+    rec = Recorder()
+    strategies = [dkv("decode", refresh_interval=1), {"name": "parallel-threshold",
+                                                       "params": {"threshold": 0.05}}, rec]
+    kw = dict(KW, cfg_scale=1.0, shift=True)
+    base = pipe(input_ids=PROMPTS, remasking="threshold", threshold=0.05, **kw)
+    with decodekit.attach(pipe, strategies) as run:
+        out = pipe(input_ids=PROMPTS, **kw)
+    assert torch.equal(out.sequences, base.sequences)
+    assert out.steps_per_block == base.steps_per_block
+    assert run.stats["strategies"]["parallel-threshold"]["steps"] == out.nfe
+    # threshold rule: each step commits >= 1 per unfinished row, the top one always.
+    assert all((c.sum(dim=1) >= 1).all() for _, _, c in rec.steps if c.any())
+    assert not (out.sequences == MASK).any()
+
+
+def test_two_selectors_or_two_caches_are_refused():
+    pipe = tiny_pipeline()
+    with pytest.raises(decodekit.CompositionError, match="kv-cache"):
+        decodekit.attach(pipe, [dkv("decode"), {"name": "dkv-cache"}, ])
+
+
+def test_refuses_causal_and_unsupported_models():
+    from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
+
+    from tests.test_masked_diffusion import tiny_bidirectional_llama
+
+    causal = tiny_bidirectional_llama(is_causal=True)
+    pipe = MaskedDiffusionLMPipeline(causal, mask_token_id=MASK)
+    with pytest.raises(decodekit.AttachError, match="is_causal"):
+        decodekit.attach(pipe, ["dkv-cache"])
+    from tests.test_masked_diffusion import EchoModel
+
+    echo = MaskedDiffusionLMPipeline(EchoModel(), mask_token_id=MASK)
+    with pytest.raises(decodekit.AttachError, match="not supported"):
+        decodekit.attach(echo, ["dkv-cache"])
+    with pytest.raises(decodekit.ConfigError, match="variant"):
+        decodekit.attach(pipe, [dkv("nope")])
+
+
+def test_calling_the_model_directly_while_attached_is_explained():
+    pipe = tiny_pipeline()
+    with decodekit.attach(pipe, ["dkv-cache"]):
+        with pytest.raises(RuntimeError, match="through its pipeline"):
+            pipe.model(torch.tensor([[3, 4]]))
+    pipe.model(torch.tensor([[3, 4]]))  # restored
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_other_supported_families_refresh_equals_no_cache(model_type):
+    import transformers
+
+    cfg_cls, model_cls = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[model_type]
+    torch.manual_seed(0)
+    cfg = cfg_cls(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  max_position_embeddings=128, is_causal=False, sliding_window=None)
+    from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
+
+    pipe = MaskedDiffusionLMPipeline(model_cls(cfg).double().eval(), mask_token_id=MASK)
+    kw = dict(gen_length=8, block_length=4, steps=4)
+    base = pipe(input_ids=PROMPTS, **kw).sequences
+    with decodekit.attach(pipe, [dkv("decode", refresh_interval=1)]):
+        assert torch.equal(pipe(input_ids=PROMPTS, **kw).sequences, base)
+
+
+class TestDKVCacheContract(StrategyTesterMixin):
+    strategies = [{"name": "dkv-cache", "params": {"variant": "decode", "refresh_interval": 4}}]
+    atol = 0
+
+    def make_pipeline(self):
+        return tiny_pipeline()
+
+    def sample_inputs(self):
+        return PROMPTS
+
+    def run_pipeline(self, pipe, inputs, seed, row_offset=0):
+        gens = [torch.Generator().manual_seed(seed * 1000 + row_offset + i)
+                for i in range(len(inputs))]
+        return pipe(input_ids=inputs, gen_length=8, block_length=4, steps=4, temperature=0.7,
+                    generator=gens).sequences
+
+    def broken_call(self, pipe):
+        pipe(input_ids=PROMPTS, gen_length=8, block_length=4, steps=4, temperature=1.0)

@@ -1,0 +1,199 @@
+"""masked-diffusion-lm: LLaDA semantics, batching, Dream shift, hooks, on tiny random models."""
+
+from __future__ import annotations
+
+import decodekit
+import pytest
+import torch
+from decodekit.hookspecs import hookimpl
+from decodekit.pipelines.masked_diffusion import (
+    MaskedDiffusionLMPipeline,
+    dream_transfer_counts,
+)
+from decodekit.sampler import transfer_count_schedule
+from decodekit.strategy import Strategy
+
+MASK = 31
+VOCAB = 32
+
+
+def tiny_bidirectional_llama(seed: int = 0, layers: int = 2, dtype=torch.float64, **overrides):
+    """A LlamaForCausalLM with ``is_causal=False`` (bidirectional), GQA, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        is_causal=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype).eval()
+
+
+def tiny_pipeline(seed: int = 0, layers: int = 2, **overrides) -> MaskedDiffusionLMPipeline:
+    model = tiny_bidirectional_llama(seed, layers, **overrides)
+    return MaskedDiffusionLMPipeline(model, mask_token_id=MASK, eos_token_id=2, pad_token_id=0)
+
+
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+
+
+class Recorder(Strategy):
+    """Records x before and the commits of every step (a test-only strategy)."""
+
+    name = "recorder"
+    loops = ("masked-diffusion",)
+
+    def reset(self, run):
+        self.steps = []
+
+    @hookimpl
+    def decodekit_mdm_committed(self, run, step, x, committed):
+        self.steps.append((step, x.clone(), committed.clone()))
+
+
+def test_model_is_bidirectional():
+    model = tiny_bidirectional_llama()
+    a = torch.tensor([[3, 4, 5, 6]])
+    b = a.clone()
+    b[0, 3] = 7
+    with torch.no_grad():
+        diff = (model(a).logits[0, 0] - model(b).logits[0, 0]).abs().max()
+    assert diff > 1e-6  # a later token changes an earlier position's logits
+
+
+def test_sampler_invariants():
+    pipe = tiny_pipeline()
+    rec = Recorder()
+    gen, block, steps = 16, 8, 8
+    with decodekit.attach(pipe, [rec]):
+        out = pipe(input_ids=PROMPTS, gen_length=gen, block_length=block, steps=steps)
+    prompt_len = 4
+    assert len(rec.steps) == steps and out.nfe == steps
+    schedule = transfer_count_schedule(block, steps // (gen // block)).tolist()
+    prev_x = None
+    for i, (step, x, committed) in enumerate(rec.steps):
+        assert step == i
+        blk = i // (steps // (gen // block))
+        start = prompt_len + blk * block
+        # Only inside the current block, as many per row as scheduled.
+        assert not committed[:, :start].any() and not committed[:, start + block :].any()
+        assert committed.sum(dim=1).tolist() == [schedule[i % 4]] * 3
+        assert not (x[committed] == MASK).any()
+        if prev_x is not None:
+            assert (prev_x[committed] == MASK).all()  # only masked positions commit
+            kept = prev_x != MASK
+            assert torch.equal(x[kept], prev_x[kept])  # prompt and committed never change
+        prev_x = x
+    assert not (out.sequences == MASK).any()
+
+
+def test_threshold_above_one_commits_one_per_step():
+    pipe = tiny_pipeline()
+    rec = Recorder()
+    with decodekit.attach(pipe, [rec]):
+        out = pipe(input_ids=PROMPTS, gen_length=8, block_length=4, steps=2, threshold=1.5)
+    assert out.steps_per_block == [4, 4]
+    assert all(c.sum(dim=1).tolist() == [1, 1, 1] for _, _, c in rec.steps)
+
+
+def test_threshold_zero_commits_a_block_per_step():
+    pipe = tiny_pipeline()
+    out = pipe(input_ids=PROMPTS, gen_length=8, block_length=4, steps=8, remasking="threshold",
+               threshold=0.0)
+    assert out.steps_per_block == [1, 1] and out.nfe == 2
+
+
+def test_padded_row_equals_row_alone_and_seed_reproduces():
+    pipe = tiny_pipeline()
+    kw = dict(gen_length=8, block_length=4, steps=4, temperature=1.0, cfg_scale=0.5)
+
+    def gens(offset, n):
+        return [torch.Generator().manual_seed(100 + offset + i) for i in range(n)]
+
+    batch = pipe(input_ids=PROMPTS, generator=gens(0, 3), **kw).sequences
+    for i, row in enumerate(PROMPTS):
+        alone = pipe(input_ids=[row], generator=gens(i, 1), **kw).sequences
+        assert torch.equal(batch[i : i + 1], alone)
+    again = pipe(input_ids=PROMPTS, generator=gens(0, 3), **kw).sequences
+    assert torch.equal(batch, again)
+
+
+class EchoModel(torch.nn.Module):
+    """Output at position j strongly predicts token x_j + 1 (a mask input predicts nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
+        logits = torch.zeros(*input_ids.shape, VOCAB, dtype=torch.float64)
+        nxt = (input_ids + 1) % (VOCAB - 1)
+        logits.scatter_(-1, nxt[..., None], 10.0)
+        logits[input_ids == MASK] = 0.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_dream_shift_reads_the_left_neighbour():
+    pipe = MaskedDiffusionLMPipeline(EchoModel(), mask_token_id=MASK, eos_token_id=2)
+    out = pipe(input_ids=[[3, 4, 5]], gen_length=6, block_length=6, steps=6, shift=True)
+    # Position i is predicted by the output at i - 1, which encodes x_{i-1} + 1.
+    assert out.sequences.tolist() == [[6, 7, 8, 9, 10, 11]]
+    plain = pipe(input_ids=[[3, 4, 5]], gen_length=6, block_length=6, steps=6)
+    assert plain.sequences.tolist() != out.sequences.tolist()
+
+
+def test_dream_schedule_counts():
+    n = torch.tensor([10])
+    assert dream_transfer_counts(n, 4, 5, 1e-3).tolist() == [10]
+    t = torch.linspace(1, 1e-3, 6, dtype=torch.float64)
+    assert dream_transfer_counts(n, 0, 5, 1e-3).tolist() == [int(10 * (1 - t[1] / t[0]))]
+    pipe = tiny_pipeline()
+    out = pipe(input_ids=PROMPTS, gen_length=8, block_length=8, steps=4, schedule="dream")
+    assert not (out.sequences == MASK).any() and out.nfe == 4
+
+
+def test_cfg_matches_formula_on_first_step():
+    pipe = tiny_pipeline()
+    seen = {}
+
+    class Spy(Strategy):
+        name = "spy"
+        loops = ("masked-diffusion",)
+
+        @hookimpl
+        def decodekit_mdm_forward(self, run, step, block_step, model, x, attention_mask,
+                                  position_ids, mask_index, need_logits):
+            if step == 0:
+                seen["x"] = x.clone()
+            return None
+
+    with decodekit.attach(pipe, [Spy()]):
+        pipe(input_ids=[[5, 6, 7]], gen_length=4, block_length=4, steps=4, cfg_scale=2.0)
+    x = seen["x"]
+    assert x.shape[0] == 2
+    assert (x[1, :3] == MASK).all() and torch.equal(x[0, :3], torch.tensor([5, 6, 7]))
+
+
+def test_bad_inputs_are_explained():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        pipe(input_ids=PROMPTS, gen_length=10, block_length=4, steps=4)
+    with pytest.raises(ValueError, match="multiple of the number of blocks"):
+        pipe(input_ids=PROMPTS, gen_length=8, block_length=4, steps=3)
+    with pytest.raises(ValueError, match="left padding"):
+        pipe(input_ids=torch.tensor([[5, 6]]), attention_mask=torch.tensor([[1, 0]]),
+             gen_length=4, block_length=4, steps=4)
+    with pytest.raises(ValueError, match="mask_token_id"):
+        MaskedDiffusionLMPipeline(tiny_bidirectional_llama())
+    with pytest.raises(decodekit.ConfigError, match="unknown remasking policy"):
+        pipe(input_ids=PROMPTS, gen_length=4, block_length=4, steps=4, remasking="nope")
