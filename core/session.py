@@ -10,9 +10,9 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import AttachError, ConfigError, DecodekitError
+from .errors import AttachError, ConfigError
 from .manager import PluginManager, get_manager
-from .strategy import Strategy, resolve, strategy_hooks
+from .strategy import Strategy, resolve
 
 # Objects currently attached, mapped to their run. Kept outside the objects so
 # attaching does not write marker attributes into the user's pipeline.
@@ -285,9 +285,4 @@ def attach(
     return run
 
 
-def hooks_of(strategy_cls: type[Strategy]) -> list[str]:
-    """The runtime hooks a strategy class implements (for `decodekit plugins`)."""
-    return strategy_hooks(strategy_cls)
-
-
-__all__ = ["attach", "Run", "attached_run", "build_strategies", "find_adapter", "DecodekitError"]
+__all__ = ["attach", "Run", "attached_run", "build_strategies", "find_adapter"]
