@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("zoo", help="the reference zoo of tiny models")
     zoo_sub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
     zoo_sub.add_parser("list", help="list the zoo models")
+
+    p = sub.add_parser(
+        "ngram", help="n-gram models for superposed decoding (ngram build ...)", add_help=False
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "plugins": cmd_plugins,
         "demo": cmd_demo,
         "zoo": cmd_zoo,
+        "ngram": cmd_ngram,
     }[args.command]
     try:
         return handler(args) or 0
@@ -106,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def cmd_ngram(args: argparse.Namespace) -> int:
+    """``decodekit ngram build ...``, handled by the superposed strategy's n-gram module."""
+    from .plugins.ngram import ngram_cli
+
+    return ngram_cli(args.rest)
 
 
 def one_line(e: DecodekitError) -> str:

@@ -311,3 +311,12 @@ def test_demo_errors_name_the_demo_config(toy, manager, tmp_path):
     assert ei.value.path == "strategies.0.name" and "(demo config 'typo')" in ei.value.message
     assert "Did you mean 'halve'" in ei.value.message
     assert not (tmp_path / "demo").exists()  # every config is checked before anything runs
+
+
+def test_ngram_subcommand_is_wired(tmp_path, capsys):
+    from decodekit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["ngram", "build", str(tmp_path / "missing.txt"), "--tokenizer", "x", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "does not exist" in capsys.readouterr().err

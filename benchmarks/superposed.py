@@ -1,0 +1,171 @@
+"""Superposed decoding on arith: cost of k drafts vs one greedy run, and draft quality.
+
+Model: zoo:arith-ar when present, else a tiny random LlamaForCausalLM over the
+arith tokenizer (then accuracy means nothing and only the cost figures count;
+the report says which). The n-gram model is built from the arith training
+corpus with the model's tokenizer (``decodekit.plugins.ngram``).
+
+For each held-out prompt, one at a time (batch 1), alternating methods per prompt:
+greedy; nucleus sampling (top_p 0.9, k samples); superposed (k drafts, paper
+defaults). Reported: median wall time per prompt and its ratio to greedy, model
+forwards, exact-answer accuracy (best draft, and any of the k), and perplexity of
+the generated answers under the model.
+
+    .venv/bin/python benchmarks/superposed.py [--k 3] [--prompts 60]
+
+Writes benchmarks/results/superposed[_tiny].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_model():
+    from decodekit.pipelines.zoo import MODELS_DIR
+    from decodekit.pipelines.zoo.arith_data import build_tokenizer
+
+    path = MODELS_DIR / "arith-ar"
+    if (path / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        return model, AutoTokenizer.from_pretrained(path, local_files_only=True), "zoo:arith-ar"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(0)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval(), tok, "tiny"
+
+
+def answer_of(tok, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=True).strip()
+
+
+def nll(model, prompt: list[int], new: list[int], eos: int) -> tuple[float, int]:
+    """Summed negative log-likelihood of ``new`` (cut after the first EOS) given ``prompt``."""
+    if eos in new:
+        new = new[: new.index(eos) + 1]
+    if not new:
+        return 0.0, 0
+    x = torch.tensor([prompt + new])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x).logits[0, len(prompt) - 1 : -1].double(), -1)
+    return float(-logp[torch.arange(len(new)), torch.tensor(new)].sum()), len(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import decodekit
+    from decodekit.pipelines.zoo.arith_data import held_out_problems, training_texts
+    from decodekit.plugins.ngram import build_from_texts
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=60)
+    ap.add_argument("--corpus", type=int, default=20000, help="training texts for the n-gram model")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    model, tok, which = load_model()
+    stream = training_texts(random.Random(0))
+    ngram = build_from_texts([next(stream) for _ in range(args.corpus)], tok, name=which)
+    ngram_dir = Path(tempfile.mkdtemp(prefix="dk-arith-ngram-"))
+    ngram.save(ngram_dir)
+    problems = held_out_problems(args.prompts)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    gen_kw = dict(max_new_tokens=6, pad_token_id=pad, eos_token_id=eos)
+    k = args.k
+
+    methods = {
+        "greedy": (None, dict(do_sample=False)),
+        "nucleus": (None, dict(do_sample=True, top_p=0.9, num_return_sequences=k)),
+        "superposed": (
+            [{"name": "superposed", "params": {"k": k, "ngram": str(ngram_dir)}}],
+            dict(do_sample=False),
+        ),
+        "superposed_alpha0": (  # the same without the n-gram model: its cost, separated
+            [{"name": "superposed", "params": {"k": k, "alpha": 0.0}}],
+            dict(do_sample=False),
+        ),
+    }
+    stats = {m: {"times": [], "nfe": [], "best": 0, "any": 0, "nll": 0.0, "tokens": 0} for m in methods}
+    for i, (prompt_text, answer) in enumerate(problems):
+        ids = tok(prompt_text)["input_ids"]
+        x = torch.tensor([ids])
+        for name, (strategies, kw) in methods.items():
+            run = decodekit.attach(model, strategies or [])
+            try:
+                torch.manual_seed(i)
+                model.generate(x, **gen_kw, **kw)  # warm-up
+                times = []
+                for _ in range(args.repeats):
+                    torch.manual_seed(i)
+                    t0 = time.perf_counter()
+                    out = model.generate(x, **gen_kw, **kw)
+                    times.append(time.perf_counter() - t0)
+                nfe = run.last["nfe"]
+            finally:
+                run.detach()
+            s = stats[name]
+            s["times"].append(statistics.median(times))
+            s["nfe"].append(nfe)
+            rows = [r[len(ids) :].tolist() for r in out]
+            answers = [answer_of(tok, r) for r in rows]
+            s["best"] += answers[0] == answer
+            s["any"] += answer in answers
+            for r in rows:
+                total, n = nll(model, ids, r, eos)
+                s["nll"] += total
+                s["tokens"] += n
+
+    greedy_t = sum(stats["greedy"]["times"])
+    n = len(problems)
+    report = {
+        "model": which if which != "tiny" else "tiny random LlamaForCausalLM over the arith tokenizer "
+        "(zoo:arith-ar absent): accuracy is meaningless, only the cost figures count",
+        "ngram": f"orders 2-6 from {args.corpus} arith training texts",
+        "k": k,
+        "prompts": n,
+        "max_new_tokens": gen_kw["max_new_tokens"],
+        "machine": "2-core CPU shared with other jobs, no GPU; torch.set_num_threads(1); batch 1",
+        "command": f"python benchmarks/superposed.py --k {k} --prompts {args.prompts}",
+        "methods": {},
+    }
+    for name, s in stats.items():
+        report["methods"][name] = {
+            "time_s": sum(s["times"]),
+            "time_vs_one_greedy_run": sum(s["times"]) / greedy_t,
+            "time_vs_k_greedy_runs": sum(s["times"]) / (k * greedy_t),
+            "model_forwards_per_prompt": statistics.mean(s["nfe"]),
+            "accuracy_first": s["best"] / n,
+            "accuracy_any": s["any"] / n,
+            "perplexity": math.exp(s["nll"] / max(1, s["tokens"])),
+        }
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "superposed" + ("" if which == "zoo:arith-ar" else "_tiny")
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

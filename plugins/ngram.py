@@ -1,0 +1,279 @@
+"""Token n-gram models for Superposed Decoding: built from a text corpus, stored as safetensors.
+
+An `NGramModel` holds counts of orders 2 to ``max_order`` (default 6) over a
+tokenizer's ids and answers, for many contexts and candidate tokens at once,
+``P_n(t | last n-1 tokens) = count(context, t) / count(context)`` per order and
+their interpolation ``Σ_n w_n P_n`` over the orders whose context was seen (the
+rule of the Superposed Decoding reference code: an unseen context adds nothing).
+
+Storage (no pickle): one ``ngram.safetensors`` of int64 arrays and an
+``ngram.json`` with the vocabulary size, the orders and the tokenizer. Contexts
+are keyed like a trie read backwards: the id of a context of length m is its
+index among the sorted keys ``id(context of length m-1) × V + token m back``, so
+every key is exact and fits int64. Per context length m:
+
+* ``ctx_keys.m`` (sorted) and ``ctx_totals.m``: contexts and how often they were followed by a token;
+* ``pair_keys.m`` (sorted, ``context id × V + next token``) and ``pair_counts.m``.
+
+Build one with ``decodekit ngram build CORPUS --tokenizer MODEL --out DIR``
+(`ngram_cli`), load it with ``NGramModel.load(DIR)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FILE = "ngram.safetensors"
+META = "ngram.json"
+
+
+class NGramModel:
+    """Counts of token n-grams of orders 2..max_order, with batched probability look-ups.
+
+    Args:
+        vocab_size: ids are in ``[0, vocab_size)``.
+        max_order: the highest order n (context length n - 1).
+        arrays: ``{"ctx_keys.m", "ctx_totals.m", "pair_keys.m", "pair_counts.m"}`` for m in 1..max_order-1.
+        tokenizer: name of the tokenizer the ids come from (informative).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_order: int,
+        arrays: dict[str, torch.Tensor],
+        tokenizer: str | None = None,
+    ):
+        if max_order < 2:
+            raise ValueError(f"max_order must be at least 2 (bigrams), got {max_order}")
+        self.vocab_size = int(vocab_size)
+        self.max_order = int(max_order)
+        self.tokenizer = tokenizer
+        self.arrays = arrays
+        for m in range(1, max_order):
+            for name in ("ctx_keys", "ctx_totals", "pair_keys", "pair_counts"):
+                if f"{name}.{m}" not in arrays:
+                    raise ValueError(f"n-gram arrays lack {name}.{m}; rebuild the model")
+
+    # -- building ------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        sequences: Iterable[Sequence[int]],
+        vocab_size: int,
+        max_order: int = 6,
+        tokenizer: str | None = None,
+    ) -> NGramModel:
+        """Count every n-gram (n = 2..max_order) inside each token sequence (none spans two)."""
+        rows = [np.asarray(s, dtype=np.int64) for s in sequences if len(s) > 0]
+        tokens = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+            raise ValueError(f"token ids must lie in [0, {vocab_size}); got {tokens.min()}..{tokens.max()}")
+        starts = np.repeat(
+            np.cumsum([0] + [len(r) for r in rows[:-1]]).astype(np.int64),
+            [len(r) for r in rows],
+        )  # (N,) start of each token's sequence
+        pos = np.arange(tokens.size, dtype=np.int64)
+        arrays: dict[str, torch.Tensor] = {}
+        ids_prev = np.full(tokens.size, -1, dtype=np.int64)
+        for m in range(1, max_order):
+            p = pos[pos - m >= starts]  # positions predicted from a full context of m tokens
+            back = tokens[p - m]
+            key = back if m == 1 else ids_prev[p] * vocab_size + back
+            uniq, inv = np.unique(key, return_inverse=True)
+            inv = inv.reshape(-1)
+            ids = np.full(tokens.size, -1, dtype=np.int64)
+            ids[p] = inv
+            pairs, counts = np.unique(inv * vocab_size + tokens[p], return_counts=True)
+            arrays[f"ctx_keys.{m}"] = torch.from_numpy(uniq.astype(np.int64))
+            arrays[f"ctx_totals.{m}"] = torch.from_numpy(
+                np.bincount(inv, minlength=uniq.size).astype(np.int64)
+            )
+            arrays[f"pair_keys.{m}"] = torch.from_numpy(pairs.astype(np.int64))
+            arrays[f"pair_counts.{m}"] = torch.from_numpy(counts.astype(np.int64))
+            ids_prev = ids
+        return cls(vocab_size, max_order, arrays, tokenizer)
+
+    # -- files ---------------------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``ngram.safetensors`` and ``ngram.json`` into ``out_dir``; returns the folder."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.arrays.items()}, str(out / FILE))
+        meta = {
+            "format": "decodekit-ngram-1",
+            "vocab_size": self.vocab_size,
+            "max_order": self.max_order,
+            "tokenizer": self.tokenizer,
+        }
+        (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> NGramModel:
+        """Load a model written by `save` (the folder, or its ``ngram.safetensors``)."""
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        if folder.is_file():
+            folder = folder.parent
+        if not (folder / FILE).is_file() or not (folder / META).is_file():
+            raise FileNotFoundError(
+                f"no n-gram model at {str(path)!r} (expected {FILE} and {META}); build one with "
+                "`decodekit ngram build CORPUS --tokenizer MODEL --out DIR`."
+            )
+        meta = json.loads((folder / META).read_text())
+        return cls(meta["vocab_size"], meta["max_order"], load_file(str(folder / FILE)), meta.get("tokenizer"))
+
+    # -- look-ups ---------------------------------------------------------------------------
+    def order_probs(
+        self,
+        contexts: torch.Tensor,
+        candidates: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-order probabilities of ``candidates`` after each row of ``contexts``.
+
+        Args:
+            contexts: (R, L) token ids; the last column is the most recent token.
+            candidates: (R, C) next-token ids to score.
+            lengths: (R,) how many of the last tokens of each row are real (the rest is
+                padding and never used as context); all L when None.
+
+        Returns:
+            probs: (R, max_order - 1, C) float64, ``P_n(candidate | context)`` for n = 2..max_order
+                (0 where the context was not seen);
+            seen: (R, max_order - 1) bool, whether the order-n context occurs in the corpus.
+        """
+        contexts = contexts.cpu().long()
+        candidates = candidates.cpu().long()
+        rows, width = contexts.shape
+        if lengths is None:
+            lengths = torch.full((rows,), width, dtype=torch.long)
+        lengths = lengths.cpu().long()
+        V = self.vocab_size
+        orders = self.max_order - 1
+        probs = torch.zeros((rows, orders, candidates.shape[1]), dtype=torch.float64)
+        seen = torch.zeros((rows, orders), dtype=torch.bool)
+        found = torch.ones(rows, dtype=torch.bool)
+        ids = torch.zeros(rows, dtype=torch.long)
+        in_vocab = (candidates >= 0) & (candidates < V)
+        for m in range(1, self.max_order):
+            if m > width:
+                break
+            back = contexts[:, width - m].contiguous()
+            found = found & (lengths >= m) & (back >= 0) & (back < V)
+            keys = self.arrays[f"ctx_keys.{m}"]
+            if keys.numel() == 0 or not found.any():
+                break
+            key = back if m == 1 else ids * V + back
+            at = torch.searchsorted(keys, key).clamp(max=keys.numel() - 1)
+            found = found & (keys[at] == key)
+            ids = torch.where(found, at, torch.zeros_like(at))
+            totals = self.arrays[f"ctx_totals.{m}"][ids].to(torch.float64)  # (R,)
+            pair_keys = self.arrays[f"pair_keys.{m}"]
+            pair = ids[:, None] * V + candidates.clamp(0, V - 1)  # (R, C)
+            pat = torch.searchsorted(pair_keys, pair).clamp(max=pair_keys.numel() - 1)
+            hit = (pair_keys[pat] == pair) & in_vocab & found[:, None]
+            counts = torch.where(hit, self.arrays[f"pair_counts.{m}"][pat], 0).to(torch.float64)
+            probs[:, m - 1] = counts / totals.clamp(min=1)[:, None]
+            seen[:, m - 1] = found
+        return probs, seen
+
+    def interpolate(
+        self,
+        contexts: torch.Tensor,
+        candidates: torch.Tensor,
+        weights: Sequence[float],
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``Σ_n w_n P_n(candidate | context)`` over the orders whose context was seen: (R, C) float64.
+
+        ``weights[i]`` is the weight of order ``i + 2`` (bigram first); orders past
+        ``len(weights)`` or past this model's ``max_order`` are not used.
+        """
+        probs, seen = self.order_probs(contexts, candidates, lengths)
+        n = min(len(weights), probs.shape[1])
+        w = torch.tensor(list(weights[:n]), dtype=torch.float64)
+        w = w[None, :] * seen[:, :n].to(torch.float64)  # (R, n)
+        return (probs[:, :n] * w[:, :, None]).sum(dim=1)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(
+            f"{m + 1}-grams: {self.arrays[f'pair_keys.{m}'].numel()}" for m in range(1, self.max_order)
+        )
+        return f"NGramModel(vocab_size={self.vocab_size}, {sizes})"
+
+
+# -- building from text ----------------------------------------------------------------------
+def _read_corpus(corpus: Path) -> list[str]:
+    files = sorted(corpus.rglob("*.txt")) if corpus.is_dir() else [corpus]
+    if not files:
+        raise FileNotFoundError(f"no .txt files under {corpus}")
+    lines: list[str] = []
+    for f in files:
+        lines.extend(line for line in f.read_text().splitlines() if line.strip())
+    return lines
+
+
+def _resolve_model(name: str) -> str:
+    if name.startswith("zoo:"):
+        from decodekit.pipelines.zoo import zoo_path
+
+        return str(zoo_path(name[4:]))
+    return name
+
+
+def build_from_texts(
+    texts: Iterable[str], tokenizer, max_order: int = 6, append_eos: bool = True, name: str | None = None
+) -> NGramModel:
+    """Tokenize each text (one sequence each, EOS appended when the tokenizer has one) and count."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    seqs = []
+    for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]:
+        if append_eos and eos is not None and (not ids or ids[-1] != eos):
+            ids = ids + [eos]
+        seqs.append(ids)
+    vocab = max(len(tokenizer), max((max(s) for s in seqs if s), default=0) + 1)
+    return NGramModel.build(seqs, vocab, max_order=max_order, tokenizer=name)
+
+
+def ngram_cli(argv: list[str]) -> int:
+    """``decodekit ngram build CORPUS --tokenizer MODEL --out DIR``: build and save an n-gram model."""
+    parser = argparse.ArgumentParser(
+        prog="decodekit ngram", description="Token n-gram models for superposed decoding."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="count n-grams of a text corpus with a model's tokenizer")
+    b.add_argument("corpus", type=Path, help="a text file (one document per line) or a folder of .txt files")
+    b.add_argument("--tokenizer", required=True, help="a tokenizer folder, zoo:<name> or a cached hub id")
+    b.add_argument("--out", required=True, type=Path, help="folder to write ngram.safetensors + ngram.json")
+    b.add_argument("--max-order", type=int, default=6, help="highest n (default 6)")
+    b.add_argument("--no-eos", action="store_true", help="do not append EOS to each document")
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    if not args.corpus.exists():
+        parser.error(f"corpus {str(args.corpus)!r} does not exist")
+    if args.max_order < 2:
+        parser.error("--max-order must be at least 2")
+    source = _resolve_model(args.tokenizer)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as e:
+        parser.error(f"cannot load a tokenizer from {args.tokenizer!r}: {e}")
+    texts = _read_corpus(args.corpus)
+    model = build_from_texts(
+        texts, tokenizer, max_order=args.max_order, append_eos=not args.no_eos, name=args.tokenizer
+    )
+    model.save(args.out)
+    print(f"{model!r} from {len(texts)} documents -> {args.out}")
+    return 0
