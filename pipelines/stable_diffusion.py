@@ -10,6 +10,14 @@ call starts and ends, the pipeline object is given a one-off subclass whose
 Steps are counted by denoiser calls within one pipeline call (``step`` = the
 loop iteration), never by looking up timestep values, so schedulers that repeat
 a timestep or run twice per step (``scheduler.order == 2``) are counted right.
+
+A ControlNet pipeline's ControlNet (``pipe.controlnet``, single or multi) is
+hooked the same way: its calls go through ``decodekit_denoiser_forward`` /
+``decodekit_denoiser_output`` with ``module`` the ControlNet and ``step`` the
+step of the UNet call it feeds, so a denoiser cache can skip it. Strategies that
+serve the UNet's output must therefore check ``module is run.adapter.unet``.
+ControlNet calls are counted in ``adapter.aux_nfe`` / ``adapter.aux_served``,
+not in ``run.nfe`` (which counts UNet calls).
 """
 
 from __future__ import annotations
@@ -64,6 +72,13 @@ class _DenoiserHook(ModelHook):
         return self.adapter.denoise(module, self.fn_ref.original_forward, args, kwargs)
 
 
+class _ControlNetHook(_DenoiserHook):
+    """Routes every ControlNet call through the run's denoiser hooks (``module`` = the ControlNet)."""
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.adapter.control(module, self.fn_ref.original_forward, args, kwargs)
+
+
 class StableDiffusionAdapter(PipelineAdapter):
     """Attach to a diffusers UNet pipeline through `HookRegistry` and ``callback_on_step_end``."""
 
@@ -78,7 +93,11 @@ class StableDiffusionAdapter(PipelineAdapter):
         super().__init__(target, run)
         self.pipe = target
         self.unet = target.unet
+        controlnet = getattr(target, "controlnet", None)
+        self.controlnet = controlnet if isinstance(controlnet, torch.nn.Module) else None
         self.step = 0  # denoiser calls in the current pipeline call
+        self.aux_nfe = 0  # ControlNet calls run in the current pipeline call
+        self.aux_served = 0  # ControlNet calls served by a strategy
         self.initial_latents: torch.Tensor | None = None  # z_T of the current call
         self.call_kwargs: dict[str, Any] = {}
         self._saved: dict[str, Any] = {}
@@ -92,12 +111,35 @@ class StableDiffusionAdapter(PipelineAdapter):
         )
 
     def touched(self) -> list[Any]:
-        return [self.pipe, self.unet]
+        return [self.pipe, self.unet] + ([self.controlnet] if self.controlnet is not None else [])
 
     @property
     def scheduler_order(self) -> int:
         """Denoiser calls per solver step of the pipeline's scheduler (2 for Heun)."""
         return int(getattr(self.pipe.scheduler, "order", 1))
+
+    @property
+    def num_calls(self) -> int | None:
+        """Denoiser calls the current pipeline call's loop will make (its ``len(timesteps)``), once known."""
+        n = getattr(self.pipe, "_num_timesteps", None)
+        return int(n) if isinstance(n, int) and self.run.in_call else None
+
+    def loop_timestep(self, step: int) -> torch.Tensor | None:
+        """The timestep the loop passes at denoiser call ``step`` of the current call, or None if unknown.
+
+        The loop iterates over a contiguous run of ``scheduler.timesteps``: from
+        ``scheduler.begin_index`` when the scheduler has one, else the tail of
+        length ``num_calls`` (img2img with strength < 1 skips the head).
+        """
+        n = self.num_calls
+        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+        if n is None or timesteps is None or not 0 <= step < n:
+            return None
+        begin = getattr(self.pipe.scheduler, "begin_index", None)
+        offset = begin if isinstance(begin, int) else len(timesteps) - n
+        if not 0 <= offset + step < len(timesteps):
+            return None
+        return timesteps[offset + step]
 
     # -- attach / detach ----------------------------------------------------------------
     def _step_tensors(self) -> list[str]:
@@ -124,19 +166,26 @@ class StableDiffusionAdapter(PipelineAdapter):
                     f"{cls.__name__} does not expose {missing} to step callbacks (it exposes {allowed}); "
                     "the strategies that need them cannot run on this pipeline."
                 )
-        registry_existed = hasattr(unet, "_diffusers_hook")
-        self._saved = {
-            "class": cls,
-            "registry_existed": registry_existed,
-            "forward_in_dict": "forward" in unet.__dict__,
-            "forward_obj": unet.__dict__.get("forward"),
-        }
-        registry = HookRegistry.check_if_exists_or_initialize(unet)
-        if registry.get_hook(HOOK_NAME) is not None:
-            raise AttachError(
-                "the UNet already carries a decodekit hook; detach the other run first."
+        hooked = [(unet, _DenoiserHook(self))]
+        if self.controlnet is not None:
+            hooked.append((self.controlnet, _ControlNetHook(self)))
+        for module, _ in hooked:
+            existing = getattr(module, "_diffusers_hook", None)
+            if existing is not None and existing.get_hook(HOOK_NAME) is not None:
+                raise AttachError(
+                    f"the {type(module).__name__} already carries a decodekit hook; detach the other run first."
+                )
+        self._saved = {"class": cls, "modules": []}
+        for module, hook in hooked:
+            self._saved["modules"].append(
+                {
+                    "module": module,
+                    "registry_existed": hasattr(module, "_diffusers_hook"),
+                    "forward_in_dict": "forward" in module.__dict__,
+                    "forward_obj": module.__dict__.get("forward"),
+                }
             )
-        registry.register_hook(_DenoiserHook(self), HOOK_NAME)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
         adapter = self
 
         def __call__(pipe_self, *args: Any, **kwargs: Any) -> Any:
@@ -155,18 +204,21 @@ class StableDiffusionAdapter(PipelineAdapter):
     def detach(self) -> None:
         if not self._saved:
             return
-        pipe, unet, saved = self.pipe, self.unet, self._saved
+        pipe, saved = self.pipe, self._saved
         pipe.__class__ = saved["class"]
-        registry = getattr(unet, "_diffusers_hook", None)
-        if registry is not None:
+        for m in saved["modules"]:
+            module = m["module"]
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is None:
+                continue
             registry.remove_hook(HOOK_NAME, recurse=False)
-            if not registry.hooks and not saved["registry_existed"]:
+            if not registry.hooks and not m["registry_existed"]:
                 # diffusers leaves the bound forward and the empty registry behind; undo both.
-                del unet._diffusers_hook
-                if saved["forward_in_dict"]:
-                    unet.__dict__["forward"] = saved["forward_obj"]
+                del module._diffusers_hook
+                if m["forward_in_dict"]:
+                    module.__dict__["forward"] = m["forward_obj"]
                 else:
-                    unet.__dict__.pop("forward", None)
+                    module.__dict__.pop("forward", None)
         self._saved = {}
 
     # -- the loop ---------------------------------------------------------------------------
@@ -177,6 +229,7 @@ class StableDiffusionAdapter(PipelineAdapter):
         if run.has("decodekit_step_end"):
             self._chain_callback(kwargs)
         self.step = 0
+        self.aux_nfe = self.aux_served = 0
         self.initial_latents = None
         self.call_kwargs = kwargs
         run.begin_call(kwargs)
@@ -228,6 +281,36 @@ class StableDiffusionAdapter(PipelineAdapter):
             return out
         out = forward(*args, **kwargs)
         run.nfe += 1
+        run.call(
+            "decodekit_denoiser_output",
+            run=run,
+            step=step,
+            module=module,
+            args=args,
+            kwargs=kwargs,
+            output=out,
+        )
+        return out
+
+    def control(
+        self, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]
+    ) -> Any:
+        """One ControlNet call, for the UNet call at ``self.step`` that follows it."""
+        run = self.run
+        step = self.step
+        out = run.call(
+            "decodekit_denoiser_forward",
+            run=run,
+            step=step,
+            module=module,
+            args=args,
+            kwargs=kwargs,
+        )
+        if out is not None:
+            self.aux_served += 1
+            return out
+        out = forward(*args, **kwargs)
+        self.aux_nfe += 1
         run.call(
             "decodekit_denoiser_output",
             run=run,

@@ -71,12 +71,13 @@ class ServeCached(Strategy):
 
     @hookimpl
     def decodekit_denoiser_forward(self, run, step, module, args, kwargs):
-        if step % 2 == 1 and self.last is not None:
+        if module is run.adapter.unet and step % 2 == 1 and self.last is not None:
             return self.last
 
     @hookimpl
     def decodekit_denoiser_output(self, run, step, module, args, kwargs, output):
-        self.last = output
+        if module is run.adapter.unet:
+            self.last = output
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +210,56 @@ class TestServeCachedContract(StrategyTesterMixin):
 
     def broken_call(self, pipe):
         pipe("a red circle", num_inference_steps=2, height=30, width=30)
+
+
+def test_controlnet_calls_routed_through_denoiser_hooks_and_restored():
+    from tests.tiny_sd_variants import tiny_controlnet_pipeline
+
+    pipe = tiny_controlnet_pipeline()
+    image = torch.zeros(1, 3, 32, 32)
+    seen = []
+
+    class Who(Strategy):
+        name = "who"
+        loops = ("continuous-denoising",)
+
+        @hookimpl
+        def decodekit_denoiser_forward(self, run, step, module, args, kwargs):
+            seen.append((step, "unet" if module is run.adapter.unet else "controlnet"))
+
+    kw = dict(
+        image=image, num_inference_steps=2, output_type="latent", latents=sd_latents(pipe, 1, 0)
+    )
+    base = pipe("a red circle", **kw).images
+    before = fingerprint(pipe)  # after a first call: calls set attributes of their own
+    with decodekit.attach(pipe, [Who()]) as run:
+        out = pipe("a red circle", **kw).images
+        assert run.adapter.aux_nfe == 2 and run.last["nfe"] == 2
+    assert seen == [(0, "controlnet"), (0, "unet"), (1, "controlnet"), (1, "unet")]
+    assert torch.equal(base, out)
+    assert_restored(before, fingerprint(pipe))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "heun"])
+def test_loop_timestep_matches_what_the_unet_receives(scheduler):
+    from tests.tiny_sd_variants import tiny_sd_img2img_pipeline
+
+    pipe = tiny_sd_img2img_pipeline(scheduler=scheduler)
+
+    class Check(Strategy):
+        name = "check"
+        loops = ("continuous-denoising",)
+
+        def reset(self, run):
+            self.pairs = []
+
+        @hookimpl
+        def decodekit_denoiser_forward(self, run, step, module, args, kwargs):
+            self.pairs.append((float(args[1]), float(run.adapter.loop_timestep(step))))
+
+    check = Check()
+    with decodekit.attach(pipe, [check]) as run:
+        pipe("a red circle", image=torch.zeros(1, 3, 32, 32), num_inference_steps=6, strength=0.5)
+        assert run.adapter.loop_timestep(99) is None
+    assert len(check.pairs) == (5 if scheduler == "heun" else 3)
+    assert all(a == b for a, b in check.pairs)
