@@ -1,0 +1,59 @@
+"""The zoo's quality metrics for bench: shape-judge adherence and arithmetic accuracy."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from decodekit.pipelines.judges import arith_accuracy_metric, arith_answer, shapes_judge_metric
+
+PROMPTS = [
+    "a small red circle on the left",
+    "a large blue square at the top",
+    "a small green star in the centre",
+]
+
+
+def renders(prompts):
+    from decodekit.pipelines.zoo.shapes_data import parse_caption, render_scene
+
+    return [render_scene(parse_caption(p)) for p in prompts]
+
+
+def test_arith_answer():
+    assert arith_answer("417+85=") == "502"
+    assert arith_answer("12-30=") == "-18"
+    assert arith_answer("the cat") is None
+
+
+def test_arith_accuracy_counts_first_answer_token():
+    inputs = SimpleNamespace(prompt=["1+1=", "5-3="])
+    base = [{"prompt": "1+1=", "text": "2"}, {"prompt": "5-3=", "text": "2 and more"}]
+    strat = [{"prompt": "1+1=", "text": "3"}, {"prompt": "5-3=", "text": " 2"}]
+    assert arith_accuracy_metric("causal-lm", base, strat, inputs) == {
+        "accuracy_baseline": 1.0,
+        "accuracy_strategy": 0.5,
+    }
+    other = [{"prompt": "the cat", "text": "sat"}]
+    assert arith_accuracy_metric("causal-lm", other, other, inputs) is None
+
+
+@pytest.mark.skipif(
+    not __import__("importlib.util").util.find_spec("decodekit.pipelines.zoo.shapes_judge"),
+    reason="the zoo judge is not in this build",
+)
+def test_shapes_judge_reads_real_renders():
+    images = renders(PROMPTS)
+    swapped = renders(PROMPTS[1:] + PROMPTS[:1])  # every image now shows another prompt's scene
+    inputs = SimpleNamespace(prompt=PROMPTS, num_images_per_prompt=1)
+    same = shapes_judge_metric("stable-diffusion", images, images, inputs)
+    assert same["judge_adherence_baseline"] == 1.0 and same["judge_agreement"] == 1.0
+    diff = shapes_judge_metric("stable-diffusion", images, swapped, inputs)
+    assert diff["judge_adherence_strategy"] == 0.0 and diff["judge_agreement"] == 0.0
+    assert "judge_frechet_to_baseline" not in diff  # too few images for a covariance
+
+
+def test_shapes_judge_silent_elsewhere():
+    inputs = SimpleNamespace(prompt=["a photo of a cat"], num_images_per_prompt=1)
+    assert shapes_judge_metric("stable-diffusion", [None], [None], inputs) is None
+    assert shapes_judge_metric("causal-lm", [{"text": "x"}], [{"text": "x"}], inputs) is None
