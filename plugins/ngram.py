@@ -224,14 +224,6 @@ def _read_corpus(corpus: Path) -> list[str]:
     return lines
 
 
-def _resolve_model(name: str) -> str:
-    if name.startswith("zoo:"):
-        from decodekit.pipelines.zoo import zoo_path
-
-        return str(zoo_path(name[4:]))
-    return name
-
-
 def build_from_texts(
     texts: Iterable[str], tokenizer, max_order: int = 6, append_eos: bool = True, name: str | None = None
 ) -> NGramModel:
@@ -265,7 +257,9 @@ def ngram_cli(argv: list[str]) -> int:
         parser.error(f"corpus {str(args.corpus)!r} does not exist")
     if args.max_order < 2:
         parser.error("--max-order must be at least 2")
-    source = _resolve_model(args.tokenizer)
+    from decodekit.config import resolve_model
+
+    source = resolve_model(args.tokenizer, path="--tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as e:

@@ -88,7 +88,9 @@ class SuperposedParams(Params):
 
 @lru_cache(maxsize=4)
 def _load_ngram(path: str) -> NGramModel:
-    return NGramModel.load(path)
+    from decodekit.config import resolve_model
+
+    return NGramModel.load(resolve_model(path, path="params.ngram"))  # a folder, or zoo:<name>
 
 
 def superposed_embedding(
