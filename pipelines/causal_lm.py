@@ -199,7 +199,7 @@ class CausalLMAdapter(PipelineAdapter):
             tokens = row.tolist()
             results.append(
                 {
-                    "prompt": prompts[i % len(prompts)],
+                    "prompt": prompts[i * len(prompts) // len(new)],
                     "text": tokenizer.decode(row, skip_special_tokens=True),
                     "tokens": tokens,
                 }

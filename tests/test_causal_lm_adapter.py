@@ -158,3 +158,19 @@ class TestGreedyLoopContract(StrategyTesterMixin):
 
     def broken_call(self, pipe):
         gen(pipe, rows=[[1, 200]])  # token id outside the vocabulary
+
+
+def test_yaml_generate_maps_returned_sequences_to_their_prompt():
+    from decodekit.pipelines.causal_lm import CausalLMAdapter, CausalLMInputs
+    from decodekit.pipelines.zoo import zoo_path
+
+    pipe = CausalLMAdapter.load(
+        str(zoo_path("arith-ar")), device="cpu", dtype="float32", options={}
+    )
+    inputs = CausalLMInputs(
+        prompt=["1+1=", "20+22="],
+        max_new_tokens=3,
+        extra={"num_beams": 2, "num_return_sequences": 2},
+    )
+    rows = CausalLMAdapter.generate(pipe, inputs)
+    assert [r["prompt"] for r in rows] == ["1+1=", "1+1=", "20+22=", "20+22="]
