@@ -14,7 +14,19 @@ from typing import Any
 
 from .errors import ConfigError, DecodekitError
 
-# Inputs are kept small so the whole demo runs in about a minute on a laptop CPU.
+# Inputs are kept small so the whole demo runs in about a minute on a 2-core CPU.
+SHAPE_PROMPTS = [
+    "a small red circle on the left",
+    "a large green square on the right",
+    "a small blue triangle at the top",
+    "a large yellow star at the bottom",
+    "a small purple circle in the centre",
+    "a large orange square on the left",
+    "a large red triangle on the right",
+    "a small green star at the top",
+]
+ARITH_PROMPTS = ["86-7=", "8+5=", "97-47=", "172-9=", "6+98=", "0+60=", "92-30=", "109-93="]
+
 DEMO_CONFIGS: dict[str, dict[str, Any]] = {
     "shapes-sd": {
         "pipeline": {
@@ -22,24 +34,30 @@ DEMO_CONFIGS: dict[str, dict[str, Any]] = {
             "model": "zoo:shapes-sd",
             "device": "auto",
             "dtype": "float32",
+            "options": {"scheduler": "ddim"},
         },
-        "strategies": [{"name": "faster-diffusion", "params": {}}],
-        "inputs": {
-            "prompt": ["a red circle", "a blue square"],
-            "num_inference_steps": 20,
-            "seed": 0,
-        },
+        "strategies": [
+            {"name": "faster-diffusion", "params": {"key_steps": "paper"}},
+            {"name": "prior-noise", "params": {"prior_noise": 0.003}},
+        ],
+        "inputs": {"prompt": SHAPE_PROMPTS, "num_inference_steps": 50, "seed": 0},
         "bench": {"repeat": 3, "warmup": 1},
     },
-    "arith-ar": {
+    "arith-mdlm": {
         "pipeline": {
-            "type": "causal-lm",
-            "model": "zoo:arith-ar",
+            "type": "masked-diffusion-lm",
+            "model": "zoo:arith-mdlm",
             "device": "auto",
             "dtype": "float32",
         },
-        "strategies": [{"name": "speculative-jacobi", "params": {}}],
-        "inputs": {"prompt": ["12+7=", "30-4="], "max_new_tokens": 16, "seed": 0},
+        "strategies": [{"name": "dkv-cache", "params": {"variant": "decode"}}],
+        "inputs": {
+            "prompt": ARITH_PROMPTS,
+            "gen_length": 5,
+            "block_length": 5,
+            "steps": 5,
+            "seed": 0,
+        },
         "bench": {"repeat": 3, "warmup": 1},
     },
 }
