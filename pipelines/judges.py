@@ -46,7 +46,7 @@ def shapes_judge_metric(
     adapter: str, baseline: Any, outputs: Any, inputs: Any
 ) -> dict[str, float] | None:
     """Judge adherence (baseline, strategy), judge agreement, Fréchet distance to the baseline."""
-    if adapter != "stable-diffusion" or not outputs:
+    if adapter != "stable-diffusion" or not isinstance(outputs, list) or not outputs:
         return None
     from decodekit.pipelines.zoo.shapes_data import parse_caption
 
@@ -101,7 +101,12 @@ def arith_accuracy_metric(
     adapter: str, baseline: Any, outputs: Any, inputs: Any
 ) -> dict[str, float] | None:
     """Exact-answer accuracy of baseline and strategy on arithmetic prompts."""
-    if not outputs or not isinstance(outputs[0], dict) or "text" not in outputs[0]:
+    if (
+        not isinstance(outputs, list)
+        or not outputs
+        or not isinstance(outputs[0], dict)
+        or "text" not in outputs[0]
+    ):
         return None
     answers = [arith_answer(o.get("prompt", "")) for o in outputs]
     if any(a is None for a in answers):

@@ -57,3 +57,12 @@ def test_shapes_judge_silent_elsewhere():
     inputs = SimpleNamespace(prompt=["a photo of a cat"], num_images_per_prompt=1)
     assert shapes_judge_metric("stable-diffusion", [None], [None], inputs) is None
     assert shapes_judge_metric("causal-lm", [{"text": "x"}], [{"text": "x"}], inputs) is None
+
+
+def test_metrics_ignore_tensor_outputs():
+    import torch
+
+    inputs = SimpleNamespace(prompt=["1+1="], num_images_per_prompt=1)
+    out = torch.zeros(2, 3)
+    assert arith_accuracy_metric("toy", out, out, inputs) is None
+    assert shapes_judge_metric("stable-diffusion", out, out, inputs) is None
