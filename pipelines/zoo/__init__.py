@@ -1,1 +1,112 @@
-"""The reference zoo: tiny models trained here on synthetic data (issue 3)."""
+"""The reference zoo: tiny models trained here on synthetic data, shipped inside the package.
+
+Each model is a folder under ``models/`` that the standard loader of diffusers or
+transformers reads (``StableDiffusionPipeline.from_pretrained``,
+``AutoModelForCausalLM.from_pretrained``, ...). ``zoo:<name>`` strings in a config resolve
+through `zoo_path`; ``decodekit zoo list`` prints `list_models`. How each model was trained
+and the gates it was measured against are in docs/zoo.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from decodekit.errors import UnknownNameError
+
+MODELS_DIR = Path(__file__).parent / "models"
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One catalogue entry: what the model is, which loader reads it, what it must reach.
+
+    Attributes:
+        name: the zoo name, as written in ``zoo:<name>``.
+        description: one line on what the model is and what it was trained on.
+        loader: the pipeline adapter or loader that reads the folder ("stable-diffusion",
+            "causal-lm", "masked-diffusion-lm", "shapes-judge").
+        trainer: the module that retrains it (``python -m <trainer> --out DIR``).
+        gates: the quality gates, {metric: minimum}, measured by
+            ``python -m decodekit.pipelines.zoo.evaluate <name>``.
+    """
+
+    name: str
+    description: str
+    loader: str
+    trainer: str
+    gates: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        """The model's folder inside the installed package."""
+        return MODELS_DIR / self.name
+
+    @property
+    def size_mb(self) -> float:
+        """Size of the folder on disk in MB (0 when it is absent)."""
+        if not self.path.is_dir():
+            return 0.0
+        total = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return round(total / 1e6, 2)
+
+
+CATALOGUE: dict[str, ZooModel] = {
+    m.name: m
+    for m in (
+        ZooModel(
+            "shapes-sd",
+            "Latent text-to-image diffusion (AutoencoderKL, CLIP text encoder, cross-attention "
+            "UNet, DDIM) on 32x32 coloured-shape renders with captions.",
+            "stable-diffusion",
+            "decodekit.pipelines.zoo.train_shapes_sd",
+            {"adherence_shape": 0.90, "adherence_colour": 0.90},
+        ),
+        ZooModel(
+            "shapes-judge",
+            "timm classifier of shape, colour, position and size on shape renders; scores "
+            "prompt adherence and a Fréchet distance on its features.",
+            "shapes-judge",
+            "decodekit.pipelines.zoo.train_shapes_judge",
+            {"accuracy_shape": 0.98, "accuracy_colour": 0.98, "accuracy_position": 0.98},
+        ),
+        ZooModel(
+            "arith-ar",
+            "Causal Llama (3 layers, width 128) with a character tokenizer, trained on "
+            "multi-digit sums and differences and short sentences.",
+            "causal-lm",
+            "decodekit.pipelines.zoo.train_arith_ar",
+            {"exact_answers": 0.90},
+        ),
+        ZooModel(
+            "arith-mdlm",
+            "Bidirectional Llama trained as a masked diffusion LM (LLaDA-style) on the same "
+            "arithmetic and sentences, with a <mask> token.",
+            "masked-diffusion-lm",
+            "decodekit.pipelines.zoo.train_arith_mdlm",
+            {"exact_answers": 0.80},
+        ),
+    )
+}
+
+
+def zoo_path(name: str) -> Path:
+    """The folder of zoo model `name`; raises UnknownNameError for a name not in the zoo."""
+    if name not in CATALOGUE:
+        raise UnknownNameError("model", "zoo model", name, list(CATALOGUE))
+    return CATALOGUE[name].path
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every zoo model as a plain dict: name, description, loader, size_mb, gates."""
+    return [
+        {
+            "name": m.name,
+            "description": m.description,
+            "loader": m.loader,
+            "size_mb": m.size_mb,
+            "gates": dict(m.gates),
+        }
+        for m in CATALOGUE.values()
+    ]

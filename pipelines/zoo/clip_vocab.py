@@ -19,11 +19,13 @@ END_TOKEN = "<|endoftext|>"
 def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Tokenize one word's pieces with ranked merges, as BPE does (lowest rank first)."""
     while len(pieces) > 1:
-        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        pairs = [
+            (ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))
+        ]
         rank, i = min(pairs)
         if rank == len(ranks):
             break
-        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
     return pieces
 
 
@@ -54,11 +56,18 @@ def write_clip_tokenizer_files(folder: Path, words: list[str], max_length: int) 
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocabulary(words)
     (folder / "vocab.json").write_text(json.dumps(vocab, indent=1))
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    special = {"bos_token": START_TOKEN, "eos_token": END_TOKEN, "unk_token": END_TOKEN,
-               "pad_token": END_TOKEN}
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {
+        "bos_token": START_TOKEN,
+        "eos_token": END_TOKEN,
+        "unk_token": END_TOKEN,
+        "pad_token": END_TOKEN,
+    }
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
-              "do_lower_case": True, **special}
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": max_length,
+        "do_lower_case": True,
+        **special,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))

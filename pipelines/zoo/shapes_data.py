@@ -49,8 +49,12 @@ POSITION_PHRASES = {
     "centre": "in the centre",
 }
 # two-shape layouts: relation word -> (position of the first shape, position of the second)
-RELATIONS = {"above": ("top", "bottom"), "below": ("bottom", "top"),
-             "left of": ("left", "right"), "right of": ("right", "left")}
+RELATIONS = {
+    "above": ("top", "bottom"),
+    "below": ("bottom", "top"),
+    "left of": ("left", "right"),
+    "right of": ("right", "left"),
+}
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,10 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
         h = r * 0.85
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if shape == "triangle":
-        return [(cx + r * math.cos(a), cy + r * math.sin(a) + r * 0.15)
-                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        return [
+            (cx + r * math.cos(a), cy + r * math.sin(a) + r * 0.15)
+            for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
     if shape == "star":
         points = []
         for k in range(10):
@@ -98,7 +104,9 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
-def render_scene(scene: ShapeScene, jitter: tuple[tuple[float, float], ...] | None = None) -> Image.Image:
+def render_scene(
+    scene: ShapeScene, jitter: tuple[tuple[float, float], ...] | None = None
+) -> Image.Image:
     """Draw a scene as a 32x32 RGB PIL image; `jitter` shifts each shape by (dx, dy) pixels."""
     s = SUPERSAMPLE
     canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), BACKGROUND)
@@ -112,8 +120,9 @@ def render_scene(scene: ShapeScene, jitter: tuple[tuple[float, float], ...] | No
         if obj.shape == "circle":
             draw.ellipse([(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s], fill=colour)
         else:
-            draw.polygon([(x * s, y * s) for x, y in _shape_polygon(obj.shape, cx, cy, r)],
-                         fill=colour)
+            draw.polygon(
+                [(x * s, y * s) for x, y in _shape_polygon(obj.shape, cx, cy, r)], fill=colour
+            )
     return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
 
@@ -125,17 +134,23 @@ def random_scene(rng: random.Random, two_shape_fraction: float = 0.2) -> ShapeSc
         first_shape, second_shape = rng.sample(SHAPES, 2)
         first_colour, second_colour = rng.sample(COLOUR_NAMES, 2)
         return ShapeScene(
-            (ShapeObject(first_shape, first_colour, first_pos, "small"),
-             ShapeObject(second_shape, second_colour, second_pos, "small")),
+            (
+                ShapeObject(first_shape, first_colour, first_pos, "small"),
+                ShapeObject(second_shape, second_colour, second_pos, "small"),
+            ),
             relation,
         )
-    obj = ShapeObject(rng.choice(SHAPES), rng.choice(COLOUR_NAMES), rng.choice(POSITIONS),
-                      rng.choice(SIZES))
+    obj = ShapeObject(
+        rng.choice(SHAPES), rng.choice(COLOUR_NAMES), rng.choice(POSITIONS), rng.choice(SIZES)
+    )
     return ShapeScene((obj,))
 
 
-def sample_shapes(n: int, seed: int, two_shape_fraction: float = 0.2,
-                  ) -> tuple[torch.Tensor, list[ShapeScene]]:
+def sample_shapes(
+    n: int,
+    seed: int,
+    two_shape_fraction: float = 0.2,
+) -> tuple[torch.Tensor, list[ShapeScene]]:
     """Render `n` random scenes from `seed`: images (n, 3, 32, 32) uint8 and their scenes."""
     rng = random.Random(seed)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
@@ -160,13 +175,22 @@ def parse_caption(caption: str) -> ShapeScene | None:
     for relation, (first_pos, second_pos) in RELATIONS.items():
         rel = relation.split()
         n = len(rel)
-        if (len(words) == 7 + n - 1 and words[0] == "a" and words[3:3 + n] == rel
-                and words[3 + n] == "a"):
+        if (
+            len(words) == 7 + n - 1
+            and words[0] == "a"
+            and words[3 : 3 + n] == rel
+            and words[3 + n] == "a"
+        ):
             c1, s1 = words[1:3]
-            c2, s2 = words[4 + n:6 + n]
+            c2, s2 = words[4 + n : 6 + n]
             if {c1, c2} <= set(COLOURS) and {s1, s2} <= set(SHAPES):
-                return ShapeScene((ShapeObject(s1, c1, first_pos, "small"),
-                                   ShapeObject(s2, c2, second_pos, "small")), relation)
+                return ShapeScene(
+                    (
+                        ShapeObject(s1, c1, first_pos, "small"),
+                        ShapeObject(s2, c2, second_pos, "small"),
+                    ),
+                    relation,
+                )
     return None
 
 

@@ -35,27 +35,45 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 TOKENIZER_MAX_LENGTH = 12
 CAPTION_DROPOUT = 0.1
 SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
-    "steps_offset": 1, "prediction_type": "epsilon",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
 }
 
 
 def build_vae() -> AutoencoderKL:
     """A three-level AutoencoderKL: 32x32x3 images to 8x8x4 latents (downsample 4)."""
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIZE,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
     )
 
 
 def build_text_encoder(vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextModel:
     """A two-layer CLIP text encoder of width 64."""
     config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=TOKENIZER_MAX_LENGTH, projection_dim=64,
-        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        projection_dim=64,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
     )
     return CLIPTextModel(config)
 
@@ -63,20 +81,31 @@ def build_text_encoder(vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextMod
 def build_unet() -> UNet2DConditionModel:
     """An SD-shaped UNet on 8x8 latents: cross-attention down blocks, a mid block, up blocks."""
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128, 128),
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32,
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=16,
     )
 
 
-def train_vae(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch_size: int,
-              generator: torch.Generator) -> None:
+def train_vae(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> None:
     """Fit the autoencoder: MSE reconstruction plus a small KL term (SD's weight, 1e-6)."""
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=max(steps, 1),
-                                                   pct_start=0.05)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, 2e-3, total_steps=max(steps, 1), pct_start=0.05
+    )
     vae.train()
     bar = tqdm(range(steps), desc="vae")
     for _ in bar:
@@ -97,22 +126,37 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch_size: 
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """Posterior means of all images, unscaled: (N, 4, 8, 8)."""
-    chunks = [vae.encode(images[i:i + 512].float() / 127.5 - 1.0).latent_dist.mean
-              for i in range(0, len(images), 512)]
+    chunks = [
+        vae.encode(images[i : i + 512].float() / 127.5 - 1.0).latent_dist.mean
+        for i in range(0, len(images), 512)
+    ]
     return torch.cat(chunks)
 
 
-def train_denoiser(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
-                   latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor,
-                   steps: int, batch_size: int, generator: torch.Generator,
-                   ema_decay: float = 0.999) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+def train_denoiser(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    latents: torch.Tensor,
+    token_ids: torch.Tensor,
+    empty_ids: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    ema_decay: float = 0.995,
+) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """Train the UNet and text encoder on noise prediction; return their EMA copies."""
-    noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
-                                       if k not in ("set_alpha_to_one", "steps_offset")})
+    noise_scheduler = DDPMScheduler(
+        **{
+            k: v
+            for k, v in SCHEDULER_CONFIG.items()
+            if k not in ("set_alpha_to_one", "steps_offset")
+        }
+    )
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 5e-4, total_steps=max(steps, 1),
-                                                   pct_start=0.03)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, 1e-3, total_steps=max(steps, 1), pct_start=0.03
+    )
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     unet.train()
     text_encoder.train()
@@ -143,8 +187,15 @@ def train_denoiser(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
     return ema_unet, ema_text
 
 
-def train(out: Path, steps: int, vae_steps: int, num_images: int, batch_size: int,
-          seed: int) -> Path:
+def train(
+    out: Path,
+    steps: int,
+    vae_steps: int,
+    num_images: int,
+    batch_size: int,
+    seed: int,
+    vae_batch_size: int = 32,
+) -> Path:
     """Train every component and save the pipeline folder; returns `out`."""
     torch.manual_seed(seed)
     random.seed(seed)
@@ -157,33 +208,51 @@ def train(out: Path, steps: int, vae_steps: int, num_images: int, batch_size: in
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
 
     def tokenize(captions: list[str]) -> torch.Tensor:
-        return tokenizer(captions, padding="max_length", max_length=TOKENIZER_MAX_LENGTH,
-                         truncation=True, return_tensors="pt").input_ids
+        return tokenizer(
+            captions,
+            padding="max_length",
+            max_length=TOKENIZER_MAX_LENGTH,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
 
     token_ids = tokenize([s.caption for s in scenes])  # (N, L)
     empty_ids = tokenize([""])[0]
 
     vae = build_vae()
-    train_vae(vae, images, vae_steps, batch_size, generator)
+    train_vae(vae, images, vae_steps, vae_batch_size, generator)
     raw = encode_latents(vae, images)
     scaling_factor = float(1.0 / raw.std())
     vae.register_to_config(scaling_factor=scaling_factor)
     latents = raw * scaling_factor
 
-    text_encoder = build_text_encoder(len(tokenizer), tokenizer.bos_token_id,
-                                      tokenizer.eos_token_id)
-    unet, text_encoder = train_denoiser(build_unet(), text_encoder, latents, token_ids,
-                                        empty_ids, steps, batch_size, generator)
+    text_encoder = build_text_encoder(
+        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
+    unet, text_encoder = train_denoiser(
+        build_unet(), text_encoder, latents, token_ids, empty_ids, steps, batch_size, generator
+    )
 
     pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipeline.save_pretrained(out, safe_serialization=True)
-    info = {"seed": seed, "steps": steps, "vae_steps": vae_steps, "num_images": num_images,
-            "batch_size": batch_size, "train_seconds": round(time.time() - started, 1),
-            "torch_threads": torch.get_num_threads()}
+    info = {
+        "seed": seed,
+        "steps": steps,
+        "vae_steps": vae_steps,
+        "num_images": num_images,
+        "batch_size": batch_size,
+        "train_seconds": round(time.time() - started, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     return out
 
@@ -192,10 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: train shapes-sd into --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=6000, help="UNet training steps")
+    parser.add_argument("--steps", type=int, default=3000, help="UNet training steps")
     parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--num-images", type=int, default=40000)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-images", type=int, default=30000)
+    parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
