@@ -40,7 +40,12 @@ DEMO_CONFIGS: dict[str, dict[str, Any]] = {
             {"name": "faster-diffusion", "params": {"key_steps": "paper"}},
             {"name": "prior-noise", "params": {"prior_noise": 0.003}},
         ],
-        "inputs": {"prompt": SHAPE_PROMPTS, "num_inference_steps": 50, "seed": 0},
+        "inputs": {
+            "prompt": SHAPE_PROMPTS,
+            "num_inference_steps": 50,
+            "guidance_scale": 3.0,
+            "seed": 0,
+        },
         "bench": {"repeat": 3, "warmup": 1},
     },
     "arith-mdlm": {

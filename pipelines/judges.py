@@ -100,20 +100,26 @@ def _first_answer(text: str) -> str:
 def arith_accuracy_metric(
     adapter: str, baseline: Any, outputs: Any, inputs: Any
 ) -> dict[str, float] | None:
-    """Exact-answer accuracy of baseline and strategy on arithmetic prompts."""
-    if (
-        not isinstance(outputs, list)
-        or not outputs
-        or not isinstance(outputs[0], dict)
-        or "text" not in outputs[0]
-    ):
+    """Exact-answer accuracy of baseline and strategy on arithmetic prompts.
+
+    Each arm is scored on its own rows (a strategy may return several
+    sequences per prompt); every row is matched against its own prompt.
+    """
+
+    def rows_ok(rows: Any) -> bool:
+        return (
+            isinstance(rows, list)
+            and bool(rows)
+            and all(isinstance(r, dict) and "text" in r for r in rows)
+        )
+
+    if not (rows_ok(baseline) and rows_ok(outputs)):
         return None
-    answers = [arith_answer(o.get("prompt", "")) for o in outputs]
-    if any(a is None for a in answers):
+    if any(arith_answer(r.get("prompt", "")) is None for r in baseline + outputs):
         return None
 
     def accuracy(rows: list[dict[str, Any]]) -> float:
-        return sum(_first_answer(r["text"]) == a for r, a in zip(rows, answers)) / len(rows)
+        return sum(_first_answer(r["text"]) == arith_answer(r["prompt"]) for r in rows) / len(rows)
 
     return {"accuracy_baseline": accuracy(baseline), "accuracy_strategy": accuracy(outputs)}
 

@@ -66,3 +66,13 @@ def test_metrics_ignore_tensor_outputs():
     out = torch.zeros(2, 3)
     assert arith_accuracy_metric("toy", out, out, inputs) is None
     assert shapes_judge_metric("stable-diffusion", out, out, inputs) is None
+
+
+def test_arith_accuracy_scores_each_arm_on_its_own_rows():
+    inputs = SimpleNamespace(prompt=["1+1="])
+    base = [{"prompt": "1+1=", "text": "2"}]
+    strat = [{"prompt": "1+1=", "text": t} for t in ("2", "3", "2", "4")]  # 4 drafts for one prompt
+    assert arith_accuracy_metric("causal-lm", base, strat, inputs) == {
+        "accuracy_baseline": 1.0,
+        "accuracy_strategy": 0.5,
+    }

@@ -26,7 +26,7 @@ class ZooModel:
         name: the zoo name, as written in ``zoo:<name>``.
         description: one line on what the model is and what it was trained on.
         loader: the pipeline adapter or loader that reads the folder ("stable-diffusion",
-            "causal-lm", "masked-diffusion-lm", "shapes-judge").
+            "causal-lm", "masked-diffusion-lm", "shapes-judge", "ngram").
         trainer: the module that retrains it (``python -m <trainer> --out DIR``).
         gates: the quality gates, {metric: minimum}, measured by
             ``python -m decodekit.pipelines.zoo.evaluate <name>``.
@@ -86,6 +86,13 @@ CATALOGUE: dict[str, ZooModel] = {
             "masked-diffusion-lm",
             "decodekit.pipelines.zoo.train_arith_mdlm",
             {"exact_answers": 0.80},
+        ),
+        ZooModel(
+            "arith-ngram",
+            "Token n-gram counts (orders 2-6) of the arith corpus under arith-ar's tokenizer, "
+            "for superposed decoding (safetensors arrays, no pickle).",
+            "ngram",
+            "decodekit.pipelines.zoo.build_arith_ngram",
         ),
     )
 }
