@@ -91,7 +91,7 @@ def prepare(model: str, workdir: Path, n_prompts: int) -> dict:
         desc = "tiny random LlamaForCausalLM (2 layers, hidden 32, vocab 64)"
         if model == "tiny-eos":
             desc += "; EOS = token 18, which it emits often, so hypotheses finish early"
-    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(workdir / "weights.safetensors"))
+    save_file({k: v.detach().clone().contiguous() for k, v in lm.state_dict().items()}, str(workdir / "weights.safetensors"))  # clone: tied embeddings share memory
     (workdir / "setup.json").write_text(json.dumps({"config": cfg, "prompts": prompts}))
     return {"model": desc, "prompts_text": texts}
 
