@@ -16,7 +16,16 @@ UNet calls run in full, and PSNR of the decoded images to the baseline's.
 DeepCache (``pip install DeepCache==0.1.1 --no-deps``) is imported lazily; without
 it the DeepCache arms are skipped with a note.
 
+With ``--model zoo`` the pipeline is instead the trained reference-zoo model
+``zoo:shapes-sd`` (32x32 images) at its operating point, guidance 3.0, DDIM,
+on the 16 prompts of examples/faster-diffusion.yaml; the Faster-Diffusion arms
+compose ``prior-noise`` (``--prior-noise``, default 0.003 there as in the
+example, 0 for the random UNet), and every arm also gets the zoo judge's
+figures (``shapes_judge_metric``: adherence, shape+colour adherence, agreement
+with the baseline, Frechet distance to the baseline on the judge's features).
+
     .venv/bin/python benchmarks/faster_diffusion_vs_deepcache.py --steps 50 --rounds 3
+    .venv/bin/python benchmarks/faster_diffusion_vs_deepcache.py --model zoo --steps 50 --rounds 3
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -38,6 +48,26 @@ sys.path.insert(0, str(ROOT))  # tests.tiny: the tiny text encoder and VAE
 
 FD_SCHEDULES = ["paper", "uniform-2", "uniform-3", "uniform-4", "uniform-5"]
 DEEPCACHE_INTERVALS = [2, 3, 5]
+ZOO_EXAMPLE = ROOT / "examples/faster-diffusion.yaml"
+
+
+def zoo_pipeline():
+    """``zoo:shapes-sd`` from its folder, DDIM (its saved scheduler), progress bar off."""
+    import diffusers
+    from decodekit.pipelines.zoo import zoo_path
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(zoo_path("shapes-sd"), safety_checker=None)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def zoo_prompts() -> list[str]:
+    """The 16 prompts of examples/faster-diffusion.yaml (``inputs.prompt``)."""
+    import yaml
+
+    return list(yaml.safe_load(ZOO_EXAMPLE.read_text())["inputs"]["prompt"])
 
 
 def sd15_shaped_pipeline(width: int, seed: int = 0):
@@ -125,15 +155,16 @@ class UNetFlops:
             h.remove()
 
 
-def arms(has_deepcache: bool) -> list[dict[str, Any]]:
+def arms(has_deepcache: bool, sequential: bool = True) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [{"name": "baseline", "kind": "baseline"}]
-    out.append(
-        {
-            "name": "fd paper (sequential)",
-            "kind": "fd",
-            "params": {"key_steps": "paper", "parallel_decoder": False},
-        }
-    )
+    if sequential:
+        out.append(
+            {
+                "name": "fd paper (sequential)",
+                "kind": "fd",
+                "params": {"key_steps": "paper", "parallel_decoder": False},
+            }
+        )
     for sched in FD_SCHEDULES:
         out.append(
             {
@@ -148,22 +179,42 @@ def arms(has_deepcache: bool) -> list[dict[str, Any]]:
     return out
 
 
-def run_arm(pipe, arm: dict[str, Any], prompts: list[str], steps: int, seed: int, measure):
-    """One pipeline call of ``arm``; returns (images, figures from ``measure`` and the run)."""
+def run_arm(
+    pipe,
+    arm: dict[str, Any],
+    prompts: list[str],
+    steps: int,
+    seed: int,
+    measure,
+    guidance: float = 7.5,
+    prior_noise: float = 0.0,
+):
+    """One pipeline call of ``arm``; returns (images, figures from ``measure`` and the run).
+
+    ``prior_noise`` > 0 composes ``prior-noise`` with the Faster-Diffusion arms only.
+    """
     import decodekit
 
+    side = pipe.unet.config.sample_size
     latents = torch.randn(
-        len(prompts), 4, 32, 32, generator=torch.Generator().manual_seed(seed)
-    )  # (B, 4, 32, 32)
-    kwargs = dict(num_inference_steps=steps, latents=latents, output_type="pil", guidance_scale=7.5)
+        len(prompts),
+        pipe.unet.config.in_channels,
+        side,
+        side,
+        generator=torch.Generator().manual_seed(seed),
+    )  # (B, C, h, w)
+    kwargs = dict(
+        num_inference_steps=steps, latents=latents, output_type="pil", guidance_scale=guidance
+    )
     meter = measure(pipe.unet)
     extra: dict[str, Any] = {}
     try:
         t0 = time.perf_counter()
         if arm["kind"] == "fd":
-            with decodekit.attach(
-                pipe, [{"name": "faster-diffusion", "params": arm["params"]}]
-            ) as run:
+            specs: list[dict[str, Any]] = [{"name": "faster-diffusion", "params": arm["params"]}]
+            if prior_noise > 0:
+                specs.append({"name": "prior-noise", "params": {"prior_noise": prior_noise}})
+            with decodekit.attach(pipe, specs) as run:
                 t0 = time.perf_counter()
                 images = pipe(prompts, **kwargs).images
                 wall = time.perf_counter() - t0
@@ -199,7 +250,20 @@ def psnr(a: list, b: list) -> float:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Speed-up (x) against PSNR to the baseline (y), one dot per arm (PIL only)."""
+    """Speed-up (x) against PSNR to the baseline (y), one dot per arm (PIL only); with judge
+    figures in the rows, a second panel of speed-up against judge shape+colour adherence."""
+    from PIL import Image
+
+    panels = [("psnr_db", "PSNR to baseline (dB)", 2.0)]
+    if "judge_shape_colour_strategy" in rows[0]:
+        panels.append(("judge_shape_colour_strategy", "judge shape+colour adherence", 0.05))
+    img = Image.new("RGB", (640 * len(panels), 420), "white")
+    for i, (key, label, pad) in enumerate(panels):
+        img.paste(_panel(rows, key, label, pad), (640 * i, 0))
+    img.save(path)
+
+
+def _panel(rows: list[dict[str, Any]], key: str, label: str, pad: float):
     from PIL import Image, ImageDraw
 
     w, h, m = 640, 420, 60
@@ -207,9 +271,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     d = ImageDraw.Draw(img)
     pts = [r for r in rows if r["name"] != "baseline"]
     xs = [r["wall_speedup"] for r in pts]
-    ys = [r["psnr_db"] for r in pts]
+    ys = [r[key] for r in pts]
+    if key != "psnr_db":  # the baseline's own value as a reference line
+        ys.append(rows[0][key])
     x0, x1 = 1.0, max(xs) * 1.1
-    y0, y1 = min(ys) - 2, max(ys) + 2
+    y0, y1 = min(ys) - pad, max(ys) + pad
 
     def at(x: float, y: float) -> tuple[float, float]:
         return m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m)
@@ -217,18 +283,23 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     d.line([(m, h - m), (w - m, h - m)], fill="black")
     d.line([(m, m), (m, h - m)], fill="black")
     d.text((w // 2 - 90, h - m + 25), "wall-clock speed-up over baseline", fill="black")
-    d.text((5, m - 30), "PSNR to baseline (dB)", fill="black")
+    d.text((5, m - 30), label, fill="black")
     d.text((m, h - m + 5), f"{x0:.1f}", fill="black")
     d.text((w - m - 20, h - m + 5), f"{x1:.1f}", fill="black")
-    d.text((5, m), f"{y1:.0f}", fill="black")
-    d.text((5, h - m - 10), f"{y0:.0f}", fill="black")
+    fmt = ".0f" if key == "psnr_db" else ".2f"
+    d.text((5, m), f"{y1:{fmt}}", fill="black")
+    d.text((5, h - m - 10), f"{y0:{fmt}}", fill="black")
+    if key != "psnr_db":
+        _, yb = at(x0, rows[0][key])
+        d.line([(m, yb), (w - m, yb)], fill=(150, 150, 150))
+        d.text((w - m - 60, yb - 12), "baseline", fill=(150, 150, 150))
     for r in pts:
-        x, y = at(r["wall_speedup"], r["psnr_db"])
+        x, y = at(r["wall_speedup"], r[key])
         color = (200, 60, 40) if r["name"].startswith("deepcache") else (40, 110, 200)
         d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
         d.text((x + 6, y - 6), r["name"].replace("fd ", ""), fill=color)
     d.text((w - 230, 10), "blue: faster-diffusion  red: DeepCache", fill="black")
-    img.save(path)
+    return img
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,9 +307,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--width", type=int, default=32, help="UNet base width (SD 1.5: 320)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/faster_diffusion_vs_deepcache"))
+    ap.add_argument(
+        "--model",
+        choices=["random-sd15", "zoo"],
+        default="random-sd15",
+        help="random SD-1.5-layout UNet (default) or the trained zoo:shapes-sd",
+    )
+    ap.add_argument(
+        "--prior-noise",
+        type=float,
+        default=None,
+        help="prior-noise composed with the Faster-Diffusion arms (default: 0.003 for zoo, 0 otherwise)",
+    )
+    ap.add_argument("--out", default=None, help="output stem (.json and .png are written)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    zoo = args.model == "zoo"
+    prior_noise = args.prior_noise if args.prior_noise is not None else (0.003 if zoo else 0.0)
+    guidance = 3.0 if zoo else 7.5
+    if args.out is None:
+        stem = "faster_diffusion_vs_deepcache" + ("_zoo" if zoo else "")
+        args.out = str(ROOT / "benchmarks/results" / stem)
 
     try:
         import DeepCache  # noqa: F401
@@ -250,26 +339,29 @@ def main(argv: list[str] | None = None) -> int:
             "DeepCache is not installed; its arms are skipped. "
             "Install it with: .venv/bin/pip install DeepCache==0.1.1 --no-deps"
         )
-    pipe = sd15_shaped_pipeline(args.width)
-    prompts = ["a red circle"]
-    todo = arms(has_deepcache)
+    if zoo:
+        pipe, prompts = zoo_pipeline(), zoo_prompts()
+    else:
+        pipe, prompts = sd15_shaped_pipeline(args.width), ["a red circle"]
+    todo = arms(has_deepcache, sequential=not zoo)
+    run_kw = {"guidance": guidance, "prior_noise": prior_noise}
 
     # Outputs and FLOPs, once per arm (not timed).
     outputs, flops, info = {}, {}, {}
     for arm in todo:
-        images, fig = run_arm(pipe, arm, prompts, args.steps, 0, UNetFlops)
+        images, fig = run_arm(pipe, arm, prompts, args.steps, 0, UNetFlops, **run_kw)
         outputs[arm["name"]], flops[arm["name"]], info[arm["name"]] = images, fig["meter"], fig
 
     # Warm-up, then alternating timed rounds.
     for arm in todo:
-        run_arm(pipe, arm, prompts, min(args.steps, 5), 1, UNetTimer)
+        run_arm(pipe, arm, prompts, min(args.steps, 5), 1, UNetTimer, **run_kw)
     wall: dict[str, list[float]] = {a["name"]: [] for a in todo}
     unet: dict[str, list[float]] = {a["name"]: [] for a in todo}
     others = todo[1:]
     for r in range(args.rounds):
         order = [todo[0]] + others[r % len(others) :] + others[: r % len(others)]
         for arm in order:
-            _, fig = run_arm(pipe, arm, prompts, args.steps, 0, UNetTimer)
+            _, fig = run_arm(pipe, arm, prompts, args.steps, 0, UNetTimer, **run_kw)
             wall[arm["name"]].append(fig["wall_s"])
             unet[arm["name"]].append(fig["meter"])
         print(f"round {r + 1}/{args.rounds} done", flush=True)
@@ -293,12 +385,31 @@ def main(argv: list[str] | None = None) -> int:
                 "psnr_db": psnr(outputs["baseline"], outputs[n]),
             }
         )
+        if zoo:
+            from decodekit.pipelines.judges import shapes_judge_metric
+
+            judged = shapes_judge_metric(
+                "stable-diffusion",
+                outputs["baseline"],
+                outputs[n],
+                SimpleNamespace(prompt=prompts, num_images_per_prompt=1),
+            )
+            rows[-1].update(judged or {})
     result = {
         "command": "python benchmarks/faster_diffusion_vs_deepcache.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()} CPU, torch threads 1, {platform.platform()}",
         "torch": torch.__version__,
-        "pipeline": f"random SD-1.5-layout UNet, width {args.width}, 32x32 latents, DDIM-{args.steps}, CFG 7.5, batch 1",
+        "pipeline": (
+            f"zoo:shapes-sd, 32x32 images, DDIM-{args.steps}, CFG {guidance}, "
+            f"batch {len(prompts)} (prompts of {ZOO_EXAMPLE.relative_to(ROOT)})"
+            if zoo
+            else f"random SD-1.5-layout UNet, width {args.width}, 32x32 latents, "
+            f"DDIM-{args.steps}, CFG {guidance}, batch 1"
+        ),
+        "model": args.model,
+        "prior_noise_on_fd_arms": prior_noise,
+        "prompts": prompts,
         "rounds": args.rounds,
         "deepcache": has_deepcache,
         "rows": rows,
@@ -315,6 +426,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['name']:24} {r['full_unet_calls']:>4} {r['wall_speedup']:>7.2f} {r['unet_speedup']:>7.2f} "
             f"{r['flop_ideal_speedup']:>7.2f} {r['unet_speedup_over_ideal']:>10.2f} {r['psnr_db']:>7.2f}"
         )
+    if zoo:
+        print(
+            f"{'arm':24} {'adh base':>8} {'adh arm':>8} {'s+c base':>8} {'s+c arm':>8} "
+            f"{'agree':>6} {'frechet':>8}"
+        )
+        for r in rows:
+            print(
+                f"{r['name']:24} {r['judge_adherence_baseline']:>8.3f} {r['judge_adherence_strategy']:>8.3f} "
+                f"{r['judge_shape_colour_baseline']:>8.3f} {r['judge_shape_colour_strategy']:>8.3f} "
+                f"{r['judge_agreement']:>6.3f} {r.get('judge_frechet_to_baseline', float('nan')):>8.3f}"
+            )
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
 
