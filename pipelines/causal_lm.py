@@ -219,6 +219,11 @@ class CausalLMAdapter(PipelineAdapter):
     def quality(
         cls, baseline: list[dict[str, Any]], outputs: list[dict[str, Any]]
     ) -> dict[str, float]:
+        if len(outputs) != len(baseline) and baseline and len(outputs) % len(baseline) == 0:
+            # The strategy returned k sequences per prompt (superposed drafts): compare
+            # each baseline row with the strategy's first, best-ranked, row of its prompt.
+            k = len(outputs) // len(baseline)
+            outputs = outputs[::k]
         return {
             "token_agreement": token_agreement(
                 [b["tokens"] for b in baseline], [o["tokens"] for o in outputs]

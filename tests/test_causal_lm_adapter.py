@@ -174,3 +174,14 @@ def test_yaml_generate_maps_returned_sequences_to_their_prompt():
     )
     rows = CausalLMAdapter.generate(pipe, inputs)
     assert [r["prompt"] for r in rows] == ["1+1=", "1+1=", "20+22=", "20+22="]
+
+
+def test_quality_compares_first_of_k_rows_per_prompt():
+    from decodekit.pipelines.causal_lm import CausalLMAdapter
+
+    base = [{"text": "2", "tokens": [5]}, {"text": "4", "tokens": [7]}]
+    # Two drafts per prompt, best first: only the first draft of each prompt is compared.
+    drafts = [{"text": t, "tokens": [i]} for t, i in (("2", 5), ("3", 6), ("4", 7), ("5", 8))]
+    assert CausalLMAdapter.quality(base, drafts) == {"token_agreement": 1.0, "exact_match": 1.0}
+    drafts = [{"text": t, "tokens": [i]} for t, i in (("2", 5), ("4", 7), ("9", 9), ("4", 7))]
+    assert CausalLMAdapter.quality(base, drafts) == {"token_agreement": 0.5, "exact_match": 0.5}
