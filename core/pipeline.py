@@ -82,3 +82,47 @@ class PipelineAdapter:
     def picture(cls, baseline: Any, outputs: Any, path: Path) -> bool:
         """Write a side-by-side PNG of baseline and strategy outputs; False if there is none to draw."""
         return False
+
+
+class TextAdapter(PipelineAdapter):
+    """Base of adapters whose outputs are text rows ``{"prompt", "text", "tokens"}``.
+
+    Saves them as JSONL and compares them with the baseline by token agreement
+    and exact match. When the strategy returned k rows per prompt (drafts,
+    beams) and the baseline one, each baseline row is compared with the first,
+    best-ranked, row of its prompt.
+    """
+
+    @classmethod
+    def save(cls, outputs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        import json
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "outputs.jsonl"
+        with path.open("w") as f:
+            for row in outputs:
+                f.write(json.dumps(row) + "\n")
+        return [path]
+
+    @classmethod
+    def quality(
+        cls, baseline: list[dict[str, Any]], outputs: list[dict[str, Any]]
+    ) -> dict[str, float]:
+        if len(outputs) != len(baseline) and baseline and len(outputs) % len(baseline) == 0:
+            outputs = outputs[:: len(outputs) // len(baseline)]
+        return {
+            "token_agreement": token_agreement(
+                [b["tokens"] for b in baseline], [o["tokens"] for o in outputs]
+            ),
+            "exact_match": sum(b["text"] == o["text"] for b, o in zip(baseline, outputs))
+            / max(1, len(baseline)),
+        }
+
+
+def token_agreement(baseline: list[list[int]], outputs: list[list[int]]) -> float:
+    """Fraction of baseline token positions where the strategy produced the same token."""
+    same = total = 0
+    for b, o in zip(baseline, outputs):
+        total += len(b)
+        same += sum(x == y for x, y in zip(b, o))
+    return same / total if total else 1.0

@@ -12,14 +12,12 @@ counts model calls and lets strategies edit each forward's inputs
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
-from decodekit.pipeline import Inputs, PipelineAdapter
+from decodekit.pipeline import Inputs, TextAdapter
 
 
 class CausalLMInputs(Inputs):
@@ -42,7 +40,7 @@ def _model_of(obj: Any) -> Any:
     return None
 
 
-class CausalLMAdapter(PipelineAdapter):
+class CausalLMAdapter(TextAdapter):
     """Attach to a transformers model's ``generate`` (or a text-generation pipeline's model)."""
 
     name = "causal-lm"
@@ -205,41 +203,6 @@ class CausalLMAdapter(PipelineAdapter):
                 }
             )
         return results
-
-    @classmethod
-    def save(cls, outputs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "outputs.jsonl"
-        with path.open("w") as f:
-            for row in outputs:
-                f.write(json.dumps(row) + "\n")
-        return [path]
-
-    @classmethod
-    def quality(
-        cls, baseline: list[dict[str, Any]], outputs: list[dict[str, Any]]
-    ) -> dict[str, float]:
-        if len(outputs) != len(baseline) and baseline and len(outputs) % len(baseline) == 0:
-            # The strategy returned k sequences per prompt (superposed drafts): compare
-            # each baseline row with the strategy's first, best-ranked, row of its prompt.
-            k = len(outputs) // len(baseline)
-            outputs = outputs[::k]
-        return {
-            "token_agreement": token_agreement(
-                [b["tokens"] for b in baseline], [o["tokens"] for o in outputs]
-            ),
-            "exact_match": sum(b["text"] == o["text"] for b, o in zip(baseline, outputs))
-            / max(1, len(baseline)),
-        }
-
-
-def token_agreement(baseline: list[list[int]], outputs: list[list[int]]) -> float:
-    """Fraction of baseline token positions where the strategy produced the same token."""
-    same = total = 0
-    for b, o in zip(baseline, outputs):
-        total += len(b)
-        same += sum(x == y for x, y in zip(b, o))
-    return same / total if total else 1.0
 
 
 @hookimpl

@@ -31,15 +31,13 @@ per step.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
-from decodekit.pipeline import Inputs, PipelineAdapter
+from decodekit.pipeline import Inputs, TextAdapter
 from decodekit.sampler import (
     RemaskingPolicy,
     classifier_free_guidance,
@@ -78,7 +76,9 @@ def shift_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
 
-def dream_transfer_counts(num_masked: torch.Tensor, step: int, steps: int, eps: float) -> torch.Tensor:
+def dream_transfer_counts(
+    num_masked: torch.Tensor, step: int, steps: int, eps: float
+) -> torch.Tensor:
     """Dream's commit count at ``step`` of ``steps``: ``int(n (1 - s / t))`` on ``linspace(1, eps, steps + 1)``.
 
     ``num_masked`` ``(B,)`` is each row's masked count now; the last step commits all of them.
@@ -183,10 +183,20 @@ class MaskedDiffusionLMPipeline:
                 do not depend on the batch); needed at temperature > 0 and for ``random``.
         """
         call_kwargs = dict(
-            prompt=prompt, input_ids=input_ids, attention_mask=attention_mask,
-            gen_length=gen_length, block_length=block_length, steps=steps,
-            temperature=temperature, cfg_scale=cfg_scale, remasking=remasking,
-            threshold=threshold, shift=shift, schedule=schedule, eps=eps, generator=generator,
+            prompt=prompt,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            gen_length=gen_length,
+            block_length=block_length,
+            steps=steps,
+            temperature=temperature,
+            cfg_scale=cfg_scale,
+            remasking=remasking,
+            threshold=threshold,
+            shift=shift,
+            schedule=schedule,
+            eps=eps,
+            generator=generator,
         )
         run = attached_run(self)
         if run is None:
@@ -221,7 +231,9 @@ class MaskedDiffusionLMPipeline:
             raise ValueError(f"schedule must be 'llada' or 'dream', got {schedule!r}.")
         if threshold is not None and remasking == "low-confidence":
             remasking = "threshold"
-        params = {"threshold": threshold} if remasking == "threshold" and threshold is not None else {}
+        params = (
+            {"threshold": threshold} if remasking == "threshold" and threshold is not None else {}
+        )
         policy = get_remasking_policy(remasking, **params)
         batch, prompt_len = ids.shape
         generators = _row_generators(generator, batch)
@@ -265,8 +277,17 @@ class MaskedDiffusionLMPipeline:
                 if shift:
                     need = torch.cat([need[:, 1:], torch.zeros_like(need[:, :1])], dim=1)
                 logits = self._logits(
-                    run, step, block_step, x, attn, position_ids, mask_index, need,
-                    prompt_index, cfg_scale, out,
+                    run,
+                    step,
+                    block_step,
+                    x,
+                    attn,
+                    position_ids,
+                    mask_index,
+                    need,
+                    prompt_index,
+                    cfg_scale,
+                    out,
                 )  # (B, L, V)
                 if shift:
                     logits = shift_logits(logits)
@@ -279,7 +300,9 @@ class MaskedDiffusionLMPipeline:
                     num_transfer = None
                 elif schedule == "dream":
                     masked_now = mask_index[:, start:end].sum(dim=1).cpu()
-                    num_transfer = dream_transfer_counts(masked_now, block_step, steps_per_block, eps)
+                    num_transfer = dream_transfer_counts(
+                        masked_now, block_step, steps_per_block, eps
+                    )
                 else:
                     num_transfer = counts[:, block_step]
                 gen_x = x[:, prompt_len:]  # (B, G): noise is drawn here only (batch-invariant)
@@ -297,7 +320,9 @@ class MaskedDiffusionLMPipeline:
                 committed[:, prompt_len:] = result.committed
                 x = torch.cat([x[:, :prompt_len], result.x], dim=1)
                 if run is not None and run.has("decodekit_mdm_committed"):
-                    run.call("decodekit_mdm_committed", run=run, step=step, x=x, committed=committed)
+                    run.call(
+                        "decodekit_mdm_committed", run=run, step=step, x=x, committed=committed
+                    )
                 step += 1
                 block_step += 1
             out.steps_per_block.append(block_step)
@@ -308,8 +333,18 @@ class MaskedDiffusionLMPipeline:
         return out
 
     def _logits(
-        self, run, step, block_step, x, attn, position_ids, mask_index, need, prompt_index,
-        cfg_scale, out,
+        self,
+        run,
+        step,
+        block_step,
+        x,
+        attn,
+        position_ids,
+        mask_index,
+        need,
+        prompt_index,
+        cfg_scale,
+        out,
     ) -> torch.Tensor:
         """One model call (through the strategies when attached): logits ``(B, L, V)``."""
         if cfg_scale > 0:
@@ -326,9 +361,16 @@ class MaskedDiffusionLMPipeline:
         if run is not None:
             run.nfe += 1
             served = run.call(
-                "decodekit_mdm_forward", run=run, step=step, block_step=block_step,
-                model=self.model, x=model_x, attention_mask=model_attn,
-                position_ids=model_pos, mask_index=model_mask, need_logits=model_need,
+                "decodekit_mdm_forward",
+                run=run,
+                step=step,
+                block_step=block_step,
+                model=self.model,
+                x=model_x,
+                attention_mask=model_attn,
+                position_ids=model_pos,
+                mask_index=model_mask,
+                need_logits=model_need,
             )
             if served is not None:
                 run.served += 1
@@ -353,7 +395,9 @@ class MaskedDiffusionLMPipeline:
             return self.encode(prompt)
         if isinstance(input_ids, list):
             if attention_mask is not None:
-                raise ValueError("with a list of rows, leave attention_mask out: rows are padded here.")
+                raise ValueError(
+                    "with a list of rows, leave attention_mask out: rows are padded here."
+                )
             return left_pad([list(r) for r in input_ids], self.pad_token_id)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -405,7 +449,11 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 def check_lengths(gen_length: int, block_length: int, steps: int) -> tuple[int, int]:
     """Validate LLaDA's lengths; returns (number of blocks, steps per block)."""
-    for name, value in (("gen_length", gen_length), ("block_length", block_length), ("steps", steps)):
+    for name, value in (
+        ("gen_length", gen_length),
+        ("block_length", block_length),
+        ("steps", steps),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
     if gen_length % block_length:
@@ -440,16 +488,26 @@ def _apply_policy(policy, logits, x, mask_index, num_transfer, allowed, temperat
     """Run ``policy`` over the batch, or row by row with one generator each."""
     if not isinstance(generators, list):
         return policy(
-            logits, x, mask_index, num_transfer,
-            temperature=temperature, generator=generators, allowed=allowed,
+            logits,
+            x,
+            mask_index,
+            num_transfer,
+            temperature=temperature,
+            generator=generators,
+            allowed=allowed,
         )
     parts = []
     for b, gen in enumerate(generators):
         n = None if num_transfer is None else num_transfer[b : b + 1]
         parts.append(
             policy(
-                logits[b : b + 1], x[b : b + 1], mask_index[b : b + 1], n,
-                temperature=temperature, generator=gen, allowed=allowed,
+                logits[b : b + 1],
+                x[b : b + 1],
+                mask_index[b : b + 1],
+                n,
+                temperature=temperature,
+                generator=gen,
+                allowed=allowed,
             )
         )
     return type(parts[0])(*(torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))))
@@ -475,7 +533,7 @@ class MaskedDiffusionInputs(Inputs):
     """Run the prompts in batches of this many rows (None: all at once)."""
 
 
-class MaskedDiffusionLMAdapter(PipelineAdapter):
+class MaskedDiffusionLMAdapter(TextAdapter):
     """Attach to a `MaskedDiffusionLMPipeline`: its loop calls the runtime hooks itself."""
 
     name = "masked-diffusion-lm"
@@ -514,7 +572,7 @@ class MaskedDiffusionLMAdapter(PipelineAdapter):
             raise ConfigError(
                 "pipeline.model",
                 f"{source} is a causal model (config.is_causal is not False); masked diffusion "
-                "needs bidirectional attention: set \"is_causal\": false in its config.json.",
+                'needs bidirectional attention: set "is_causal": false in its config.json.',
             )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         return MaskedDiffusionLMPipeline(
@@ -552,29 +610,6 @@ class MaskedDiffusionLMAdapter(PipelineAdapter):
                     {"prompt": chunk[i], "text": (out.texts or [""] * len(chunk))[i], "tokens": row}
                 )
         return results
-
-    @classmethod
-    def save(cls, outputs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "outputs.jsonl"
-        with path.open("w") as f:
-            for row in outputs:
-                f.write(json.dumps(row) + "\n")
-        return [path]
-
-    @classmethod
-    def quality(
-        cls, baseline: list[dict[str, Any]], outputs: list[dict[str, Any]]
-    ) -> dict[str, float]:
-        same = total = 0
-        for b, o in zip(baseline, outputs):
-            total += len(b["tokens"])
-            same += sum(x == y for x, y in zip(b["tokens"], o["tokens"]))
-        return {
-            "token_agreement": same / total if total else 1.0,
-            "exact_match": sum(b["text"] == o["text"] for b, o in zip(baseline, outputs))
-            / max(1, len(baseline)),
-        }
 
 
 @hookimpl

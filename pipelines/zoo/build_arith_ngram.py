@@ -16,11 +16,10 @@ from pathlib import Path
 
 def build(out: Path, num_texts: int = 20000, seed: int = 0) -> Path:
     """Count n-grams of ``num_texts`` arith training texts and save them to ``out``."""
-    from transformers import AutoTokenizer
-
     from decodekit.pipelines.zoo import zoo_path
     from decodekit.pipelines.zoo.arith_data import training_texts
     from decodekit.plugins.ngram import build_from_texts
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(zoo_path("arith-ar"))
     texts = list(itertools.islice(training_texts(random.Random(seed)), num_texts))
