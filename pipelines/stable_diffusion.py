@@ -265,62 +265,38 @@ class StableDiffusionAdapter(PipelineAdapter):
         self, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]
     ) -> Any:
         """One denoiser call: served by a strategy, or run for real and shown to the strategies."""
-        run = self.run
         step = self.step
         self.step += 1
-        out = run.call(
-            "decodekit_denoiser_forward",
-            run=run,
-            step=step,
-            module=module,
-            args=args,
-            kwargs=kwargs,
-        )
-        if out is not None:
-            run.served += 1
-            return out
-        out = forward(*args, **kwargs)
-        run.nfe += 1
-        run.call(
-            "decodekit_denoiser_output",
-            run=run,
-            step=step,
-            module=module,
-            args=args,
-            kwargs=kwargs,
-            output=out,
-        )
+        out, served = self._serve_or_run(step, module, forward, args, kwargs)
+        if served:
+            self.run.served += 1
+        else:
+            self.run.nfe += 1
         return out
 
     def control(
         self, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]
     ) -> Any:
         """One ControlNet call, for the UNet call at ``self.step`` that follows it."""
-        run = self.run
-        step = self.step
-        out = run.call(
-            "decodekit_denoiser_forward",
-            run=run,
-            step=step,
-            module=module,
-            args=args,
-            kwargs=kwargs,
-        )
-        if out is not None:
+        out, served = self._serve_or_run(self.step, module, forward, args, kwargs)
+        if served:
             self.aux_served += 1
-            return out
-        out = forward(*args, **kwargs)
-        self.aux_nfe += 1
-        run.call(
-            "decodekit_denoiser_output",
-            run=run,
-            step=step,
-            module=module,
-            args=args,
-            kwargs=kwargs,
-            output=out,
-        )
+        else:
+            self.aux_nfe += 1
         return out
+
+    def _serve_or_run(
+        self, step: int, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[Any, bool]:
+        """Ask the strategies to serve a model call; else run it and show them the output."""
+        run = self.run
+        hook_args = {"run": run, "step": step, "module": module, "args": args, "kwargs": kwargs}
+        out = run.call("decodekit_denoiser_forward", **hook_args)
+        if out is not None:
+            return out, True
+        out = forward(*args, **kwargs)
+        run.call("decodekit_denoiser_output", **hook_args, output=out)
+        return out, False
 
     # -- YAML runs and bench -----------------------------------------------------------------
     @classmethod
