@@ -213,3 +213,10 @@ class TestSuperposedContract(StrategyTesterMixin):
 
     def broken_call(self, pipe):
         gen(pipe, [[1, 200]], max_new_tokens=2)
+
+
+def test_model_without_input_embeddings_is_refused(llama, monkeypatch):
+    monkeypatch.setattr(llama, "get_input_embeddings", lambda: None)
+    with decodekit.attach(llama, [sup(k=2, alpha=0.0)]):
+        with pytest.raises(decodekit.AttachError, match="no input embeddings"):
+            gen(llama, PROMPTS[:1], max_new_tokens=2)
