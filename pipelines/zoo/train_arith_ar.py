@@ -10,7 +10,6 @@ tokenizer (``AutoTokenizer.from_pretrained``). Evaluate the gate with
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from decodekit.pipelines.zoo.arith_data import build_tokenizer, save_tokenizer, training_texts
+from decodekit.pipelines.zoo.training import optimiser_step, write_training_record
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -66,24 +66,11 @@ def train(out: Path, steps: int, batch_size: int, seed: int, lr: float = 3e-3) -
         logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V)
         targets = ids[:, 1:].masked_fill(ids[:, 1:] == tokenizer.pad_token_id, -100)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        optimiser_step(loss, optimizer, schedule, bar, model.parameters())
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     save_tokenizer(tokenizer, out)
-    info = {
-        "seed": seed,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "train_seconds": round(time.time() - started, 1),
-        "torch_threads": torch.get_num_threads(),
-    }
-    (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_training_record(out, started, seed=seed, steps=steps, batch_size=batch_size, lr=lr)
     return out
 
 

@@ -11,7 +11,6 @@ padded with <eos> to a fixed window of `ANSWER_LENGTH` tokens, as LLaDA pads its
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from decodekit.pipelines.zoo.arith_data import (
     save_tokenizer,
 )
 from decodekit.pipelines.zoo.train_arith_ar import build_llama_config
+from decodekit.pipelines.zoo.training import optimiser_step, write_training_record
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -83,25 +83,19 @@ def train(out: Path, steps: int, batch_size: int, seed: int, lr: float = 3e-3) -
         logits = model(input_ids=noisy, attention_mask=attention_mask).logits  # (B, T, V)
         token_loss = F.cross_entropy(logits.transpose(1, 2), clean, reduction="none")  # (B, T)
         loss = (token_loss * masked / t).sum() / maskable.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        optimiser_step(loss, optimizer, schedule, bar, model.parameters())
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     save_tokenizer(tokenizer, out)
-    info = {
-        "seed": seed,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "answer_length": ANSWER_LENGTH,
-        "train_seconds": round(time.time() - started, 1),
-        "torch_threads": torch.get_num_threads(),
-    }
-    (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_training_record(
+        out,
+        started,
+        seed=seed,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        answer_length=ANSWER_LENGTH,
+    )
     return out
 
 

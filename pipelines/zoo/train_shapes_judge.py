@@ -9,7 +9,6 @@ seed with ``python -m decodekit.pipelines.zoo.evaluate shapes-judge``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from decodekit.pipelines.zoo.shapes_judge import (
     split_logits,
     with_coordinates,
 )
+from decodekit.pipelines.zoo.training import optimiser_step, write_training_record
 from tqdm import tqdm
 
 
@@ -58,22 +58,12 @@ def train(
         x = (x + 0.03 * torch.randn(x.shape, generator=generator)).clamp(0, 1)
         heads = split_logits(network(with_coordinates(x)))
         loss = sum(F.cross_entropy(heads[k], labels[k][idx]) for k in ATTRIBUTES)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        optimiser_step(loss, optimizer, schedule, bar)
     judge = ShapesJudge(network, arch)
     judge.save(out)
-    info = {
-        "seed": seed,
-        "steps": steps,
-        "batch_size": batch_size,
-        "num_images": num_images,
-        "train_seconds": round(time.time() - started, 1),
-        "torch_threads": torch.get_num_threads(),
-    }
-    (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_training_record(
+        out, started, seed=seed, steps=steps, batch_size=batch_size, num_images=num_images
+    )
     return out
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from decodekit.pipelines.zoo.clip_vocab import write_clip_tokenizer_files
 from decodekit.pipelines.zoo.shapes_data import IMAGE_SIZE, caption_words, sample_shapes
+from decodekit.pipelines.zoo.training import write_training_record
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -244,16 +244,15 @@ def train(
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(out, safe_serialization=True)
-    info = {
-        "seed": seed,
-        "steps": steps,
-        "vae_steps": vae_steps,
-        "num_images": num_images,
-        "batch_size": batch_size,
-        "train_seconds": round(time.time() - started, 1),
-        "torch_threads": torch.get_num_threads(),
-    }
-    (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_training_record(
+        out,
+        started,
+        seed=seed,
+        steps=steps,
+        vae_steps=vae_steps,
+        num_images=num_images,
+        batch_size=batch_size,
+    )
     return out
 
 

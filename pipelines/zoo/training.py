@@ -1,0 +1,37 @@
+"""The pieces every zoo trainer shares: one optimiser step, and the training record."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def optimiser_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    bar: Any,
+    clip_params: Any = None,
+) -> None:
+    """Backward, optional grad-norm clip to 1.0, step the optimiser and the LR schedule, show the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    optimizer.step()
+    schedule.step()
+    bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+def write_training_record(out: Path, started: float, **info: Any) -> None:
+    """Write ``training.json``: the run's settings, its wall-clock seconds and torch threads."""
+    record = {
+        **info,
+        "train_seconds": round(time.time() - started, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
