@@ -56,10 +56,15 @@ class NGramModel:
         self.max_order = int(max_order)
         self.tokenizer = tokenizer
         self.arrays = arrays
+        names = ("ctx_keys", "ctx_totals", "pair_keys", "pair_counts")
         for m in range(1, max_order):
-            for name in ("ctx_keys", "ctx_totals", "pair_keys", "pair_counts"):
+            for name in names:
                 if f"{name}.{m}" not in arrays:
                     raise ValueError(f"n-gram arrays lack {name}.{m}; rebuild the model")
+        # numpy views of the same memory, for the look-ups
+        self._numpy = {
+            m: tuple(arrays[f"{name}.{m}"].cpu().numpy() for name in names) for m in range(1, max_order)
+        }
 
     # -- building ------------------------------------------------------------------------
     @classmethod
@@ -153,38 +158,45 @@ class NGramModel:
                 (0 where the context was not seen);
             seen: (R, max_order - 1) bool, whether the order-n context occurs in the corpus.
         """
-        contexts = contexts.cpu().long()
-        candidates = candidates.cpu().long()
-        rows, width = contexts.shape
-        if lengths is None:
-            lengths = torch.full((rows,), width, dtype=torch.long)
-        lengths = lengths.cpu().long()
+        probs, seen = self._lookup(contexts, candidates, lengths)
+        return torch.from_numpy(probs), torch.from_numpy(seen)
+
+    def _lookup(
+        self, contexts: torch.Tensor, candidates: torch.Tensor, lengths: torch.Tensor | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`order_probs` as numpy arrays."""
+        # numpy, not torch: these are a few dozen operations on arrays of a few dozen
+        # entries per decoding step, where torch's per-call overhead would dominate
+        ctx = contexts.detach().cpu().numpy().astype(np.int64, copy=False)
+        cand = candidates.detach().cpu().numpy().astype(np.int64, copy=False)
+        rows, width = ctx.shape
+        lens = (
+            np.full(rows, width, dtype=np.int64)
+            if lengths is None
+            else lengths.detach().cpu().numpy().astype(np.int64, copy=False)
+        )
         V = self.vocab_size
         orders = self.max_order - 1
-        probs = torch.zeros((rows, orders, candidates.shape[1]), dtype=torch.float64)
-        seen = torch.zeros((rows, orders), dtype=torch.bool)
-        found = torch.ones(rows, dtype=torch.bool)
-        ids = torch.zeros(rows, dtype=torch.long)
-        in_vocab = (candidates >= 0) & (candidates < V)
-        for m in range(1, self.max_order):
-            if m > width:
-                break
-            back = contexts[:, width - m].contiguous()
-            found = found & (lengths >= m) & (back >= 0) & (back < V)
-            keys = self.arrays[f"ctx_keys.{m}"]
-            if keys.numel() == 0 or not found.any():
+        probs = np.zeros((rows, orders, cand.shape[1]), dtype=np.float64)
+        seen = np.zeros((rows, orders), dtype=bool)
+        found = np.ones(rows, dtype=bool)
+        ids = np.zeros(rows, dtype=np.int64)
+        in_vocab = (cand >= 0) & (cand < V)
+        cand_clamped = np.clip(cand, 0, V - 1)
+        for m in range(1, min(self.max_order - 1, width) + 1):
+            keys, totals, pair_keys, pair_counts = self._numpy[m]
+            back = ctx[:, width - m]
+            found &= (lens >= m) & (back >= 0) & (back < V)
+            if keys.size == 0 or not found.any():
                 break
             key = back if m == 1 else ids * V + back
-            at = torch.searchsorted(keys, key).clamp(max=keys.numel() - 1)
-            found = found & (keys[at] == key)
-            ids = torch.where(found, at, torch.zeros_like(at))
-            totals = self.arrays[f"ctx_totals.{m}"][ids].to(torch.float64)  # (R,)
-            pair_keys = self.arrays[f"pair_keys.{m}"]
-            pair = ids[:, None] * V + candidates.clamp(0, V - 1)  # (R, C)
-            pat = torch.searchsorted(pair_keys, pair).clamp(max=pair_keys.numel() - 1)
+            at = np.minimum(np.searchsorted(keys, key), keys.size - 1)
+            found &= keys[at] == key
+            ids = np.where(found, at, 0)
+            pair = ids[:, None] * V + cand_clamped  # (R, C)
+            pat = np.minimum(np.searchsorted(pair_keys, pair), pair_keys.size - 1)
             hit = (pair_keys[pat] == pair) & in_vocab & found[:, None]
-            counts = torch.where(hit, self.arrays[f"pair_counts.{m}"][pat], 0).to(torch.float64)
-            probs[:, m - 1] = counts / totals.clamp(min=1)[:, None]
+            probs[:, m - 1] = np.where(hit, pair_counts[pat], 0) / np.maximum(totals[ids], 1)[:, None]
             seen[:, m - 1] = found
         return probs, seen
 
@@ -200,11 +212,10 @@ class NGramModel:
         ``weights[i]`` is the weight of order ``i + 2`` (bigram first); orders past
         ``len(weights)`` or past this model's ``max_order`` are not used.
         """
-        probs, seen = self.order_probs(contexts, candidates, lengths)
+        probs, seen = self._lookup(contexts, candidates, lengths)
         n = min(len(weights), probs.shape[1])
-        w = torch.tensor(list(weights[:n]), dtype=torch.float64)
-        w = w[None, :] * seen[:, :n].to(torch.float64)  # (R, n)
-        return (probs[:, :n] * w[:, :, None]).sum(dim=1)
+        w = np.asarray(weights[:n], dtype=np.float64)[None, :] * seen[:, :n]  # (R, n)
+        return torch.from_numpy(np.einsum("rnc,rn->rc", probs[:, :n], w))
 
     def __repr__(self) -> str:
         sizes = ", ".join(

@@ -207,41 +207,35 @@ class Superposed(Strategy):
             logits = outputs.logits[:, -1, :].to(dtype=torch.float32, device=device)  # (B, V)
             del outputs
             cur = drafts.shape[-1]
-            flat = drafts.view(batch * k, cur)
-            # the shared distribution, processed per draft (processors may read each draft's ids)
-            scores = logits.repeat_interleave(k, dim=0)  # (B*k, V)
-            scores = logits_processor(flat, scores) if logits_processor else scores
-            probs = torch.softmax(scores.double() / p.temperature, dim=-1)
-            top_p, top_tok = torch.topk(probs, min(n_sample, probs.shape[-1]), dim=-1)  # (B*k, n)
-            top_p = top_p / top_p.sum(-1, keepdim=True)
-            step_lp = self._rescore(flat, top_tok, top_p, real + (cur - prompt_len))  # (B*k, n)
+            top_p, top_tok = self._candidates(logits, drafts, logits_processor, n_sample)  # (B, k, n)
             n = top_tok.shape[-1]
-            cand = (alive[:, :, None] + step_lp.view(batch, k, n)).view(batch, k * n)
+            step_lp = self._rescore(drafts, top_tok, top_p, real + (cur - prompt_len))  # (B, k, n)
+            cand = (alive[:, :, None] + step_lp).view(batch, k * n)
             want = 2 * k
             if cand.shape[1] < want:  # fewer candidates than 2k: pad with impossible ones
                 fill = torch.full((batch, want - cand.shape[1]), float("-inf"), dtype=cand.dtype, device=device)
                 cand = torch.cat([cand, fill], dim=1)
             cand_lp, cand_idx = torch.topk(cand, want, dim=1)  # (B, 2k)
+            impossible = torch.isneginf(cand_lp)
             parent = (cand_idx // n).clamp(max=k - 1)
-            tok_flat = top_tok.view(batch, k * n)
-            tok = torch.gather(tok_flat, 1, cand_idx.clamp(max=k * n - 1))
-            tok = torch.where(torch.isneginf(cand_lp), torch.full_like(tok, pad_id), tok)
+            tok = torch.gather(top_tok.reshape(batch, k * n), 1, cand_idx.clamp(max=k * n - 1))
+            tok = tok.masked_fill(impossible, pad_id)
             cand_seq = torch.cat(
                 [torch.gather(drafts, 1, parent[:, :, None].expand(-1, -1, cur)), tok[:, :, None]], dim=2
             )  # (B, 2k, L+1)
             stop = stopping_criteria(cand_seq.view(batch * want, cur + 1), None).view(batch, want)
-            stop = stop.to(device) & ~torch.isneginf(cand_lp)
+            stop = stop.to(device) & ~impossible
             # live drafts: the best k candidates that did not stop
-            live_lp = torch.where(stop, torch.full_like(cand_lp, float("-inf")), cand_lp)
-            alive, live_idx = torch.topk(live_lp, k, dim=1)
+            alive, live_idx = torch.topk(cand_lp.masked_fill(stop, float("-inf")), k, dim=1)
             drafts = torch.gather(cand_seq, 1, live_idx[:, :, None].expand(-1, -1, cur + 1))
             # finished drafts: the best k among the old ones and the candidates that stopped
-            done_lp = torch.where(stop, cand_lp, torch.full_like(cand_lp, float("-inf")))
-            fin_seq = torch.cat(
-                [torch.nn.functional.pad(fin_seq, (0, 1), value=pad_id), cand_seq], dim=1
-            )
-            fin, fin_idx = torch.topk(torch.cat([fin, done_lp], dim=1), k, dim=1)
-            fin_seq = torch.gather(fin_seq, 1, fin_idx[:, :, None].expand(-1, -1, cur + 1))
+            fin_seq = torch.nn.functional.pad(fin_seq, (0, 1), value=pad_id)
+            if bool(stop.any()):
+                fin_seq = torch.cat([fin_seq, cand_seq], dim=1)
+                fin, fin_idx = torch.topk(
+                    torch.cat([fin, cand_lp.masked_fill(~stop, float("-inf"))], dim=1), k, dim=1
+                )
+                fin_seq = torch.gather(fin_seq, 1, fin_idx[:, :, None].expand(-1, -1, cur + 1))
             self.steps += 1
             if self._all_done(alive, fin) or cur + 1 >= max_length:
                 break
@@ -257,19 +251,45 @@ class Superposed(Strategy):
             outputs = model(**model_inputs, return_dict=True)
         return self._output(model, cfg, fin_seq, fin, prompt_len, pad_id)
 
+    def _candidates(
+        self, logits: torch.Tensor, drafts: torch.Tensor, logits_processor, n_sample: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each draft's candidate tokens and their renormalised probabilities: (B, k, n) each.
+
+        The next-token distribution is shared; logits processors may still read a draft's own
+        ids, so with processors it is processed once per draft, on the batch shape that
+        `generate` built them for (a processor may hold per-row state such as prompt lengths).
+        """
+        k = drafts.shape[1]
+        temperature = self.params.temperature
+        if logits_processor:
+            scores = torch.stack(
+                [logits_processor(drafts[:, i], logits.clone()) for i in range(k)], dim=1
+            )  # (B, k, V)
+        else:
+            scores = logits[:, None, :]  # (B, 1, V): one distribution serves every draft
+        probs = torch.softmax(scores.double() / temperature, dim=-1)
+        top_p, top_tok = torch.topk(probs, min(n_sample, probs.shape[-1]), dim=-1)
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+        shape = (drafts.shape[0], k, top_p.shape[-1])
+        return top_p.expand(shape), top_tok.expand(shape)
+
     def _rescore(
-        self, flat: torch.Tensor, top_tok: torch.Tensor, top_p: torch.Tensor, lengths: torch.Tensor
+        self, drafts: torch.Tensor, top_tok: torch.Tensor, top_p: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
-        """Per-draft log-scores of the candidates: LM alone, or interpolated with the n-gram model."""
-        lm = torch.log(top_p)  # (B*k, n)
+        """Per-draft log-scores of the candidates (B, k, n): LM alone, or interpolated with the n-gram model."""
+        lm = torch.log(top_p)  # (B, k, n)
         a = self.params.alpha
         if self.ngram is None or a == 0:
             return lm
-        k = self.params.k
+        batch, k, n = top_tok.shape
         ng = self.ngram.interpolate(
-            flat, top_tok, self.params.ngram_weights, lengths.repeat_interleave(k)
-        ).to(lm.device)  # (B*k, n)
-        ng = torch.where(top_p > 0, ng, torch.zeros_like(ng))
+            drafts.reshape(batch * k, -1),
+            top_tok.reshape(batch * k, n),
+            self.params.ngram_weights,
+            lengths.repeat_interleave(k),
+        ).to(lm.device).view(batch, k, n)
+        ng = ng.masked_fill(top_p == 0, 0.0)
         mixed = (1 - a) * lm + a * torch.log(ng)
         none = torch.isneginf(mixed).all(dim=-1, keepdim=True)  # no candidate seen by the n-grams
         return torch.where(none, (1 - a) * lm - self.params.penalty, mixed)

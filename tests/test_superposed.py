@@ -69,6 +69,23 @@ def test_greedy_equivalence_keeps_logits_processors(llama):
     assert torch.equal(out, base)
 
 
+def test_processors_built_for_a_padded_batch_see_that_batch(llama):
+    # generate builds the repetition penalty with one prompt length per input row (from
+    # the attention mask); the drafts must be processed on that shape, k times, not k*B rows
+    rows = torch.tensor([[0, 0, 1, 5, 6, 7], [1, 9, 3, 4, 8, 2]])
+    mask = (rows != 0).long()
+    kw = dict(attention_mask=mask, max_new_tokens=6, repetition_penalty=3.0, pad_token_id=0, do_sample=False)
+    base = llama.generate(rows, **kw)
+    assert not torch.equal(base, llama.generate(rows, **(kw | {"repetition_penalty": 1.0})))
+    with decodekit.attach(llama, [sup(**GREEDY_LIKE)]):
+        assert torch.equal(llama.generate(rows, **kw), base)
+    with decodekit.attach(llama, [sup(k=3, alpha=0.0)]):
+        out = llama.generate(rows, **kw)
+        plain = llama.generate(rows, **(kw | {"repetition_penalty": 1.0}))
+    assert out.shape == plain.shape == (6, 12)
+    assert not torch.equal(out, plain)  # the penalty reached the drafts
+
+
 def test_one_forward_per_step_on_one_row_per_input(llama):
     shapes = []
 
