@@ -1,11 +1,15 @@
 """Benchmark dkv-cache variants (and + threshold decoding) against the uncached pipeline.
 
-Runs the masked-diffusion-lm pipeline on zoo:arith-mdlm when it exists, else on a
-randomly initialised LLaDA-shaped (bidirectional Llama, GQA) model, alternating
-baseline and strategy runs after a warm-up; reports median wall time, tokens/s
-speed-up, NFE, tokens computed and token agreement with the baseline.
+Runs the masked-diffusion-lm pipeline on a randomly initialised LLaDA-shaped
+(bidirectional Llama, GQA) model (``--model random``, the default) or on
+zoo:arith-mdlm (``--model zoo``: held-out sums as prompts, exact-answer accuracy
+reported), alternating baseline and strategy runs after a warm-up; reports median
+wall time, tokens/s speed-up, NFE, tokens computed and token agreement with the
+baseline.
 
     .venv/bin/python benchmarks/dkv_cache.py --out benchmarks/results/dkv_cache.json
+    .venv/bin/python benchmarks/dkv_cache.py --model zoo --gen-length 64 --block 32 --steps 64 \
+        --out benchmarks/results/dkv_cache_zoo.json
 """
 
 from __future__ import annotations
@@ -43,12 +47,28 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompt-batches", type=int, default=4,
+                    help="--model zoo: batches of held-out prompts per batch size")
+    ap.add_argument("--model", choices=["random", "zoo"], default="random")
     ap.add_argument("--out", default="benchmarks/results/dkv_cache.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     vocab = 512
-    model = llada_shaped(args.width, args.layers, vocab)
-    pipe = MaskedDiffusionLMPipeline(model, mask_token_id=vocab - 1, eos_token_id=2, pad_token_id=0)
+    if args.model == "zoo":
+        from decodekit.pipelines.zoo import zoo_path
+        from decodekit.pipelines.zoo.arith_data import held_out_problems
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(zoo_path("arith-mdlm")).eval()
+        tokenizer = AutoTokenizer.from_pretrained(zoo_path("arith-mdlm"))
+        pipe = MaskedDiffusionLMPipeline(model, tokenizer)
+        problems = held_out_problems(max(args.batches) * args.prompt_batches)
+        described = "zoo:arith-mdlm; prompts: held-out sums (held_out_problems)"
+    else:
+        model = llada_shaped(args.width, args.layers, vocab)
+        pipe = MaskedDiffusionLMPipeline(model, mask_token_id=vocab - 1, eos_token_id=2, pad_token_id=0)
+        described = (f"random LLaDA-shaped bidirectional Llama, width {args.width}, "
+                     f"{args.layers} layers, vocab {vocab}")
     configs = {
         "baseline": ([], {}),
         "decode": ([{"name": "dkv-cache", "params": {"variant": "decode", "refresh_interval": 4}}], {}),
@@ -61,23 +81,28 @@ def main() -> None:
     }
     results = {"machine": f"{platform.processor() or platform.machine()}, CPU, "
                f"{args.threads} thread(s), no GPU", "args": vars(args),
-               "model": f"random LLaDA-shaped bidirectional Llama, width {args.width}, "
-               f"{args.layers} layers, vocab {vocab} (zoo:arith-mdlm not trained yet)",
-               "rows": []}
+               "model": described, "rows": []}
     gkw = dict(gen_length=args.gen_length, block_length=args.block, steps=args.steps)
     for batch in args.batches:
-        g = torch.Generator().manual_seed(batch)
-        ids = torch.randint(3, vocab - 1, (batch, args.prompt), generator=g)
+        if args.model == "zoo":  # several batches of distinct held-out prompts
+            inputs = [dict(prompt=[p for p, _ in problems[i * batch : (i + 1) * batch]])
+                      for i in range(args.prompt_batches)]
+            answers = [[a for _, a in problems[i * batch : (i + 1) * batch]]
+                       for i in range(args.prompt_batches)]
+        else:
+            g = torch.Generator().manual_seed(batch)
+            inputs = [dict(input_ids=torch.randint(3, vocab - 1, (batch, args.prompt), generator=g))]
+            answers = None
 
-        def run(strategies, ids=ids):
-            start = time.perf_counter()
+        def run(strategies):
+            start, outs, ideal = time.perf_counter(), [], None
             if strategies:
                 with decodekit.attach(pipe, strategies) as r:
-                    out = pipe(input_ids=ids, **gkw)
+                    outs = [pipe(**x, **gkw) for x in inputs]
                 ideal = r.ideal_speedup()
             else:
-                out, ideal = pipe(input_ids=ids, **gkw), None
-            return time.perf_counter() - start, out, ideal
+                outs = [pipe(**x, **gkw) for x in inputs]
+            return time.perf_counter() - start, outs, ideal
 
         run([])  # warm-up
         times = {k: [] for k in configs}
@@ -88,18 +113,24 @@ def main() -> None:
                 times[name].append(t)
                 outs[name] = (out, ideal)
         base_t = statistics.median(times["baseline"])
-        base_seq = outs["baseline"][0].sequences
+        base_seq = torch.cat([o.sequences for o in outs["baseline"][0]])
+        generated = batch * args.gen_length * len(inputs)
         for name in configs:
             out, ideal = outs[name]
             t = statistics.median(times[name])
+            seqs = torch.cat([o.sequences for o in out])
             row = {
                 "batch": batch, "config": name, "median_s": round(t, 3),
-                "tokens_per_s": round(batch * args.gen_length / t, 1),
-                "speedup": round(base_t / t, 2), "nfe": out.nfe,
-                "tokens_computed": sum(out.tokens_computed),
+                "tokens_per_s": round(generated / t, 1),
+                "speedup": round(base_t / t, 2), "nfe": sum(o.nfe for o in out) / len(out),
+                "tokens_computed": sum(sum(o.tokens_computed) for o in out) / len(out),
                 "ideal_speedup": None if ideal is None else round(ideal, 2),
-                "token_agreement": round(float((out.sequences == base_seq).double().mean()), 3),
+                "token_agreement": round(float((seqs == base_seq).double().mean()), 3),
             }
+            if answers is not None:
+                got = [t.strip() for o in out for t in o.texts]
+                want = [a for group in answers for a in group]
+                row["accuracy"] = round(sum(g == w for g, w in zip(got, want)) / len(want), 3)
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:

@@ -4,6 +4,7 @@
     python -m decodekit.pipelines.zoo.evaluate shapes-sd
     python -m decodekit.pipelines.zoo.evaluate arith-ar
     python -m decodekit.pipelines.zoo.evaluate arith-mdlm
+    python -m decodekit.pipelines.zoo.evaluate arith-mdlm-windows   # long generation windows
 
 Every evaluation draws its held-out data from fixed seeds that training never uses, and
 prints a JSON object of the measured figures.
@@ -134,11 +135,57 @@ def evaluate_arith_mdlm(num_problems: int = 500, folder: Path | None = None) -> 
     }
 
 
+def evaluate_arith_mdlm_windows(
+    num_problems: int = 64,
+    folder: Path | None = None,
+    windows: tuple[int, ...] = (5, 32, 64, 128, 256),
+    threshold_windows: tuple[int, ...] = (64, 256),
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Exact-answer accuracy of the masked-diffusion-lm pipeline at long generation windows.
+
+    Blocks of 32 (or the whole window when shorter), one token per step; for
+    `threshold_windows` also threshold parallel decoding (τ = 0.9) and its model calls.
+    """
+    from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = folder or zoo_path("arith-mdlm")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pipe = MaskedDiffusionLMPipeline(AutoModelForCausalLM.from_pretrained(folder).eval(), tokenizer)
+    problems = held_out_problems(num_problems)
+    batches = [problems[i : i + batch_size] for i in range(0, num_problems, batch_size)]
+
+    def accuracy(gen_length: int, threshold: float | None) -> tuple[float, float]:
+        correct, calls = 0, 0
+        for batch in batches:
+            out = pipe(
+                prompt=[p for p, _ in batch],
+                gen_length=gen_length,
+                block_length=min(32, gen_length),
+                steps=gen_length,
+                threshold=threshold,
+            )
+            correct += sum(t.strip() == a for t, (_, a) in zip(out.texts, batch))
+            calls += out.nfe
+        return correct / num_problems, calls / len(batches)
+
+    rows = []
+    for window in windows:
+        acc, calls = accuracy(window, None)
+        row = {"gen_length": window, "accuracy": acc, "model_calls": calls}
+        if window in threshold_windows:
+            row["threshold_0.9_accuracy"], row["threshold_0.9_model_calls"] = accuracy(window, 0.9)
+        rows.append(row)
+    return {"num_problems": num_problems, "batch_size": batch_size, "rows": rows}
+
+
 EVALUATIONS = {
     "shapes-judge": evaluate_shapes_judge,
     "shapes-sd": evaluate_shapes_sd,
     "arith-ar": evaluate_arith_ar,
     "arith-mdlm": evaluate_arith_mdlm,
+    "arith-mdlm-windows": evaluate_arith_mdlm_windows,
 }
 
 

@@ -1,11 +1,25 @@
 """Train `arith-mdlm`: a bidirectional Llama as a masked diffusion LM, LLaDA-style.
 
-Large Language Diffusion Models (Nie et al., 2025), arXiv:2502.09992: sample t ~ U(0, 1),
-mask each answer (or sentence) token with probability t, and minimise the cross-entropy on
-the masked positions weighted by 1/t. Prompts ("417+85=") are never masked; every answer is
-padded with <eos> to a fixed window of `ANSWER_LENGTH` tokens, as LLaDA pads its answers.
+Large Language Diffusion Models (Nie et al., 2025), arXiv:2502.09992: mask a random
+fraction t of the answer (or sentence) tokens and minimise the cross-entropy on the masked
+positions weighted by 1/t. Prompts ("417+85=") are never masked; every answer is padded
+with <eos> to its window — `ANSWER_LENGTH` tokens, and in a fraction of the batches a
+longer window — as LLaDA pads its answers, so the model also fills long windows.
+
+Two choices make it train in minutes rather than hours:
+
+* **Initialised from arith-ar**, as Dream and DiffuLLaMA adapt autoregressive models into
+  diffusion LMs: the same weights with ``config.is_causal = False``, then trained to predict
+  the token at each masked position (no logit shift). From scratch the same model needs
+  12000 steps for 75.6%; from arith-ar it passes 80% within 2000.
+* **The number of masked tokens is uniform** on 1..n for a window of n maskable tokens
+  (loss weight n/k = 1/t), the discrete form of t ~ U(0, 1): every state the decoder meets
+  (k of n still masked) is trained equally often, and no example draws zero masks.
 
     python -m decodekit.pipelines.zoo.train_arith_mdlm --out pipelines/zoo/models/arith-mdlm
+
+It reads zoo:arith-ar (``--init-from`` to use another folder); train that one first when
+retraining both.
 """
 
 from __future__ import annotations
@@ -19,17 +33,17 @@ import torch
 import torch.nn.functional as F
 from decodekit.pipelines.zoo.arith_data import (
     ANSWER_LENGTH,
-    build_tokenizer,
     random_problem,
     random_sentence,
     save_tokenizer,
 )
-from decodekit.pipelines.zoo.train_arith_ar import build_llama_config
 from decodekit.pipelines.zoo.training import optimiser_step, write_training_record
 from tqdm import tqdm
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
-MIN_MASK_RATE = 1e-3
+LONG_BATCH_EVERY = 4  # every 4th batch pads its answers to windows of up to `max_window`
+LONG_BATCH_DIVISOR = 4  # ... with a quarter of the rows, to keep its cost near a short batch's
+MAX_WINDOW = 256  # LLaDA's usual generation length; positions past it were never trained
 
 
 def masked_diffusion_batch(
@@ -37,8 +51,15 @@ def masked_diffusion_batch(
     rng: random.Random,
     batch_size: int,
     sentence_fraction: float = 0.15,
+    long_windows: bool = False,
+    max_window: int = MAX_WINDOW,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean sequences (B, T) and which positions may be masked (B, T) bool; pads excluded."""
+    """Clean sequences (B, T) and which positions may be masked (B, T) bool; pads excluded.
+
+    With `long_windows`, each problem pads its answer with <eos> to a window drawn from
+    ``ANSWER_LENGTH..max_window`` instead of ``ANSWER_LENGTH``, so that the model also
+    fills long generation windows (as LLaDA's answers are padded to the whole window).
+    """
     rows, maskable = [], []
     for _ in range(batch_size):
         if rng.random() < sentence_fraction:
@@ -48,9 +69,10 @@ def masked_diffusion_batch(
             prompt, answer = random_problem(rng)
             prompt_ids = tokenizer(prompt).input_ids
             answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
-            answer_ids += [tokenizer.eos_token_id] * (ANSWER_LENGTH - len(answer_ids))
+            window = rng.randint(ANSWER_LENGTH, max_window) if long_windows else ANSWER_LENGTH
+            answer_ids += [tokenizer.eos_token_id] * (window - len(answer_ids))
             ids = prompt_ids + answer_ids
-            flags = [False] * len(prompt_ids) + [True] * ANSWER_LENGTH
+            flags = [False] * len(prompt_ids) + [True] * window
         rows.append(ids)
         maskable.append(flags)
     width = max(len(r) for r in rows)
@@ -60,29 +82,65 @@ def masked_diffusion_batch(
     return ids, flags
 
 
-def train(out: Path, steps: int, batch_size: int, seed: int, lr: float = 3e-3) -> Path:
-    """Train the masked diffusion LM and save it with its tokenizer."""
+def uniform_count_mask(
+    maskable: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask k ~ U{1..n} of each row's n maskable positions: (masked (B, T) bool, weight (B, 1) = n/k)."""
+    n = maskable.sum(dim=1, keepdim=True)  # (B, 1)
+    k = (torch.rand(n.shape, generator=generator) * n).floor() + 1  # (B, 1), 1..n
+    score = torch.rand(maskable.shape, generator=generator).masked_fill(~maskable, 2.0)
+    rank = score.argsort(dim=1).argsort(dim=1)  # (B, T): a random order of the maskable positions
+    return maskable & (rank < k), n / k
+
+
+def load_initial_model(folder: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """arith-ar's weights and tokenizer, with bidirectional attention."""
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"arith-mdlm starts from arith-ar, but {folder} holds no model; train it first with "
+            "`python -m decodekit.pipelines.zoo.train_arith_ar --out <folder>` and pass --init-from"
+        )
+    config = AutoConfig.from_pretrained(folder)
+    config.is_causal = False
+    model = LlamaForCausalLM.from_pretrained(folder, config=config)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def train(
+    out: Path,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    lr: float = 1e-3,
+    init_from: Path | None = None,
+) -> Path:
+    """Train the masked diffusion LM from arith-ar and save it with its tokenizer."""
+    from decodekit.pipelines.zoo import zoo_path
+
     torch.manual_seed(seed)
     started = time.time()
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
-    tokenizer = build_tokenizer(seed)
-    model = LlamaForCausalLM(build_llama_config(tokenizer, is_causal=False))
+    init_from = Path(init_from) if init_from is not None else zoo_path("arith-ar")
+    model, tokenizer = load_initial_model(init_from)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, lr, total_steps=max(steps, 1), pct_start=0.05
     )
     model.train()
     bar = tqdm(range(steps), desc="arith-mdlm")
-    for _ in bar:
-        clean, maskable = masked_diffusion_batch(tokenizer, rng, batch_size)  # (B, T) each
-        t = MIN_MASK_RATE + (1 - MIN_MASK_RATE) * torch.rand(len(clean), 1, generator=generator)
-        masked = maskable & (torch.rand(clean.shape, generator=generator) < t)  # (B, T)
+    for step in bar:
+        long_windows = step % LONG_BATCH_EVERY == LONG_BATCH_EVERY - 1
+        rows = max(1, batch_size // LONG_BATCH_DIVISOR) if long_windows else batch_size
+        clean, maskable = masked_diffusion_batch(
+            tokenizer, rng, rows, long_windows=long_windows
+        )  # (B, T) each
+        masked, weight = uniform_count_mask(maskable, generator)  # (B, T), (B, 1)
         noisy = clean.masked_fill(masked, tokenizer.mask_token_id)
         attention_mask = (clean != tokenizer.pad_token_id).long()
         logits = model(input_ids=noisy, attention_mask=attention_mask).logits  # (B, T, V)
         token_loss = F.cross_entropy(logits.transpose(1, 2), clean, reduction="none")  # (B, T)
-        loss = (token_loss * masked / t).sum() / maskable.sum()
+        loss = (token_loss * masked * weight).sum() / maskable.sum()
         optimiser_step(loss, optimizer, schedule, bar, model.parameters())
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
@@ -95,6 +153,10 @@ def train(out: Path, steps: int, batch_size: int, seed: int, lr: float = 3e-3) -
         batch_size=batch_size,
         lr=lr,
         answer_length=ANSWER_LENGTH,
+        long_batch_every=LONG_BATCH_EVERY,
+        long_batch_rows=max(1, batch_size // LONG_BATCH_DIVISOR),
+        max_window=MAX_WINDOW,
+        init_from="zoo:arith-ar" if init_from == zoo_path("arith-ar") else str(init_from),
     )
     return out
 
@@ -103,13 +165,14 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: train arith-mdlm into --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=12000)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init-from", type=Path, default=None, help="default: zoo:arith-ar")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train(args.out, args.steps, args.batch_size, args.seed)
+    train(args.out, args.steps, args.batch_size, args.seed, init_from=args.init_from)
 
 
 if __name__ == "__main__":
