@@ -55,12 +55,15 @@ DEMO_CONFIGS: dict[str, dict[str, Any]] = {
             "device": "auto",
             "dtype": "float32",
         },
-        "strategies": [{"name": "dkv-cache", "params": {"variant": "decode"}}],
-        "inputs": {
+        "strategies": [
+            {"name": "dkv-cache", "params": {"variant": "decode", "refresh_interval": 4}},
+            {"name": "parallel-threshold", "params": {"threshold": 0.9}},
+        ],
+        "inputs": {  # a 64-token window: the answer, then <eos> to the end (docs/zoo.md)
             "prompt": ARITH_PROMPTS,
-            "gen_length": 5,
-            "block_length": 5,
-            "steps": 5,
+            "gen_length": 64,
+            "block_length": 32,
+            "steps": 64,
             "seed": 0,
         },
         "bench": {"repeat": 3, "warmup": 1},
