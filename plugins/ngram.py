@@ -158,47 +158,12 @@ class NGramModel:
                 (0 where the context was not seen);
             seen: (R, max_order - 1) bool, whether the order-n context occurs in the corpus.
         """
-        probs, seen = self._lookup(contexts, candidates, lengths)
+        ctx, cand, lens = self._as_numpy(contexts, candidates, lengths)
+        probs = np.zeros((ctx.shape[0], self.max_order - 1, cand.shape[1]), dtype=np.float64)
+        seen = np.zeros((ctx.shape[0], self.max_order - 1), dtype=bool)
+        for m, p, found in self._orders(ctx, cand, lens, self.max_order - 1):
+            probs[:, m - 1], seen[:, m - 1] = p, found
         return torch.from_numpy(probs), torch.from_numpy(seen)
-
-    def _lookup(
-        self, contexts: torch.Tensor, candidates: torch.Tensor, lengths: torch.Tensor | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """`order_probs` as numpy arrays."""
-        # numpy, not torch: these are a few dozen operations on arrays of a few dozen
-        # entries per decoding step, where torch's per-call overhead would dominate
-        ctx = contexts.detach().cpu().numpy().astype(np.int64, copy=False)
-        cand = candidates.detach().cpu().numpy().astype(np.int64, copy=False)
-        rows, width = ctx.shape
-        lens = (
-            np.full(rows, width, dtype=np.int64)
-            if lengths is None
-            else lengths.detach().cpu().numpy().astype(np.int64, copy=False)
-        )
-        V = self.vocab_size
-        orders = self.max_order - 1
-        probs = np.zeros((rows, orders, cand.shape[1]), dtype=np.float64)
-        seen = np.zeros((rows, orders), dtype=bool)
-        found = np.ones(rows, dtype=bool)
-        ids = np.zeros(rows, dtype=np.int64)
-        in_vocab = (cand >= 0) & (cand < V)
-        cand_clamped = np.clip(cand, 0, V - 1)
-        for m in range(1, min(self.max_order - 1, width) + 1):
-            keys, totals, pair_keys, pair_counts = self._numpy[m]
-            back = ctx[:, width - m]
-            found &= (lens >= m) & (back >= 0) & (back < V)
-            if keys.size == 0 or not found.any():
-                break
-            key = back if m == 1 else ids * V + back
-            at = np.minimum(np.searchsorted(keys, key), keys.size - 1)
-            found &= keys[at] == key
-            ids = np.where(found, at, 0)
-            pair = ids[:, None] * V + cand_clamped  # (R, C)
-            pat = np.minimum(np.searchsorted(pair_keys, pair), pair_keys.size - 1)
-            hit = (pair_keys[pat] == pair) & in_vocab & found[:, None]
-            probs[:, m - 1] = np.where(hit, pair_counts[pat], 0) / np.maximum(totals[ids], 1)[:, None]
-            seen[:, m - 1] = found
-        return probs, seen
 
     def interpolate(
         self,
@@ -212,10 +177,47 @@ class NGramModel:
         ``weights[i]`` is the weight of order ``i + 2`` (bigram first); orders past
         ``len(weights)`` or past this model's ``max_order`` are not used.
         """
-        probs, seen = self._lookup(contexts, candidates, lengths)
-        n = min(len(weights), probs.shape[1])
-        w = np.asarray(weights[:n], dtype=np.float64)[None, :] * seen[:, :n]  # (R, n)
-        return torch.from_numpy(np.einsum("rnc,rn->rc", probs[:, :n], w))
+        ctx, cand, lens = self._as_numpy(contexts, candidates, lengths)
+        mixed = np.zeros(cand.shape, dtype=np.float64)
+        for m, p, _ in self._orders(ctx, cand, lens, min(len(weights), self.max_order - 1)):
+            mixed += weights[m - 1] * p  # p is 0 on rows whose context was not seen
+        return torch.from_numpy(mixed)
+
+    # numpy, not torch, below: a decoding step makes a few dozen operations on arrays of a
+    # few dozen entries, where torch's per-call overhead would dominate
+    @staticmethod
+    def _as_numpy(contexts, candidates, lengths) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ctx = contexts.detach().cpu().numpy().astype(np.int64, copy=False)
+        cand = candidates.detach().cpu().numpy().astype(np.int64, copy=False)
+        if lengths is None:
+            return ctx, cand, np.full(ctx.shape[0], ctx.shape[1], dtype=np.int64)
+        return ctx, cand, lengths.detach().cpu().numpy().astype(np.int64, copy=False)
+
+    def _orders(self, ctx: np.ndarray, cand: np.ndarray, lens: np.ndarray, orders: int):
+        """Yield ``(m, P(cand | last m tokens) (R, C), context seen (R,))`` for m = 1..orders.
+
+        Stops early once no row's context of length m was seen (no longer one can be).
+        """
+        rows, width = ctx.shape
+        V = self.vocab_size
+        found = np.ones(rows, dtype=bool)
+        ids = np.zeros(rows, dtype=np.int64)
+        in_vocab = (cand >= 0) & (cand < V)
+        cand = np.minimum(cand, V - 1)  # out-of-vocabulary candidates (masked by in_vocab) stay in range
+        for m in range(1, min(orders, width) + 1):
+            keys, totals, pair_keys, pair_counts = self._numpy[m]
+            back = ctx[:, width - m]
+            found &= (lens >= m) & (back >= 0) & (back < V)
+            if keys.size == 0 or not found.any():
+                return
+            key = back if m == 1 else ids * V + back
+            at = np.minimum(keys.searchsorted(key), keys.size - 1)
+            found &= keys[at] == key
+            ids = np.where(found, at, 0)
+            pair = ids[:, None] * V + cand  # (R, C)
+            pat = np.minimum(pair_keys.searchsorted(pair), pair_keys.size - 1)
+            hit = (pair_keys[pat] == pair) & in_vocab & found[:, None]
+            yield m, np.where(hit, pair_counts[pat], 0) / np.maximum(totals[ids], 1)[:, None], found.copy()
 
     def __repr__(self) -> str:
         sizes = ", ".join(

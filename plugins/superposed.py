@@ -24,6 +24,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
@@ -278,21 +279,24 @@ class Superposed(Strategy):
         self, drafts: torch.Tensor, top_tok: torch.Tensor, top_p: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
         """Per-draft log-scores of the candidates (B, k, n): LM alone, or interpolated with the n-gram model."""
-        lm = torch.log(top_p)  # (B, k, n)
         a = self.params.alpha
         if self.ngram is None or a == 0:
-            return lm
+            return torch.log(top_p)
         batch, k, n = top_tok.shape
         ng = self.ngram.interpolate(
             drafts.reshape(batch * k, -1),
             top_tok.reshape(batch * k, n),
             self.params.ngram_weights,
             lengths.repeat_interleave(k),
-        ).to(lm.device).view(batch, k, n)
-        ng = ng.masked_fill(top_p == 0, 0.0)
-        mixed = (1 - a) * lm + a * torch.log(ng)
-        none = torch.isneginf(mixed).all(dim=-1, keepdim=True)  # no candidate seen by the n-grams
-        return torch.where(none, (1 - a) * lm - self.params.penalty, mixed)
+        ).numpy().reshape(batch, k, n)
+        # numpy, like the look-ups: a handful of operations on B × k × n numbers per step
+        p = top_p.detach().cpu().numpy()
+        with np.errstate(divide="ignore"):
+            lm = np.log(p)
+            mixed = (1 - a) * lm + a * np.log(np.where(p > 0, ng, 0.0))
+        none = np.isneginf(mixed).all(axis=-1, keepdims=True)  # no candidate seen by the n-grams
+        scores = np.where(none, (1 - a) * lm - self.params.penalty, mixed)
+        return torch.from_numpy(scores).to(top_p.device)
 
     @staticmethod
     def _all_done(alive: torch.Tensor, fin: torch.Tensor) -> bool:
