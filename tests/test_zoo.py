@@ -280,3 +280,14 @@ def test_arith_mdlm_fills_a_long_window_with_eos():
     for row in out.sequences.tolist():  # at most 4 digits, then <eos> to the end of the window
         first = row.index(eos)
         assert first <= 4 and row[first:] == [eos] * (64 - first)
+
+
+def test_arith_mdlm_window_evaluation_reports_each_window():
+    from decodekit.pipelines.zoo.evaluate import evaluate_arith_mdlm_windows
+
+    report = evaluate_arith_mdlm_windows(num_problems=16, windows=(5, 32), threshold_windows=(32,))
+    first, second = report["rows"]
+    assert (first["gen_length"], first["model_calls"]) == (5, 5)
+    assert "threshold_0.9_accuracy" not in first
+    assert second["model_calls"] == 32 and second["threshold_0.9_model_calls"] < 32
+    assert first["accuracy"] >= 0.75 and second["threshold_0.9_accuracy"] >= 0.75  # measured 0.8125 both

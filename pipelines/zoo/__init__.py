@@ -82,7 +82,8 @@ CATALOGUE: dict[str, ZooModel] = {
         ZooModel(
             "arith-mdlm",
             "Bidirectional Llama trained as a masked diffusion LM (LLaDA-style) on the same "
-            "arithmetic and sentences, with a <mask> token.",
+            "arithmetic and sentences, with a <mask> token; adapted from arith-ar, answers "
+            "padded with <eos> to windows of up to 256 tokens.",
             "masked-diffusion-lm",
             "decodekit.pipelines.zoo.train_arith_mdlm",
             {"exact_answers": 0.80},
