@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--prompt-batches", type=int, default=4,
                     help="--model zoo: batches of held-out prompts per batch size")
     ap.add_argument("--model", choices=["random", "zoo"], default="random")
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help="run only these rows (baseline is always run); default: all")
     ap.add_argument("--out", default="benchmarks/results/dkv_cache.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,6 +81,11 @@ def main() -> None:
         "decode+threshold": ([{"name": "dkv-cache", "params": {"variant": "decode"}},
                               {"name": "parallel-threshold", "params": {"threshold": 0.9}}], {}),
     }
+    if args.configs:
+        unknown = set(args.configs) - set(configs)
+        if unknown:
+            ap.error(f"unknown configs {sorted(unknown)}; choose from {sorted(configs)}")
+        configs = {k: v for k, v in configs.items() if k == "baseline" or k in args.configs}
     results = {"machine": f"{platform.processor() or platform.machine()}, CPU, "
                f"{args.threads} thread(s), no GPU", "args": vars(args),
                "model": described, "rows": []}
