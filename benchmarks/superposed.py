@@ -5,15 +5,16 @@ arith tokenizer (then accuracy means nothing and only the cost figures count;
 the report says which). The n-gram model is built from the arith training
 corpus with the model's tokenizer (``decodekit.plugins.ngram``).
 
-For each held-out prompt, one at a time (batch 1), alternating methods per prompt:
+For each held-out prompt, one at a time (batch 1; ``--batch N`` for N prompts per
+call, left-padded), alternating methods per prompt (group):
 greedy; nucleus sampling (top_p 0.9, k samples); superposed (k drafts, paper
 defaults). Reported: median wall time per prompt and its ratio to greedy, model
 forwards, exact-answer accuracy (best draft, and any of the k), and perplexity of
 the generated answers under the model.
 
-    .venv/bin/python benchmarks/superposed.py [--k 3] [--prompts 60]
+    .venv/bin/python benchmarks/superposed.py [--k 3] [--prompts 60] [--batch 1]
 
-Writes benchmarks/results/superposed[_tiny].json.
+Writes benchmarks/results/superposed[_tiny][_batchN].json.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=60)
     ap.add_argument("--corpus", type=int, default=20000, help="training texts for the n-gram model")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1, help="prompts per generate call (left-padded)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -107,19 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     stats = {m: {"times": [], "nfe": [], "best": 0, "any": 0, "nll": 0.0, "tokens": 0} for m in methods}
-    for i, (prompt_text, answer) in enumerate(problems):
-        ids = tok(prompt_text)["input_ids"]
-        x = torch.tensor([ids])
+    tok.padding_side = "left"
+    groups = [problems[i : i + args.batch] for i in range(0, len(problems), args.batch)]
+    for i, group in enumerate(groups):
+        enc = tok([p for p, _ in group], return_tensors="pt", padding=True)
         for name, (strategies, kw) in methods.items():
             run = decodekit.attach(model, strategies or [])
             try:
                 torch.manual_seed(i)
-                model.generate(x, **gen_kw, **kw)  # warm-up
+                model.generate(**enc, **gen_kw, **kw)  # warm-up
                 times = []
                 for _ in range(args.repeats):
                     torch.manual_seed(i)
                     t0 = time.perf_counter()
-                    out = model.generate(x, **gen_kw, **kw)
+                    out = model.generate(**enc, **gen_kw, **kw)
                     times.append(time.perf_counter() - t0)
                 nfe = run.last["nfe"]
             finally:
@@ -127,14 +130,17 @@ def main(argv: list[str] | None = None) -> int:
             s = stats[name]
             s["times"].append(statistics.median(times))
             s["nfe"].append(nfe)
-            rows = [r[len(ids) :].tolist() for r in out]
-            answers = [answer_of(tok, r) for r in rows]
-            s["best"] += answers[0] == answer
-            s["any"] += answer in answers
-            for r in rows:
-                total, n = nll(model, ids, r, eos)
-                s["nll"] += total
-                s["tokens"] += n
+            per_input = out.shape[0] // len(group)  # sequences returned per prompt
+            for j, (prompt_text, answer) in enumerate(group):
+                ids = tok(prompt_text)["input_ids"]
+                rows = [r[enc.input_ids.shape[1] :].tolist() for r in out[j * per_input : (j + 1) * per_input]]
+                answers = [answer_of(tok, r) for r in rows]
+                s["best"] += answers[0] == answer
+                s["any"] += answer in answers
+                for r in rows:
+                    total, n = nll(model, ids, r, eos)
+                    s["nll"] += total
+                    s["tokens"] += n
 
     greedy_t = sum(stats["greedy"]["times"])
     n = len(problems)
@@ -145,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         "k": k,
         "prompts": n,
         "max_new_tokens": gen_kw["max_new_tokens"],
-        "machine": "2-core CPU shared with other jobs, no GPU; torch.set_num_threads(1); batch 1",
-        "command": f"python benchmarks/superposed.py --k {k} --prompts {args.prompts}",
+        "machine": f"2-core x86_64 CPU, no GPU; torch.set_num_threads(1); batch {args.batch}",
+        "command": f"python benchmarks/superposed.py --k {k} --prompts {args.prompts} --batch {args.batch}",
         "methods": {},
     }
     for name, s in stats.items():
@@ -162,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "superposed" + ("" if which == "zoo:arith-ar" else "_tiny")
+    name += f"_batch{args.batch}" if args.batch > 1 else ""
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0
