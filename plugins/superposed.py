@@ -104,8 +104,9 @@ def superposed_embedding(
 
 def draft_weights(scores: torch.Tensor) -> torch.Tensor:
     """Softmax of the drafts' scores (B, k); a row with no live draft gets uniform weights."""
-    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    return torch.softmax(torch.where(dead, torch.zeros_like(scores), scores), dim=-1)
+    # -inf -> the lowest finite value: an all -inf row becomes uniform, and elsewhere the
+    # replaced entries still get weight exactly 0
+    return torch.softmax(scores.nan_to_num(neginf=torch.finfo(scores.dtype).min), dim=-1)
 
 
 class Superposed(Strategy):
@@ -300,10 +301,9 @@ class Superposed(Strategy):
 
     @staticmethod
     def _all_done(alive: torch.Tensor, fin: torch.Tensor) -> bool:
-        # scores only decrease, so a live draft can never pass the k-th finished one
-        best_alive = alive.max(dim=1).values
-        worst_fin = fin.min(dim=1).values
-        return bool(((best_alive <= worst_fin) | torch.isneginf(best_alive)).all())
+        # scores only decrease, so a live draft can never pass the k-th finished one (a row
+        # with no live draft has best -inf, which is <= anything)
+        return bool((alive.max(dim=1).values <= fin.min(dim=1).values).all())
 
     def _output(self, model, cfg, fin_seq, fin, prompt_len, pad_id):
         """k sequences per input, best first: (B*k, L); a slot no draft reached is prompt + pad."""
