@@ -320,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         help="prior-noise composed with the Faster-Diffusion arms (default: 0.003 for zoo, 0 otherwise)",
     )
     ap.add_argument("--out", default=None, help="output stem (.json and .png are written)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     zoo = args.model == "zoo"
     prior_noise = args.prior_noise if args.prior_noise is not None else (0.003 if zoo else 0.0)
     guidance = 3.0 if zoo else 7.5
@@ -398,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python benchmarks/faster_diffusion_vs_deepcache.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()} CPU, torch threads 1, {platform.platform()}",
+        "machine": f"{platform.machine()} CPU, torch threads {args.threads}, {platform.platform()}",
         "torch": torch.__version__,
         "pipeline": (
             f"zoo:shapes-sd, 32x32 images, DDIM-{args.steps}, CFG {guidance}, "
