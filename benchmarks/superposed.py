@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             "time_s": sum(s["times"]),
             "time_vs_one_greedy_run": sum(s["times"]) / greedy_t,
             "time_vs_k_greedy_runs": sum(s["times"]) / (k * greedy_t),
-            "model_forwards_per_prompt": statistics.mean(s["nfe"]),
+            # forwards of one generate call, shared by the --batch prompts in it
+            ("model_forwards_per_prompt" if args.batch == 1 else "model_forwards_per_call"):
+            statistics.mean(s["nfe"]),
             "accuracy_first": s["best"] / n,
             "accuracy_any": s["any"] / n,
             "perplexity": math.exp(s["nll"] / max(1, s["tokens"])),
