@@ -10,6 +10,11 @@ baseline.
     .venv/bin/python benchmarks/dkv_cache.py --out benchmarks/results/dkv_cache.json
     .venv/bin/python benchmarks/dkv_cache.py --model zoo --gen-length 64 --block 32 --steps 64 \
         --out benchmarks/results/dkv_cache_zoo.json
+
+On a GPU (``--device cuda --dtype bfloat16``) the random model can take LLaDA-8B's
+per-layer shape (``--width 4096 --heads 32 --kv-heads 32 --intermediate 12288
+--vocab 126464``); it is built directly on the device. Timings synchronise the
+device before reading the clock.
 """
 
 from __future__ import annotations
@@ -25,15 +30,54 @@ import torch
 from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
 
 
-def llada_shaped(width: int, layers: int, vocab: int, seed: int = 0):
+def llada_shaped(
+    width: int,
+    layers: int,
+    vocab: int,
+    seed: int = 0,
+    *,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """A random bidirectional Llama (LLaDA's layout), built on ``device`` in ``dtype``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=int(width * 8 / 3),
-                      num_hidden_layers=layers, num_attention_heads=width // 32,
-                      num_key_value_heads=max(1, width // 128), max_position_embeddings=1024,
-                      is_causal=False)
-    return LlamaForCausalLM(cfg).eval()
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=intermediate or int(width * 8 / 3),
+        num_hidden_layers=layers,
+        num_attention_heads=heads or width // 32,
+        num_key_value_heads=kv_heads or max(1, width // 128),
+        max_position_embeddings=2048,
+        is_causal=False,
+    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def machine(device: str, threads: int) -> str:
+    if device.startswith("cuda"):
+        return (
+            f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}"
+        )
+    return f"{platform.processor() or platform.machine()}, CPU, {threads} thread(s), no GPU"
 
 
 def main() -> None:
@@ -47,71 +91,145 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--prompt-batches", type=int, default=4,
-                    help="--model zoo: batches of held-out prompts per batch size")
+    ap.add_argument(
+        "--prompt-batches",
+        type=int,
+        default=4,
+        help="--model zoo: batches of held-out prompts per batch size",
+    )
     ap.add_argument("--model", choices=["random", "zoo"], default="random")
-    ap.add_argument("--configs", nargs="+", default=None,
-                    help="run only these rows (baseline is always run); default: all")
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        help="run only these rows (baseline is always run); default: all",
+    )
     ap.add_argument("--out", default="benchmarks/results/dkv_cache.json")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument(
+        "--heads", type=int, default=None, help="random model: attention heads (width/32)"
+    )
+    ap.add_argument(
+        "--kv-heads", type=int, default=None, help="random model: K/V heads (width/128)"
+    )
+    ap.add_argument(
+        "--intermediate", type=int, default=None, help="random model: MLP width (8/3 width)"
+    )
+    ap.add_argument("--vocab", type=int, default=512, help="random model: vocabulary size")
+    ap.add_argument(
+        "--refresh-interval",
+        type=int,
+        default=4,
+        help="refresh_interval of the decode, greedy and pd rows",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    vocab = 512
+    vocab = args.vocab
+    dtype = getattr(torch, args.dtype)
     if args.model == "zoo":
         from decodekit.pipelines.zoo import zoo_path
         from decodekit.pipelines.zoo.arith_data import held_out_problems
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(zoo_path("arith-mdlm")).eval()
+        model = AutoModelForCausalLM.from_pretrained(zoo_path("arith-mdlm"), dtype=dtype)
+        model = model.to(args.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(zoo_path("arith-mdlm"))
         pipe = MaskedDiffusionLMPipeline(model, tokenizer)
         problems = held_out_problems(max(args.batches) * args.prompt_batches)
         described = "zoo:arith-mdlm; prompts: held-out sums (held_out_problems)"
     else:
-        model = llada_shaped(args.width, args.layers, vocab)
-        pipe = MaskedDiffusionLMPipeline(model, mask_token_id=vocab - 1, eos_token_id=2, pad_token_id=0)
-        described = (f"random LLaDA-shaped bidirectional Llama, width {args.width}, "
-                     f"{args.layers} layers, vocab {vocab}")
+        model = llada_shaped(
+            args.width,
+            args.layers,
+            vocab,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            intermediate=args.intermediate,
+            device=args.device,
+            dtype=dtype,
+        )
+        pipe = MaskedDiffusionLMPipeline(
+            model, mask_token_id=vocab - 1, eos_token_id=2, pad_token_id=0
+        )
+        c = model.config
+        described = (
+            f"random LLaDA-shaped bidirectional Llama, width {c.hidden_size}, "
+            f"{c.num_hidden_layers} layers, {c.num_attention_heads} heads / "
+            f"{c.num_key_value_heads} K/V heads, MLP {c.intermediate_size}, vocab {vocab}, "
+            f"{args.dtype}, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params"
+        )
+    every = args.refresh_interval
     configs = {
         "baseline": ([], {}),
-        "decode": ([{"name": "dkv-cache", "params": {"variant": "decode", "refresh_interval": 4}}], {}),
-        "greedy": ([{"name": "dkv-cache", "params": {"variant": "greedy", "refresh_interval": 4}}], {}),
+        "decode": (
+            [{"name": "dkv-cache", "params": {"variant": "decode", "refresh_interval": every}}],
+            {},
+        ),
+        "greedy": (
+            [{"name": "dkv-cache", "params": {"variant": "greedy", "refresh_interval": every}}],
+            {},
+        ),
         "prefill": ([{"name": "dkv-cache", "params": {"variant": "prefill"}}], {}),
-        "pd": ([{"name": "dkv-cache", "params": {"variant": "pd", "refresh_interval": 4}}], {}),
+        "pd": ([{"name": "dkv-cache", "params": {"variant": "pd", "refresh_interval": every}}], {}),
         "threshold": ([{"name": "parallel-threshold", "params": {"threshold": 0.9}}], {}),
-        "decode+threshold": ([{"name": "dkv-cache", "params": {"variant": "decode"}},
-                              {"name": "parallel-threshold", "params": {"threshold": 0.9}}], {}),
+        "decode+threshold": (
+            [
+                {"name": "dkv-cache", "params": {"variant": "decode"}},
+                {"name": "parallel-threshold", "params": {"threshold": 0.9}},
+            ],
+            {},
+        ),
     }
     if args.configs:
         unknown = set(args.configs) - set(configs)
         if unknown:
             ap.error(f"unknown configs {sorted(unknown)}; choose from {sorted(configs)}")
         configs = {k: v for k, v in configs.items() if k == "baseline" or k in args.configs}
-    results = {"machine": f"{platform.processor() or platform.machine()}, CPU, "
-               f"{args.threads} thread(s), no GPU", "args": vars(args),
-               "model": described, "rows": []}
+    results = {
+        "machine": machine(args.device, args.threads),
+        "args": vars(args),
+        "model": described,
+        "rows": [],
+    }
     gkw = dict(gen_length=args.gen_length, block_length=args.block, steps=args.steps)
     for batch in args.batches:
         if args.model == "zoo":  # several batches of distinct held-out prompts
-            inputs = [dict(prompt=[p for p, _ in problems[i * batch : (i + 1) * batch]])
-                      for i in range(args.prompt_batches)]
-            answers = [[a for _, a in problems[i * batch : (i + 1) * batch]]
-                       for i in range(args.prompt_batches)]
+            inputs = [
+                dict(prompt=[p for p, _ in problems[i * batch : (i + 1) * batch]])
+                for i in range(args.prompt_batches)
+            ]
+            answers = [
+                [a for _, a in problems[i * batch : (i + 1) * batch]]
+                for i in range(args.prompt_batches)
+            ]
         else:
             g = torch.Generator().manual_seed(batch)
-            inputs = [dict(input_ids=torch.randint(3, vocab - 1, (batch, args.prompt), generator=g))]
+            inputs = [
+                dict(input_ids=torch.randint(3, vocab - 1, (batch, args.prompt), generator=g))
+            ]
             answers = None
 
-        def run(strategies):
+        def run(strategies, kw=gkw, inputs=inputs):
+            sync(args.device)
             start, outs, ideal = time.perf_counter(), [], None
             if strategies:
                 with decodekit.attach(pipe, strategies) as r:
-                    outs = [pipe(**x, **gkw) for x in inputs]
+                    outs = [pipe(**x, **kw) for x in inputs]
                 ideal = r.ideal_speedup()
             else:
-                outs = [pipe(**x, **gkw) for x in inputs]
+                outs = [pipe(**x, **kw) for x in inputs]
+            sync(args.device)
             return time.perf_counter() - start, outs, ideal
 
-        run([])  # warm-up
+        # Warm-up: every row once on one block (first calls pay one-time set-up costs).
+        warm = dict(
+            gen_length=args.block,
+            block_length=args.block,
+            steps=max(1, args.steps * args.block // args.gen_length),
+        )
+        for strategies, _ in configs.values():
+            run(strategies, warm)
         times = {k: [] for k in configs}
         outs = {}
         for _ in range(args.repeats):
@@ -127,9 +245,12 @@ def main() -> None:
             t = statistics.median(times[name])
             seqs = torch.cat([o.sequences for o in out])
             row = {
-                "batch": batch, "config": name, "median_s": round(t, 3),
+                "batch": batch,
+                "config": name,
+                "median_s": round(t, 3),
                 "tokens_per_s": round(generated / t, 1),
-                "speedup": round(base_t / t, 2), "nfe": sum(o.nfe for o in out) / len(out),
+                "speedup": round(base_t / t, 2),
+                "nfe": sum(o.nfe for o in out) / len(out),
                 "tokens_computed": sum(sum(o.tokens_computed) for o in out) / len(out),
                 "ideal_speedup": None if ideal is None else round(ideal, 2),
                 "token_agreement": round(float((seqs == base_seq).double().mean()), 3),

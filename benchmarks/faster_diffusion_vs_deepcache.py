@@ -26,6 +26,11 @@ with the baseline, Frechet distance to the baseline on the judge's features).
 
     .venv/bin/python benchmarks/faster_diffusion_vs_deepcache.py --steps 50 --rounds 3
     .venv/bin/python benchmarks/faster_diffusion_vs_deepcache.py --model zoo --steps 50 --rounds 3
+
+On a GPU, ``--device cuda --dtype float16 --width 320 --latent-size 64 --cross-dim 768``
+gives Stable Diffusion 1.5's UNet at full width on 512x512-sized latents (random
+weights; a one-layer text encoder of width 768 and a tiny VAE around it). Timers
+synchronise the device around each UNet call and each pipeline call.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ def zoo_prompts() -> list[str]:
     return list(yaml.safe_load(ZOO_EXAMPLE.read_text())["inputs"]["prompt"])
 
 
-def sd15_shaped_pipeline(width: int, seed: int = 0):
+def sd15_shaped_pipeline(width: int, seed: int = 0, latent_size: int = 32, cross_dim: int = 64):
     """A random StableDiffusionPipeline with SD 1.5's UNet block layout at base width ``width``."""
     import diffusers
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -79,18 +84,18 @@ def sd15_shaped_pipeline(width: int, seed: int = 0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=32,
+        sample_size=latent_size,
         in_channels=4,
         out_channels=4,
         layers_per_block=2,
         block_out_channels=(width, 2 * width, 4 * width, 4 * width),  # SD 1.5: 320, 640, 1280, 1280
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=64,
+        cross_attention_dim=cross_dim,
         attention_head_dim=8,
         norm_num_groups=min(32, width),
     )
-    text_encoder, tokenizer = tiny_text_encoder(hidden=64)
+    text_encoder, tokenizer = tiny_text_encoder(hidden=cross_dim)
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(),
         text_encoder=text_encoder,
@@ -105,8 +110,16 @@ def sd15_shaped_pipeline(width: int, seed: int = 0):
     return pipe
 
 
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class UNetTimer:
-    """Seconds spent inside ``unet.__call__`` (torch hooks run around whatever forward is installed)."""
+    """Seconds spent inside ``unet.__call__`` (torch hooks run around whatever forward is installed).
+
+    On a GPU the device is synchronised at both ends, so the time is the UNet's work.
+    """
 
     def __init__(self, unet: torch.nn.Module):
         self.total = 0.0
@@ -117,9 +130,11 @@ class UNetTimer:
         ]
 
     def _start(self) -> None:
+        sync()
         self._t0 = time.perf_counter()
 
     def _stop(self) -> None:
+        sync()
         self.total += time.perf_counter() - self._t0
 
     def remove(self) -> None:
@@ -202,19 +217,21 @@ def run_arm(
         side,
         side,
         generator=torch.Generator().manual_seed(seed),
-    )  # (B, C, h, w)
+    ).to(pipe.unet.device, pipe.unet.dtype)  # (B, C, h, w)
     kwargs = dict(
         num_inference_steps=steps, latents=latents, output_type="pil", guidance_scale=guidance
     )
     meter = measure(pipe.unet)
     extra: dict[str, Any] = {}
     try:
+        sync()
         t0 = time.perf_counter()
         if arm["kind"] == "fd":
             specs: list[dict[str, Any]] = [{"name": "faster-diffusion", "params": arm["params"]}]
             if prior_noise > 0:
                 specs.append({"name": "prior-noise", "params": {"prior_noise": prior_noise}})
             with decodekit.attach(pipe, specs) as run:
+                sync()
                 t0 = time.perf_counter()
                 images = pipe(prompts, **kwargs).images
                 wall = time.perf_counter() - t0
@@ -226,6 +243,7 @@ def run_arm(
             helper.set_params(cache_interval=arm["interval"], cache_branch_id=0)
             helper.enable()
             try:
+                sync()
                 t0 = time.perf_counter()
                 images = pipe(prompts, **kwargs).images
                 wall = time.perf_counter() - t0
@@ -321,6 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default=None, help="output stem (.json and .png are written)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument(
+        "--latent-size", type=int, default=32, help="random UNet: latent side (SD 1.5: 64)"
+    )
+    ap.add_argument(
+        "--cross-dim", type=int, default=64, help="random UNet: text width (SD 1.5: 768)"
+    )
+    ap.add_argument("--batch", type=int, default=1, help="random UNet: prompts per call")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     zoo = args.model == "zoo"
@@ -343,7 +370,17 @@ def main(argv: list[str] | None = None) -> int:
     if zoo:
         pipe, prompts = zoo_pipeline(), zoo_prompts()
     else:
-        pipe, prompts = sd15_shaped_pipeline(args.width), ["a red circle"]
+        pipe = sd15_shaped_pipeline(
+            args.width, latent_size=args.latent_size, cross_dim=args.cross_dim
+        )
+        prompts = [
+            "a red circle",
+            "a big blue square on the left",
+            "a small green triangle",
+            "the red circle on top",
+        ][: args.batch] * (1 + args.batch // 4)
+        prompts = prompts[: args.batch]
+    pipe = pipe.to(args.device, getattr(torch, args.dtype))
     todo = arms(has_deepcache, sequential=not zoo)
     run_kw = {"guidance": guidance, "prior_noise": prior_noise}
 
@@ -399,14 +436,19 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python benchmarks/faster_diffusion_vs_deepcache.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()} CPU, torch threads {args.threads}, {platform.platform()}",
+        "machine": (
+            f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, {args.dtype}"
+            if args.device.startswith("cuda")
+            else f"{platform.machine()} CPU, torch threads {args.threads}, {platform.platform()}"
+        ),
         "torch": torch.__version__,
         "pipeline": (
             f"zoo:shapes-sd, 32x32 images, DDIM-{args.steps}, CFG {guidance}, "
             f"batch {len(prompts)} (prompts of {ZOO_EXAMPLE.relative_to(ROOT)})"
             if zoo
-            else f"random SD-1.5-layout UNet, width {args.width}, 32x32 latents, "
-            f"DDIM-{args.steps}, CFG {guidance}, batch 1"
+            else f"random SD-1.5-layout UNet, width {args.width}, "
+            f"{args.latent_size}x{args.latent_size} latents, text width {args.cross_dim}, "
+            f"DDIM-{args.steps}, CFG {guidance}, batch {len(prompts)}, {args.dtype}"
         ),
         "model": args.model,
         "prior_noise_on_fd_arms": prior_noise,

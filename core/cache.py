@@ -330,6 +330,8 @@ class PositionalKVCache:
                     "(B, P) bool mask, so that the batch size is known."
                 )
             self._check_batch(batch, "positions")
+        if self._device is None and isinstance(positions, torch.Tensor):
+            self._device = positions.device  # the record lives where the K/V will
         rows, pos, _ = self._triples(positions, batch, None)
         decoded = self._decoded(max(int(pos.max()) + 1 if pos.numel() else 0, 0))
         decoded[rows, pos] = step
@@ -523,6 +525,8 @@ class PositionalKVCache:
         lay.evicted = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         lay.stored_step = torch.zeros(batch, 0, dtype=torch.long, device=device)
         self._device = device
+        if self._decoded_at is not None:  # marked before the first store, perhaps elsewhere
+            self._decoded_at = self._decoded_at.to(device)
 
     def _decoded(self, length: int) -> torch.Tensor:
         """The decoded-step record, grown to at least ``length`` slots."""

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU benchmarks, as one script for a lent GPU machine (H100/H200 with PyTorch,
+# no registry access). Usage:   bash benchmarks/gpu_session.sh smoke|full
+#
+# Needs wheels in .whl/ for what the machine's image lacks (diffusers, DeepCache,
+# pydantic and friends) and for decodekit itself, built beforehand with
+#   .venv/bin/pip wheel --no-deps --no-build-isolation -w .whl .
+# Results go to $OUT/results.tar (re-written after every step, so a run cut off
+# still returns what finished) and the log to $OUT/log.txt.
+set -u
+MODE=${1:-smoke}
+OUT=${OUT:-/tmp/dk-gpu-out}
+RES=/tmp/dk-gpu-results
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+python3 -c "import torch, diffusers, transformers, decodekit; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+
+pack() { tar -C "$RES" -cf "$OUT/results.tar" . ; }
+step() {  # step NAME CMD...: run, time, pack
+    local name=$1; shift
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    "$@" || echo "!!! $name failed (rc $?)"
+    echo "=== $name took $((SECONDS - t0)) s"
+    pack
+}
+
+DKV_LLADA=(--width 4096 --layers 8 --heads 32 --kv-heads 32 --intermediate 12288 --vocab 126464
+           --device cuda --dtype bfloat16)
+FD_SD15=(--device cuda --dtype float16 --width 320 --latent-size 64 --cross-dim 768)
+
+if [ "$MODE" = smoke ]; then
+    step fd-smoke python3 benchmarks/faster_diffusion_vs_deepcache.py --steps 6 --rounds 1 \
+        --width 32 --latent-size 16 --device cuda --dtype float16 --out "$RES/fd_smoke"
+    step dkv-smoke python3 benchmarks/dkv_cache.py --width 256 --layers 2 --vocab 1024 \
+        --device cuda --dtype bfloat16 --gen-length 64 --block 32 --steps 64 --prompt 16 \
+        --batches 2 --repeats 1 --out "$RES/dkv_smoke.json"
+    step example-smoke python3 -m decodekit.cli bench examples/superposed.yaml --repeat 1 \
+        --json "$RES/superposed_smoke.json" --png "$RES/superposed_smoke.png"
+    exit 0
+fi
+
+# 0. The CUDA oracles: every strategy on the GPU equals the same run on the CPU.
+step cuda-tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+# 1. Faster-Diffusion vs DeepCache on SD 1.5's UNet at full width, fp16, 512x512 latents.
+step fd-sd15 python3 benchmarks/faster_diffusion_vs_deepcache.py --steps 50 --rounds 3 \
+    "${FD_SD15[@]}" --out "$RES/faster_diffusion_vs_deepcache_sd15_gpu"
+# 2. dkv-cache on LLaDA-8B's layer shape (8 of its 32 layers), gen 256, block 32, 256 steps.
+step dkv-p64 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 64 \
+    --gen-length 256 --block 32 --steps 256 --batches 1 8 --repeats 2 \
+    --configs decode greedy prefill pd --out "$RES/dkv_cache_llada_gpu_p64.json"
+# 3. A few-shot-length prompt (512 tokens), where caching the prompt pays.
+step dkv-p512 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 512 \
+    --gen-length 256 --block 32 --steps 256 --batches 8 --repeats 2 \
+    --configs decode prefill pd --out "$RES/dkv_cache_llada_gpu_p512.json"
+# 4. The example rows (zoo models) on the GPU.
+step examples python3 benchmarks/examples_table.py --repeat 3 --out "$RES/examples_gpu"
+# 5. Refresh every 8 steps, prompt 64.
+step dkv-p64-r8 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 64 \
+    --gen-length 256 --block 32 --steps 256 --batches 8 --repeats 2 --refresh-interval 8 \
+    --configs decode pd --out "$RES/dkv_cache_llada_gpu_p64_r8.json"
+echo "=== all done"

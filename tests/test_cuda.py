@@ -1,0 +1,106 @@
+"""The strategies on a CUDA device: each result equals the same run on the CPU.
+
+Skipped without a GPU (CI has none); run on a GPU machine with
+``pytest tests/test_cuda.py`` (benchmarks/gpu_session.sh does). Float64 models
+and temperature 0, so CPU and GPU must choose the same tokens.
+"""
+
+from __future__ import annotations
+
+import decodekit
+import pytest
+import torch
+
+from tests.test_masked_diffusion import PROMPTS as MDM_PROMPTS
+from tests.test_masked_diffusion import tiny_pipeline
+from tests.test_stable_diffusion_adapter import sd_latents
+from tests.tiny import tiny_llama, tiny_sd_pipeline
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+LM_PROMPTS = [[1, 5, 6, 7], [1, 9, 3, 4], [1, 30, 31, 8]]
+
+
+def on_both(make, run):
+    """``run(obj)`` for ``make()`` on the CPU and a second ``make()`` moved to CUDA."""
+    cpu = run(make())
+    gpu = run(make().to("cuda"))
+    return cpu, gpu
+
+
+@pytest.mark.parametrize("variant", ["decode", "greedy", "prefill", "pd"])
+@pytest.mark.parametrize("threshold", [False, True])
+def test_dkv_cache_on_cuda_matches_cpu(variant, threshold):
+    specs = [{"name": "dkv-cache", "params": {"variant": variant, "refresh_interval": 4}}]
+    if threshold:
+        specs.append({"name": "parallel-threshold", "params": {"threshold": 0.3}})
+
+    def go(pipe):
+        with decodekit.attach(pipe, specs):
+            out = pipe(input_ids=MDM_PROMPTS, gen_length=16, block_length=8, steps=8)
+        return out.sequences.cpu(), out.tokens_computed
+
+    (cpu, cpu_tokens), (gpu, gpu_tokens) = go(tiny_pipeline()), go(_mdm_on_cuda())
+    assert torch.equal(cpu, gpu)
+    assert cpu_tokens == gpu_tokens
+
+
+def _mdm_on_cuda():
+    pipe = tiny_pipeline()
+    pipe.model.to("cuda")
+    return pipe
+
+
+def test_masked_diffusion_baseline_on_cuda_matches_cpu():
+    kw = dict(input_ids=MDM_PROMPTS, gen_length=16, block_length=8, steps=8)
+    assert torch.equal(tiny_pipeline()(**kw).sequences.cpu(), _mdm_on_cuda()(**kw).sequences.cpu())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "superposed", "params": {"k": 1, "alpha": 0.0, "n_token_sample": 1}},
+        {"name": "diverse-beam", "params": {"num_beam_groups": 2, "diversity_penalty": 0.7}},
+    ],
+)
+def test_token_strategies_on_cuda_match_cpu(spec):
+    def go(model):
+        kw = dict(max_new_tokens=8, pad_token_id=0, do_sample=False)
+        if spec["name"] == "diverse-beam":
+            kw.update(num_beams=4, num_return_sequences=4)
+        ids = torch.tensor(LM_PROMPTS, device=model.device)
+        with decodekit.attach(model, [spec]):
+            return model.generate(ids, **kw).cpu()
+
+    cpu, gpu = on_both(lambda: tiny_llama(dtype=torch.float64), go)
+    assert torch.equal(cpu, gpu)
+
+
+def test_faster_diffusion_on_cuda_oracles():
+    # Against a run on the same device: diffusers' own UNet on CUDA differs from
+    # the CPU by ~1e-6 even in float64 (its time projection is float32), so the
+    # oracles are the CPU suite's, on the GPU: every step a key step equals the
+    # baseline exactly; the parallel decoder equals the sequential one.
+    pipe = tiny_sd_pipeline().to("cuda", torch.float64)
+    prompts = ["a red circle", "a blue square"]
+
+    def go(specs):
+        latents = sd_latents(pipe, 2, 0).to("cuda", torch.float64)
+        with decodekit.attach(pipe, specs) as run:
+            out = pipe(prompts, num_inference_steps=8, latents=latents, output_type="latent")
+        return out.images, run.stats["strategies"].get("faster-diffusion", {})
+
+    base, _ = go([])
+    every, st = go([{"name": "faster-diffusion", "params": {"key_steps": "all"}}])
+    assert torch.equal(every, base) and st["decoder_calls"] == 0
+    outs = {}
+    for parallel in (False, True):
+        params = {"key_steps": "uniform-3", "parallel_decoder": parallel}
+        outs[parallel], st = go(
+            [
+                {"name": "faster-diffusion", "params": params},
+                {"name": "prior-noise", "params": {"prior_noise": 0.01}},
+            ]
+        )
+        assert st["decoder_calls"] > 0
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-9, atol=1e-9)
