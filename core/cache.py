@@ -20,6 +20,12 @@ Positions are given in one of three forms everywhere (a *position spec*):
   are ignored, so rows can name different numbers of positions (ragged batches);
 - a 2-D ``BoolTensor`` ``(B, P)``: position ``p`` of row ``b`` is named where
   ``mask[b, p]`` is true (``P`` may be shorter or longer than the cache).
+
+A spec is checked and flattened where it is used, which reads values back from
+the device. A strategy that stores the same positions in every layer of one
+forward checks them once with :meth:`PositionalKVCache.prepare` and passes the
+returned :class:`PreparedPositions` to :meth:`PositionalKVCache.store`: the
+per-layer writes then never wait for the GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ __all__ = [
     "CacheError",
     "KVView",
     "PositionalKVCache",
+    "PreparedPositions",
     "StepFeatureMemo",
     "TransformersKVCache",
 ]
@@ -76,6 +83,27 @@ class KVView:
         bias = torch.zeros(self.key_mask.shape, dtype=dtype, device=self.key_mask.device)
         bias = bias.masked_fill(~self.key_mask, torch.finfo(dtype).min)
         return bias[:, None, None, :]  # (B, 1, 1, K)
+
+
+@dataclass(frozen=True)
+class PreparedPositions:
+    """A position spec checked and flattened once (:meth:`PositionalKVCache.prepare`).
+
+    Attributes:
+        rows: ``(N,)`` long, the row of each named slot.
+        positions: ``(N,)`` long, its absolute position.
+        columns: ``(N,)`` long, the column of the keys passed to ``store`` that goes there.
+        batch_size: ``B`` of the spec.
+        width: ``Q``, the number of key columns the spec was prepared for.
+        end: one past the highest position named (0 if none).
+    """
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    columns: torch.Tensor
+    batch_size: int
+    width: int
+    end: int
 
 
 class _LayerKV:
@@ -201,6 +229,29 @@ class PositionalKVCache:
 
     # ----------------------------------------------------------------- writing
 
+    def prepare(self, positions: PositionSpec, q_len: int) -> PreparedPositions:
+        """Check and flatten ``positions`` for keys with ``q_len`` columns, once.
+
+        The result can be passed to :meth:`store` for any number of layers; those
+        calls then do no checking that reads from the device (on a GPU: no
+        synchronisation per layer). The batch size must match the cache's.
+        """
+        if isinstance(positions, torch.Tensor) and positions.dim() == 2:
+            batch = positions.shape[0]
+        elif self._batch_size is not None:
+            batch = self._batch_size
+        else:
+            raise CacheError(
+                "prepare needs per-row positions (B, Q) or a (B, P) bool mask while the cache "
+                "is empty, so that the batch size is known."
+            )
+        self._check_batch(batch, "positions")
+        if self._device is None and isinstance(positions, torch.Tensor):
+            self._device = positions.device
+        rows, pos, cols = self._triples(positions, batch, q_len)
+        end = int(pos.max()) + 1 if pos.numel() else 0
+        return PreparedPositions(rows, pos, cols, batch, q_len, end)
+
     def store(
         self,
         layer: int,
@@ -218,7 +269,8 @@ class PositionalKVCache:
                 ``positions[..., q]``. With a bool mask ``(B, P)``, keys are dense over
                 positions ``0..P-1`` (``Q == P``) and only the masked ones are written.
             values: ``(B, H, Q, Dv)``, laid out like ``keys``.
-            positions: a position spec (see the module docstring).
+            positions: a position spec (see the module docstring), or
+                :class:`PreparedPositions` from :meth:`prepare`.
             step: the loop step whose forward computed these K/V; needed for
                 :meth:`reusable`. None for loops without steps (token autoregression).
         """
@@ -230,15 +282,24 @@ class PositionalKVCache:
             )
         batch, heads, q_len = keys.shape[:3]
         self._check_batch(batch, "keys")
-        rows, pos, cols = self._triples(positions, batch, q_len)
+        if isinstance(positions, PreparedPositions):
+            if (positions.batch_size, positions.width) != (batch, q_len):
+                raise CacheError(
+                    f"these positions were prepared for (B, Q) = ({positions.batch_size}, "
+                    f"{positions.width}) but the keys have ({batch}, {q_len})."
+                )
+            rows, pos, cols, end = positions.rows, positions.positions, positions.columns, positions.end
+        else:
+            rows, pos, cols = self._triples(positions, batch, q_len)
+            end = int(pos.max()) + 1 if pos.numel() else 0
         self._ensure_layer(lay, keys, values)
         if lay.keys.shape[1] != heads or lay.keys.shape[3] != keys.shape[3]:
             raise CacheError(
                 f"layer {layer} holds keys with H={lay.keys.shape[1]}, D={lay.keys.shape[3]}; "
                 f"got H={heads}, D={keys.shape[3]}."
             )
-        if pos.numel():
-            lay.apply(lambda t, dim: _grow(t, dim, int(pos.max()) + 1, _fill_for(t)))
+        if end > lay.length:
+            lay.apply(lambda t, dim: _grow(t, dim, end, _fill_for(t)))
         # Advanced indices separated by a slice put the indexed dim first: (N, H, D).
         lay.keys[rows, :, pos, :] = keys[rows, :, cols, :].to(lay.keys.dtype)
         lay.values[rows, :, pos, :] = values[rows, :, cols, :].to(lay.values.dtype)

@@ -8,10 +8,12 @@ it in and says how to build the pipeline and run it.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import decodekit
 import torch
+from torch.overrides import TorchFunctionMode
 
 
 def _modules_of(obj: Any) -> dict[str, torch.nn.Module]:
@@ -172,3 +174,37 @@ class StrategyTesterMixin:
             raise AssertionError("broken_call did not raise")
         assert not run.attached
         assert_restored(before, fingerprint(pipe))
+
+
+class HostReads(TorchFunctionMode):
+    """Count the tensor operations that read values back to the host.
+
+    On a GPU each of them (``bool(t)``, ``int(t)``, ``t.item()``, ``t.tolist()``,
+    ``t.nonzero()``, ``t.cpu()``...) waits until the device has finished all work
+    queued so far, so a strategy that reads once per layer serialises the model's
+    forward. The count is taken on any device, so CPU tests can check that a
+    strategy's reads per step do not grow with the number of layers::
+
+        with HostReads() as reads:
+            pipe(...)
+        reads.total  # operations that read back
+        reads.counts  # by name
+    """
+
+    NAMES = frozenset(
+        {"__bool__", "__int__", "__index__", "__float__", "item", "tolist", "nonzero", "cpu", "numpy"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))

@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from decodekit.cache import PositionalKVCache
+from decodekit.cache import PositionalKVCache, PreparedPositions
 from decodekit.errors import AttachError
 from decodekit.hookspecs import hookimpl
 from decodekit.strategy import Params, Strategy
@@ -112,10 +112,10 @@ class DKVCacheParams(Params):
 class _Forward:
     """What the attention function needs during one partial forward."""
 
-    __slots__ = ("q_pos", "key_ok", "length", "step")
+    __slots__ = ("slots", "key_ok", "length", "step")
 
-    def __init__(self, q_pos: torch.Tensor, key_ok: torch.Tensor, length: int, step: int):
-        self.q_pos = q_pos  # (B, Q) long, -1 on padding entries
+    def __init__(self, slots: PreparedPositions, key_ok: torch.Tensor, length: int, step: int):
+        self.slots = slots  # where each fed column's K/V go, checked once per forward
         self.key_ok = key_ok  # (B, L) bool, real (non-padding) positions
         self.length = length
         self.step = step
@@ -274,15 +274,16 @@ class DKVCache(Strategy):
         q_pos = torch.where(real, order, torch.full_like(order, -1))
         ids = x.gather(1, order)  # (B, Q)
         pos_ids = position_ids.gather(1, order)  # (B, Q)
-        self._ctx = _Forward(q_pos, valid, length, step)
+        # Checked and flattened once here, so the per-layer stores never wait for the device.
+        slots = self.cache.prepare(q_pos, width)
+        self._ctx = _Forward(slots, valid, length, step)
         try:
             out = model(input_ids=ids, position_ids=pos_ids, use_cache=False)
         finally:
             self._ctx = None
         logits_q = out.logits  # (B, Q, V)
         logits = logits_q.new_zeros(batch, length, logits_q.shape[-1])  # (B, L, V)
-        rows, cols = real.nonzero(as_tuple=True)
-        logits[rows, order[rows, cols]] = logits_q[rows, cols]
+        logits[slots.rows, slots.positions] = logits_q[slots.rows, slots.columns]
         return logits, batch * width
 
     def _attend(self, module, query, key, value, scaling):
@@ -290,7 +291,7 @@ class DKVCache(Strategy):
         ctx = self._ctx
         layer = int(module.layer_idx)
         cache = self.cache
-        cache.store(layer, key, value, ctx.q_pos, step=ctx.step)
+        cache.store(layer, key, value, ctx.slots, step=ctx.step)
         view = cache.gather(layer)
         keys = view.keys[:, :, : ctx.length]  # (B, Hkv, L, D)
         values = view.values[:, :, : ctx.length]

@@ -39,6 +39,43 @@ def test_store_by_index_places_keys_at_absolute_positions():
     assert view.key_mask.tolist() == [[False, True, False, True]] * B
 
 
+def test_prepared_positions_store_like_the_spec_without_host_reads():
+    from decodekit.testing import HostReads
+
+    spec = torch.tensor([[4, 0, -1], [2, 5, 1]])  # ragged: row 0 names two positions
+    keys, values = kv(q_len=3)
+    plain, fast = PositionalKVCache(num_layers=3), PositionalKVCache(num_layers=3)
+    prepared = fast.prepare(spec, 3)
+    assert prepared.end == 6 and prepared.rows.numel() == 5
+    with HostReads() as reads:
+        for layer in range(3):
+            fast.store(layer, keys, values, prepared, step=2)
+    assert reads.total == 0
+    for layer in range(3):
+        plain.store(layer, keys, values, spec, step=2)
+        a, b = plain.gather(layer), fast.gather(layer)
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert torch.equal(a.key_mask, b.key_mask)
+    assert torch.equal(plain.reusable(5), fast.reusable(5))
+    # the control: the same stores from the spec read back every layer
+    with HostReads() as reads:
+        for layer in range(3):
+            plain.store(layer, keys, values, spec, step=3)
+    assert reads.total >= 3
+
+
+def test_prepared_positions_are_checked_once_and_must_fit_the_keys():
+    cache = PositionalKVCache(num_layers=1)
+    with pytest.raises(CacheError, match="batch size is known"):
+        cache.prepare(torch.tensor([0, 1]), 2)
+    with pytest.raises(CacheError, match="names a position twice"):
+        cache.prepare(torch.tensor([[0, 0], [1, 2]]), 2)
+    prepared = cache.prepare(torch.tensor([[0, 1], [1, 2]]), 2)
+    keys, values = kv(q_len=3)
+    with pytest.raises(CacheError, match=r"prepared for \(B, Q\) = \(2, 2\)"):
+        cache.store(0, keys, values, prepared)
+
+
 def test_store_with_dense_bool_mask_writes_only_masked_positions():
     cache = PositionalKVCache(num_layers=1)
     keys, values = kv(q_len=4)

@@ -39,6 +39,25 @@ def test_cache_computes_fewer_tokens_and_decode_stays_close():
     assert run.ideal_speedup() > 1.2
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_host_reads_per_step_do_not_grow_with_depth(variant):
+    # On a GPU every read-back waits for the device; reads per layer would serialise
+    # the forward (seen on an H200: decode slower than no cache). Count them on CPU.
+    from decodekit.testing import HostReads
+
+    per_depth = {}
+    for layers in (1, 4):
+        pipe = tiny_pipeline(layers=layers)
+        with decodekit.attach(pipe, [dkv(variant, refresh_interval=4)]):
+            with HostReads() as reads:
+                pipe(input_ids=PROMPTS, **KW)
+        per_depth[layers] = reads.total
+    with HostReads() as base:
+        tiny_pipeline(layers=4)(input_ids=PROMPTS, **KW)
+    assert per_depth[1] == per_depth[4]
+    assert per_depth[4] <= base.total + 12 * KW["steps"]  # a few per step, none per layer
+
+
 class LogitsSpy(Strategy):
     """Serves each step through the cache itself and records x and the logits (runs first)."""
 
