@@ -3,9 +3,10 @@
 # no registry access). Usage:   bash benchmarks/gpu_session.sh smoke|full
 #
 # Needs wheels in .whl/ for what the machine's image lacks (diffusers, DeepCache,
-# pydantic and friends) and for decodekit itself, built beforehand with
-#   .venv/bin/pip wheel --no-deps --no-build-isolation -w .whl .
-# Results go to $OUT/results.tar (re-written after every step, so a run cut off
+# pydantic and friends) and for decodekit itself: run benchmarks/gpu_wheels.sh here
+# first (after the last change to the package), and carry .whl.
+# Session 3 ran it on an H200 (docs/benchmarks/gpu.md); 1-3 need the most
+# device time (about 6 minutes in all). Results go to $OUT/results.tar (re-written after every step, so a run cut off
 # still returns what finished) and the log to $OUT/log.txt.
 set -u
 MODE=${1:-smoke}
@@ -48,9 +49,8 @@ fi
 
 # 0. The CUDA oracles: every strategy on the GPU equals the same run on the CPU.
 step cuda-tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-# 1. Faster-Diffusion vs DeepCache on SD 1.5's UNet at full width, fp16, 512x512 latents.
-step fd-sd15 python3 benchmarks/faster_diffusion_vs_deepcache.py --steps 50 --rounds 3 \
-    "${FD_SD15[@]}" --out "$RES/faster_diffusion_vs_deepcache_sd15_gpu"
+# 1. Where a dkv-cache step spends its time (profiler tables, host reads per step).
+step dkv-profile python3 benchmarks/profile_dkv.py --out "$RES/profile_dkv.txt"
 # 2. dkv-cache on LLaDA-8B's layer shape (8 of its 32 layers), gen 256, block 32, 256 steps.
 step dkv-p64 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 64 \
     --gen-length 256 --block 32 --steps 256 --batches 1 8 --repeats 2 \
@@ -59,10 +59,9 @@ step dkv-p64 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 64 \
 step dkv-p512 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 512 \
     --gen-length 256 --block 32 --steps 256 --batches 8 --repeats 2 \
     --configs decode prefill pd --out "$RES/dkv_cache_llada_gpu_p512.json"
-# 4. The example rows (zoo models) on the GPU.
+# 4. Faster-Diffusion vs DeepCache on SD 1.5's UNet at full width, fp16, 512x512 latents.
+step fd-sd15 python3 benchmarks/faster_diffusion_vs_deepcache.py --steps 50 --rounds 3 \
+    "${FD_SD15[@]}" --out "$RES/faster_diffusion_vs_deepcache_sd15_gpu"
+# 5. The example rows (zoo models) on the GPU.
 step examples python3 benchmarks/examples_table.py --repeat 3 --out "$RES/examples_gpu"
-# 5. Refresh every 8 steps, prompt 64.
-step dkv-p64-r8 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 64 \
-    --gen-length 256 --block 32 --steps 256 --batches 8 --repeats 2 --refresh-interval 8 \
-    --configs decode pd --out "$RES/dkv_cache_llada_gpu_p64_r8.json"
 echo "=== all done"
