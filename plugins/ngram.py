@@ -32,6 +32,11 @@ import torch
 FILE = "ngram.safetensors"
 META = "ngram.json"
 
+DENSE_LIMIT = 1 << 22
+"""Orders with at most this many (context, token) cells are also held as a dense int32 table
+(16 MiB at most each, built on first use): a look-up is then one gather instead of a binary
+search through the sorted pairs. Small vocabularies get it; a 32k vocabulary does not."""
+
 
 class NGramModel:
     """Counts of token n-grams of orders 2..max_order, with batched probability look-ups.
@@ -65,6 +70,7 @@ class NGramModel:
         self._numpy = {
             m: tuple(arrays[f"{name}.{m}"].cpu().numpy() for name in names) for m in range(1, max_order)
         }
+        self._dense: dict[int, np.ndarray | None] = {}  # order -> (contexts, V) counts, lazily
 
     # -- building ------------------------------------------------------------------------
     @classmethod
@@ -214,10 +220,29 @@ class NGramModel:
             at = np.minimum(keys.searchsorted(key), keys.size - 1)
             found &= keys[at] == key
             ids = np.where(found, at, 0)
-            pair = ids[:, None] * V + cand  # (R, C)
-            pat = np.minimum(pair_keys.searchsorted(pair), pair_keys.size - 1)
-            hit = (pair_keys[pat] == pair) & in_vocab & found[:, None]
-            yield m, np.where(hit, pair_counts[pat], 0) / np.maximum(totals[ids], 1)[:, None], found.copy()
+            dense = self._dense_counts(m)
+            if dense is not None:  # one gather; a pair never seen has count 0
+                counts = dense[ids[:, None], cand]  # (R, C)
+                hit = in_vocab & found[:, None]
+            else:
+                pair = ids[:, None] * V + cand  # (R, C)
+                pat = np.minimum(pair_keys.searchsorted(pair), pair_keys.size - 1)
+                hit = (pair_keys[pat] == pair) & in_vocab & found[:, None]
+                counts = pair_counts[pat]
+            yield m, np.where(hit, counts, 0) / np.maximum(totals[ids], 1)[:, None], found.copy()
+
+    def _dense_counts(self, m: int) -> np.ndarray | None:
+        """Order ``m``'s pair counts as a ``(contexts, V)`` int32 table, or None when too large."""
+        if m not in self._dense:
+            keys, _, pair_keys, pair_counts = self._numpy[m]
+            cells = keys.size * self.vocab_size
+            if cells > DENSE_LIMIT or (pair_counts.size and pair_counts.max() >= 2**31):
+                self._dense[m] = None
+            else:
+                table = np.zeros((keys.size, self.vocab_size), dtype=np.int32)
+                table[pair_keys // self.vocab_size, pair_keys % self.vocab_size] = pair_counts
+                self._dense[m] = table
+        return self._dense[m]
 
     def __repr__(self) -> str:
         sizes = ", ".join(

@@ -59,6 +59,31 @@ def test_lengths_limit_the_context(toy):
     assert seen.tolist() == [[True, True, False]]  # the 3rd token back is padding
 
 
+def test_dense_tables_equal_the_sorted_pair_search(monkeypatch):
+    # Small vocabularies look pairs up in dense per-order tables; large ones search the
+    # sorted pairs. Both must give the same numbers, unseen contexts and
+    # out-of-vocabulary candidates included.
+    import decodekit.plugins.ngram as ngram
+
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 12, (int(n),), generator=gen).tolist()
+            for n in torch.randint(3, 40, (60,), generator=gen)]
+    ctx = torch.randint(-1, 12, (40, 7), generator=gen)
+    cand = torch.randint(0, 14, (40, 5), generator=gen)  # 12, 13: out of vocabulary
+    lens = torch.randint(0, 8, (40,), generator=gen)
+    dense = NGramModel.build(docs, vocab_size=12, max_order=5)
+    probs_d, seen_d = dense.order_probs(ctx, cand, lens)  # tables are built on first use
+    monkeypatch.setattr(ngram, "DENSE_LIMIT", 0)
+    sparse = NGramModel.build(docs, vocab_size=12, max_order=5)
+    probs_s, seen_s = sparse.order_probs(ctx, cand, lens)
+    assert all(t is not None for t in dense._dense.values()) and dense._dense
+    assert all(t is None for t in sparse._dense.values()) and sparse._dense
+    assert torch.equal(probs_d, probs_s) and torch.equal(seen_d, seen_s)
+    assert seen_d.any() and (probs_d > 0).any() and not seen_d.all()
+    w = [0.1, 0.2, 0.3, 0.4]
+    assert torch.equal(dense.interpolate(ctx, cand, w, lens), sparse.interpolate(ctx, cand, w, lens))
+
+
 def test_save_load_round_trip_is_safetensors(toy, tmp_path):
     toy.save(tmp_path)
     meta = json.loads((tmp_path / "ngram.json").read_text())
