@@ -99,7 +99,13 @@ def superposed_embedding(
 ) -> torch.Tensor:
     """``Σ_i weights[b, i] · embed(tokens[b, i])``: (B, k) tokens and weights -> (B, 1, H)."""
     vectors = embed(tokens)  # (B, k, H)
-    return torch.einsum("bk,bkh->bh", weights.to(vectors.dtype), vectors)[:, None, :]
+    return torch.bmm(weights.to(vectors.dtype)[:, None, :], vectors)  # (B, 1, k) @ (B, k, H)
+
+
+def _pad_to(seq: torch.Tensor, width: int, pad_id: int) -> torch.Tensor:
+    """``(B, k, L)`` padded on the right with ``pad_id`` to ``width`` columns."""
+    missing = width - seq.shape[-1]
+    return seq if missing <= 0 else torch.nn.functional.pad(seq, (0, missing), value=pad_id)
 
 
 def draft_weights(scores: torch.Tensor) -> torch.Tensor:
@@ -204,6 +210,7 @@ class Superposed(Strategy):
         context = input_ids  # (B, L): one row per input, for transformers' mask/position bookkeeping
 
         outputs = model._prefill(input_ids, cfg, model_kwargs)
+        finished = False  # has any draft stopped yet
         while True:
             model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
             logits = outputs.logits[:, -1, :].to(dtype=torch.float32, device=device)  # (B, V)
@@ -214,13 +221,16 @@ class Superposed(Strategy):
             step_lp = self._rescore(drafts, top_tok, top_p, real + (cur - prompt_len))  # (B, k, n)
             cand = (alive[:, :, None] + step_lp).view(batch, k * n)
             want = 2 * k
-            if cand.shape[1] < want:  # fewer candidates than 2k: pad with impossible ones
+            padded = cand.shape[1] < want
+            if padded:  # fewer candidates than 2k: pad with impossible ones
                 fill = torch.full((batch, want - cand.shape[1]), float("-inf"), dtype=cand.dtype, device=device)
                 cand = torch.cat([cand, fill], dim=1)
             cand_lp, cand_idx = torch.topk(cand, want, dim=1)  # (B, 2k)
             impossible = torch.isneginf(cand_lp)
-            parent = (cand_idx // n).clamp(max=k - 1)
-            tok = torch.gather(top_tok.reshape(batch, k * n), 1, cand_idx.clamp(max=k * n - 1))
+            if padded:  # the padding's indices point past the real candidates
+                cand_idx = cand_idx.clamp(max=k * n - 1)
+            parent = cand_idx // n
+            tok = torch.gather(top_tok.reshape(batch, k * n), 1, cand_idx)
             tok = tok.masked_fill(impossible, pad_id)
             cand_seq = torch.cat(
                 [torch.gather(drafts, 1, parent[:, :, None].expand(-1, -1, cur)), tok[:, :, None]], dim=2
@@ -231,15 +241,19 @@ class Superposed(Strategy):
             alive, live_idx = torch.topk(cand_lp.masked_fill(stop, float("-inf")), k, dim=1)
             drafts = torch.gather(cand_seq, 1, live_idx[:, :, None].expand(-1, -1, cur + 1))
             # finished drafts: the best k among the old ones and the candidates that stopped
-            fin_seq = torch.nn.functional.pad(fin_seq, (0, 1), value=pad_id)
+            # (fin_seq is padded to the current length only when it changes, and at the end)
             if bool(stop.any()):
-                fin_seq = torch.cat([fin_seq, cand_seq], dim=1)
+                finished = True
+                fin_seq = torch.cat([_pad_to(fin_seq, cur + 1, pad_id), cand_seq], dim=1)
                 fin, fin_idx = torch.topk(
                     torch.cat([fin, cand_lp.masked_fill(~stop, float("-inf"))], dim=1), k, dim=1
                 )
                 fin_seq = torch.gather(fin_seq, 1, fin_idx[:, :, None].expand(-1, -1, cur + 1))
             self.steps += 1
-            if self._all_done(alive, fin) or cur + 1 >= max_length:
+            # with no draft finished yet, the loop can only be done if every candidate of
+            # every row was impossible; it then runs on to max_length with the same result
+            if (finished and self._all_done(alive, fin)) or cur + 1 >= max_length:
+                fin_seq = _pad_to(fin_seq, cur + 1, pad_id)
                 break
             # one forward for all k drafts: the superposition of their last tokens
             context = torch.cat([context, drafts[:, 0, -1:]], dim=1)  # (B, L+1)
