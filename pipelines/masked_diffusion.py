@@ -254,8 +254,6 @@ class MaskedDiffusionLMPipeline:
         for block in range(num_blocks):
             start = prompt_len + block * block_length
             end = start + block_length
-            allowed = torch.zeros(gen_length, dtype=torch.bool, device=device)
-            allowed[start - prompt_len : end - prompt_len] = True
             block_masked = (x[:, start:end] == mask_id).sum(dim=1)  # (B,)
             counts = transfer_count_schedule(block_masked.cpu(), steps_per_block)  # (B, S)
             block_step = 0
@@ -289,8 +287,14 @@ class MaskedDiffusionLMPipeline:
                     cfg_scale,
                     out,
                 )  # (B, L, V)
-                if shift:
-                    logits = shift_logits(logits)
+                # Only the current block can commit, so the sampler sees its columns alone
+                # (with a large vocabulary, the float64 work over every generated position
+                # would cost more than the model's layers).
+                if shift:  # Dream: position i reads the output at i - 1 (position 0 its own)
+                    lo = max(start - 1, 0)
+                    logits = shift_logits(logits[:, lo:end])[:, start - lo :]
+                else:
+                    logits = logits[:, start:end]  # (B, block, V)
                 if mask_id < logits.shape[-1]:
                     # Never predict the mask token itself: committing it would leave the
                     # position masked (LLaDA's models never predict it; random ones may).
@@ -305,20 +309,20 @@ class MaskedDiffusionLMPipeline:
                     )
                 else:
                     num_transfer = counts[:, block_step]
-                gen_x = x[:, prompt_len:]  # (B, G): noise is drawn here only (batch-invariant)
+                # noise is drawn per row over the block only (batch-invariant)
                 result = _apply_policy(
                     step_policy,
-                    logits[:, prompt_len:],
-                    gen_x,
-                    mask_index[:, prompt_len:],
+                    logits,
+                    x[:, start:end],
+                    mask_index[:, start:end],
                     num_transfer,
-                    allowed,
+                    None,
                     temperature,
                     generators,
                 )
                 committed = torch.zeros_like(mask_index)
-                committed[:, prompt_len:] = result.committed
-                x = torch.cat([x[:, :prompt_len], result.x], dim=1)
+                committed[:, start:end] = result.committed
+                x = torch.cat([x[:, :start], result.x, x[:, end:]], dim=1)
                 if run is not None and run.has("decodekit_mdm_committed"):
                     run.call(
                         "decodekit_mdm_committed", run=run, step=step, x=x, committed=committed

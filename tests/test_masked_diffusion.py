@@ -143,13 +143,51 @@ class EchoModel(torch.nn.Module):
         return type("Out", (), {"logits": logits})()
 
 
-def test_dream_shift_reads_the_left_neighbour():
+@pytest.mark.parametrize("block", [6, 2])  # one block, and blocks after the first
+def test_dream_shift_reads_the_left_neighbour(block):
     pipe = MaskedDiffusionLMPipeline(EchoModel(), mask_token_id=MASK, eos_token_id=2)
-    out = pipe(input_ids=[[3, 4, 5]], gen_length=6, block_length=6, steps=6, shift=True)
+    out = pipe(input_ids=[[3, 4, 5]], gen_length=6, block_length=block, steps=6, shift=True)
     # Position i is predicted by the output at i - 1, which encodes x_{i-1} + 1.
     assert out.sequences.tolist() == [[6, 7, 8, 9, 10, 11]]
     plain = pipe(input_ids=[[3, 4, 5]], gen_length=6, block_length=6, steps=6)
     assert plain.sequences.tolist() != out.sequences.tolist()
+
+
+class BlockSpy(Strategy):
+    """Wraps the pipeline's remasking policy and records what it is given."""
+
+    name = "block-spy"
+    loops = ("masked-diffusion",)
+
+    def reset(self, run):
+        self.shapes = []
+
+    @hookimpl
+    def decodekit_mdm_select(self, run, step, policy):
+        spy = self
+
+        class Spy(type(policy)):
+            def __call__(self, logits, x, mask_index, num_transfer, **kw):
+                spy.shapes.append((tuple(logits.shape), kw.get("allowed")))
+                return policy(logits, x, mask_index, num_transfer, **kw)
+
+        out = Spy.__new__(Spy)
+        out.__dict__.update(policy.__dict__)
+        return out
+
+
+def test_the_sampler_sees_the_current_block_only():
+    # Only the current block can commit, so the policy gets its columns alone: with a
+    # large vocabulary the float64 work over the whole generation would dominate a step.
+    pipe = tiny_pipeline()
+    spy = BlockSpy()
+    kw = dict(input_ids=PROMPTS, gen_length=16, block_length=8, steps=8)
+    base = pipe(**kw).sequences
+    with decodekit.attach(pipe, [spy]):
+        out = pipe(**kw).sequences
+    assert torch.equal(out, base)
+    assert spy.shapes and all(shape == (3, 8, VOCAB) for shape, _ in spy.shapes)
+    assert all(allowed is None for _, allowed in spy.shapes)
 
 
 def test_dream_schedule_counts():
