@@ -67,9 +67,19 @@ class RuntimeSpecs:
     # -- masked-diffusion text -------------------------------------------------
     @hookspec(firstresult=True)
     def decodekit_mdm_forward(
-        self, run, step, block_step, model, x, attention_mask, position_ids, mask_index, need_logits
+        self,
+        run,
+        step,
+        block_step,
+        model,
+        x,
+        attention_mask,
+        position_ids,
+        mask_index,
+        need_logits,
+        logits_window,
     ):
-        """Before the model call of loop step ``step`` (``block_step`` within the current block) on tokens ``x`` (B, L) with ``attention_mask``, ``position_ids`` (B, L), ``mask_index`` (B, L bool, still masked): return logits (B, L, V), valid at least where ``need_logits`` (B, L bool) is true, or ``(logits, tokens_computed)``, to serve it (first result)."""
+        """Before the model call of loop step ``step`` (``block_step`` within the current block) on tokens ``x`` (B, L) with ``attention_mask``, ``position_ids`` (B, L), ``mask_index`` (B, L bool, still masked): return logits (B, L, V), valid at least where ``need_logits`` (B, L bool) is true, or ``(logits, tokens_computed)``, to serve it (first result). The caller reads columns ``lo..hi-1`` only, ``(lo, hi) = logits_window``; the logits may cover just those, (B, hi - lo, V)."""
 
     @hookspec(firstresult=True)
     def decodekit_mdm_select(self, run, step, policy):

@@ -162,7 +162,7 @@ class LLaDA2Adapter(PipelineAdapter):
                 "decodekit_mdm_forward", run=run, step=self.step, block_step=self.block_step,
                 model=module, x=x, attention_mask=attention_mask,
                 position_ids=position_ids.expand(batch, length), mask_index=mask_index,
-                need_logits=need,
+                need_logits=need, logits_window=(0, length),
             )
         finally:
             self._inside = False

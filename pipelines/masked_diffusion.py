@@ -31,6 +31,7 @@ per step.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -112,6 +113,8 @@ class MaskedDiffusionLMPipeline:
     ):
         self.model = model
         self.tokenizer = tokenizer
+        # transformers' LMs take logits_to_keep (which positions get the LM head)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         if mask_token_id is None and tokenizer is not None:
             mask_token_id = getattr(tokenizer, "mask_token_id", None)
         if mask_token_id is None:
@@ -274,6 +277,11 @@ class MaskedDiffusionLMPipeline:
                 need[:, end:] = False
                 if shift:
                     need = torch.cat([need[:, 1:], torch.zeros_like(need[:, :1])], dim=1)
+                # Only the current block can commit, so logits are asked for, and the
+                # sampler sees, its columns alone (Dream: from one column to the left).
+                # With a large vocabulary, the LM head and the float64 work over every
+                # position would cost more than the model's layers.
+                lo = max(start - 1, 0) if shift else start
                 logits = self._logits(
                     run,
                     step,
@@ -283,18 +291,13 @@ class MaskedDiffusionLMPipeline:
                     position_ids,
                     mask_index,
                     need,
+                    (lo, end),
                     prompt_index,
                     cfg_scale,
                     out,
-                )  # (B, L, V)
-                # Only the current block can commit, so the sampler sees its columns alone
-                # (with a large vocabulary, the float64 work over every generated position
-                # would cost more than the model's layers).
+                )  # (B, end - lo, V)
                 if shift:  # Dream: position i reads the output at i - 1 (position 0 its own)
-                    lo = max(start - 1, 0)
-                    logits = shift_logits(logits[:, lo:end])[:, start - lo :]
-                else:
-                    logits = logits[:, start:end]  # (B, block, V)
+                    logits = shift_logits(logits)[:, start - lo :]  # (B, block, V)
                 if mask_id < logits.shape[-1]:
                     # Never predict the mask token itself: committing it would leave the
                     # position masked (LLaDA's models never predict it; random ones may).
@@ -346,11 +349,14 @@ class MaskedDiffusionLMPipeline:
         position_ids,
         mask_index,
         need,
+        window,
         prompt_index,
         cfg_scale,
         out,
     ) -> torch.Tensor:
-        """One model call (through the strategies when attached): logits ``(B, L, V)``."""
+        """One model call (through the strategies when attached): logits of the columns
+        ``window = (lo, hi)``, ``(B, hi - lo, V)``."""
+        lo, hi = window
         if cfg_scale > 0:
             un_x = x.masked_fill(prompt_index, self.mask_token_id)
             model_x = torch.cat([x, un_x])  # (2B, L)
@@ -375,6 +381,7 @@ class MaskedDiffusionLMPipeline:
                 position_ids=model_pos,
                 mask_index=model_mask,
                 need_logits=model_need,
+                logits_window=window,
             )
             if served is not None:
                 run.served += 1
@@ -383,10 +390,15 @@ class MaskedDiffusionLMPipeline:
                     int(computed) if computed is not None else model_x.numel()
                 )
         if logits is None:
+            keep = {}
+            if self._keeps_logits:  # the LM head on the window's columns only
+                keep["logits_to_keep"] = torch.arange(lo, hi, device=model_x.device)
             logits = self.model(
-                input_ids=model_x, attention_mask=model_attn, position_ids=model_pos
-            ).logits  # (B', L, V)
+                input_ids=model_x, attention_mask=model_attn, position_ids=model_pos, **keep
+            ).logits  # (B', L or hi - lo, V)
             out.tokens_computed.append(model_x.numel())
+        if logits.shape[1] != hi - lo:  # a full-length answer
+            logits = logits[:, lo:hi]
         if cfg_scale > 0:
             cond, uncond = logits.chunk(2)
             logits = classifier_free_guidance(cond, uncond, cfg_scale, convention="llada")

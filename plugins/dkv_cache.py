@@ -215,7 +215,17 @@ class DKVCache(Strategy):
     # ------------------------------------------------------------------ the hook
     @hookimpl
     def decodekit_mdm_forward(
-        self, run, step, block_step, model, x, attention_mask, position_ids, mask_index, need_logits
+        self,
+        run,
+        step,
+        block_step,
+        model,
+        x,
+        attention_mask,
+        position_ids,
+        mask_index,
+        need_logits,
+        logits_window,
     ):
         if model is not self.model:
             return None
@@ -239,7 +249,9 @@ class DKVCache(Strategy):
         fed = (fed | need_logits.bool() | ~stored) & valid  # (B, L)
         self._stats["steps"] += 1
         self._stats["refreshes"] += int(refresh)
-        logits, computed = self._partial_forward(model, x, position_ids, fed, valid, step)
+        logits, computed = self._partial_forward(
+            model, x, position_ids, fed, valid, step, logits_window
+        )
         self._stats["tokens_computed"] += computed
         self._stats["tokens_full"] += batch * length
         return logits, computed
@@ -264,12 +276,19 @@ class DKVCache(Strategy):
             self._just_decoded = changed
         self._prev_x = x.clone()
 
-    def _partial_forward(self, model, x, position_ids, fed, valid, step):
-        """Run ``model`` on the ``fed`` positions only; logits ``(B, L, V)`` and tokens computed."""
+    def _partial_forward(self, model, x, position_ids, fed, valid, step, window):
+        """Run ``model`` on the ``fed`` positions only; logits of the columns ``window = (lo, hi)``
+        ``(B, hi - lo, V)`` (zero where not fed) and the tokens computed."""
         batch, length = x.shape
-        counts = fed.sum(dim=1)  # (B,)
-        width = int(counts.max())
-        order = torch.sort((~fed).to(torch.int8), dim=1, stable=True).indices[:, :width]  # (B, Q)
+        lo, hi = window
+        column = torch.arange(length, device=x.device)
+        wanted = fed & (column >= lo) & (column < hi)  # (B, L): fed, and its logits are read
+        counts, n_wanted = fed.sum(dim=1), wanted.sum(dim=1)  # (B,) each
+        width, keep = torch.stack([counts.max(), n_wanted.max()]).tolist()  # one read
+        # Each row feeds its wanted positions first, then the other fed ones, in position
+        # order: the LM head then runs on the first `keep` columns only.
+        rank = (~fed).to(torch.int8) * 2 + (fed & ~wanted).to(torch.int8)  # 0, 1, 2 (not fed)
+        order = torch.sort(rank, dim=1, stable=True).indices[:, :width]  # (B, Q)
         real = torch.arange(width, device=x.device)[None, :] < counts[:, None]  # (B, Q)
         q_pos = torch.where(real, order, torch.full_like(order, -1))
         ids = x.gather(1, order)  # (B, Q)
@@ -278,13 +297,23 @@ class DKVCache(Strategy):
         slots = self.cache.prepare(q_pos, width)
         self._ctx = _Forward(slots, valid, length, step)
         try:
-            out = model(input_ids=ids, position_ids=pos_ids, use_cache=False)
+            out = model(
+                input_ids=ids,
+                position_ids=pos_ids,
+                use_cache=False,
+                logits_to_keep=torch.arange(keep, device=x.device),
+            )
         finally:
             self._ctx = None
-        logits_q = out.logits  # (B, Q, V)
-        logits = logits_q.new_zeros(batch, length, logits_q.shape[-1])  # (B, L, V)
-        logits[slots.rows, slots.positions] = logits_q[slots.rows, slots.columns]
-        return logits, batch * width
+        logits_q = out.logits  # (B, keep, V)
+        # Column q < n_wanted[b] of row b holds position order[b, q]; the rest go to a
+        # spare column past the window, dropped after the scatter.
+        span = hi - lo
+        target = order[:, :keep] - lo  # (B, keep)
+        target = torch.where(column[None, :keep] < n_wanted[:, None], target, span)
+        logits = logits_q.new_zeros(batch, span + 1, logits_q.shape[-1])  # (B, W + 1, V)
+        logits.scatter_(1, target[:, :, None].expand(-1, -1, logits.shape[-1]), logits_q)
+        return logits[:, :span], batch * width
 
     def _attend(self, module, query, key, value, scaling):
         """Store this layer's fresh K/V, then attend over every position (B, H, Q, D) -> (B, Q, H, D)."""

@@ -70,15 +70,16 @@ class LogitsSpy(Strategy):
 
     @hookimpl
     def decodekit_mdm_forward(self, run, step, block_step, model, x, attention_mask,
-                              position_ids, mask_index, need_logits):
+                              position_ids, mask_index, need_logits, logits_window):
         cache = next(s for s in run.strategies if s.name == "dkv-cache")
-        logits, _ = cache.decodekit_mdm_forward(
+        logits, _ = cache.decodekit_mdm_forward(  # every column, to compare at need_logits
             run, step, block_step, model, x, attention_mask, position_ids, mask_index,
-            need_logits,
+            need_logits, (0, x.shape[1]),
         )
         self.records.append((x.clone(), attention_mask.clone(), position_ids.clone(),
                              need_logits.clone(), logits))
-        return logits
+        lo, hi = logits_window
+        return logits[:, lo:hi]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
