@@ -24,8 +24,12 @@ only the positions to recompute, with their own position ids; per layer the
 function receives their queries, keys and values after RoPE, stores the K/V in a
 :class:`decodekit.cache.PositionalKVCache` at their absolute positions, and
 attends over every position of the sequence (fresh K/V where recomputed, cached
-elsewhere). Logits are scattered back to their positions. Rows may recompute
-different numbers of positions (ragged batches); GQA models cache K/V heads only.
+elsewhere). Each row feeds the positions whose logits the pipeline reads
+(``logits_window``) first, so the LM head runs on those alone
+(``logits_to_keep``), and their logits are scattered back to their columns.
+Positions are checked once per forward, so the per-layer stores never read back
+from the device. Rows may recompute different numbers of positions (ragged
+batches); GQA models cache K/V heads only.
 
 Supported models: transformers' Llama, Mistral, Qwen2 and Qwen3 families with
 bidirectional attention (``config.is_causal = False``) and no sliding window —
