@@ -215,3 +215,24 @@ class TestDKVCacheContract(StrategyTesterMixin):
 
     def broken_call(self, pipe):
         pipe(input_ids=PROMPTS, gen_length=8, block_length=4, steps=4, temperature=1.0)
+
+
+def test_lm_head_runs_on_the_current_block_only():
+    # The pipeline reads the current block's logits alone, so the LM head (a vocabulary-
+    # sized matmul per position) runs on those columns, uncached and cached alike.
+    pipe = tiny_pipeline()
+    widths = []
+    handle = pipe.model.lm_head.register_forward_pre_hook(
+        lambda m, args: widths.append(args[0].shape[1])
+    )
+    try:
+        base = pipe(input_ids=PROMPTS, **KW).sequences
+        assert widths and set(widths) == {KW["block_length"]}
+        widths.clear()
+        with decodekit.attach(pipe, [dkv("decode", refresh_interval=4)]):
+            out = pipe(input_ids=PROMPTS, **KW).sequences
+    finally:
+        handle.remove()
+    assert out.shape == base.shape
+    # the block's decoded, reusable positions are not fed, so some steps need fewer
+    assert widths and max(widths) <= KW["block_length"] and min(widths) < KW["block_length"]
