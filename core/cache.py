@@ -236,18 +236,7 @@ class PositionalKVCache:
         calls then do no checking that reads from the device (on a GPU: no
         synchronisation per layer). The batch size must match the cache's.
         """
-        if isinstance(positions, torch.Tensor) and positions.dim() == 2:
-            batch = positions.shape[0]
-        elif self._batch_size is not None:
-            batch = self._batch_size
-        else:
-            raise CacheError(
-                "prepare needs per-row positions (B, Q) or a (B, P) bool mask while the cache "
-                "is empty, so that the batch size is known."
-            )
-        self._check_batch(batch, "positions")
-        if self._device is None and isinstance(positions, torch.Tensor):
-            self._device = positions.device
+        batch = self._adopt(positions, "prepare")
         rows, pos, cols = self._triples(positions, batch, q_len)
         end = int(pos.max()) + 1 if pos.numel() else 0
         return PreparedPositions(rows, pos, cols, batch, q_len, end)
@@ -381,18 +370,7 @@ class PositionalKVCache:
         overwrites the step. Positions may lie beyond what is stored yet.
         """
         step = _check_step(step)
-        batch = self._batch_size
-        if batch is None:
-            if isinstance(positions, torch.Tensor) and positions.dim() == 2:
-                batch = positions.shape[0]
-            else:
-                raise CacheError(
-                    "mark_decoded before anything is stored needs per-row positions (B, Q) or a "
-                    "(B, P) bool mask, so that the batch size is known."
-                )
-            self._check_batch(batch, "positions")
-        if self._device is None and isinstance(positions, torch.Tensor):
-            self._device = positions.device  # the record lives where the K/V will
+        batch = self._adopt(positions, "mark_decoded")
         rows, pos, _ = self._triples(positions, batch, None)
         decoded = self._decoded(max(int(pos.max()) + 1 if pos.numel() else 0, 0))
         decoded[rows, pos] = step
@@ -567,6 +545,22 @@ class PositionalKVCache:
                 f"{what} have {batch} rows but the cache holds {self._batch_size}; use "
                 f"select_rows() to change the batch, or clear() to start over."
             )
+
+    def _adopt(self, positions: PositionSpec, verb: str) -> int:
+        """The batch size of ``positions`` (taken from them while the cache is empty); the
+        cache takes their device if it has none yet, so its records live where the K/V will."""
+        batch = self._batch_size
+        if batch is None:
+            if not (isinstance(positions, torch.Tensor) and positions.dim() == 2):
+                raise CacheError(
+                    f"{verb} before anything is stored needs per-row positions (B, Q) or a "
+                    "(B, P) bool mask, so that the batch size is known."
+                )
+            batch = positions.shape[0]
+            self._check_batch(batch, "positions")
+        if self._device is None and isinstance(positions, torch.Tensor):
+            self._device = positions.device
+        return batch
 
     def _check_range(self, highest: int) -> None:
         if self.max_length is not None and highest >= self.max_length:

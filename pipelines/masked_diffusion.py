@@ -319,7 +319,6 @@ class MaskedDiffusionLMPipeline:
                     x[:, start:end],
                     mask_index[:, start:end],
                     num_transfer,
-                    None,
                     temperature,
                     generators,
                 )
@@ -500,7 +499,7 @@ def _row_generators(generator, batch: int) -> list[torch.Generator] | torch.Gene
     return generator
 
 
-def _apply_policy(policy, logits, x, mask_index, num_transfer, allowed, temperature, generators):
+def _apply_policy(policy, logits, x, mask_index, num_transfer, temperature, generators):
     """Run ``policy`` over the batch, or row by row with one generator each."""
     if not isinstance(generators, list):
         return policy(
@@ -510,7 +509,6 @@ def _apply_policy(policy, logits, x, mask_index, num_transfer, allowed, temperat
             num_transfer,
             temperature=temperature,
             generator=generators,
-            allowed=allowed,
         )
     parts = []
     for b, gen in enumerate(generators):
@@ -523,7 +521,6 @@ def _apply_policy(policy, logits, x, mask_index, num_transfer, allowed, temperat
                 n,
                 temperature=temperature,
                 generator=gen,
-                allowed=allowed,
             )
         )
     return type(parts[0])(*(torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))))
