@@ -48,9 +48,10 @@ if [ "$MODE" = smoke ]; then
 fi
 
 # 0. The CUDA oracles: every strategy on the GPU equals the same run on the CPU.
-step cuda-tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-# 1. Where a dkv-cache step spends its time (profiler tables, host reads per step).
-step dkv-profile python3 benchmarks/profile_dkv.py --out "$RES/profile_dkv.txt"
+step cuda-tests python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda.py
+# 1. Where a dkv-cache step spends its time (profiler tables, host reads per step);
+#    SKIP_PROFILE=1 leaves it out.
+[ "${SKIP_PROFILE:-0}" = 1 ] || step dkv-profile python3 benchmarks/profile_dkv.py --out "$RES/profile_dkv.txt"
 # 2. dkv-cache on LLaDA-8B's layer shape (8 of its 32 layers), gen 256, block 32, 256 steps.
 step dkv-p64 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 64 \
     --gen-length 256 --block 32 --steps 256 --batches 1 8 --repeats 2 \
@@ -59,8 +60,9 @@ step dkv-p64 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 64 \
 step dkv-p512 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 512 \
     --gen-length 256 --block 32 --steps 256 --batches 8 --repeats 2 \
     --configs decode prefill pd --out "$RES/dkv_cache_llada_gpu_p512.json"
-# 4. Faster-Diffusion vs DeepCache on SD 1.5's UNet at full width, fp16, 512x512 latents.
-step fd-sd15 python3 benchmarks/faster_diffusion_vs_deepcache.py --steps 50 --rounds 3 \
+# 4. Faster-Diffusion vs DeepCache on SD 1.5's UNet at full width, fp16, 512x512 latents
+#    (SKIP_FD=1 leaves it out, for a session whose Faster-Diffusion code is already measured).
+[ "${SKIP_FD:-0}" = 1 ] || step fd-sd15 python3 benchmarks/faster_diffusion_vs_deepcache.py --steps 50 --rounds 3 \
     "${FD_SD15[@]}" --out "$RES/faster_diffusion_vs_deepcache_sd15_gpu"
 # 5. The example rows (zoo models) on the GPU.
 step examples python3 benchmarks/examples_table.py --repeat 3 --out "$RES/examples_gpu"

@@ -193,6 +193,7 @@ class PositionalKVCache:
         self._batch_size: int | None = None
         self._device: torch.device | None = None
         self._decoded_at: torch.Tensor | None = None  # (B, Ld) long, _NEVER where not decoded
+        self._scalars: dict[tuple, torch.Tensor] = {}  # (value, dtype, device) -> 0-dim tensor
 
     # ----------------------------------------------------------------- introspection
 
@@ -292,9 +293,12 @@ class PositionalKVCache:
         # Advanced indices separated by a slice put the indexed dim first: (N, H, D).
         lay.keys[rows, :, pos, :] = keys[rows, :, cols, :].to(lay.keys.dtype)
         lay.values[rows, :, pos, :] = values[rows, :, cols, :].to(lay.values.dtype)
-        lay.filled[rows, pos] = True
-        lay.evicted[rows, pos] = False
-        lay.stored_step[rows, pos] = _NEVER if step is None else _check_step(step)
+        # Device scalars, not Python numbers: on CUDA a number written through index
+        # tensors is copied from the host, and that copy waits for the device.
+        lay.filled.index_put_((rows, pos), self._scalar(True, lay.filled))
+        lay.evicted.index_put_((rows, pos), self._scalar(False, lay.evicted))
+        stamp = _NEVER if step is None else _check_step(step)
+        lay.stored_step.index_put_((rows, pos), self._scalar(stamp, lay.stored_step))
 
     def append(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor, *, step: int | None = None
@@ -347,7 +351,7 @@ class PositionalKVCache:
         batch, length = valid.shape
         if not compact:
             positions = torch.arange(length, device=valid.device).expand(batch, length)
-            return KVView(lay.keys, lay.values, valid.clone(), positions.clone())
+            return KVView(lay.keys, lay.values, valid, positions.clone())  # valid is new
         counts = valid.sum(dim=1)  # (B,)
         kept = int(counts.max()) if batch else 0
         # Stable sort on "is invalid" puts each row's valid slots first, in ascending position.
@@ -361,6 +365,17 @@ class PositionalKVCache:
         )
         return KVView(keys, values, key_mask, key_positions)  # keys (B, H, K, D)
 
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys ``(B, H, L, D)`` and values of ``layer``, every slot, as stored (no copy).
+
+        For a caller that already knows which slots are valid (e.g. it stored the same
+        positions in every layer and took :meth:`key_mask` once); otherwise use :meth:`gather`.
+        """
+        lay = self._layer(layer)
+        if lay.keys is None:
+            raise CacheError(f"layer {layer} holds no K/V yet; store some first.")
+        return lay.keys, lay.values
+
     # ----------------------------------------------------------------- delayed commit
 
     def mark_decoded(self, positions: PositionSpec, step: int) -> None:
@@ -373,7 +388,7 @@ class PositionalKVCache:
         batch = self._adopt(positions, "mark_decoded")
         rows, pos, _ = self._triples(positions, batch, None)
         decoded = self._decoded(max(int(pos.max()) + 1 if pos.numel() else 0, 0))
-        decoded[rows, pos] = step
+        decoded.index_put_((rows, pos), self._scalar(step, decoded))
 
     def decoded_mask(self) -> torch.Tensor:
         """``(B, L)`` bool over ``L = length()``: true where the position has been marked decoded."""
@@ -503,7 +518,7 @@ class PositionalKVCache:
         """
         for index, lay in self._indexed_layers(layer):
             rows, pos = self._existing(index, lay, positions, "evict")
-            lay.evicted[rows, pos] = True
+            lay.evicted.index_put_((rows, pos), self._scalar(True, lay.evicted))
 
     def admit(self, positions: PositionSpec, layer: int | None = None) -> None:
         """Undo :meth:`evict`: ``positions`` take part in attention again with their stored K/V.
@@ -513,7 +528,7 @@ class PositionalKVCache:
         """
         for index, lay in self._indexed_layers(layer):
             rows, pos = self._existing(index, lay, positions, "admit")
-            lay.evicted[rows, pos] = False
+            lay.evicted.index_put_((rows, pos), self._scalar(False, lay.evicted))
 
     def clear(self) -> None:
         """Forget everything: K/V, records and the batch size."""
@@ -523,6 +538,16 @@ class PositionalKVCache:
         self._decoded_at = None
 
     # ----------------------------------------------------------------- internals
+
+    def _scalar(self, value: bool | int, like: torch.Tensor) -> torch.Tensor:
+        """``value`` as a 0-dim tensor on ``like``'s device and dtype (made there, not copied)."""
+        key = (value, like.dtype, like.device)
+        tensor = self._scalars.get(key)
+        if tensor is None:
+            if len(self._scalars) >= 64:  # step stamps change every step
+                self._scalars.clear()
+            tensor = self._scalars[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+        return tensor
 
     def _layer(self, layer: int) -> _LayerKV:
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:

@@ -182,8 +182,12 @@ class HostReads(TorchFunctionMode):
     On a GPU each of them (``bool(t)``, ``int(t)``, ``t.item()``, ``t.tolist()``,
     ``t.nonzero()``, ``t.cpu()``...) waits until the device has finished all work
     queued so far, so a strategy that reads once per layer serialises the model's
-    forward. The count is taken on any device, so CPU tests can check that a
-    strategy's reads per step do not grow with the number of layers::
+    forward. Writing a Python number through integer index tensors
+    (``t[rows, cols] = 0``) counts too: on CUDA the number is copied from the host
+    and that copy waits as well (write a device tensor, e.g. ``torch.full((), 0,
+    device=t.device)``, with ``index_put_``). The count is taken on any device, so
+    CPU tests can check that a strategy's reads per step do not grow with the
+    number of layers::
 
         with HostReads() as reads:
             pipe(...)
@@ -207,4 +211,19 @@ class HostReads(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in self.NAMES:
             self.counts[name] += 1
+        elif name == "__setitem__" and _scalar_index_put(args):
+            self.counts["__setitem__(index, number)"] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _scalar_index_put(args) -> bool:
+    """``t[index_tensor] = <python number>``: on CUDA the number becomes a host tensor that
+    ``index_put_`` copies to the device, and that copy waits for the device."""
+    if len(args) < 3 or not isinstance(args[2], (bool, int, float)):
+        return False
+    key = args[1] if isinstance(args[1], tuple) else (args[1],)
+    return any(
+        isinstance(k, torch.Tensor) and k.dim() > 0 and not k.dtype.is_floating_point
+        and k.dtype != torch.bool
+        for k in key
+    )

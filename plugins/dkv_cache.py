@@ -116,13 +116,16 @@ class DKVCacheParams(Params):
 class _Forward:
     """What the attention function needs during one partial forward."""
 
-    __slots__ = ("slots", "key_ok", "length", "step")
+    __slots__ = ("slots", "key_ok", "length", "step", "attend_mask")
 
     def __init__(self, slots: PreparedPositions, key_ok: torch.Tensor, length: int, step: int):
         self.slots = slots  # where each fed column's K/V go, checked once per forward
         self.key_ok = key_ok  # (B, L) bool, real (non-padding) positions
         self.length = length
         self.step = step
+        # (B, 1, 1, L) bool, the keys to attend to: taken at the first layer; every layer
+        # stores the same positions, so it is the same for all of them.
+        self.attend_mask: torch.Tensor | None = None
 
 
 class DKVCache(Strategy):
@@ -249,7 +252,9 @@ class DKVCache(Strategy):
             near = _dilate(self._just_decoded, p.window) & mask_index
             fed = self._just_decoded | near
         else:  # decode, pd
-            fed = ~_pad_cols(cache.reusable(step), length) if cache.length(0) else torch.ones_like(valid)
+            # Every forward stores the same positions in every layer, so layer 0 speaks for all.
+            reusable = cache.reusable(step, layer=0) if cache.length(0) else None
+            fed = ~_pad_cols(reusable, length) if reusable is not None else torch.ones_like(valid)
         fed = (fed | need_logits.bool() | ~stored) & valid  # (B, L)
         self._stats["steps"] += 1
         self._stats["refreshes"] += int(refresh)
@@ -325,16 +330,17 @@ class DKVCache(Strategy):
         layer = int(module.layer_idx)
         cache = self.cache
         cache.store(layer, key, value, ctx.slots, step=ctx.step)
-        view = cache.gather(layer)
-        keys = view.keys[:, :, : ctx.length]  # (B, Hkv, L, D)
-        values = view.values[:, :, : ctx.length]
-        key_mask = view.key_mask[:, : ctx.length] & ctx.key_ok[:, : keys.shape[2]]  # (B, L)
+        keys, values = cache.kv(layer)
+        keys, values = keys[:, :, : ctx.length], values[:, :, : ctx.length]  # (B, Hkv, L, D)
+        if ctx.attend_mask is None:
+            valid = cache.key_mask(layer)[:, : ctx.length] & ctx.key_ok[:, : keys.shape[2]]
+            ctx.attend_mask = valid[:, None, None, :]  # (B, 1, 1, L)
         groups = query.shape[1] // keys.shape[1]
         if groups > 1:
             keys = keys.repeat_interleave(groups, dim=1)  # (B, H, L, D)
             values = values.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=key_mask[:, None, None, :], scale=scaling
+            query, keys, values, attn_mask=ctx.attend_mask, scale=scaling
         )  # (B, H, Q, D)
         return out.transpose(1, 2).contiguous(), None
 

@@ -51,6 +51,42 @@ def _mdm_on_cuda():
     return pipe
 
 
+def _device_syncs(run) -> int:
+    """How many times ``run()`` made the host wait for the GPU (torch's sync debug mode)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("variant", ["decode", "greedy", "prefill", "pd"])
+def test_dkv_cache_device_syncs_per_step_do_not_grow_with_depth(variant):
+    # What HostReads counts on the CPU, measured where it matters: every wait for the
+    # device, including ones torch makes inside an operator (a host number copied in).
+    kw = dict(input_ids=MDM_PROMPTS, gen_length=16, block_length=8, steps=8)
+    specs = [{"name": "dkv-cache", "params": {"variant": variant, "refresh_interval": 4}}]
+    syncs = {}
+    for layers in (1, 4):
+        pipe = tiny_pipeline(layers=layers)
+        pipe.model.to("cuda")
+        with decodekit.attach(pipe, specs):
+            pipe(**kw)  # warm-up
+            syncs[layers] = _device_syncs(lambda: pipe(**kw))
+    base = tiny_pipeline(layers=4)
+    base.model.to("cuda")
+    base_syncs = _device_syncs(lambda: base(**kw))
+    print(f"device syncs: {variant} by depth {syncs}, no cache {base_syncs}, steps {kw['steps']}")
+    assert syncs[1] == syncs[4]
+    assert syncs[4] <= base_syncs + 12 * kw["steps"]
+
+
 def test_masked_diffusion_baseline_on_cuda_matches_cpu():
     kw = dict(input_ids=MDM_PROMPTS, gen_length=16, block_length=8, steps=8)
     assert torch.equal(tiny_pipeline()(**kw).sequences.cpu(), _mdm_on_cuda()(**kw).sequences.cpu())
