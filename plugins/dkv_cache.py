@@ -105,6 +105,15 @@ class DKVCacheParams(Params):
         description="greedy: masked positions within this distance of a just-decoded token are "
         "recomputed too (the paper uses up to 6).",
     )
+    query_bucket: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="Round the number of positions fed per step up to a multiple of this "
+        "(capped at the sequence length; the extra columns are computed and dropped), so the "
+        "GPU sees few distinct shapes: each new query width costs attention and matmul plan "
+        "selection on CUDA. None: 16 on CUDA, 1 (exact widths) elsewhere.",
+    )
     commit_delay: int = Field(
         1,
         ge=0,
@@ -294,6 +303,8 @@ class DKVCache(Strategy):
         wanted = fed & (column >= lo) & (column < hi)  # (B, L): fed, and its logits are read
         counts, n_wanted = fed.sum(dim=1), wanted.sum(dim=1)  # (B,) each
         width, keep = torch.stack([counts.max(), n_wanted.max()]).tolist()  # one read
+        bucket = self.params.query_bucket or (16 if x.device.type == "cuda" else 1)
+        width = min(length, -(-width // bucket) * bucket)  # columns past counts[b]: dropped
         # Each row feeds its wanted positions first, then the other fed ones, in position
         # order: the LM head then runs on the first `keep` columns only.
         rank = (~fed).to(torch.int8) * 2 + (fed & ~wanted).to(torch.int8)  # 0, 1, 2 (not fed)

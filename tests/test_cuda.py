@@ -83,7 +83,9 @@ def test_dkv_cache_device_syncs_per_step_do_not_grow_with_depth(variant):
     base.model.to("cuda")
     base_syncs = _device_syncs(lambda: base(**kw))
     print(f"device syncs: {variant} by depth {syncs}, no cache {base_syncs}, steps {kw['steps']}")
-    assert syncs[1] == syncs[4]
+    # One sync per layer and step would add 3 * 8 = 24 from 1 to 4 layers; the tokens (and
+    # so a per-step branch or two) may differ with depth.
+    assert abs(syncs[4] - syncs[1]) < kw["steps"]
     assert syncs[4] <= base_syncs + 12 * kw["steps"]
 
 

@@ -29,6 +29,36 @@ def test_refresh_every_step_equals_no_cache(variant):
     assert run.stats["strategies"]["dkv-cache"]["refreshes"] == 8
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_query_bucket_pads_widths_without_changing_tokens(variant):
+    # On a GPU every new query width costs plan selection; buckets cap the shape count.
+    # The padded columns are computed and dropped: tokens equal the exact-width run.
+    import decodekit.plugins.dkv_cache as dkv_module
+
+    pipe = tiny_pipeline()
+    widths = []
+    real = dkv_module.DKVCache._partial_forward
+
+    def spy(self, model, x, *args):
+        logits, computed = real(self, model, x, *args)
+        widths.append((computed // x.shape[0], x.shape[1]))
+        return logits, computed
+
+    outs = {}
+    for bucket in (1, 5):
+        widths.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dkv_module.DKVCache, "_partial_forward", spy)
+            with decodekit.attach(pipe, [dkv(variant, refresh_interval=4, query_bucket=bucket)]):
+                outs[bucket] = pipe(input_ids=PROMPTS, gen_length=24, block_length=8, steps=24)
+        if bucket == 5:
+            assert all(w % 5 == 0 or w == length for w, length in widths)
+            assert any(w % 5 for w, _ in exact)  # the control: exact widths are not all padded
+        exact = list(widths)
+    assert torch.equal(outs[1].sequences, outs[5].sequences)
+    assert sum(outs[5].tokens_computed) > sum(outs[1].tokens_computed)
+
+
 def test_cache_computes_fewer_tokens_and_decode_stays_close():
     pipe = tiny_pipeline()
     base = pipe(input_ids=PROMPTS, **KW)
