@@ -184,8 +184,12 @@ class NGramModel:
         ``len(weights)`` or past this model's ``max_order`` are not used.
         """
         ctx, cand, lens = self._as_numpy(contexts, candidates, lengths)
+        orders = min(len(weights), self.max_order - 1)
+        small = self._small_tables(tuple(float(w) for w in weights[:orders]))
+        if small is not None:
+            return torch.from_numpy(self._small_mixed(small, ctx, cand, lens))
         mixed = np.zeros(cand.shape, dtype=np.float64)
-        for m, p, _ in self._orders(ctx, cand, lens, min(len(weights), self.max_order - 1)):
+        for m, p, _ in self._orders(ctx, cand, lens, orders):
             mixed += weights[m - 1] * p  # p is 0 on rows whose context was not seen
         return torch.from_numpy(mixed)
 
@@ -230,6 +234,59 @@ class NGramModel:
                 hit = (pair_keys[pat] == pair) & in_vocab & found[:, None]
                 counts = pair_counts[pat]
             yield m, np.where(hit, counts, 0) / np.maximum(totals[ids], 1)[:, None], found.copy()
+
+    # For small vocabularies (every order dense) a decoding step's few rows are looked up
+    # with Python dicts, one per order, and every order's weighted probability comes from
+    # one stacked table in one gather: a handful of numpy calls a step instead of about ten
+    # per order.
+    def _small_tables(self, weights: tuple[float, ...]):
+        """``(dicts, table)`` for these order weights, or None when an order is not dense.
+
+        ``dicts[m - 1]`` maps an order-m context key to its id; ``table`` stacks
+        ``w_m · P_m(t | context)`` of orders 1..len(weights) row by row, plus a zero row
+        (unseen context) and a zero column (a candidate outside the vocabulary).
+        """
+        cache = self.__dict__.setdefault("_small_cache", {})
+        if weights not in cache:
+            orders = len(weights)
+            if not all(self._dense_counts(m) is not None for m in range(1, orders + 1)):
+                cache[weights] = None
+                return None
+            if "maps" not in cache:
+                cache["maps"] = [
+                    dict(zip(self._numpy[m][0].tolist(), range(self._numpy[m][0].size)))
+                    for m in range(1, self.max_order)
+                ]
+            tables, offsets, start = [], [], 0
+            for m, w in enumerate(weights, start=1):
+                counts, totals = self._dense_counts(m), self._numpy[m][1]
+                tables.append(w * (counts / np.maximum(totals, 1)[:, None]))  # as _orders divides
+                offsets.append(start)
+                start += counts.shape[0]
+            table = np.zeros((start + 1, self.vocab_size + 1))
+            table[:start, : self.vocab_size] = np.concatenate(tables)
+            cache[weights] = (cache["maps"][:orders], table, offsets)
+        return cache[weights]
+
+    def _small_mixed(self, small, ctx: np.ndarray, cand: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """``Σ_m w_m P_m(cand | last m tokens)`` (R, C) from the stacked table of `_small_tables`."""
+        maps, table, offsets = small
+        orders, V, (rows, width) = len(maps), self.vocab_size, ctx.shape
+        index = np.full((rows, orders), table.shape[0] - 1, dtype=np.int64)  # the zero row
+        last = ctx[:, width - min(orders, width):].tolist() if width else [[]] * rows
+        for r, (row, n) in enumerate(zip(last, lens.tolist())):
+            ident = 0
+            for m in range(1, min(orders, width, n) + 1):
+                back = row[-m]
+                if not 0 <= back < V:
+                    break
+                ident = maps[m - 1].get(back if m == 1 else ident * V + back)
+                if ident is None:
+                    break
+                index[r, m - 1] = offsets[m - 1] + ident
+        column = np.minimum(cand.astype(np.uint64), V).astype(np.int64)  # < 0 or >= V: zero column
+        # summed over orders in order, first to last: the same float64 sums as the loop over _orders
+        return table[index[:, :, None], column[:, None, :]].sum(axis=1)
 
     def _dense_counts(self, m: int) -> np.ndarray | None:
         """Order ``m``'s pair counts as a ``(contexts, V)`` int32 table, or None when too large."""

@@ -81,7 +81,17 @@ def test_dense_tables_equal_the_sorted_pair_search(monkeypatch):
     assert torch.equal(probs_d, probs_s) and torch.equal(seen_d, seen_s)
     assert seen_d.any() and (probs_d > 0).any() and not seen_d.all()
     w = [0.1, 0.2, 0.3, 0.4]
-    assert torch.equal(dense.interpolate(ctx, cand, w, lens), sparse.interpolate(ctx, cand, w, lens))
+    # interpolate on small vocabularies takes the per-row dict path: the same sums, to the bit,
+    # also on contexts cut from the corpus itself (seen at every order)
+    seen_rows = torch.tensor([d[i : i + 7] for d in docs if len(d) >= 9 for i in (0, 2)][:30])
+    ctx = torch.cat([ctx, seen_rows])
+    cand = torch.cat([cand, torch.randint(0, 14, (seen_rows.shape[0], 5), generator=gen)])
+    lens = torch.cat([lens, torch.full((seen_rows.shape[0],), 7)])
+    assert dense._small_tables(tuple(w)) is not None and sparse._small_tables(tuple(w)) is None
+    mixed = dense.interpolate(ctx, cand, w, lens)
+    assert torch.equal(mixed, sparse.interpolate(ctx, cand, w, lens))
+    assert dense.order_probs(ctx, cand, lens)[1][-30:].all()  # the corpus rows: every order seen
+    assert (mixed[-30:] > 0).any() and (mixed == 0).any()
 
 
 def test_save_load_round_trip_is_safetensors(toy, tmp_path):
