@@ -235,56 +235,59 @@ class NGramModel:
                 counts = pair_counts[pat]
             yield m, np.where(hit, counts, 0) / np.maximum(totals[ids], 1)[:, None], found.copy()
 
-    # For small vocabularies (every order dense) a decoding step's few rows are looked up
-    # with Python dicts, one per order, and every order's weighted probability comes from
-    # one stacked table in one gather: a handful of numpy calls a step instead of about ten
-    # per order.
+    # For small vocabularies (every order dense) the look-up is a few whole-array gathers:
+    # per order, a transition table takes (context id of the last m-1 tokens, token m back)
+    # to the id of the last m tokens, and one stacked table holds every order's weighted
+    # probabilities. About a dozen numpy calls a step, whatever the number of rows, instead
+    # of about ten per order.
     def _small_tables(self, weights: tuple[float, ...]):
-        """``(dicts, table)`` for these order weights, or None when an order is not dense.
+        """``(transitions, table, offsets)`` for these order weights, or None when an order is
+        not dense.
 
-        ``dicts[m - 1]`` maps an order-m context key to its id; ``table`` stacks
-        ``w_m · P_m(t | context)`` of orders 1..len(weights) row by row, plus a zero row
-        (unseen context) and a zero column (a candidate outside the vocabulary).
+        ``transitions[m - 1]`` is ``(contexts of order m-1 + 1, V + 1)``: entry ``[i, t]`` is
+        the id of the order-m context "t, then context i" (order 1: row 0 is the empty
+        context), and the last row and column (unseen context, token outside the
+        vocabulary) lead to the unseen id ``contexts of order m``. ``table`` stacks, per
+        order m from ``offsets[m - 1]`` on, ``w_m · P_m(t | context)`` for every context plus
+        a zero row (unseen), with a zero last column (a candidate outside the vocabulary).
         """
         cache = self.__dict__.setdefault("_small_cache", {})
         if weights not in cache:
-            orders = len(weights)
+            orders, V = len(weights), self.vocab_size
             if not all(self._dense_counts(m) is not None for m in range(1, orders + 1)):
                 cache[weights] = None
                 return None
-            if "maps" not in cache:
-                cache["maps"] = [
-                    dict(zip(self._numpy[m][0].tolist(), range(self._numpy[m][0].size)))
-                    for m in range(1, self.max_order)
-                ]
-            tables, offsets, start = [], [], 0
+            transitions, tables, offsets, start, previous = [], [], [], 0, 1
             for m, w in enumerate(weights, start=1):
-                counts, totals = self._dense_counts(m), self._numpy[m][1]
-                tables.append(w * (counts / np.maximum(totals, 1)[:, None]))  # as _orders divides
+                keys, totals = self._numpy[m][0], self._numpy[m][1]
+                step = np.full((previous + 1, V + 1), keys.size, dtype=np.int64)
+                step[keys // V if m > 1 else 0, keys % V if m > 1 else keys] = np.arange(keys.size)
+                transitions.append(step)
+                weighted = np.zeros((keys.size + 1, V + 1))
+                weighted[: keys.size, :V] = w * (self._dense_counts(m) / np.maximum(totals, 1)[:, None])
+                tables.append(weighted)  # the division as in _orders, then the weight
                 offsets.append(start)
-                start += counts.shape[0]
-            table = np.zeros((start + 1, self.vocab_size + 1))
-            table[:start, : self.vocab_size] = np.concatenate(tables)
-            cache[weights] = (cache["maps"][:orders], table, offsets)
+                start += keys.size + 1
+                previous = keys.size
+            cache[weights] = (transitions, np.concatenate(tables), np.asarray(offsets))
         return cache[weights]
 
     def _small_mixed(self, small, ctx: np.ndarray, cand: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        """``Σ_m w_m P_m(cand | last m tokens)`` (R, C) from the stacked table of `_small_tables`."""
-        maps, table, offsets = small
-        orders, V, (rows, width) = len(maps), self.vocab_size, ctx.shape
-        index = np.full((rows, orders), table.shape[0] - 1, dtype=np.int64)  # the zero row
-        last = ctx[:, width - min(orders, width):].tolist() if width else [[]] * rows
-        for r, (row, n) in enumerate(zip(last, lens.tolist())):
-            ident = 0
-            for m in range(1, min(orders, width, n) + 1):
-                back = row[-m]
-                if not 0 <= back < V:
-                    break
-                ident = maps[m - 1].get(back if m == 1 else ident * V + back)
-                if ident is None:
-                    break
-                index[r, m - 1] = offsets[m - 1] + ident
-        column = np.minimum(cand.astype(np.uint64), V).astype(np.int64)  # < 0 or >= V: zero column
+        """``Σ_m w_m P_m(cand | last m tokens)`` (R, C) from the tables of `_small_tables`."""
+        transitions, table, offsets = small
+        orders, V, (rows, width) = len(transitions), self.vocab_size, ctx.shape
+        depth = min(orders, width)
+        back = np.full((rows, orders), V, dtype=np.uint64)  # token m back; V: none or invalid
+        back[:, :depth] = ctx[:, ::-1][:, :depth]  # a negative id wraps to a huge one
+        back = np.minimum(back, V).astype(np.int64)
+        back[np.arange(orders)[None, :] >= lens[:, None]] = V  # padding is never context
+        ident = np.zeros(rows, dtype=np.int64)
+        index = np.empty((rows, orders), dtype=np.int64)
+        for m in range(orders):
+            ident = transitions[m][ident, back[:, m]]  # unseen stays unseen
+            index[:, m] = ident
+        index += offsets
+        column = np.minimum(cand.astype(np.uint64), V).astype(np.int64)  # outside: zero column
         # summed over orders in order, first to last: the same float64 sums as the loop over _orders
         return table[index[:, :, None], column[:, None, :]].sum(axis=1)
 
