@@ -37,6 +37,11 @@ DENSE_LIMIT = 1 << 22
 (16 MiB at most each, built on first use): a look-up is then one gather instead of a binary
 search through the sorted pairs. Small vocabularies get it; a 32k vocabulary does not."""
 
+STACKED_LIMIT = 1 << 23
+"""The fast small-vocabulary look-up stacks every order's probabilities in one float64
+table (plus per-order transition tables of about the same size); above this many cells
+(64 MiB) the per-order look-up is used instead."""
+
 
 class NGramModel:
     """Counts of token n-grams of orders 2..max_order, with batched probability look-ups.
@@ -254,7 +259,9 @@ class NGramModel:
         cache = self.__dict__.setdefault("_small_cache", {})
         if weights not in cache:
             orders, V = len(weights), self.vocab_size
-            if not all(self._dense_counts(m) is not None for m in range(1, orders + 1)):
+            dense = all(self._dense_counts(m) is not None for m in range(1, orders + 1))
+            cells = sum(self._numpy[m][0].size + 1 for m in range(1, orders + 1)) * (V + 1)
+            if not dense or cells > STACKED_LIMIT:
                 cache[weights] = None
                 return None
             transitions, tables, offsets, start, previous = [], [], [], 0, 1
