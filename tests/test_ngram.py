@@ -93,9 +93,10 @@ def test_dense_tables_equal_the_sorted_pair_search(monkeypatch):
     assert dense.order_probs(ctx, cand, lens)[1][-30:].all()  # the corpus rows: every order seen
     assert (mixed[-30:] > 0).any() and (mixed == 0).any()
     # a stacked table over the size limit falls back to the per-order look-up
+    monkeypatch.undo()  # dense tables again
     monkeypatch.setattr(ngram, "STACKED_LIMIT", 0)
     capped = NGramModel.build(docs, vocab_size=12, max_order=5)
-    assert capped._small_tables(tuple(w)) is None
+    assert capped._small_tables(tuple(w)) is None and capped._dense_counts(1) is not None
     assert torch.equal(capped.interpolate(ctx, cand, w, lens), mixed)
 
 
