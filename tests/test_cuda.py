@@ -31,18 +31,26 @@ def on_both(make, run):
 @pytest.mark.parametrize("variant", ["decode", "greedy", "prefill", "pd"])
 @pytest.mark.parametrize("threshold", [False, True])
 def test_dkv_cache_on_cuda_matches_cpu(variant, threshold):
-    specs = [{"name": "dkv-cache", "params": {"variant": variant, "refresh_interval": 4}}]
-    if threshold:
-        specs.append({"name": "parallel-threshold", "params": {"threshold": 0.3}})
+    def specs(**extra):
+        out = [{"name": "dkv-cache", "params": {"variant": variant, "refresh_interval": 4, **extra}}]
+        if threshold:
+            out.append({"name": "parallel-threshold", "params": {"threshold": 0.3}})
+        return out
 
-    def go(pipe):
+    def go(pipe, specs):
         with decodekit.attach(pipe, specs):
             out = pipe(input_ids=MDM_PROMPTS, gen_length=16, block_length=8, steps=8)
         return out.sequences.cpu(), out.tokens_computed
 
-    (cpu, cpu_tokens), (gpu, gpu_tokens) = go(tiny_pipeline()), go(_mdm_on_cuda())
+    # exact widths on both devices: the same tokens, and the same positions computed
+    (cpu, cpu_tokens) = go(tiny_pipeline(), specs(query_bucket=1))
+    (gpu, gpu_tokens) = go(_mdm_on_cuda(), specs(query_bucket=1))
     assert torch.equal(cpu, gpu)
     assert cpu_tokens == gpu_tokens
+    # CUDA's default rounds the widths up (query_bucket 16): more computed, same tokens
+    bucketed, bucketed_tokens = go(_mdm_on_cuda(), specs())
+    assert torch.equal(bucketed, cpu)
+    assert sum(bucketed_tokens) >= sum(cpu_tokens)
 
 
 def _mdm_on_cuda():
