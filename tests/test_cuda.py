@@ -86,7 +86,7 @@ def test_dkv_cache_device_syncs_per_step_do_not_grow_with_depth(variant):
         pipe.model.to("cuda")
         with decodekit.attach(pipe, specs):
             pipe(**kw)  # warm-up
-            syncs[layers] = _device_syncs(lambda: pipe(**kw))
+            syncs[layers] = _device_syncs(lambda pipe=pipe: pipe(**kw))
     base = tiny_pipeline(layers=4)
     base.model.to("cuda")
     base_syncs = _device_syncs(lambda: base(**kw))
