@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/decodekit demo --out outputs/demo
 
 test: $(STAMP)
+	$(BIN)/ruff check core plugins pipelines tests examples benchmarks
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests examples/decodekit-cfg-cutoff/tests
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir .site
 
