@@ -6,7 +6,11 @@
 # pydantic and friends) and for decodekit itself: run benchmarks/gpu_wheels.sh here
 # first (after the last change to the package), and carry .whl.
 # Session 3 ran it on an H200 (docs/benchmarks/gpu.md); 1-3 need the most
-# device time (about 6 minutes in all). Results go to $OUT/results.tar (re-written after every step, so a run cut off
+# device time (about 6 minutes in all). Session 4 ran it twice with SKIP_FD=1
+# (SKIP_PROFILE=1 the second time). For the next GPU session, which checks
+# query_bucket and the whole-run warm-up (steps 2, 3, 3b), run
+#   SKIP_FD=1 SKIP_PROFILE=1 SKIP_EXAMPLES=1 bash benchmarks/gpu_session.sh full
+# with a timeout of about 500 s: the whole-run warm-up makes 2 and 3 about 1.5x longer. Results go to $OUT/results.tar (re-written after every step, so a run cut off
 # still returns what finished) and the log to $OUT/log.txt.
 set -u
 MODE=${1:-smoke}
@@ -60,10 +64,15 @@ step dkv-p64 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 64 \
 step dkv-p512 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 512 \
     --gen-length 256 --block 32 --steps 256 --batches 8 --repeats 2 \
     --configs decode prefill pd --out "$RES/dkv_cache_llada_gpu_p512.json"
+# 3b. The same 64-token rows with exact query widths (query_bucket 1): against the
+#     default bucket of 16, in steady state (times_s) and on the first call (warmup_s).
+step dkv-p64-bucket1 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 64 \
+    --gen-length 256 --block 32 --steps 256 --batches 8 --repeats 2 --query-bucket 1 \
+    --configs decode pd --out "$RES/dkv_cache_llada_gpu_p64_bucket1.json"
 # 4. Faster-Diffusion vs DeepCache on SD 1.5's UNet at full width, fp16, 512x512 latents
 #    (SKIP_FD=1 leaves it out, for a session whose Faster-Diffusion code is already measured).
 [ "${SKIP_FD:-0}" = 1 ] || step fd-sd15 python3 benchmarks/faster_diffusion_vs_deepcache.py --steps 50 --rounds 3 \
     "${FD_SD15[@]}" --out "$RES/faster_diffusion_vs_deepcache_sd15_gpu"
-# 5. The example rows (zoo models) on the GPU.
-step examples python3 benchmarks/examples_table.py --repeat 3 --out "$RES/examples_gpu"
+# 5. The example rows (zoo models) on the GPU (SKIP_EXAMPLES=1 leaves them out).
+[ "${SKIP_EXAMPLES:-0}" = 1 ] || step examples python3 benchmarks/examples_table.py --repeat 3 --out "$RES/examples_gpu"
 echo "=== all done"
