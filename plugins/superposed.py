@@ -298,8 +298,9 @@ class Superposed(Strategy):
         if self.ngram is None or a == 0:
             return torch.log(top_p)
         batch, k, n = top_tok.shape
+        context = drafts[:, :, -(self.ngram.max_order - 1) :]  # all an n-gram can look at
         ng = self.ngram.interpolate(
-            drafts.reshape(batch * k, -1),
+            context.reshape(batch * k, -1),
             top_tok.reshape(batch * k, n),
             self.params.ngram_weights,
             lengths.repeat_interleave(k),
