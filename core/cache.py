@@ -230,17 +230,48 @@ class PositionalKVCache:
 
     # ----------------------------------------------------------------- writing
 
-    def prepare(self, positions: PositionSpec, q_len: int) -> PreparedPositions:
+    def prepare(
+        self, positions: PositionSpec, q_len: int, *, end: int | None = None
+    ) -> PreparedPositions:
         """Check and flatten ``positions`` for keys with ``q_len`` columns, once.
 
         The result can be passed to :meth:`store` for any number of layers; those
         calls then do no checking that reads from the device (on a GPU: no
         synchronisation per layer). The batch size must match the cache's.
+
+        Args:
+            positions: a position spec.
+            q_len: the number of key columns the positions are for.
+            end: for a caller that builds the positions itself: a ``(B, Q)`` long
+                tensor whose entries are -1 (padding) or distinct within a row and
+                below ``end``. The values are then not checked (their shape is), and
+                flattening reads from the device once (which entries are real)
+                instead of about six times. Breaking the promise gives undefined
+                writes, so leave it None for positions from elsewhere.
         """
         batch = self._adopt(positions, "prepare")
-        rows, pos, cols = self._triples(positions, batch, q_len)
-        end = int(pos.max()) + 1 if pos.numel() else 0
-        return PreparedPositions(rows, pos, cols, batch, q_len, end)
+        if end is None:
+            rows, pos, cols = self._triples(positions, batch, q_len)
+            end = int(pos.max()) + 1 if pos.numel() else 0
+            return PreparedPositions(rows, pos, cols, batch, q_len, end)
+        if not (
+            isinstance(positions, torch.Tensor)
+            and positions.dim() == 2
+            and positions.dtype == torch.long
+            and tuple(positions.shape) == (batch, q_len)
+        ):
+            raise CacheError(
+                f"prepare(..., end=) takes a (B, Q) = ({batch}, {q_len}) long tensor; got "
+                f"{getattr(positions, 'dtype', type(positions).__name__)} "
+                f"{tuple(getattr(positions, 'shape', ()))}. Leave end=None for other specs."
+            )
+        if not isinstance(end, int) or isinstance(end, bool) or end < 0:
+            raise CacheError(f"end must be an int >= 0 (one past the highest position), got {end!r}.")
+        if end:
+            self._check_range(end - 1)
+        positions = positions.to(self._device) if self._device is not None else positions
+        rows, cols = (positions >= 0).nonzero(as_tuple=True)
+        return PreparedPositions(rows, positions[rows, cols], cols, batch, q_len, end)
 
     def store(
         self,
@@ -386,6 +417,18 @@ class PositionalKVCache:
         """
         step = _check_step(step)
         batch = self._adopt(positions, "mark_decoded")
+        if (
+            isinstance(positions, torch.Tensor)
+            and positions.dtype == torch.bool
+            and positions.dim() == 2
+            and positions.shape[0] == batch
+            and (self.max_length is None or positions.shape[1] <= self.max_length)
+        ):  # a mask: one dense update, nothing read back from the device
+            width = positions.shape[1]
+            decoded = self._decoded(width)
+            mask = positions.to(decoded.device)
+            decoded[:, :width] = torch.where(mask, self._scalar(step, decoded), decoded[:, :width])
+            return
         rows, pos, _ = self._triples(positions, batch, None)
         decoded = self._decoded(max(int(pos.max()) + 1 if pos.numel() else 0, 0))
         decoded.index_put_((rows, pos), self._scalar(step, decoded))

@@ -289,8 +289,7 @@ class DKVCache(Strategy):
             changed[:, :overlap] = x[:, :overlap] != prev[:, :overlap]
             changed[:, overlap:] = ~mask_index[:, overlap:]
             changed &= valid & ~mask_index
-            if bool(changed.any()):
-                self.cache.mark_decoded(changed, step - 1)
+            self.cache.mark_decoded(changed, step - 1)  # a dense update: no read back
             self._just_decoded = changed
         self._prev_x = x.clone()
 
@@ -314,7 +313,7 @@ class DKVCache(Strategy):
         ids = x.gather(1, order)  # (B, Q)
         pos_ids = position_ids.gather(1, order)  # (B, Q)
         # Checked and flattened once here, so the per-layer stores never wait for the device.
-        slots = self.cache.prepare(q_pos, width)
+        slots = self.cache.prepare(q_pos, width, end=length)  # built here: -1 or distinct, < L
         self._ctx = _Forward(slots, valid, length, step)
         try:
             out = model(

@@ -64,6 +64,47 @@ def test_prepared_positions_store_like_the_spec_without_host_reads():
     assert reads.total >= 3
 
 
+def test_positions_built_by_the_caller_are_flattened_with_one_read():
+    # prepare(..., end=L): the caller vouches for -1-or-distinct positions below L (dkv-cache
+    # builds them from a sort); the result equals the checked one, after a single read
+    from decodekit.testing import HostReads
+
+    spec = torch.tensor([[4, 0, -1], [2, 5, 1]])
+    checked = PositionalKVCache(num_layers=2).prepare(spec, 3)
+    trusted_cache = PositionalKVCache(num_layers=2)
+    with HostReads() as reads:
+        trusted = trusted_cache.prepare(spec, 3, end=8)
+    assert reads.total == 1  # which entries are real
+    for name in ("rows", "positions", "columns"):
+        assert torch.equal(getattr(trusted, name), getattr(checked, name))
+    assert (checked.end, trusted.end) == (6, 8)
+    keys, values = kv(q_len=3)
+    trusted_cache.store(0, keys, values, trusted, step=0)
+    assert trusted_cache.length(0) == 8 and trusted_cache.key_mask(0).sum() == 5
+    with pytest.raises(CacheError, match=r"takes a \(B, Q\) = \(2, 3\) long tensor"):
+        trusted_cache.prepare(spec.bool(), 3, end=8)
+    with pytest.raises(CacheError, match="end must be an int"):
+        trusted_cache.prepare(spec, 3, end=-1)
+    with pytest.raises(CacheError, match="out of range"):
+        PositionalKVCache(num_layers=1, max_length=6).prepare(spec, 3, end=8)
+
+
+def test_marking_a_mask_decoded_reads_nothing_back():
+    from decodekit.testing import HostReads
+
+    mask = torch.tensor([[True, False, True, False, False], [False, False, False, False, True]])
+    dense, indexed = PositionalKVCache(num_layers=1), PositionalKVCache(num_layers=1)
+    with HostReads() as reads:
+        dense.mark_decoded(mask, step=3)
+        dense.mark_decoded(mask & False, step=4)  # nothing new: no change
+        dense.mark_decoded(torch.tensor([[False, True], [False, False]]), step=5)
+    assert reads.total == 0
+    indexed.mark_decoded(torch.tensor([[0, 2], [4, -1]]), step=3)  # the same, as indices
+    indexed.mark_decoded(torch.tensor([[1], [-1]]), step=5)
+    assert torch.equal(dense._decoded(5)[:, :5], indexed._decoded(5)[:, :5])
+    assert dense._decoded(5)[0, :3].tolist() == [3, 5, 3]
+
+
 def test_prepared_positions_are_checked_once_and_must_fit_the_keys():
     cache = PositionalKVCache(num_layers=1)
     with pytest.raises(CacheError, match="batch size is known"):
