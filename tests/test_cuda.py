@@ -94,7 +94,9 @@ def test_dkv_cache_device_syncs_per_step_do_not_grow_with_depth(variant):
     # One sync per layer and step would add 3 * 8 = 24 from 1 to 4 layers; the tokens (and
     # so a per-step branch or two) may differ with depth.
     assert abs(syncs[4] - syncs[1]) < kw["steps"]
-    assert syncs[4] <= base_syncs + 12 * kw["steps"]
+    # session 4, run 2: 126 against 47 (about 10 more a step); since then two reads a
+    # step more than the uncached loop are expected (HostReads on the CPU: 5.75 vs 4.75)
+    assert syncs[4] <= base_syncs + 4 * kw["steps"]
 
 
 def test_masked_diffusion_baseline_on_cuda_matches_cpu():
