@@ -76,6 +76,7 @@ class NGramModel:
             m: tuple(arrays[f"{name}.{m}"].cpu().numpy() for name in names) for m in range(1, max_order)
         }
         self._dense: dict[int, np.ndarray | None] = {}  # order -> (contexts, V) counts, lazily
+        self._small_cache: dict[tuple[float, ...], tuple | None] = {}  # weights -> _small_tables
 
     # -- building ------------------------------------------------------------------------
     @classmethod
@@ -256,7 +257,7 @@ class NGramModel:
         order m from ``offsets[m - 1]`` on, ``w_m · P_m(t | context)`` for every context plus
         a zero row (unseen), with a zero last column (a candidate outside the vocabulary).
         """
-        cache = self.__dict__.setdefault("_small_cache", {})
+        cache = self._small_cache
         if weights not in cache:
             orders, V = len(weights), self.vocab_size
             dense = all(self._dense_counts(m) is not None for m in range(1, orders + 1))
