@@ -3,13 +3,18 @@
 Runs the masked-diffusion-lm pipeline on a randomly initialised LLaDA-shaped
 (bidirectional Llama, GQA) model (``--model random``, the default) or on
 zoo:arith-mdlm (``--model zoo``: held-out sums as prompts, exact-answer accuracy
-reported), alternating baseline and strategy runs after a warm-up; reports median
+reported) or zoo:arith-mdlm-fewshot (``--model zoo-fewshot``: the same sums after a
+``--shots``-problem context, a prompt as long as the paper's few-shot ones), alternating baseline and strategy runs after a warm-up; reports median
 wall time, tokens/s speed-up, NFE, tokens computed and token agreement with the
 baseline.
 
     .venv/bin/python benchmarks/dkv_cache.py --out benchmarks/results/dkv_cache.json
     .venv/bin/python benchmarks/dkv_cache.py --model zoo --gen-length 64 --block 32 --steps 64 \
         --out benchmarks/results/dkv_cache_zoo.json
+    .venv/bin/python benchmarks/dkv_cache.py --model zoo-fewshot --gen-length 256 --block 32 \
+        --steps 256 --batches 8 --prompt-batches 16 --repeats 1 --threads 2 \
+        --configs decode@4 decode@8 pd@4 pd@8 --refresh-interval 4 8 \
+        --out benchmarks/results/dkv_cache_fewshot.json
 
 On a GPU (``--device cuda --dtype bfloat16``) the random model can take LLaDA-8B's
 per-layer shape (``--width 4096 --heads 32 --kv-heads 32 --intermediate 12288
@@ -97,7 +102,10 @@ def main() -> None:
         default=4,
         help="--model zoo: batches of held-out prompts per batch size",
     )
-    ap.add_argument("--model", choices=["random", "zoo"], default="random")
+    ap.add_argument("--model", choices=["random", "zoo", "zoo-fewshot"], default="random")
+    ap.add_argument(
+        "--shots", type=int, default=32, help="--model zoo-fewshot: solved problems per prompt"
+    )
     ap.add_argument(
         "--configs",
         nargs="+",
@@ -120,8 +128,9 @@ def main() -> None:
     ap.add_argument(
         "--refresh-interval",
         type=int,
-        default=4,
-        help="refresh_interval of the decode, greedy and pd rows",
+        nargs="+",
+        default=[4],
+        help="refresh_interval of the decode, greedy and pd rows; several give rows decode@N, ...",
     )
     ap.add_argument(
         "--query-bucket",
@@ -133,17 +142,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     vocab = args.vocab
     dtype = getattr(torch, args.dtype)
-    if args.model == "zoo":
+    if args.model in ("zoo", "zoo-fewshot"):
         from decodekit.pipelines.zoo import zoo_path
-        from decodekit.pipelines.zoo.arith_data import held_out_problems
+        from decodekit.pipelines.zoo.arith_data import held_out_few_shot, held_out_problems
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(zoo_path("arith-mdlm"), dtype=dtype)
+        name = "arith-mdlm" if args.model == "zoo" else "arith-mdlm-fewshot"
+        model = AutoModelForCausalLM.from_pretrained(zoo_path(name), dtype=dtype)
         model = model.to(args.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(zoo_path("arith-mdlm"))
+        tokenizer = AutoTokenizer.from_pretrained(zoo_path(name))
         pipe = MaskedDiffusionLMPipeline(model, tokenizer)
-        problems = held_out_problems(max(args.batches) * args.prompt_batches)
-        described = "zoo:arith-mdlm; prompts: held-out sums (held_out_problems)"
+        count = max(args.batches) * args.prompt_batches
+        if args.model == "zoo":
+            problems = held_out_problems(count)
+            described = "zoo:arith-mdlm; prompts: held-out sums (held_out_problems)"
+        else:
+            problems = held_out_few_shot(count, args.shots, padded=True)
+            tokens = sum(len(tokenizer(p).input_ids) for p, _ in problems) / count
+            described = (
+                f"zoo:arith-mdlm-fewshot; prompts: zero-padded held-out sums after "
+                f"{args.shots} solved problems (held_out_few_shot), {tokens:.0f} tokens on average"
+            )
     else:
         model = llada_shaped(
             args.width,
@@ -165,28 +184,30 @@ def main() -> None:
             f"{c.num_key_value_heads} K/V heads, MLP {c.intermediate_size}, vocab {vocab}, "
             f"{args.dtype}, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params"
         )
-    every = args.refresh_interval
-    configs = {
-        "baseline": ([], {}),
-        "decode": (
-            [{"name": "dkv-cache", "params": {"variant": "decode", "refresh_interval": every}}],
+    configs = {"baseline": ([], {})}
+    # one interval gives rows "decode", "greedy", ...; several give "decode@4", "decode@8", ...
+    for every in args.refresh_interval:
+        tag = "" if len(args.refresh_interval) == 1 else f"@{every}"
+        for variant in ("decode", "greedy"):
+            configs[variant + tag] = (
+                [{"name": "dkv-cache", "params": {"variant": variant, "refresh_interval": every}}],
+                {},
+            )
+        if not tag:  # the rows' order with one interval: decode, greedy, prefill, pd
+            configs["prefill"] = ([{"name": "dkv-cache", "params": {"variant": "prefill"}}], {})
+        configs["pd" + tag] = (
+            [{"name": "dkv-cache", "params": {"variant": "pd", "refresh_interval": every}}],
             {},
-        ),
-        "greedy": (
-            [{"name": "dkv-cache", "params": {"variant": "greedy", "refresh_interval": every}}],
-            {},
-        ),
-        "prefill": ([{"name": "dkv-cache", "params": {"variant": "prefill"}}], {}),
-        "pd": ([{"name": "dkv-cache", "params": {"variant": "pd", "refresh_interval": every}}], {}),
-        "threshold": ([{"name": "parallel-threshold", "params": {"threshold": 0.9}}], {}),
-        "decode+threshold": (
-            [
-                {"name": "dkv-cache", "params": {"variant": "decode"}},
-                {"name": "parallel-threshold", "params": {"threshold": 0.9}},
-            ],
-            {},
-        ),
-    }
+        )
+    configs.setdefault("prefill", ([{"name": "dkv-cache", "params": {"variant": "prefill"}}], {}))
+    configs["threshold"] = ([{"name": "parallel-threshold", "params": {"threshold": 0.9}}], {})
+    configs["decode+threshold"] = (
+        [
+            {"name": "dkv-cache", "params": {"variant": "decode"}},
+            {"name": "parallel-threshold", "params": {"threshold": 0.9}},
+        ],
+        {},
+    )
     if args.query_bucket:
         for strategies, _ in configs.values():
             for spec in strategies:
@@ -205,7 +226,7 @@ def main() -> None:
     }
     gkw = dict(gen_length=args.gen_length, block_length=args.block, steps=args.steps)
     for batch in args.batches:
-        if args.model == "zoo":  # several batches of distinct held-out prompts
+        if args.model != "random":  # several batches of distinct held-out prompts
             inputs = [
                 dict(prompt=[p for p, _ in problems[i * batch : (i + 1) * batch]])
                 for i in range(args.prompt_batches)
@@ -269,11 +290,18 @@ def main() -> None:
                 "tokens_computed": sum(sum(o.tokens_computed) for o in out) / len(out),
                 "ideal_speedup": None if ideal is None else round(ideal, 2),
                 "token_agreement": round(float((seqs == base_seq).double().mean()), 3),
+                "tokens_differing": int((seqs != base_seq).sum()),
             }
             if answers is not None:
                 got = [t.strip() for o in out for t in o.texts]
+                base = [t.strip() for o in outs["baseline"][0] for t in o.texts]
                 want = [a for group in answers for a in group]
                 row["accuracy"] = round(sum(g == w for g, w in zip(got, want)) / len(want), 3)
+                # answers that differ from the baseline's, and which way they moved
+                moved = [(b == w, g == w) for g, b, w in zip(got, base, want) if g != b]
+                row["answers_changed"] = len(moved)
+                row["right_to_wrong"] = sum(1 for was, now in moved if was and not now)
+                row["wrong_to_right"] = sum(1 for was, now in moved if now and not was)
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:

@@ -89,6 +89,15 @@ CATALOGUE: dict[str, ZooModel] = {
             {"exact_answers": 0.80},
         ),
         ZooModel(
+            "arith-mdlm-fewshot",
+            "arith-mdlm trained further on zero-padded problems (417+085=0502) after "
+            "few-shot contexts of up to 36 solved problems (about 480 tokens): a "
+            "long-prompt diffusion LM, for measuring prompt caches such as dkv-cache.",
+            "masked-diffusion-lm",
+            "decodekit.pipelines.zoo.train_arith_mdlm",
+            {"exact_answers_few_shot": 0.45},
+        ),
+        ZooModel(
             "arith-ngram",
             "Token n-gram counts (orders 2-6) of the arith corpus under arith-ar's tokenizer, "
             "for superposed decoding (safetensors arrays, no pickle).",

@@ -65,6 +65,45 @@ def held_out_problems(n: int, seed: int = 1234) -> list[tuple[str, str]]:
     return list(seen.items())
 
 
+def zero_padded(problem: tuple[str, str]) -> tuple[str, str]:
+    """("417+85=", "502") -> ("417+085=", "0502"): operands to 3 digits, the answer to 4.
+
+    With every digit at a fixed offset from the ``=``, each answer digit finds its operand
+    digits at the same relative positions wherever the problem sits in a long prompt.
+    """
+    prompt, answer = problem
+    op = "+" if "+" in prompt else "-"
+    a, b = prompt[:-1].split(op)
+    return f"{int(a):03d}{op}{int(b):03d}=", f"{int(answer):04d}"
+
+
+def solved_examples(rng: random.Random, shots: int, padded: bool = False) -> str:
+    """`shots` solved training-split problems joined by spaces ("12+5=17 417-85=332"): a
+    few-shot context to put before a prompt; `padded` writes them `zero_padded`."""
+    problems = (random_problem(rng) for _ in range(shots))
+    return " ".join(p + a for p, a in (map(zero_padded, problems) if padded else problems))
+
+
+def with_context(rng: random.Random, prompt: str, shots: int, padded: bool = False) -> str:
+    """`prompt` after a context of `shots` solved training problems (unchanged when 0)."""
+    return f"{solved_examples(rng, shots, padded)} {prompt}" if shots else prompt
+
+
+def held_out_few_shot(
+    n: int, shots: int, seed: int = 1234, context_seed: int = 4321, padded: bool = False
+) -> list[tuple[str, str]]:
+    """`held_out_problems(n, seed)`, each prompt after its own `shots`-problem context.
+
+    The contexts are deterministic by `context_seed`, so every run sees the same prompts;
+    `padded` writes every problem, and the expected answers, `zero_padded`.
+    """
+    rng = random.Random(context_seed)
+    problems = held_out_problems(n, seed)
+    if padded:
+        problems = [zero_padded(p) for p in problems]
+    return [(with_context(rng, p, shots, padded), a) for p, a in problems]
+
+
 def random_sentence(rng: random.Random) -> str:
     """A short English sentence from the grammar."""
 

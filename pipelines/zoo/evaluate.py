@@ -5,6 +5,7 @@
     python -m decodekit.pipelines.zoo.evaluate arith-ar
     python -m decodekit.pipelines.zoo.evaluate arith-mdlm
     python -m decodekit.pipelines.zoo.evaluate arith-mdlm-windows   # long generation windows
+    python -m decodekit.pipelines.zoo.evaluate arith-mdlm-fewshot   # after few-shot prompts
 
 Every evaluation draws its held-out data from fixed seeds that training never uses, and
 prints a JSON object of the measured figures.
@@ -20,7 +21,11 @@ from typing import Any
 
 import torch
 from decodekit.pipelines.zoo import zoo_path
-from decodekit.pipelines.zoo.arith_data import ANSWER_LENGTH, held_out_problems
+from decodekit.pipelines.zoo.arith_data import (
+    ANSWER_LENGTH,
+    held_out_few_shot,
+    held_out_problems,
+)
 from decodekit.pipelines.zoo.shapes_data import sample_shapes
 from decodekit.pipelines.zoo.shapes_judge import ShapesJudge
 
@@ -180,12 +185,57 @@ def evaluate_arith_mdlm_windows(
     return {"num_problems": num_problems, "batch_size": batch_size, "rows": rows}
 
 
+FEW_SHOT = 32  # solved problems before each prompt: about 430 tokens when zero-padded
+
+
+def evaluate_arith_mdlm_fewshot(
+    num_problems: int = 200,
+    folder: Path | None = None,
+    shots: int = FEW_SHOT,
+    batch_size: int = 50,
+) -> dict[str, Any]:
+    """Exact-answer accuracy after a `shots`-problem context (`held_out_few_shot`), and without.
+
+    Every problem zero-padded, as arith-mdlm-fewshot was trained (``train_arith_mdlm
+    --context-shots N --zero-pad``); low-confidence remasking, steps = answer window
+    length, as for arith-mdlm.
+    """
+    from decodekit.pipelines.zoo.masked_diffusion_decode import low_confidence_decode
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = folder or zoo_path("arith-mdlm-fewshot")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def accuracy(problems: list[tuple[str, str]]) -> float:
+        correct = 0
+        for i in range(0, len(problems), batch_size):
+            batch = problems[i : i + batch_size]
+            answers = low_confidence_decode(
+                model, tokenizer, [p for p, _ in batch], ANSWER_LENGTH, steps=ANSWER_LENGTH
+            )
+            correct += sum(a == want for a, (_, want) in zip(answers, batch))
+        return correct / len(problems)
+
+    few_shot = held_out_few_shot(num_problems, shots, padded=True)
+    return {
+        "num_problems": num_problems,
+        "shots": shots,
+        "prompt_tokens_mean": sum(len(tokenizer(p).input_ids) for p, _ in few_shot)
+        / num_problems,
+        "exact_answers_few_shot": accuracy(few_shot),
+        "exact_answers_zero_shot": accuracy(held_out_few_shot(num_problems, 0, padded=True)),
+        "decoding": f"low-confidence remasking, {ANSWER_LENGTH} steps",
+    }
+
+
 EVALUATIONS = {
     "shapes-judge": evaluate_shapes_judge,
     "shapes-sd": evaluate_shapes_sd,
     "arith-ar": evaluate_arith_ar,
     "arith-mdlm": evaluate_arith_mdlm,
     "arith-mdlm-windows": evaluate_arith_mdlm_windows,
+    "arith-mdlm-fewshot": evaluate_arith_mdlm_fewshot,
 }
 
 

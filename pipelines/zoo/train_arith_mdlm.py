@@ -36,6 +36,7 @@ from decodekit.pipelines.zoo.arith_data import (
     random_problem,
     random_sentence,
     save_tokenizer,
+    zero_padded,
 )
 from decodekit.pipelines.zoo.training import optimiser_step, write_training_record
 from tqdm import tqdm
@@ -44,6 +45,7 @@ from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, PreTrained
 LONG_BATCH_EVERY = 4  # every 4th batch pads its answers to windows of up to `max_window`
 LONG_BATCH_DIVISOR = 4  # ... with a quarter of the rows, to keep its cost near a short batch's
 MAX_WINDOW = 256  # LLaDA's usual generation length; positions past it were never trained
+CONTEXT_MAX_POSITIONS = 1024  # the stated length of a model trained with few-shot contexts
 
 
 def masked_diffusion_batch(
@@ -53,12 +55,21 @@ def masked_diffusion_batch(
     sentence_fraction: float = 0.15,
     long_windows: bool = False,
     max_window: int = MAX_WINDOW,
+    context_shots: int = 0,
+    context_answer_fraction: float = 0.5,
+    zero_pad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean sequences (B, T) and which positions may be masked (B, T) bool; pads excluded.
 
     With `long_windows`, each problem pads its answer with <eos> to a window drawn from
     ``ANSWER_LENGTH..max_window`` instead of ``ANSWER_LENGTH``, so that the model also
     fills long generation windows (as LLaDA's answers are padded to the whole window).
+    With `context_shots` > 0, each problem's prompt follows a few-shot context of
+    U{0..context_shots} solved problems, token for token what `with_context` writes. In a
+    `context_answer_fraction` of those rows the context's answers may be masked too, so
+    every solved problem in the row trains "answer from your own operands"; in the rest
+    only the last answer is, as at inference. `zero_pad` writes every problem
+    `zero_padded` ("417+085=0502").
     """
     rows, maskable = [], []
     for _ in range(batch_size):
@@ -66,19 +77,47 @@ def masked_diffusion_batch(
             ids = tokenizer(random_sentence(rng)).input_ids + [tokenizer.eos_token_id]
             flags = [False] + [True] * (len(ids) - 1)  # everything but <bos>
         else:
+            context_ids, context_flags = [], []
+            if context_shots:
+                context_ids, context_flags = _context(
+                    tokenizer, rng, rng.randint(0, context_shots), context_answer_fraction, zero_pad
+                )
             prompt, answer = random_problem(rng)
-            prompt_ids = tokenizer(prompt).input_ids
+            if zero_pad:
+                prompt, answer = zero_padded((prompt, answer))
+            prompt_ids = tokenizer(prompt).input_ids  # <bos> first
             answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
             window = rng.randint(ANSWER_LENGTH, max_window) if long_windows else ANSWER_LENGTH
             answer_ids += [tokenizer.eos_token_id] * (window - len(answer_ids))
-            ids = prompt_ids + answer_ids
-            flags = [False] * len(prompt_ids) + [True] * window
+            ids = prompt_ids[:1] + context_ids + prompt_ids[1:] + answer_ids
+            flags = [False] + context_flags + [False] * (len(prompt_ids) - 1) + [True] * window
         rows.append(ids)
         maskable.append(flags)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     flags = torch.tensor([f + [False] * (width - len(f)) for f in maskable])
+    return ids, flags
+
+
+def _context(
+    tokenizer: PreTrainedTokenizerFast,
+    rng: random.Random,
+    shots: int,
+    answer_fraction: float,
+    zero_pad: bool = False,
+) -> tuple[list[int], list[bool]]:
+    """Token ids of `shots` solved problems, each followed by a space, and which are maskable."""
+    maskable_answers = rng.random() < answer_fraction
+    ids, flags = [], []
+    for _ in range(shots):
+        prompt, answer = random_problem(rng)
+        if zero_pad:
+            prompt, answer = zero_padded((prompt, answer))
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        answer_ids = tokenizer(answer + " ", add_special_tokens=False).input_ids
+        ids += prompt_ids + answer_ids
+        flags += [False] * len(prompt_ids) + [maskable_answers] * (len(answer_ids) - 1) + [False]
     return ids, flags
 
 
@@ -113,8 +152,16 @@ def train(
     seed: int,
     lr: float = 1e-3,
     init_from: Path | None = None,
+    context_shots: int = 0,
+    context_answer_fraction: float = 0.5,
+    save_every: int = 0,
+    zero_pad: bool = False,
 ) -> Path:
-    """Train the masked diffusion LM from arith-ar and save it with its tokenizer."""
+    """Train the masked diffusion LM from arith-ar and save it with its tokenizer.
+
+    `context_shots` > 0 puts few-shot contexts before the problems (`masked_diffusion_batch`);
+    `arith-mdlm-fewshot` is arith-mdlm trained on further that way.
+    """
     from decodekit.pipelines.zoo import zoo_path
 
     torch.manual_seed(seed)
@@ -133,7 +180,13 @@ def train(
         long_windows = step % LONG_BATCH_EVERY == LONG_BATCH_EVERY - 1
         rows = max(1, batch_size // LONG_BATCH_DIVISOR) if long_windows else batch_size
         clean, maskable = masked_diffusion_batch(
-            tokenizer, rng, rows, long_windows=long_windows
+            tokenizer,
+            rng,
+            rows,
+            long_windows=long_windows,
+            context_shots=context_shots,
+            context_answer_fraction=context_answer_fraction,
+            zero_pad=zero_pad,
         )  # (B, T) each
         masked, weight = uniform_count_mask(maskable, generator)  # (B, T), (B, 1)
         noisy = clean.masked_fill(masked, tokenizer.mask_token_id)
@@ -142,7 +195,11 @@ def train(
         token_loss = F.cross_entropy(logits.transpose(1, 2), clean, reduction="none")  # (B, T)
         loss = (token_loss * masked * weight).sum() / maskable.sum()
         optimiser_step(loss, optimizer, schedule, bar, model.parameters())
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            model.save_pretrained(out / f"checkpoint-{step + 1}", safe_serialization=True)
     model.eval()
+    if context_shots:  # positions this long were trained; the configs say so (RoPE needs no table)
+        model.config.max_position_embeddings = tokenizer.model_max_length = CONTEXT_MAX_POSITIONS
     model.save_pretrained(out, safe_serialization=True)
     save_tokenizer(tokenizer, out)
     write_training_record(
@@ -156,6 +213,9 @@ def train(
         long_batch_every=LONG_BATCH_EVERY,
         long_batch_rows=max(1, batch_size // LONG_BATCH_DIVISOR),
         max_window=MAX_WINDOW,
+        context_shots=context_shots,
+        context_answer_fraction=context_answer_fraction,
+        zero_pad=zero_pad,
         init_from="zoo:arith-ar" if init_from == zoo_path("arith-ar") else str(init_from),
     )
     return out
@@ -170,9 +230,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", type=Path, default=None, help="default: zoo:arith-ar")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--context-shots",
+        type=int,
+        default=0,
+        help="put U{0..N} solved problems before each problem (arith-mdlm-fewshot: 48)",
+    )
+    parser.add_argument(
+        "--context-answer-fraction",
+        type=float,
+        default=0.5,
+        help="with --context-shots: share of rows whose context answers are masked too",
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=0, help="also save checkpoint-N/ every N steps"
+    )
+    parser.add_argument(
+        "--zero-pad", action="store_true", help="write problems zero-padded: 417+085=0502"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train(args.out, args.steps, args.batch_size, args.seed, init_from=args.init_from)
+    train(
+        args.out,
+        args.steps,
+        args.batch_size,
+        args.seed,
+        lr=args.lr,
+        init_from=args.init_from,
+        context_shots=args.context_shots,
+        context_answer_fraction=args.context_answer_fraction,
+        save_every=args.save_every,
+        zero_pad=args.zero_pad,
+    )
 
 
 if __name__ == "__main__":
