@@ -3,17 +3,18 @@
 Runs the masked-diffusion-lm pipeline on a randomly initialised LLaDA-shaped
 (bidirectional Llama, GQA) model (``--model random``, the default) or on
 zoo:arith-mdlm (``--model zoo``: held-out sums as prompts, exact-answer accuracy
-reported) or zoo:arith-mdlm-fewshot (``--model zoo-fewshot``: the same sums after a
-``--shots``-problem context, a prompt as long as the paper's few-shot ones), alternating baseline and strategy runs after a warm-up; reports median
-wall time, tokens/s speed-up, NFE, tokens computed and token agreement with the
-baseline.
+reported) or zoo:arith-mdlm-fewshot (``--model zoo-fewshot``: the same sums,
+zero-padded, after a ``--shots``-problem context of about 425 tokens), alternating
+baseline and strategy runs after a warm-up; reports median wall time, tokens/s
+speed-up, NFE, tokens computed, token agreement with the baseline, and on the zoo
+models accuracy and the answers that changed.
 
     .venv/bin/python benchmarks/dkv_cache.py --out benchmarks/results/dkv_cache.json
     .venv/bin/python benchmarks/dkv_cache.py --model zoo --gen-length 64 --block 32 --steps 64 \
         --out benchmarks/results/dkv_cache_zoo.json
     .venv/bin/python benchmarks/dkv_cache.py --model zoo-fewshot --gen-length 256 --block 32 \
         --steps 256 --batches 8 --prompt-batches 16 --repeats 1 --threads 2 \
-        --configs decode@4 decode@8 pd@4 pd@8 --refresh-interval 4 8 \
+        --configs decode@4 decode@8 pd@8 --refresh-interval 4 8 \
         --out benchmarks/results/dkv_cache_fewshot.json
 
 On a GPU (``--device cuda --dtype bfloat16``) the random model can take LLaDA-8B's
@@ -100,7 +101,7 @@ def main() -> None:
         "--prompt-batches",
         type=int,
         default=4,
-        help="--model zoo: batches of held-out prompts per batch size",
+        help="--model zoo, zoo-fewshot: batches of held-out prompts per batch size",
     )
     ap.add_argument("--model", choices=["random", "zoo", "zoo-fewshot"], default="random")
     ap.add_argument(

@@ -77,11 +77,16 @@ def zero_padded(problem: tuple[str, str]) -> tuple[str, str]:
     return f"{int(a):03d}{op}{int(b):03d}=", f"{int(answer):04d}"
 
 
+def solved_problems(rng: random.Random, shots: int, padded: bool = False) -> list[tuple[str, str]]:
+    """`shots` training-split (prompt, answer) pairs, `zero_padded` when `padded`."""
+    problems = [random_problem(rng) for _ in range(shots)]
+    return [zero_padded(p) for p in problems] if padded else problems
+
+
 def solved_examples(rng: random.Random, shots: int, padded: bool = False) -> str:
     """`shots` solved training-split problems joined by spaces ("12+5=17 417-85=332"): a
     few-shot context to put before a prompt; `padded` writes them `zero_padded`."""
-    problems = (random_problem(rng) for _ in range(shots))
-    return " ".join(p + a for p, a in (map(zero_padded, problems) if padded else problems))
+    return " ".join(p + a for p, a in solved_problems(rng, shots, padded))
 
 
 def with_context(rng: random.Random, prompt: str, shots: int, padded: bool = False) -> str:

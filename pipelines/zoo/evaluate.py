@@ -185,7 +185,7 @@ def evaluate_arith_mdlm_windows(
     return {"num_problems": num_problems, "batch_size": batch_size, "rows": rows}
 
 
-FEW_SHOT = 32  # solved problems before each prompt: about 430 tokens when zero-padded
+FEW_SHOT = 32  # solved problems before each prompt: 425 tokens when zero-padded
 
 
 def evaluate_arith_mdlm_fewshot(

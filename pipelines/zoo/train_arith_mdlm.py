@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 from decodekit.pipelines.zoo.arith_data import (
     ANSWER_LENGTH,
-    random_problem,
     random_sentence,
     save_tokenizer,
-    zero_padded,
+    solved_problems,
 )
 from decodekit.pipelines.zoo.training import optimiser_step, write_training_record
 from tqdm import tqdm
@@ -82,9 +81,7 @@ def masked_diffusion_batch(
                 context_ids, context_flags = _context(
                     tokenizer, rng, rng.randint(0, context_shots), context_answer_fraction, zero_pad
                 )
-            prompt, answer = random_problem(rng)
-            if zero_pad:
-                prompt, answer = zero_padded((prompt, answer))
+            ((prompt, answer),) = solved_problems(rng, 1, zero_pad)
             prompt_ids = tokenizer(prompt).input_ids  # <bos> first
             answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
             window = rng.randint(ANSWER_LENGTH, max_window) if long_windows else ANSWER_LENGTH
@@ -110,10 +107,7 @@ def _context(
     """Token ids of `shots` solved problems, each followed by a space, and which are maskable."""
     maskable_answers = rng.random() < answer_fraction
     ids, flags = [], []
-    for _ in range(shots):
-        prompt, answer = random_problem(rng)
-        if zero_pad:
-            prompt, answer = zero_padded((prompt, answer))
+    for prompt, answer in solved_problems(rng, shots, zero_pad):
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
         answer_ids = tokenizer(answer + " ", add_special_tokens=False).input_ids
         ids += prompt_ids + answer_ids
@@ -160,7 +154,7 @@ def train(
     """Train the masked diffusion LM from arith-ar and save it with its tokenizer.
 
     `context_shots` > 0 puts few-shot contexts before the problems (`masked_diffusion_batch`);
-    `arith-mdlm-fewshot` is arith-mdlm trained on further that way.
+    `arith-mdlm-fewshot` is arith-mdlm trained further that way, in two runs (docs/zoo.md).
     """
     from decodekit.pipelines.zoo import zoo_path
 
@@ -235,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         "--context-shots",
         type=int,
         default=0,
-        help="put U{0..N} solved problems before each problem (arith-mdlm-fewshot: 48)",
+        help="put U{0..N} solved problems before each problem (arith-mdlm-fewshot: 36)",
     )
     parser.add_argument(
         "--context-answer-fraction",
