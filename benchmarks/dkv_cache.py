@@ -4,8 +4,9 @@ Runs the masked-diffusion-lm pipeline on a randomly initialised LLaDA-shaped
 (bidirectional Llama, GQA) model (``--model random``, the default) or on
 zoo:arith-mdlm (``--model zoo``: held-out sums as prompts, exact-answer accuracy
 reported) or zoo:arith-mdlm-fewshot (``--model zoo-fewshot``: the same sums,
-zero-padded, after a ``--shots``-problem context of about 425 tokens), alternating
-baseline and strategy runs after a warm-up; reports median wall time, tokens/s
+zero-padded, after a ``--shots``-problem context of about 425 tokens). After a
+warm-up, each prompt batch runs through every row in turn (so drift in the
+machine's speed hits all rows alike); reports median wall time, tokens/s
 speed-up, NFE, tokens computed, token agreement with the baseline, and on the zoo
 models accuracy and the answers that changed.
 
@@ -26,6 +27,7 @@ device before reading the clock.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -75,6 +77,14 @@ def llada_shaped(
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def _pooled_ideal(ideals: list[float | None]) -> float | None:
+    """One ideal speed-up for several prompt batches of about equal work: their harmonic
+    mean (total baseline work over total cached work)."""
+    if not ideals or any(v is None for v in ideals):
+        return None
+    return len(ideals) / sum(1.0 / v for v in ideals)
 
 
 def machine(device: str, threads: int) -> str:
@@ -244,16 +254,19 @@ def main() -> None:
             answers = None
 
         def run(strategies, kw=gkw, inputs=inputs):
-            sync(args.device)
-            start, outs, ideal = time.perf_counter(), [], None
-            if strategies:
-                with decodekit.attach(pipe, strategies) as r:
-                    outs = [pipe(**x, **kw) for x in inputs]
+            """Time ``inputs`` under ``strategies``: (seconds per input, outputs, ideal)."""
+            secs, outs, ideal = [], [], None
+            with contextlib.ExitStack() as stack:
+                r = stack.enter_context(decodekit.attach(pipe, strategies)) if strategies else None
+                for x in inputs:
+                    sync(args.device)
+                    start = time.perf_counter()
+                    outs.append(pipe(**x, **kw))
+                    sync(args.device)
+                    secs.append(time.perf_counter() - start)
+            if r is not None:
                 ideal = r.ideal_speedup()
-            else:
-                outs = [pipe(**x, **kw) for x in inputs]
-            sync(args.device)
-            return time.perf_counter() - start, outs, ideal
+            return secs, outs, ideal
 
         # Warm-up: every row once (first calls pay one-time set-up costs). On CUDA a whole
         # run, since every new query width costs plan selection once (session 4 found the
@@ -264,14 +277,26 @@ def main() -> None:
             steps=max(1, args.steps * args.block // args.gen_length),
         )
         # the warm-up's own time: on CUDA, where it is a whole run, the first-call cost
-        warmup = {name: run(strategies, warm)[0] for name, (strategies, _) in configs.items()}
+        warmup = {name: sum(run(strategies, warm)[0]) for name, (strategies, _) in configs.items()}
+        # Timed runs, interleaved: each prompt batch goes through every row in turn, so a
+        # slow drift of the machine's speed (minutes long on a shared VM) hits all rows
+        # alike instead of whichever row ran during it. A row's time for one repeat is the
+        # sum over its prompt batches.
         times = {k: [] for k in configs}
         outs = {}
         for _ in range(args.repeats):
-            for name, (strategies, _) in configs.items():
-                t, out, ideal = run(strategies)
-                times[name].append(t)
-                outs[name] = (out, ideal)
+            secs = {k: 0.0 for k in configs}
+            per_row: dict[str, list] = {k: [] for k in configs}
+            ideals: dict[str, list] = {k: [] for k in configs}
+            for x in inputs:
+                for name, (strategies, _) in configs.items():
+                    t, out, ideal = run(strategies, inputs=[x])
+                    secs[name] += t[0]
+                    per_row[name] += out
+                    ideals[name].append(ideal)
+            for name in configs:
+                times[name].append(secs[name])
+                outs[name] = (per_row[name], _pooled_ideal(ideals[name]))
         base_t = statistics.median(times["baseline"])
         base_seq = torch.cat([o.sequences for o in outs["baseline"][0]])
         generated = batch * args.gen_length * len(inputs)
