@@ -8,8 +8,12 @@ Registered through ``decodekit_register_quality_metrics`` like any plugin's:
   the judge reads the same attributes from both, and the Fréchet distance of
   the strategy's images to the baseline's on the judge's features (from 16
   images up: below that the covariance says nothing).
-* ``arith-accuracy`` — on text outputs whose prompts are sums or differences
-  ("417+85="): exact-answer accuracy of baseline and strategy.
+* ``arith-accuracy`` — on text outputs whose prompts end in a sum or difference
+  ("417+85=", or a few-shot prompt of solved problems before it,
+  "012+005=0017 417+085="): exact-answer accuracy of baseline and strategy.
+  Where the problem is written zero-padded (three-digit operands, as
+  zoo:arith-mdlm-fewshot is prompted) the four-digit answer ("0502") counts
+  as well as the plain one.
 
 A metric returns None when the outputs are not its kind, so it stays silent
 on other pipelines.
@@ -23,7 +27,8 @@ from typing import Any
 
 from decodekit.hookspecs import hookimpl
 
-ARITH_PROMPT = re.compile(r"^\s*(\d+)\s*([+-])\s*(\d+)\s*=\s*$")
+# The problem at the end of a prompt: at its start or after whitespace (solved examples).
+ARITH_PROMPT = re.compile(r"(?:^|\s)(\d+)\s*([+-])\s*(\d+)\s*=\s*$")
 MIN_IMAGES_FOR_FRECHET = 16
 
 
@@ -85,12 +90,24 @@ def _shape_colour(judge, images, prompts) -> float:
 
 
 def arith_answer(prompt: str) -> str | None:
-    """The right answer to an arithmetic prompt such as ``"417+85="``, or None."""
-    m = ARITH_PROMPT.match(prompt)
+    """The right answer to the problem a prompt ends with (``"417+85="`` -> ``"502"``), or None."""
+    forms = arith_answer_forms(prompt)
+    return forms[0] if forms else None
+
+
+def arith_answer_forms(prompt: str) -> tuple[str, ...]:
+    """Every accepted spelling of the answer to the problem ``prompt`` ends with: the plain
+    one, and for zero-padded problems (``"417+085="``, both operands three digits) also the
+    four-digit one (``"0502"``); empty when the prompt does not end in a problem."""
+    m = ARITH_PROMPT.search(prompt)
     if m is None:
-        return None
-    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
-    return str(a + b if op == "+" else a - b)
+        return ()
+    a, op, b = m.group(1), m.group(2), m.group(3)
+    value = int(a) + int(b) if op == "+" else int(a) - int(b)
+    forms = (str(value),)
+    if len(a) == len(b) == 3:
+        forms += (f"{value:04d}",)
+    return forms
 
 
 def _first_answer(text: str) -> str:
@@ -119,7 +136,9 @@ def arith_accuracy_metric(
         return None
 
     def accuracy(rows: list[dict[str, Any]]) -> float:
-        return sum(_first_answer(r["text"]) == arith_answer(r["prompt"]) for r in rows) / len(rows)
+        return sum(_first_answer(r["text"]) in arith_answer_forms(r["prompt"]) for r in rows) / len(
+            rows
+        )
 
     return {"accuracy_baseline": accuracy(baseline), "accuracy_strategy": accuracy(outputs)}
 

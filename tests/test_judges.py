@@ -5,7 +5,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from decodekit.pipelines.judges import arith_accuracy_metric, arith_answer, shapes_judge_metric
+from decodekit.pipelines.judges import (
+    arith_accuracy_metric,
+    arith_answer,
+    arith_answer_forms,
+    shapes_judge_metric,
+)
 
 PROMPTS = [
     "a small red circle on the left",
@@ -24,6 +29,27 @@ def test_arith_answer():
     assert arith_answer("417+85=") == "502"
     assert arith_answer("12-30=") == "-18"
     assert arith_answer("the cat") is None
+    assert arith_answer("417+85=0502") is None  # solved, nothing left to answer
+
+
+def test_arith_answer_after_few_shot_context_and_zero_padding():
+    from decodekit.pipelines.zoo.arith_data import held_out_few_shot
+
+    assert arith_answer("12+5=17 417-85=") == "332"
+    assert arith_answer_forms("417+85=") == ("502",)
+    assert arith_answer_forms("012+005=0017 417+085=") == ("502", "0502")
+    assert arith_answer_forms("003-021=") == ("-18", "-018")
+    for prompt, answer in held_out_few_shot(20, 8, padded=True):
+        assert answer in arith_answer_forms(prompt)
+    for prompt, answer in held_out_few_shot(20, 8):
+        assert arith_answer(prompt) == answer
+
+
+def test_arith_accuracy_scores_zero_padded_answers():
+    prompt = "012+005=0017 417+085="
+    rows = [{"prompt": prompt, "text": t} for t in ("0502", "502 ", "0503", "")]
+    figures = arith_accuracy_metric("masked-diffusion-lm", rows, rows[:1], None)
+    assert figures == {"accuracy_baseline": 0.5, "accuracy_strategy": 1.0}
 
 
 def test_arith_accuracy_counts_first_answer_token():
