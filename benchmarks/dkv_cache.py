@@ -144,6 +144,14 @@ def main() -> None:
         help="refresh_interval of the decode, greedy and pd rows; several give rows decode@N, ...",
     )
     ap.add_argument(
+        "--block-refresh-steps",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="block_refresh_steps of those rows (2: the reference code's schedule); values "
+        "other than 1 give rows decode@N+r2, ...",
+    )
+    ap.add_argument(
         "--query-bucket",
         type=int,
         default=None,
@@ -197,19 +205,28 @@ def main() -> None:
         )
     configs = {"baseline": ([], {})}
     # one interval gives rows "decode", "greedy", ...; several give "decode@4", "decode@8", ...
+    # and --block-refresh-steps other than 1 adds "+rN" ("decode@8+r2")
+    several = len(args.refresh_interval) > 1
     for every in args.refresh_interval:
-        tag = "" if len(args.refresh_interval) == 1 else f"@{every}"
-        for variant in ("decode", "greedy"):
-            configs[variant + tag] = (
-                [{"name": "dkv-cache", "params": {"variant": variant, "refresh_interval": every}}],
+        for first in args.block_refresh_steps:
+            tag = (f"@{every}" if several else "") + ("" if first == 1 else f"+r{first}")
+            params = {"refresh_interval": every}
+            if first != 1:
+                params["block_refresh_steps"] = first
+            for variant in ("decode", "greedy"):
+                configs[variant + tag] = (
+                    [{"name": "dkv-cache", "params": {"variant": variant, **params}}],
+                    {},
+                )
+            if not tag:  # the rows' order with one interval: decode, greedy, prefill, pd
+                configs["prefill"] = (
+                    [{"name": "dkv-cache", "params": {"variant": "prefill"}}],
+                    {},
+                )
+            configs["pd" + tag] = (
+                [{"name": "dkv-cache", "params": {"variant": "pd", **params}}],
                 {},
             )
-        if not tag:  # the rows' order with one interval: decode, greedy, prefill, pd
-            configs["prefill"] = ([{"name": "dkv-cache", "params": {"variant": "prefill"}}], {})
-        configs["pd" + tag] = (
-            [{"name": "dkv-cache", "params": {"variant": "pd", "refresh_interval": every}}],
-            {},
-        )
     configs.setdefault("prefill", ([{"name": "dkv-cache", "params": {"variant": "prefill"}}], {}))
     configs["threshold"] = ([{"name": "parallel-threshold", "params": {"threshold": 0.9}}], {})
     configs["decode+threshold"] = (

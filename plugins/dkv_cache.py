@@ -7,7 +7,8 @@ each position's keys and values and recomputes only some positions per step:
   (with its real identity instead of the mask) and its K/V are reused from
   ``t + 2`` on — the one-step delay the paper shows is essential
   (``commit_delay=0`` reproduces the ablation). Every ``refresh_interval``
-  steps of a block (and at each block's first step) all positions are recomputed.
+  steps of a block (and at each block's first step; its first two with
+  ``block_refresh_steps=2``, as the reference code does) all positions are recomputed.
 - ``greedy``: recompute only the positions whose logits the step reads (the
   current block's masked tokens), the tokens decoded at the previous step and
   masked neighbours within ``window`` of them; everything else comes from the
@@ -97,6 +98,14 @@ class DKVCacheParams(Params):
         description="Recompute every position at each block step that is a multiple of this "
         "(block step 0 included); 1 refreshes every step, which equals no cache "
         "(paper's cache_reloading_step: 4 or 8). Not used by prefill.",
+    )
+    block_refresh_steps: int = Field(
+        1,
+        ge=1,
+        description="Recompute every position at each block's first this-many steps too "
+        "(besides the multiples of refresh_interval). 1: block step 0 only; 2: steps 0 and 1, "
+        "the reference code's schedule (its bookkeeping has no two-steps-old state at step 1). "
+        "Not used by prefill.",
     )
     window: int = Field(
         2,
@@ -251,7 +260,9 @@ class DKVCache(Strategy):
         cache = self.cache
         stored = _pad_cols(cache.key_mask(0), length) if cache.length(0) else torch.zeros_like(valid)
         p = self.params
-        refresh = p.variant != "prefill" and block_step % p.refresh_interval == 0
+        refresh = p.variant != "prefill" and (
+            block_step % p.refresh_interval == 0 or block_step < p.block_refresh_steps
+        )
         prompt = _pad_cols(self._prompt, length)
         if p.variant == "prefill":
             fed = ~prompt

@@ -266,3 +266,24 @@ def test_lm_head_runs_on_the_current_block_only():
     assert out.shape == base.shape
     # the block's decoded, reusable positions are not fed, so some steps need fewer
     assert widths and max(widths) <= KW["block_length"] and min(widths) < KW["block_length"]
+
+
+@pytest.mark.parametrize("variant", ["decode", "greedy", "pd"])
+def test_block_refresh_steps_adds_full_forwards_at_each_block_start(variant):
+    # KW: 2 blocks of 4 steps. refresh_interval 4 refreshes block step 0 only; with
+    # block_refresh_steps=2 steps 0 and 1 (the reference code's schedule), and with 4,
+    # every step, which is the uncached run token for token (decode, greedy).
+    pipe = tiny_pipeline()
+    base = pipe(input_ids=PROMPTS, **KW)
+    counts, computed = {}, {}
+    for first in (1, 2, 4):
+        with decodekit.attach(
+            pipe, [dkv(variant, refresh_interval=4, block_refresh_steps=first)]
+        ) as run:
+            out = pipe(input_ids=PROMPTS, **KW)
+        counts[first] = run.stats["strategies"]["dkv-cache"]["refreshes"]
+        computed[first] = sum(out.tokens_computed)
+        if first == 4 and variant != "pd":
+            assert torch.equal(out.sequences, base.sequences)
+    assert counts == {1: 2, 2: 4, 4: 8}
+    assert computed[1] < computed[2] < computed[4]
