@@ -342,6 +342,8 @@ def main() -> None:
                 row["accuracy"] = round(sum(g == w for g, w in zip(got, want)) / len(want), 3)
                 # answers that differ from the baseline's, and which way they moved
                 moved = [(b == w, g == w) for g, b, w in zip(got, base, want) if g != b]
+                # which prompts (index into the prompt list), to compare rows and runs
+                row["changed_prompts"] = [i for i, (g, b) in enumerate(zip(got, base)) if g != b]
                 row["answers_changed"] = len(moved)
                 row["right_to_wrong"] = sum(1 for was, now in moved if was and not now)
                 row["wrong_to_right"] = sum(1 for was, now in moved if now and not was)

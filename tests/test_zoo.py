@@ -129,6 +129,7 @@ def test_arith_mdlm_trainer_takes_zero_padded_few_shot_contexts(tmp_path):
     out = tmp_path / "context"
     train(out, steps=4, batch_size=4, seed=0, context_shots=3, zero_pad=True, save_every=2)
     assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    assert (out / "checkpoint-2" / "tokenizer.json").is_file()  # loadable on its own
     assert not (out / "checkpoint-4").exists()  # the last step is the model itself
     record = json.loads((out / "training.json").read_text())
     assert (record["context_shots"], record["zero_pad"]) == (3, True)

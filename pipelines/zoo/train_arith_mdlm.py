@@ -154,7 +154,7 @@ def train(
     """Train the masked diffusion LM from arith-ar and save it with its tokenizer.
 
     `context_shots` > 0 puts few-shot contexts before the problems (`masked_diffusion_batch`);
-    `arith-mdlm-fewshot` is arith-mdlm trained further that way, in two runs (docs/zoo.md).
+    `arith-mdlm-fewshot` is arith-mdlm trained further that way, in three runs (docs/zoo.md).
     """
     from decodekit.pipelines.zoo import zoo_path
 
@@ -190,7 +190,9 @@ def train(
         loss = (token_loss * masked * weight).sum() / maskable.sum()
         optimiser_step(loss, optimizer, schedule, bar, model.parameters())
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            model.save_pretrained(out / f"checkpoint-{step + 1}", safe_serialization=True)
+            checkpoint = out / f"checkpoint-{step + 1}"
+            model.save_pretrained(checkpoint, safe_serialization=True)
+            save_tokenizer(tokenizer, checkpoint)  # so evaluate --folder can read it alone
     model.eval()
     if context_shots:  # positions this long were trained; the configs say so (RoPE needs no table)
         model.config.max_position_embeddings = tokenizer.model_max_length = CONTEXT_MAX_POSITIONS
