@@ -1,5 +1,6 @@
 """Test helpers every strategy's tests reuse, third-party plugins' included.
 
+`CommitRecorder` records a masked-diffusion run's steps without changing them.
 `StrategyTesterMixin` checks the contract of attach/detach on a concrete
 pipeline: exact restore, refusing a second attach, per-call state reset, seed
 determinism, batch invariance, and detach on an exception. A test class mixes
@@ -13,6 +14,8 @@ from typing import Any
 
 import decodekit
 import torch
+from decodekit.hookspecs import hookimpl
+from decodekit.strategy import Strategy
 from torch.overrides import TorchFunctionMode
 
 
@@ -227,3 +230,19 @@ def _scalar_index_put(args) -> bool:
         and k.dtype != torch.bool
         for k in key
     )
+
+
+class CommitRecorder(Strategy):
+    """A masked-diffusion strategy that changes nothing and records every step: ``steps`` is
+    a list of ``(step, x, committed)``, the sequence after the step's commits ``(B, L)``
+    and which positions it committed ``(B, L)`` bool. Reset at every call."""
+
+    name = "commit-recorder"
+    loops = ("masked-diffusion",)
+
+    def reset(self, run) -> None:
+        self.steps: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    @hookimpl
+    def decodekit_mdm_committed(self, run, step, x, committed):
+        self.steps.append((step, x.clone(), committed.clone()))

@@ -12,6 +12,7 @@ from decodekit.pipelines.masked_diffusion import (
 )
 from decodekit.sampler import transfer_count_schedule
 from decodekit.strategy import Strategy
+from decodekit.testing import CommitRecorder
 
 MASK = 31
 VOCAB = 32
@@ -47,18 +48,7 @@ def tiny_pipeline(seed: int = 0, layers: int = 2, **overrides) -> MaskedDiffusio
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
 
 
-class Recorder(Strategy):
-    """Records x before and the commits of every step (a test-only strategy)."""
-
-    name = "recorder"
-    loops = ("masked-diffusion",)
-
-    def reset(self, run):
-        self.steps = []
-
-    @hookimpl
-    def decodekit_mdm_committed(self, run, step, x, committed):
-        self.steps.append((step, x.clone(), committed.clone()))
+Recorder = CommitRecorder  # records x after and the commits of every step
 
 
 def test_model_is_bidirectional():

@@ -1,0 +1,115 @@
+"""Where the answers a dkv-cache row changed were decided, and how sure the baseline was.
+
+Reads the prompts a row of ``benchmarks/dkv_cache.py --model zoo-fewshot`` changed
+(``changed_prompts``), reruns the baseline on the batches holding them while recording
+every step's commits, and for each prompt of those batches reports, per answer
+position (generated columns 0-3, the digits, and 4, the first ``<eos>``), the block
+step that committed it and the baseline's top-1 probability and its margin over the
+second, from a full forward on the sequence just before that commit.
+
+    .venv/bin/python benchmarks/dkv_cache_flips.py \
+        --rows benchmarks/results/dkv_cache_fewshot_control.json --config decode@8 \
+        --out benchmarks/results/dkv_cache_fewshot_flips.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import decodekit
+import torch
+from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
+from decodekit.testing import CommitRecorder
+
+ANSWER_COLUMNS = 5  # four zero-padded digits, then <eos>
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", required=True, help="a dkv_cache.py --model zoo-fewshot JSON")
+    ap.add_argument("--config", default="decode@8")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    bench = json.load(open(args.rows))
+    row = next(r for r in bench["rows"] if r["config"] == args.config)
+    changed = set(row["changed_prompts"])
+    a = bench["args"]
+    batch = a["batches"][0]
+
+    from decodekit.pipelines.zoo import zoo_path
+    from decodekit.pipelines.zoo.arith_data import held_out_few_shot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(zoo_path("arith-mdlm-fewshot")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(zoo_path("arith-mdlm-fewshot"))
+    pipe = MaskedDiffusionLMPipeline(model, tokenizer)
+    problems = held_out_few_shot(batch * a["prompt_batches"], a["shots"], padded=True)
+    steps_per_block = a["steps"] * a["block"] // a["gen_length"]
+    prompts_out = []
+    for b in sorted({i // batch for i in changed}):
+        group = problems[b * batch : (b + 1) * batch]
+        rec = CommitRecorder()
+        with decodekit.attach(pipe, [rec]):
+            out = pipe(
+                prompt=[p for p, _ in group],
+                gen_length=a["gen_length"],
+                block_length=a["block"],
+                steps=a["steps"],
+            )
+        length = rec.steps[0][1].shape[1]
+        start = length - a["gen_length"]
+        found: list[dict[int, dict]] = [{} for _ in group]
+        for step, x, committed in rec.steps:
+            hits = committed[:, start : start + ANSWER_COLUMNS].nonzero().tolist()
+            if not hits:
+                continue
+            before = x.clone()
+            before[committed] = pipe.mask_token_id
+            # the pipeline's own attention mask and positions: left padding, then 1s
+            real = (before != tokenizer.pad_token_id).long().cummax(dim=1).values
+            positions = (real.cumsum(dim=1) - 1).clamp(min=0)
+            with torch.no_grad():
+                probs = model(input_ids=before, attention_mask=real, position_ids=positions)
+                probs = probs.logits.softmax(-1)
+            for r, c in hits:
+                top = probs[r, start + c].topk(2).values.tolist()
+                found[r][c] = {
+                    "block_step": step % steps_per_block,
+                    "p_top": round(top[0], 3),
+                    "margin": round(top[0] - top[1], 3),
+                }
+        for r, (_, want) in enumerate(group):
+            index = b * batch + r
+            digits = [found[r][c] for c in range(4)]
+            prompts_out.append(
+                {
+                    "prompt": index,
+                    "changed": index in changed,
+                    "baseline_answer": out.texts[r].strip(),
+                    "right_answer": want,
+                    "columns": {str(c): found[r][c] for c in sorted(found[r])},
+                    "min_digit_margin": min(d["margin"] for d in digits),
+                    "digit_block_steps": sorted(d["block_step"] for d in digits),
+                }
+            )
+    summary = {}
+    for label, flag in (("changed", True), ("unchanged", False)):
+        sel = [p for p in prompts_out if p["changed"] == flag]
+        summary[label] = {
+            "prompts": len(sel),
+            "median_min_digit_margin": statistics.median(p["min_digit_margin"] for p in sel),
+            "min_digit_margin_at_least_0.95": sum(p["min_digit_margin"] >= 0.95 for p in sel),
+            "digit_block_steps_seen": sorted({s for p in sel for s in p["digit_block_steps"]}),
+        }
+    result = {"rows": args.rows, "config": args.config, "summary": summary, "prompts": prompts_out}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
