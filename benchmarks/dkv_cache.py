@@ -113,6 +113,13 @@ def main() -> None:
         default=4,
         help="--model zoo, zoo-fewshot: batches of held-out prompts per batch size",
     )
+    ap.add_argument(
+        "--skip-batches",
+        type=int,
+        default=0,
+        help="--model zoo, zoo-fewshot: leave out the first this-many prompt batches (to measure "
+        "further prompts: --prompt-batches 32 --skip-batches 16 runs prompts 128-255 at batch 8)",
+    )
     ap.add_argument("--model", choices=["random", "zoo", "zoo-fewshot"], default="random")
     ap.add_argument(
         "--shots", type=int, default=32, help="--model zoo-fewshot: solved problems per prompt"
@@ -255,14 +262,9 @@ def main() -> None:
     gkw = dict(gen_length=args.gen_length, block_length=args.block, steps=args.steps)
     for batch in args.batches:
         if args.model != "random":  # several batches of distinct held-out prompts
-            inputs = [
-                dict(prompt=[p for p, _ in problems[i * batch : (i + 1) * batch]])
-                for i in range(args.prompt_batches)
-            ]
-            answers = [
-                [a for _, a in problems[i * batch : (i + 1) * batch]]
-                for i in range(args.prompt_batches)
-            ]
+            kept = range(args.skip_batches, args.prompt_batches)
+            inputs = [dict(prompt=[p for p, _ in problems[i * batch : (i + 1) * batch]]) for i in kept]
+            answers = [[a for _, a in problems[i * batch : (i + 1) * batch]] for i in kept]
         else:
             g = torch.Generator().manual_seed(batch)
             inputs = [
@@ -343,7 +345,10 @@ def main() -> None:
                 # answers that differ from the baseline's, and which way they moved
                 moved = [(b == w, g == w) for g, b, w in zip(got, base, want) if g != b]
                 # which prompts (index into the prompt list), to compare rows and runs
-                row["changed_prompts"] = [i for i, (g, b) in enumerate(zip(got, base)) if g != b]
+                first = args.skip_batches * batch
+                row["changed_prompts"] = [
+                    first + i for i, (g, b) in enumerate(zip(got, base)) if g != b
+                ]
                 row["answers_changed"] = len(moved)
                 row["right_to_wrong"] = sum(1 for was, now in moved if was and not now)
                 row["wrong_to_right"] = sum(1 for was, now in moved if now and not was)
