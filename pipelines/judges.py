@@ -136,9 +136,8 @@ def arith_accuracy_metric(
         return None
 
     def accuracy(rows: list[dict[str, Any]]) -> float:
-        return sum(_first_answer(r["text"]) in arith_answer_forms(r["prompt"]) for r in rows) / len(
-            rows
-        )
+        right = sum(_first_answer(r["text"]) in arith_answer_forms(r["prompt"]) for r in rows)
+        return right / len(rows)
 
     return {"accuracy_baseline": accuracy(baseline), "accuracy_strategy": accuracy(outputs)}
 
