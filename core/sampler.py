@@ -769,11 +769,13 @@ class RemaskingPolicy:
                 f"{where}: num_transfer must be an int or an integer tensor (B,), "
                 f"got {num_transfer!r}."
             )
-        if bool((counts < 0).any()):
-            raise ValueError(f"{where}: num_transfer must be >= 0, got {counts.tolist()}.")
         available = eligible.sum(dim=-1)  # (B,)
         too_many = counts > available
-        if bool(too_many.any()):
+        # both checks in one read from the device (this runs at every step)
+        negative, over = torch.stack([(counts < 0).any(), too_many.any()]).tolist()
+        if negative:
+            raise ValueError(f"{where}: num_transfer must be >= 0, got {counts.tolist()}.")
+        if over:
             row = int(too_many.nonzero()[0, 0])
             raise ValueError(
                 f"{where}: row {row} asks to commit {int(counts[row])} positions but only "

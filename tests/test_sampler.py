@@ -667,3 +667,17 @@ def test_transfer_count_schedule_values():
         transfer_count_schedule(10, 0)
     with pytest.raises(ValueError, match="num_masked must be >= 0"):
         transfer_count_schedule(-1, 3)
+
+
+def test_count_checks_read_the_device_once():
+    # The checks run at every step of the masked-diffusion loop; on a GPU each read waits.
+    from decodekit.testing import HostReads
+
+    logits, x, mask_index, allowed = random_step(seed=5)
+    policy = LowConfidenceRemasking()
+    counts = torch.ones(x.shape[0], dtype=torch.long)
+    with HostReads() as reads:
+        policy._check_inputs(logits, x, mask_index, counts, allowed)
+    assert reads.total == 1
+    with pytest.raises(ValueError, match="num_transfer must be >= 0, got \\[-1"):
+        policy(logits, x, mask_index, -1, allowed=allowed)
