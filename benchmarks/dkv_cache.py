@@ -15,8 +15,8 @@ models accuracy and the answers that changed.
         --out benchmarks/results/dkv_cache_zoo.json
     .venv/bin/python benchmarks/dkv_cache.py --model zoo-fewshot --gen-length 256 --block 32 \
         --steps 256 --batches 8 --prompt-batches 16 --repeats 1 --threads 2 \
-        --configs decode@4 decode@8 pd@8 --refresh-interval 4 8 \
-        --out benchmarks/results/dkv_cache_fewshot.json
+        --configs decode@4 decode@6 decode@8 decode@8+r2 pd@8 --refresh-interval 4 6 8 \
+        --block-refresh-steps 1 2 --out benchmarks/results/dkv_cache_fewshot.json
 
 On a GPU (``--device cuda --dtype bfloat16``) the random model can take LLaDA-8B's
 per-layer shape (``--width 4096 --heads 32 --kv-heads 32 --intermediate 12288
