@@ -23,11 +23,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check core plugins pipelines tests examples benchmarks
+	$(BIN)/ruff format --check core plugins pipelines tests examples benchmarks
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests examples/decodekit-cfg-cutoff/tests
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir .site
 
 lint: $(STAMP)
-	$(BIN)/ruff check core plugins pipelines tests examples
+	$(BIN)/ruff check core plugins pipelines tests examples benchmarks
+	$(BIN)/ruff format --check core plugins pipelines tests examples benchmarks
 
 docs: $(STAMP)
 	$(BIN)/mkdocs serve

@@ -91,7 +91,10 @@ def prepare(model: str, workdir: Path, n_prompts: int) -> dict:
         desc = "tiny random LlamaForCausalLM (2 layers, hidden 32, vocab 64)"
         if model == "tiny-eos":
             desc += "; EOS = token 18, which it emits often, so hypotheses finish early"
-    save_file({k: v.detach().clone().contiguous() for k, v in lm.state_dict().items()}, str(workdir / "weights.safetensors"))  # clone: tied embeddings share memory
+    save_file(
+        {k: v.detach().clone().contiguous() for k, v in lm.state_dict().items()},
+        str(workdir / "weights.safetensors"),
+    )  # clone: tied embeddings share memory
     (workdir / "setup.json").write_text(json.dumps({"config": cfg, "prompts": prompts}))
     return {"model": desc, "prompts_text": texts}
 
@@ -137,7 +140,9 @@ def worker(side: str, workdir: Path, repeats: int) -> None:
             out = model.generate(x, **kw)
             per.append(time.perf_counter() - t0)
         times.append(statistics.median(per))
-        results.append({"sequences": out.sequences.tolist(), "scores": out.sequences_scores.tolist()})
+        results.append(
+            {"sequences": out.sequences.tolist(), "scores": out.sequences_scores.tolist()}
+        )
     if run is not None:
         run.detach()
     print(json.dumps({"version": transformers.__version__, "results": results, "times": times}))
@@ -172,7 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {"tf455": [], "ours": []}
     for _ in range(args.rounds):
         for side, python in sides.items():
-            cmd = [python, __file__, "--worker", side, "--workdir", str(workdir), "--repeats", str(args.repeats)]
+            cmd = [
+                python,
+                __file__,
+                "--worker",
+                side,
+                "--workdir",
+                str(workdir),
+                "--repeats",
+                str(args.repeats),
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
             runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
     theirs, ours = runs["tf455"][0]["results"], runs["ours"][0]["results"]
@@ -189,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = json.loads((workdir / "setup.json").read_text())
     eos = setup["config"]["eos_token_id"]
     early = sum(
-        eos in seq[len(p) :]
-        for r, p in zip(ours, setup["prompts"])
-        for seq in r["sequences"]
+        eos in seq[len(p) :] for r, p in zip(ours, setup["prompts"]) for seq in r["sequences"]
     )
     report = {
         "model": info["model"],

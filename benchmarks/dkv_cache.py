@@ -263,7 +263,9 @@ def main() -> None:
     for batch in args.batches:
         if args.model != "random":  # several batches of distinct held-out prompts
             kept = range(args.skip_batches, args.prompt_batches)
-            inputs = [dict(prompt=[p for p, _ in problems[i * batch : (i + 1) * batch]]) for i in kept]
+            inputs = [
+                dict(prompt=[p for p, _ in problems[i * batch : (i + 1) * batch]]) for i in kept
+            ]
             answers = [[a for _, a in problems[i * batch : (i + 1) * batch]] for i in kept]
         else:
             g = torch.Generator().manual_seed(batch)
@@ -290,10 +292,14 @@ def main() -> None:
         # Warm-up: every row once (first calls pay one-time set-up costs). On CUDA a whole
         # run, since every new query width costs plan selection once (session 4 found the
         # first timed decode run paying for it); on the CPU one block is enough.
-        warm = gkw if args.device.startswith("cuda") else dict(
-            gen_length=args.block,
-            block_length=args.block,
-            steps=max(1, args.steps * args.block // args.gen_length),
+        warm = (
+            gkw
+            if args.device.startswith("cuda")
+            else dict(
+                gen_length=args.block,
+                block_length=args.block,
+                steps=max(1, args.steps * args.block // args.gen_length),
+            )
         )
         # the warm-up's own time: on CUDA, where it is a whole run, the first-call cost
         warmup = {name: sum(run(strategies, warm)[0]) for name, (strategies, _) in configs.items()}

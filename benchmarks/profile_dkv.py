@@ -41,23 +41,36 @@ def main() -> None:
     ap.add_argument("--out", default="profile_dkv.txt")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    model = llada_shaped(args.width, args.layers, args.vocab, heads=args.heads,
-                         kv_heads=args.kv_heads, intermediate=args.intermediate,
-                         device=args.device, dtype=dtype)
-    pipe = MaskedDiffusionLMPipeline(model, mask_token_id=args.vocab - 1, eos_token_id=2,
-                                     pad_token_id=0)
-    ids = torch.randint(3, args.vocab - 1, (args.batch, args.prompt),
-                        generator=torch.Generator().manual_seed(0))
+    model = llada_shaped(
+        args.width,
+        args.layers,
+        args.vocab,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        intermediate=args.intermediate,
+        device=args.device,
+        dtype=dtype,
+    )
+    pipe = MaskedDiffusionLMPipeline(
+        model, mask_token_id=args.vocab - 1, eos_token_id=2, pad_token_id=0
+    )
+    ids = torch.randint(
+        3, args.vocab - 1, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)
+    )
     kw = dict(input_ids=ids, gen_length=64, block_length=32, steps=64)
     activities = [ProfilerActivity.CPU]
     if args.device.startswith("cuda"):
         activities.append(ProfilerActivity.CUDA)
-    sort_device = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+    sort_device = (
+        "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+    )
     lines = []
     for row in args.rows:
-        specs = [] if row == "baseline" else [
-            {"name": "dkv-cache", "params": {"variant": row, "refresh_interval": 4}}
-        ]
+        specs = (
+            []
+            if row == "baseline"
+            else [{"name": "dkv-cache", "params": {"variant": row, "refresh_interval": 4}}]
+        )
         with decodekit.attach(pipe, specs):
             pipe(**kw)  # warm-up
             sync(args.device)
@@ -71,8 +84,10 @@ def main() -> None:
                 sync(args.device)
         table_dev = prof.key_averages().table(sort_by=sort_device, row_limit=15)
         table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-        head = (f"== {row}: {wall:.3f} s for 64 steps, host reads per step "
-                f"{reads.total / 64:.1f} {dict(reads.counts)}")
+        head = (
+            f"== {row}: {wall:.3f} s for 64 steps, host reads per step "
+            f"{reads.total / 64:.1f} {dict(reads.counts)}"
+        )
         print(head, flush=True)
         lines += [head, "-- by self device time", table_dev, "-- by self host time", table_cpu]
     Path(args.out).write_text("\n".join(lines) + "\n")

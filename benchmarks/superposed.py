@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             dict(do_sample=False),
         ),
     }
-    stats = {m: {"times": [], "nfe": [], "best": 0, "any": 0, "nll": 0.0, "tokens": 0} for m in methods}
+    stats = {
+        m: {"times": [], "nfe": [], "best": 0, "any": 0, "nll": 0.0, "tokens": 0} for m in methods
+    }
     tok.padding_side = "left"
     groups = [problems[i : i + args.batch] for i in range(0, len(problems), args.batch)]
     for i, group in enumerate(groups):
@@ -133,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             per_input = out.shape[0] // len(group)  # sequences returned per prompt
             for j, (prompt_text, answer) in enumerate(group):
                 ids = tok(prompt_text)["input_ids"]
-                rows = [r[enc.input_ids.shape[1] :].tolist() for r in out[j * per_input : (j + 1) * per_input]]
+                rows = [
+                    r[enc.input_ids.shape[1] :].tolist()
+                    for r in out[j * per_input : (j + 1) * per_input]
+                ]
                 answers = [answer_of(tok, r) for r in rows]
                 s["best"] += answers[0] == answer
                 s["any"] += answer in answers
@@ -145,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     greedy_t = sum(stats["greedy"]["times"])
     n = len(problems)
     report = {
-        "model": which if which != "tiny" else "tiny random LlamaForCausalLM over the arith tokenizer "
+        "model": which
+        if which != "tiny"
+        else "tiny random LlamaForCausalLM over the arith tokenizer "
         "(zoo:arith-ar absent): accuracy is meaningless, only the cost figures count",
         "ngram": f"orders 2-6 from {args.corpus} arith training texts",
         "k": k,
@@ -161,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             "time_vs_one_greedy_run": sum(s["times"]) / greedy_t,
             "time_vs_k_greedy_runs": sum(s["times"]) / (k * greedy_t),
             # forwards of one generate call, shared by the --batch prompts in it
-            ("model_forwards_per_prompt" if args.batch == 1 else "model_forwards_per_call"):
-            statistics.mean(s["nfe"]),
+            (
+                "model_forwards_per_prompt" if args.batch == 1 else "model_forwards_per_call"
+            ): statistics.mean(s["nfe"]),
             "accuracy_first": s["best"] / n,
             "accuracy_any": s["any"] / n,
             "perplexity": math.exp(s["nll"] / max(1, s["tokens"])),

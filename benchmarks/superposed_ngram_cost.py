@@ -43,8 +43,12 @@ def in_loop(model, tok, prompts: int, repeats: int) -> tuple[float, int]:
         return out
 
     encs = [tok([p], return_tensors="pt") for p, _ in held_out_problems(prompts)]
-    kw = dict(max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-              do_sample=False)
+    kw = dict(
+        max_new_tokens=6,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        do_sample=False,
+    )
     params = {"k": 3, "ngram": "zoo:arith-ngram"}
     with decodekit.attach(model, [{"name": "superposed", "params": params}]):
         for e in encs:  # warm-up: tables built, code paths taken once
@@ -85,9 +89,11 @@ def main() -> None:
             NGramModel._small_tables = lambda self, weights: None
         try:
             loop_us, calls = in_loop(model, tok, args.prompts, args.repeats)
-            print(f"{path}: in the loop {loop_us:.0f} us a call ({calls} calls per pass); "
-                  f"alone {alone(ngram, tok, 3):.1f} us for 3 rows, {alone(ngram, tok, 48):.1f} us "
-                  "for 48 rows")
+            print(
+                f"{path}: in the loop {loop_us:.0f} us a call ({calls} calls per pass); "
+                f"alone {alone(ngram, tok, 3):.1f} us for 3 rows, {alone(ngram, tok, 48):.1f} us "
+                "for 48 rows"
+            )
         finally:
             NGramModel._small_tables = real_tables
 

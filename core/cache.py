@@ -266,7 +266,9 @@ class PositionalKVCache:
                 f"{tuple(getattr(positions, 'shape', ()))}. Leave end=None for other specs."
             )
         if not isinstance(end, int) or isinstance(end, bool) or end < 0:
-            raise CacheError(f"end must be an int >= 0 (one past the highest position), got {end!r}.")
+            raise CacheError(
+                f"end must be an int >= 0 (one past the highest position), got {end!r}."
+            )
         if end:
             self._check_range(end - 1)
         positions = positions.to(self._device) if self._device is not None else positions
@@ -309,7 +311,12 @@ class PositionalKVCache:
                     f"these positions were prepared for (B, Q) = ({positions.batch_size}, "
                     f"{positions.width}) but the keys have ({batch}, {q_len})."
                 )
-            rows, pos, cols, end = positions.rows, positions.positions, positions.columns, positions.end
+            rows, pos, cols, end = (
+                positions.rows,
+                positions.positions,
+                positions.columns,
+                positions.end,
+            )
         else:
             rows, pos, cols = self._triples(positions, batch, q_len)
             end = int(pos.max()) + 1 if pos.numel() else 0
@@ -589,7 +596,9 @@ class PositionalKVCache:
         if tensor is None:
             if len(self._scalars) >= 64:  # step stamps change every step
                 self._scalars.clear()
-            tensor = self._scalars[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+            tensor = self._scalars[key] = torch.full(
+                (), value, dtype=like.dtype, device=like.device
+            )
         return tensor
 
     def _layer(self, layer: int) -> _LayerKV:

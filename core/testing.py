@@ -199,7 +199,17 @@ class HostReads(TorchFunctionMode):
     """
 
     NAMES = frozenset(
-        {"__bool__", "__int__", "__index__", "__float__", "item", "tolist", "nonzero", "cpu", "numpy"}
+        {
+            "__bool__",
+            "__int__",
+            "__index__",
+            "__float__",
+            "item",
+            "tolist",
+            "nonzero",
+            "cpu",
+            "numpy",
+        }
     )
 
     def __init__(self) -> None:
@@ -226,7 +236,9 @@ def _scalar_index_put(args) -> bool:
         return False
     key = args[1] if isinstance(args[1], tuple) else (args[1],)
     return any(
-        isinstance(k, torch.Tensor) and k.dim() > 0 and not k.dtype.is_floating_point
+        isinstance(k, torch.Tensor)
+        and k.dim() > 0
+        and not k.dtype.is_floating_point
         and k.dtype != torch.bool
         for k in key
     )

@@ -77,9 +77,7 @@ class LLaDA2Adapter(PipelineAdapter):
     def attach(self) -> None:
         if not isinstance(self.model, torch.nn.Module):
             raise AttachError("LLaDA2Pipeline.model must be a torch module to attach to.")
-        selectors = [
-            s.name for s in self.run.strategies if hasattr(s, "decodekit_mdm_select")
-        ]
+        selectors = [s.name for s in self.run.strategies if hasattr(s, "decodekit_mdm_select")]
         if selectors:
             raise AttachError(
                 f"{', '.join(selectors)} choose commits through decodekit_mdm_select, but "
@@ -104,7 +102,9 @@ class LLaDA2Adapter(PipelineAdapter):
         def __call__(pipe_self, *args: Any, **kwargs: Any) -> Any:
             return adapter.call_pipeline(pipe_self, args, kwargs)
 
-        self.pipe.__class__ = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+        self.pipe.__class__ = type(
+            cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__}
+        )
 
     def detach(self) -> None:
         if not self._saved:
@@ -128,7 +128,9 @@ class LLaDA2Adapter(PipelineAdapter):
         run = self.run
         self.step = self.block_step = self._window = 0
         mask_id = kwargs.get("mask_token_id")
-        self.mask_token_id = mask_id if mask_id is not None else getattr(pipe, "mask_token_id", None)
+        self.mask_token_id = (
+            mask_id if mask_id is not None else getattr(pipe, "mask_token_id", None)
+        )
         block_length = kwargs.get("block_length")
         self.block_length = block_length or pipe.scheduler.config.block_length
         run.begin_call(kwargs)
@@ -159,10 +161,17 @@ class LLaDA2Adapter(PipelineAdapter):
         self._inside = True
         try:
             served = run.call(
-                "decodekit_mdm_forward", run=run, step=self.step, block_step=self.block_step,
-                model=module, x=x, attention_mask=attention_mask,
-                position_ids=position_ids.expand(batch, length), mask_index=mask_index,
-                need_logits=need, logits_window=(0, length),
+                "decodekit_mdm_forward",
+                run=run,
+                step=self.step,
+                block_step=self.block_step,
+                model=module,
+                x=x,
+                attention_mask=attention_mask,
+                position_ids=position_ids.expand(batch, length),
+                mask_index=mask_index,
+                need_logits=need,
+                logits_window=(0, length),
             )
         finally:
             self._inside = False

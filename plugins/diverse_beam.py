@@ -52,7 +52,9 @@ class DiverseBeamParams(Params):
     """
 
     num_beam_groups: int = Field(
-        2, ge=1, description="Number of groups the beams are split into (num_beams must divide by it)."
+        2,
+        ge=1,
+        description="Number of groups the beams are split into (num_beams must divide by it).",
     )
     diversity_penalty: float = Field(
         0.5,
@@ -93,7 +95,9 @@ class _GroupHypotheses:
     eviction, same `is_done` rules), so that ties resolve the same way.
     """
 
-    def __init__(self, size: int, length_penalty: float, early_stopping: bool | str, max_length: int):
+    def __init__(
+        self, size: int, length_penalty: float, early_stopping: bool | str, max_length: int
+    ):
         self.size = size
         self.length_penalty = length_penalty
         self.early_stopping = early_stopping
@@ -101,7 +105,9 @@ class _GroupHypotheses:
         self.beams: list[tuple[float, torch.Tensor, torch.Tensor | None]] = []
         self.worst_score = 1e9
 
-    def add(self, hyp: torch.Tensor, sum_logprobs: float, generated_len: int, beam_index=None) -> None:
+    def add(
+        self, hyp: torch.Tensor, sum_logprobs: float, generated_len: int, beam_index=None
+    ) -> None:
         score = sum_logprobs / (generated_len**self.length_penalty)
         if len(self.beams) < self.size or score > self.worst_score:
             self.beams.append((score, hyp, beam_index))
@@ -184,9 +190,7 @@ class DiverseBeam(Strategy):
     loops = ("token-autoregression",)
     Params = DiverseBeamParams
     slot = "selector"
-    paper = (
-        "Diverse Beam Search: Decoding Diverse Solutions from Neural Sequence Models, arXiv:1610.02424"
-    )
+    paper = "Diverse Beam Search: Decoding Diverse Solutions from Neural Sequence Models, arXiv:1610.02424"
 
     def reset(self, run) -> None:
         self.steps = 0
@@ -288,12 +292,18 @@ class DiverseBeam(Strategy):
 
         # rows of group g for every input, in (input, beam) order: (batch * size,)
         group_rows = [
-            (torch.arange(batch, device=device)[:, None] * beams + g * size + torch.arange(size, device=device))
-            .flatten()
+            (
+                torch.arange(batch, device=device)[:, None] * beams
+                + g * size
+                + torch.arange(size, device=device)
+            ).flatten()
             for g in range(groups)
         ]
         hyps = [
-            [_GroupHypotheses(size, cfg.length_penalty, cfg.early_stopping, max_length) for _ in range(groups)]
+            [
+                _GroupHypotheses(size, cfg.length_penalty, cfg.early_stopping, max_length)
+                for _ in range(groups)
+            ]
             for _ in range(batch)
         ]
         done = [[False] * groups for _ in range(batch)]
@@ -316,7 +326,9 @@ class DiverseBeam(Strategy):
             model_kwargs = model._update_model_kwargs_for_generation(
                 outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
             )
-            raw = outputs.logits[:, -1, :].to(dtype=torch.float32, device=device)  # (batch*beams, V)
+            raw = outputs.logits[:, -1, :].to(
+                dtype=torch.float32, device=device
+            )  # (batch*beams, V)
             del outputs
             log_probs = torch.log_softmax(raw, dim=-1)
             vocab = log_probs.shape[-1]
@@ -363,7 +375,9 @@ class DiverseBeam(Strategy):
                         next_local[b] = b * size
                         continue
                     j = 0
-                    for rank, (beam, tok, val) in enumerate(zip(cand_beam[b], cand_tok[b], cand_val[b])):
+                    for rank, (beam, tok, val) in enumerate(
+                        zip(cand_beam[b], cand_tok[b], cand_val[b])
+                    ):
                         local = b * size + beam
                         if tok in eos_ids:
                             if rank >= size:
@@ -440,14 +454,18 @@ class DiverseBeam(Strategy):
                     )
         best: list[tuple[float, torch.Tensor, Any]] = []
         for b in range(batch):
-            ranked = sorted((h for g in range(groups) for h in hyps[b][g].beams), key=lambda h: h[0])
+            ranked = sorted(
+                (h for g in range(groups) for h in hyps[b][g].beams), key=lambda h: h[0]
+            )
             for _ in range(keep):
                 best.append(ranked.pop())
         lengths = [len(h[1]) for h in best]
         width = min(max(lengths) + 1, cfg.max_length)
         sequences = input_ids.new_full((len(best), width), pad_id if pad_id is not None else 0)
         if min(lengths) != max(lengths) and pad_id is None:
-            raise ConfigError("generate.pad_token_id", "sequences of different lengths need a pad_token_id")
+            raise ConfigError(
+                "generate.pad_token_id", "sequences of different lengths need a pad_token_id"
+            )
         for i, (_, hyp, _) in enumerate(best):
             sequences[i, : len(hyp)] = hyp
             if len(hyp) < width and eos is not None:
@@ -458,7 +476,9 @@ class DiverseBeam(Strategy):
         beam_indices = None
         if out_scores:
             steps = max(len(h[2]) for h in best)
-            beam_indices = torch.full((len(best), steps), -1, dtype=torch.long, device=input_ids.device)
+            beam_indices = torch.full(
+                (len(best), steps), -1, dtype=torch.long, device=input_ids.device
+            )
             for i, (_, _, idx) in enumerate(best):
                 beam_indices[i, : len(idx)] = idx
         cls = _output_class(model)

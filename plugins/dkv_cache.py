@@ -188,14 +188,16 @@ class DKVCache(Strategy):
             raise AttachError(
                 "dkv-cache does not support sliding-window attention; set sliding_window=None."
             )
-        modules = [
-            m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")
-        ]
+        modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
         if not modules:
-            raise AttachError(f"found no attention modules with a layer_idx in {type(model).__name__}.")
+            raise AttachError(
+                f"found no attention modules with a layer_idx in {type(model).__name__}."
+            )
         for m in modules:
             if id(m) in _OWNERS:
-                raise AttachError("this model's attention is already hooked by another dkv-cache run.")
+                raise AttachError(
+                    "this model's attention is already hooked by another dkv-cache run."
+                )
         _register_attention()
         configs = {id(c): c for c in [config] + [m.config for m in modules if hasattr(m, "config")]}
         self._saved_impl = {
@@ -258,7 +260,9 @@ class DKVCache(Strategy):
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(mask_index)
         self._track(x, mask_index, valid, step)
         cache = self.cache
-        stored = _pad_cols(cache.key_mask(0), length) if cache.length(0) else torch.zeros_like(valid)
+        stored = (
+            _pad_cols(cache.key_mask(0), length) if cache.length(0) else torch.zeros_like(valid)
+        )
         p = self.params
         refresh = p.variant != "prefill" and (
             block_step % p.refresh_interval == 0 or block_step < p.block_refresh_steps
@@ -286,7 +290,9 @@ class DKVCache(Strategy):
         return logits, computed
 
     # ------------------------------------------------------------------ internals
-    def _track(self, x: torch.Tensor, mask_index: torch.Tensor, valid: torch.Tensor, step: int) -> None:
+    def _track(
+        self, x: torch.Tensor, mask_index: torch.Tensor, valid: torch.Tensor, step: int
+    ) -> None:
         """Record which positions got (new) tokens since the last forward, and when."""
         prev = self._prev_x
         if prev is None or prev.shape[0] != x.shape[0]:

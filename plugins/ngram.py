@@ -73,7 +73,8 @@ class NGramModel:
                     raise ValueError(f"n-gram arrays lack {name}.{m}; rebuild the model")
         # numpy views of the same memory, for the look-ups
         self._numpy = {
-            m: tuple(arrays[f"{name}.{m}"].cpu().numpy() for name in names) for m in range(1, max_order)
+            m: tuple(arrays[f"{name}.{m}"].cpu().numpy() for name in names)
+            for m in range(1, max_order)
         }
         self._dense: dict[int, np.ndarray | None] = {}  # order -> (contexts, V) counts, lazily
         self._small_cache: dict[tuple[float, ...], tuple | None] = {}  # weights -> _small_tables
@@ -91,7 +92,9 @@ class NGramModel:
         rows = [np.asarray(s, dtype=np.int64) for s in sequences if len(s) > 0]
         tokens = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-            raise ValueError(f"token ids must lie in [0, {vocab_size}); got {tokens.min()}..{tokens.max()}")
+            raise ValueError(
+                f"token ids must lie in [0, {vocab_size}); got {tokens.min()}..{tokens.max()}"
+            )
         starts = np.repeat(
             np.cumsum([0] + [len(r) for r in rows[:-1]]).astype(np.int64),
             [len(r) for r in rows],
@@ -148,7 +151,12 @@ class NGramModel:
                 "`decodekit ngram build CORPUS --tokenizer MODEL --out DIR`."
             )
         meta = json.loads((folder / META).read_text())
-        return cls(meta["vocab_size"], meta["max_order"], load_file(str(folder / FILE)), meta.get("tokenizer"))
+        return cls(
+            meta["vocab_size"],
+            meta["max_order"],
+            load_file(str(folder / FILE)),
+            meta.get("tokenizer"),
+        )
 
     # -- look-ups ---------------------------------------------------------------------------
     def order_probs(
@@ -219,7 +227,9 @@ class NGramModel:
         found = np.ones(rows, dtype=bool)
         ids = np.zeros(rows, dtype=np.int64)
         in_vocab = (cand >= 0) & (cand < V)
-        cand = np.minimum(cand, V - 1)  # out-of-vocabulary candidates (masked by in_vocab) stay in range
+        cand = np.minimum(
+            cand, V - 1
+        )  # out-of-vocabulary candidates (masked by in_vocab) stay in range
         for m in range(1, min(orders, width) + 1):
             keys, totals, pair_keys, pair_counts = self._numpy[m]
             back = ctx[:, width - m]
@@ -272,7 +282,9 @@ class NGramModel:
                 step[keys // V if m > 1 else 0, keys % V if m > 1 else keys] = np.arange(keys.size)
                 transitions.append(step)
                 weighted = np.zeros((keys.size + 1, V + 1))
-                weighted[: keys.size, :V] = w * (self._dense_counts(m) / np.maximum(totals, 1)[:, None])
+                weighted[: keys.size, :V] = w * (
+                    self._dense_counts(m) / np.maximum(totals, 1)[:, None]
+                )
                 tables.append(weighted)  # the division as in _orders, then the weight
                 offsets.append(start)
                 start += keys.size + 1
@@ -280,7 +292,9 @@ class NGramModel:
             cache[weights] = (transitions, np.concatenate(tables), np.asarray(offsets))
         return cache[weights]
 
-    def _small_mixed(self, small, ctx: np.ndarray, cand: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    def _small_mixed(
+        self, small, ctx: np.ndarray, cand: np.ndarray, lens: np.ndarray
+    ) -> np.ndarray:
         """``Σ_m w_m P_m(cand | last m tokens)`` (R, C) from the tables of `_small_tables`."""
         transitions, table, offsets = small
         orders, V, (rows, width) = len(transitions), self.vocab_size, ctx.shape
@@ -314,7 +328,8 @@ class NGramModel:
 
     def __repr__(self) -> str:
         sizes = ", ".join(
-            f"{m + 1}-grams: {self.arrays[f'pair_keys.{m}'].numel()}" for m in range(1, self.max_order)
+            f"{m + 1}-grams: {self.arrays[f'pair_keys.{m}'].numel()}"
+            for m in range(1, self.max_order)
         )
         return f"NGramModel(vocab_size={self.vocab_size}, {sizes})"
 
@@ -331,7 +346,11 @@ def _read_corpus(corpus: Path) -> list[str]:
 
 
 def build_from_texts(
-    texts: Iterable[str], tokenizer, max_order: int = 6, append_eos: bool = True, name: str | None = None
+    texts: Iterable[str],
+    tokenizer,
+    max_order: int = 6,
+    append_eos: bool = True,
+    name: str | None = None,
 ) -> NGramModel:
     """Tokenize each text (one sequence each, EOS appended when the tokenizer has one) and count."""
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -351,9 +370,15 @@ def ngram_cli(argv: list[str]) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="count n-grams of a text corpus with a model's tokenizer")
-    b.add_argument("corpus", type=Path, help="a text file (one document per line) or a folder of .txt files")
-    b.add_argument("--tokenizer", required=True, help="a tokenizer folder, zoo:<name> or a cached hub id")
-    b.add_argument("--out", required=True, type=Path, help="folder to write ngram.safetensors + ngram.json")
+    b.add_argument(
+        "corpus", type=Path, help="a text file (one document per line) or a folder of .txt files"
+    )
+    b.add_argument(
+        "--tokenizer", required=True, help="a tokenizer folder, zoo:<name> or a cached hub id"
+    )
+    b.add_argument(
+        "--out", required=True, type=Path, help="folder to write ngram.safetensors + ngram.json"
+    )
     b.add_argument("--max-order", type=int, default=6, help="highest n (default 6)")
     b.add_argument("--no-eos", action="store_true", help="do not append EOS to each document")
     args = parser.parse_args(argv)

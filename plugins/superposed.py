@@ -207,7 +207,9 @@ class Superposed(Strategy):
         alive[:, 0] = 0.0  # only the first draft exists before the first token
         fin_seq = drafts.clone()
         fin = torch.full((batch, k), float("-inf"), dtype=torch.float64, device=device)
-        context = input_ids  # (B, L): one row per input, for transformers' mask/position bookkeeping
+        context = (
+            input_ids  # (B, L): one row per input, for transformers' mask/position bookkeeping
+        )
 
         outputs = model._prefill(input_ids, cfg, model_kwargs)
         finished = False  # has any draft stopped yet
@@ -216,14 +218,18 @@ class Superposed(Strategy):
             logits = outputs.logits[:, -1, :].to(dtype=torch.float32, device=device)  # (B, V)
             del outputs
             cur = drafts.shape[-1]
-            top_p, top_tok = self._candidates(logits, drafts, logits_processor, n_sample)  # (B, k, n)
+            top_p, top_tok = self._candidates(
+                logits, drafts, logits_processor, n_sample
+            )  # (B, k, n)
             n = top_tok.shape[-1]
             step_lp = self._rescore(drafts, top_tok, top_p, real + (cur - prompt_len))  # (B, k, n)
             cand = (alive[:, :, None] + step_lp).view(batch, k * n)
             want = 2 * k
             padded = cand.shape[1] < want
             if padded:  # fewer candidates than 2k: pad with impossible ones
-                fill = torch.full((batch, want - cand.shape[1]), float("-inf"), dtype=cand.dtype, device=device)
+                fill = torch.full(
+                    (batch, want - cand.shape[1]), float("-inf"), dtype=cand.dtype, device=device
+                )
                 cand = torch.cat([cand, fill], dim=1)
             cand_lp, cand_idx = torch.topk(cand, want, dim=1)  # (B, 2k)
             impossible = torch.isneginf(cand_lp)
@@ -233,7 +239,8 @@ class Superposed(Strategy):
             tok = torch.gather(top_tok.reshape(batch, k * n), 1, cand_idx)
             tok = tok.masked_fill(impossible, pad_id)
             cand_seq = torch.cat(
-                [torch.gather(drafts, 1, parent[:, :, None].expand(-1, -1, cur)), tok[:, :, None]], dim=2
+                [torch.gather(drafts, 1, parent[:, :, None].expand(-1, -1, cur)), tok[:, :, None]],
+                dim=2,
             )  # (B, 2k, L+1)
             stop = stopping_criteria(cand_seq.view(batch * want, cur + 1), None).view(batch, want)
             stop = stop.to(device) & ~impossible
@@ -291,7 +298,11 @@ class Superposed(Strategy):
         return top_p.expand(shape), top_tok.expand(shape)
 
     def _rescore(
-        self, drafts: torch.Tensor, top_tok: torch.Tensor, top_p: torch.Tensor, lengths: torch.Tensor
+        self,
+        drafts: torch.Tensor,
+        top_tok: torch.Tensor,
+        top_p: torch.Tensor,
+        lengths: torch.Tensor,
     ) -> torch.Tensor:
         """Per-draft log-scores of the candidates (B, k, n): LM alone, or interpolated with the n-gram model."""
         a = self.params.alpha
@@ -299,12 +310,16 @@ class Superposed(Strategy):
             return torch.log(top_p)
         batch, k, n = top_tok.shape
         context = drafts[:, :, -(self.ngram.max_order - 1) :]  # all an n-gram can look at
-        ng = self.ngram.interpolate(
-            context.reshape(batch * k, -1),
-            top_tok.reshape(batch * k, n),
-            self.params.ngram_weights,
-            lengths.repeat_interleave(k),
-        ).numpy().reshape(batch, k, n)
+        ng = (
+            self.ngram.interpolate(
+                context.reshape(batch * k, -1),
+                top_tok.reshape(batch * k, n),
+                self.params.ngram_weights,
+                lengths.repeat_interleave(k),
+            )
+            .numpy()
+            .reshape(batch, k, n)
+        )
         # numpy, like the look-ups: a handful of operations on B × k × n numbers per step
         p = top_p.detach().cpu().numpy()
         with np.errstate(divide="ignore"):

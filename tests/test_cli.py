@@ -317,6 +317,16 @@ def test_ngram_subcommand_is_wired(tmp_path, capsys):
     from decodekit.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["ngram", "build", str(tmp_path / "missing.txt"), "--tokenizer", "x", "--out", str(tmp_path)])
+        main(
+            [
+                "ngram",
+                "build",
+                str(tmp_path / "missing.txt"),
+                "--tokenizer",
+                "x",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert e.value.code == 2
     assert "does not exist" in capsys.readouterr().err

@@ -32,7 +32,9 @@ def on_both(make, run):
 @pytest.mark.parametrize("threshold", [False, True])
 def test_dkv_cache_on_cuda_matches_cpu(variant, threshold):
     def specs(**extra):
-        out = [{"name": "dkv-cache", "params": {"variant": variant, "refresh_interval": 4, **extra}}]
+        out = [
+            {"name": "dkv-cache", "params": {"variant": variant, "refresh_interval": 4, **extra}}
+        ]
         if threshold:
             out.append({"name": "parallel-threshold", "params": {"threshold": 0.3}})
         return out

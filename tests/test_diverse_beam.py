@@ -63,9 +63,7 @@ def beam(model, rows, **kw):
 @pytest.mark.parametrize("eos", [None, EOS_OFTEN])
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0])
 def test_one_group_equals_transformers_beam_search(llama, eos, length_penalty):
-    kw = dict(
-        max_new_tokens=8, num_beams=4, num_return_sequences=4, length_penalty=length_penalty
-    )
+    kw = dict(max_new_tokens=8, num_beams=4, num_return_sequences=4, length_penalty=length_penalty)
     if eos is not None:
         kw["eos_token_id"] = eos
     base = beam(llama, PROMPTS, **kw)
@@ -94,9 +92,7 @@ def test_zero_penalty_is_independent_beam_searches(llama):
     got = padded(out.sequences).view(len(PROMPTS), 2, 2, -1)
     assert torch.equal(got, want)
     want_scores = base.sequences_scores.view(-1, 2, 1).expand(-1, -1, 2)
-    torch.testing.assert_close(
-        out.sequences_scores.view(-1, 2, 2), want_scores, rtol=0, atol=1e-5
-    )
+    torch.testing.assert_close(out.sequences_scores.view(-1, 2, 2), want_scores, rtol=0, atol=1e-5)
 
 
 def first_tokens(model, groups, penalty, new_tokens, beams=6):

@@ -99,15 +99,35 @@ class LogitsSpy(Strategy):
         self.records = []
 
     @hookimpl
-    def decodekit_mdm_forward(self, run, step, block_step, model, x, attention_mask,
-                              position_ids, mask_index, need_logits, logits_window):
+    def decodekit_mdm_forward(
+        self,
+        run,
+        step,
+        block_step,
+        model,
+        x,
+        attention_mask,
+        position_ids,
+        mask_index,
+        need_logits,
+        logits_window,
+    ):
         cache = next(s for s in run.strategies if s.name == "dkv-cache")
         logits, _ = cache.decodekit_mdm_forward(  # every column, to compare at need_logits
-            run, step, block_step, model, x, attention_mask, position_ids, mask_index,
-            need_logits, (0, x.shape[1]),
+            run,
+            step,
+            block_step,
+            model,
+            x,
+            attention_mask,
+            position_ids,
+            mask_index,
+            need_logits,
+            (0, x.shape[1]),
         )
-        self.records.append((x.clone(), attention_mask.clone(), position_ids.clone(),
-                             need_logits.clone(), logits))
+        self.records.append(
+            (x.clone(), attention_mask.clone(), position_ids.clone(), need_logits.clone(), logits)
+        )
         lo, hi = logits_window
         return logits[:, lo:hi]
 
@@ -159,8 +179,11 @@ def test_ragged_batch_row_equals_row_alone_with_cache():
 def test_composes_with_threshold_and_cfg_and_shift():
     pipe = tiny_pipeline()
     rec = Recorder()
-    strategies = [dkv("decode", refresh_interval=1), {"name": "parallel-threshold",
-                                                       "params": {"threshold": 0.05}}, rec]
+    strategies = [
+        dkv("decode", refresh_interval=1),
+        {"name": "parallel-threshold", "params": {"threshold": 0.05}},
+        rec,
+    ]
     kw = dict(KW, cfg_scale=1.0, shift=True)
     base = pipe(input_ids=PROMPTS, remasking="threshold", threshold=0.05, **kw)
     with decodekit.attach(pipe, strategies) as run:
@@ -176,7 +199,13 @@ def test_composes_with_threshold_and_cfg_and_shift():
 def test_two_selectors_or_two_caches_are_refused():
     pipe = tiny_pipeline()
     with pytest.raises(decodekit.CompositionError, match="kv-cache"):
-        decodekit.attach(pipe, [dkv("decode"), {"name": "dkv-cache"}, ])
+        decodekit.attach(
+            pipe,
+            [
+                dkv("decode"),
+                {"name": "dkv-cache"},
+            ],
+        )
 
 
 def test_refuses_causal_and_unsupported_models():
@@ -215,9 +244,18 @@ def test_other_supported_families_refresh_equals_no_cache(model_type):
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[model_type]
     torch.manual_seed(0)
-    cfg = cfg_cls(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                  max_position_embeddings=128, is_causal=False, sliding_window=None)
+    cfg = cfg_cls(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        is_causal=False,
+        sliding_window=None,
+    )
     from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
 
     pipe = MaskedDiffusionLMPipeline(model_cls(cfg).double().eval(), mask_token_id=MASK)
@@ -238,10 +276,12 @@ class TestDKVCacheContract(StrategyTesterMixin):
         return PROMPTS
 
     def run_pipeline(self, pipe, inputs, seed, row_offset=0):
-        gens = [torch.Generator().manual_seed(seed * 1000 + row_offset + i)
-                for i in range(len(inputs))]
-        return pipe(input_ids=inputs, gen_length=8, block_length=4, steps=4, temperature=0.7,
-                    generator=gens).sequences
+        gens = [
+            torch.Generator().manual_seed(seed * 1000 + row_offset + i) for i in range(len(inputs))
+        ]
+        return pipe(
+            input_ids=inputs, gen_length=8, block_length=4, steps=4, temperature=0.7, generator=gens
+        ).sequences
 
     def broken_call(self, pipe):
         pipe(input_ids=PROMPTS, gen_length=8, block_length=4, steps=4, temperature=1.0)

@@ -37,13 +37,29 @@ def test_paired_difference_interval():
 
 def _run(skip: int, batches: int, accuracy: float, b: int, c: int, interval=(8,)):
     rows = [
-        {"config": "baseline", "accuracy": accuracy, "right_to_wrong": 0, "wrong_to_right": 0,
-         "speedup": 1.0, "ideal_speedup": None},
-        {"config": "decode", "accuracy": 0.0, "right_to_wrong": b, "wrong_to_right": c,
-         "speedup": 2.9, "ideal_speedup": 3.4},
+        {
+            "config": "baseline",
+            "accuracy": accuracy,
+            "right_to_wrong": 0,
+            "wrong_to_right": 0,
+            "speedup": 1.0,
+            "ideal_speedup": None,
+        },
+        {
+            "config": "decode",
+            "accuracy": 0.0,
+            "right_to_wrong": b,
+            "wrong_to_right": c,
+            "speedup": 2.9,
+            "ideal_speedup": 3.4,
+        },
     ]
-    args = {"batches": [8], "skip_batches": skip, "prompt_batches": batches,
-            "refresh_interval": list(interval)}
+    args = {
+        "batches": [8],
+        "skip_batches": skip,
+        "prompt_batches": batches,
+        "refresh_interval": list(interval),
+    }
     return {"args": args, "rows": rows}
 
 

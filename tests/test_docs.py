@@ -48,7 +48,9 @@ def builtin_strategies():
 
 
 def test_there_are_builtin_strategies():
-    assert builtin_strategies(), "no built-in strategy is registered; is decodekit installed (pip install -e .)?"
+    assert builtin_strategies(), (
+        "no built-in strategy is registered; is decodekit installed (pip install -e .)?"
+    )
 
 
 @pytest.mark.parametrize("name, cls", builtin_strategies())
@@ -63,4 +65,6 @@ def test_strategy_page_mentions_every_param(name, cls):
 def test_every_strategy_page_is_in_the_nav():
     nav = (DOCS.parent / "mkdocs.yml").read_text()
     for page in sorted((DOCS / "strategies").glob("*.md")):
-        assert f"strategies/{page.name}" in nav, f"docs/strategies/{page.name} is not in mkdocs.yml nav"
+        assert f"strategies/{page.name}" in nav, (
+            f"docs/strategies/{page.name} is not in mkdocs.yml nav"
+        )

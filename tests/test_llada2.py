@@ -16,16 +16,27 @@ ATTN = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
 def tiny_llada2():
     from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
 
-    pipe = LLaDA2Pipeline(model=tiny_bidirectional_llama(),
-                          scheduler=BlockRefinementScheduler(block_length=8), tokenizer=None)
+    pipe = LLaDA2Pipeline(
+        model=tiny_bidirectional_llama(),
+        scheduler=BlockRefinementScheduler(block_length=8),
+        tokenizer=None,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def run_llada2(pipe, ids=IDS, attn=ATTN, **kw):
-    args = dict(mask_token_id=MASK, eos_token_id=None, gen_length=16, block_length=8,
-                num_inference_steps=8, output_type="seq", sampling_method="greedy",
-                threshold=0.5, editing_threshold=None)
+    args = dict(
+        mask_token_id=MASK,
+        eos_token_id=None,
+        gen_length=16,
+        block_length=8,
+        num_inference_steps=8,
+        output_type="seq",
+        sampling_method="greedy",
+        threshold=0.5,
+        editing_threshold=None,
+    )
     args.update(kw)
     return pipe(input_ids=ids, attention_mask=attn, **args).sequences
 

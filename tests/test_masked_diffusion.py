@@ -98,8 +98,14 @@ def test_threshold_above_one_commits_one_per_step():
 
 def test_threshold_zero_commits_a_block_per_step():
     pipe = tiny_pipeline()
-    out = pipe(input_ids=PROMPTS, gen_length=8, block_length=4, steps=8, remasking="threshold",
-               threshold=0.0)
+    out = pipe(
+        input_ids=PROMPTS,
+        gen_length=8,
+        block_length=4,
+        steps=8,
+        remasking="threshold",
+        threshold=0.0,
+    )
     assert out.steps_per_block == [1, 1] and out.nfe == 2
 
 
@@ -199,8 +205,18 @@ def test_cfg_matches_formula_on_first_step():
         loops = ("masked-diffusion",)
 
         @hookimpl
-        def decodekit_mdm_forward(self, run, step, block_step, model, x, attention_mask,
-                                  position_ids, mask_index, need_logits):
+        def decodekit_mdm_forward(
+            self,
+            run,
+            step,
+            block_step,
+            model,
+            x,
+            attention_mask,
+            position_ids,
+            mask_index,
+            need_logits,
+        ):
             if step == 0:
                 seen["x"] = x.clone()
             return None
@@ -219,8 +235,13 @@ def test_bad_inputs_are_explained():
     with pytest.raises(ValueError, match="multiple of the number of blocks"):
         pipe(input_ids=PROMPTS, gen_length=8, block_length=4, steps=3)
     with pytest.raises(ValueError, match="left padding"):
-        pipe(input_ids=torch.tensor([[5, 6]]), attention_mask=torch.tensor([[1, 0]]),
-             gen_length=4, block_length=4, steps=4)
+        pipe(
+            input_ids=torch.tensor([[5, 6]]),
+            attention_mask=torch.tensor([[1, 0]]),
+            gen_length=4,
+            block_length=4,
+            steps=4,
+        )
     with pytest.raises(ValueError, match="mask_token_id"):
         MaskedDiffusionLMPipeline(tiny_bidirectional_llama())
     with pytest.raises(decodekit.ConfigError, match="unknown remasking policy"):

@@ -66,8 +66,10 @@ def test_dense_tables_equal_the_sorted_pair_search(monkeypatch):
     import decodekit.plugins.ngram as ngram
 
     gen = torch.Generator().manual_seed(0)
-    docs = [torch.randint(0, 12, (int(n),), generator=gen).tolist()
-            for n in torch.randint(3, 40, (60,), generator=gen)]
+    docs = [
+        torch.randint(0, 12, (int(n),), generator=gen).tolist()
+        for n in torch.randint(3, 40, (60,), generator=gen)
+    ]
     ctx = torch.randint(-1, 12, (40, 7), generator=gen)
     cand = torch.randint(0, 14, (40, 5), generator=gen)  # 12, 13: out of vocabulary
     lens = torch.randint(0, 8, (40,), generator=gen)

@@ -74,7 +74,13 @@ def test_processors_built_for_a_padded_batch_see_that_batch(llama):
     # the attention mask); the drafts must be processed on that shape, k times, not k*B rows
     rows = torch.tensor([[0, 0, 1, 5, 6, 7], [1, 9, 3, 4, 8, 2]])
     mask = (rows != 0).long()
-    kw = dict(attention_mask=mask, max_new_tokens=6, repetition_penalty=3.0, pad_token_id=0, do_sample=False)
+    kw = dict(
+        attention_mask=mask,
+        max_new_tokens=6,
+        repetition_penalty=3.0,
+        pad_token_id=0,
+        do_sample=False,
+    )
     base = llama.generate(rows, **kw)
     assert not torch.equal(base, llama.generate(rows, **(kw | {"repetition_penalty": 1.0})))
     with decodekit.attach(llama, [sup(**GREEDY_LIKE)]):
@@ -140,7 +146,16 @@ def test_first_step_scores_by_hand(llama):
     prompt = PROMPTS[0]
     with decodekit.attach(
         llama,
-        [sup(k=2, alpha=0.5, ngram=folder, n_token_sample=4, temperature=1.0, ngram_weights=weights)],
+        [
+            sup(
+                k=2,
+                alpha=0.5,
+                ngram=folder,
+                n_token_sample=4,
+                temperature=1.0,
+                ngram_weights=weights,
+            )
+        ],
     ):
         out = gen(llama, [prompt], max_new_tokens=1, return_dict_in_generate=True)
     logits = llama(torch.tensor([prompt])).logits[0, -1].float().double()
@@ -181,7 +196,10 @@ def test_composes_with_logits_processors(llama):
         free = gen(llama, PROMPTS[:1], max_new_tokens=5)
         banned = int(free[0, 4])
         out = gen(
-            llama, PROMPTS[:1], max_new_tokens=5, logits_processor=LogitsProcessorList([Ban(banned)])
+            llama,
+            PROMPTS[:1],
+            max_new_tokens=5,
+            logits_processor=LogitsProcessorList([Ban(banned)]),
         )
     assert banned not in out[:, 4:].flatten().tolist()
 
@@ -196,7 +214,12 @@ def test_refusals_are_clear(llama):
             gen(llama, PROMPTS[:1], max_new_tokens=2, num_beams=2)
     t5 = T5ForConditionalGeneration(
         T5Config(
-            vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+            vocab_size=32,
+            d_model=16,
+            d_kv=4,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
             decoder_start_token_id=0,
         )
     ).eval()

@@ -134,7 +134,11 @@ def test_arith_mdlm_trainer_takes_zero_padded_few_shot_contexts(tmp_path):
     record = json.loads((out / "training.json").read_text())
     assert (record["context_shots"], record["zero_pad"]) == (3, True)
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.max_position_embeddings == AutoTokenizer.from_pretrained(out).model_max_length == 1024
+    assert (
+        model.config.max_position_embeddings
+        == AutoTokenizer.from_pretrained(out).model_max_length
+        == 1024
+    )
     report = evaluate_arith_mdlm_fewshot(num_problems=4, folder=out, shots=2)
     # <bos>, two zero-padded solved problems of 12 characters and a space each, the query
     assert report["prompt_tokens_mean"] == 1 + 2 * 13 + 8
@@ -161,7 +165,9 @@ def test_uniform_count_mask_draws_every_count_and_weights_by_one_over_t():
     assert torch.allclose(share, torch.full((5,), 0.2), atol=0.03)  # uniform over 1..5
     torch.testing.assert_close(weight[:, 0], 5 / counts.float())
     # each position of the window is masked equally often: k/n on average
-    torch.testing.assert_close(masked[:, 2:7].float().mean(0), torch.full((5,), 0.6), atol=0.03, rtol=0)
+    torch.testing.assert_close(
+        masked[:, 2:7].float().mean(0), torch.full((5,), 0.6), atol=0.03, rtol=0
+    )
 
 
 def test_long_window_batches_pad_answers_with_eos():
@@ -170,7 +176,9 @@ def test_long_window_batches_pad_answers_with_eos():
 
     tok = AutoTokenizer.from_pretrained(zoo_path("arith-ar"))
     rng = random.Random(0)
-    ids, maskable = masked_diffusion_batch(tok, rng, 64, sentence_fraction=0.0, long_windows=True, max_window=40)
+    ids, maskable = masked_diffusion_batch(
+        tok, rng, 64, sentence_fraction=0.0, long_windows=True, max_window=40
+    )
     windows = maskable.sum(1)
     assert windows.min() >= 5 and windows.max() <= 40 and len(set(windows.tolist())) > 10
     for row, flags in zip(ids.tolist(), maskable.tolist()):
@@ -386,7 +394,9 @@ def test_arith_mdlm_fills_a_long_window_with_eos():
     tok = AutoTokenizer.from_pretrained(folder)
     pipe = MaskedDiffusionLMPipeline(AutoModelForCausalLM.from_pretrained(folder).eval(), tok)
     problems = held_out_problems(16)
-    out = pipe(prompt=[p for p, _ in problems], gen_length=64, block_length=32, steps=64, threshold=0.9)
+    out = pipe(
+        prompt=[p for p, _ in problems], gen_length=64, block_length=32, steps=64, threshold=0.9
+    )
     correct = sum(t.strip() == a for t, (_, a) in zip(out.texts, problems))
     assert correct >= 12  # measured 13 of 16 (0.83 on 64 problems at this setting, docs/zoo.md)
     assert out.nfe <= 12  # measured 4, against 64 one-token-per-step calls
@@ -404,4 +414,6 @@ def test_arith_mdlm_window_evaluation_reports_each_window():
     assert (first["gen_length"], first["model_calls"]) == (5, 5)
     assert "threshold_0.9_accuracy" not in first
     assert second["model_calls"] == 32 and second["threshold_0.9_model_calls"] < 32
-    assert first["accuracy"] >= 0.75 and second["threshold_0.9_accuracy"] >= 0.75  # measured 0.8125 both
+    assert (
+        first["accuracy"] >= 0.75 and second["threshold_0.9_accuracy"] >= 0.75
+    )  # measured 0.8125 both

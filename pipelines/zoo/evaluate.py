@@ -221,8 +221,7 @@ def evaluate_arith_mdlm_fewshot(
     return {
         "num_problems": num_problems,
         "shots": shots,
-        "prompt_tokens_mean": sum(len(tokenizer(p).input_ids) for p, _ in few_shot)
-        / num_problems,
+        "prompt_tokens_mean": sum(len(tokenizer(p).input_ids) for p, _ in few_shot) / num_problems,
         "exact_answers_few_shot": accuracy(few_shot),
         "exact_answers_zero_shot": accuracy(held_out_few_shot(num_problems, 0, padded=True)),
         "decoding": f"low-confidence remasking, {ANSWER_LENGTH} steps",

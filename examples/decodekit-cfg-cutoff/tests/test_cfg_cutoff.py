@@ -60,7 +60,9 @@ def tiny_sd_pipeline(seed: int = 0):
     folder = Path(tempfile.mkdtemp(prefix="cfg-cutoff-tok-"))
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
+    )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),
@@ -139,7 +141,9 @@ def test_unet_batch_halves_after_the_cutoff(pipe, fraction, guided):
     prompts = ["a red circle", "a blue square"]
     seen, remove = unet_batches(pipe)
     try:
-        with decodekit.attach(pipe, [{"name": "cfg-cutoff", "params": {"fraction": fraction}}]) as run:
+        with decodekit.attach(
+            pipe, [{"name": "cfg-cutoff", "params": {"fraction": fraction}}]
+        ) as run:
             generate(pipe, prompts, output_type="latent")
     finally:
         remove()
@@ -164,7 +168,9 @@ def test_cutoff_changes_the_output_and_matches_a_hand_written_loop(pipe):
     with torch.no_grad():
         for i, t in enumerate(pipe.scheduler.timesteps):
             if i < 3:
-                eps_u, eps_c = pipe.unet(torch.cat([latents] * 2), t, encoder_hidden_states=embeds).sample.chunk(2)
+                eps_u, eps_c = pipe.unet(
+                    torch.cat([latents] * 2), t, encoder_hidden_states=embeds
+                ).sample.chunk(2)
                 eps = eps_u + 7.5 * (eps_c - eps_u)
             else:
                 eps = pipe.unet(latents, t, encoder_hidden_states=cond).sample
@@ -243,18 +249,31 @@ class TestCfgCutoffContract(StrategyTesterMixin):
 
     def make_pipeline(self):
         pipe = tiny_sd_pipeline().to(torch.float64)
-        self.run_pipeline(pipe, ["a red circle"], seed=0)  # a called pipeline has its per-call attributes
+        self.run_pipeline(
+            pipe, ["a red circle"], seed=0
+        )  # a called pipeline has its per-call attributes
         return pipe
 
     def run_pipeline(self, pipe, inputs, seed, row_offset=0):
         latents = latents_for(len(inputs), seed, row_offset).double()
-        return pipe(inputs, num_inference_steps=STEPS, guidance_scale=7.5, latents=latents,
-                    output_type="latent").images
+        return pipe(
+            inputs,
+            num_inference_steps=STEPS,
+            guidance_scale=7.5,
+            latents=latents,
+            output_type="latent",
+        ).images
 
     def sample_inputs(self):
         return ["a red circle", "a blue square"]
 
     def broken_call(self, pipe):
         latents = latents_for(1, 0).double()
-        pipe(["a red circle"], num_inference_steps=STEPS, guidance_scale=7.5, latents=latents,
-             output_type="latent", callback_on_step_end=fail_at_step(4))
+        pipe(
+            ["a red circle"],
+            num_inference_steps=STEPS,
+            guidance_scale=7.5,
+            latents=latents,
+            output_type="latent",
+            callback_on_step_end=fail_at_step(4),
+        )
