@@ -87,12 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
         "ngram", help="n-gram models for superposed decoding (ngram build ...)", add_help=False
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser(
+        "convert-llada",
+        help="write a LLaDA checkpoint as a transformers Llama that dkv-cache can hook",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``decodekit``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not hasattr(args, "rest"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # commands that parse their own arguments get them all, --help included
+        args.rest = unknown + args.rest
     handler = {
         "run": cmd_run,
         "validate": cmd_validate,
@@ -101,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
         "zoo": cmd_zoo,
         "ngram": cmd_ngram,
+        "convert-llada": cmd_convert_llada,
     }[args.command]
     try:
         return handler(args) or 0
@@ -119,6 +132,13 @@ def cmd_ngram(args: argparse.Namespace) -> int:
     from .plugins.ngram import ngram_cli
 
     return ngram_cli(args.rest)
+
+
+def cmd_convert_llada(args: argparse.Namespace) -> int:
+    """``decodekit convert-llada SRC DST``: LLaDA's checkpoint as a bidirectional Llama."""
+    from .pipelines.convert_llada import convert_cli
+
+    return convert_cli(args.rest)
 
 
 def one_line(e: DecodekitError) -> str:

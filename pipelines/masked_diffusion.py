@@ -98,7 +98,8 @@ class MaskedDiffusionLMPipeline:
         model: a Hugging Face model (``model(input_ids, attention_mask=, position_ids=)``
             returning ``.logits`` ``(B, L, V)``) with bidirectional attention.
         tokenizer: optional; needed for string prompts and ``texts``.
-        mask_token_id: the mask token; default ``tokenizer.mask_token_id``.
+        mask_token_id: the mask token; default ``tokenizer.mask_token_id``, else
+            ``model.config.mask_token_id`` (LLaDA's and Dream's configs carry it).
         eos_token_id: default ``tokenizer.eos_token_id``; texts are cut after it.
         pad_token_id: the id written in left padding; default the tokenizer's, else the EOS id.
     """
@@ -118,8 +119,11 @@ class MaskedDiffusionLMPipeline:
         if mask_token_id is None and tokenizer is not None:
             mask_token_id = getattr(tokenizer, "mask_token_id", None)
         if mask_token_id is None:
+            mask_token_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+        if mask_token_id is None:
             raise ValueError(
-                "MaskedDiffusionLMPipeline needs mask_token_id (the tokenizer has no mask token); "
+                "MaskedDiffusionLMPipeline needs mask_token_id (neither the tokenizer nor the "
+                "model's config names a mask token); "
                 "pass mask_token_id=<id of the mask token the model was trained with>."
             )
         self.mask_token_id = int(mask_token_id)

@@ -35,7 +35,9 @@ batches); GQA models cache K/V heads only.
 Supported models: transformers' Llama, Mistral, Qwen2 and Qwen3 families with
 bidirectional attention (``config.is_causal = False``) and no sliding window —
 their attention applies RoPE and then dispatches through ``AttentionInterface``
-with the same arguments. Others are refused by name. Classifier-free guidance
+with the same arguments. Others are refused by name. LLaDA checkpoints, whose own
+modeling code cannot be hooked, convert to a Llama once (``decodekit convert-llada``,
+``decodekit.pipelines.convert_llada``). Classifier-free guidance
 works (the unconditional copy is cached as extra rows); Dream's shifted logits
 work (the pipeline asks for the logits one position to the left).
 
@@ -170,6 +172,13 @@ class DKVCache(Strategy):
             raise AttachError("dkv-cache needs the pipeline's model (adapter.model) to hook.")
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
+        if model_type == "llada":
+            raise AttachError(
+                f"dkv-cache cannot hook LLaDA's own modeling code ({type(model).__name__}, "
+                "trust_remote_code). Its block is a Llama block: convert the checkpoint once "
+                "with `decodekit convert-llada SRC DST` and load DST with "
+                "AutoModelForCausalLM.from_pretrained(DST)."
+            )
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise AttachError(
                 f"dkv-cache hooks the attention of {', '.join(SUPPORTED_MODEL_TYPES)} models "
