@@ -197,3 +197,17 @@ def test_cli(tmp_path, capsys):
         cli_main(["convert-llada", "--help"])
     assert e.value.code == 0
     assert "usage: decodekit convert-llada" in capsys.readouterr().out
+
+
+def test_tied_embeddings_convert_to_a_tied_llama(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({**LLADA, "weight_tying": True}))
+    weights = load_file(FIXTURE / "model.safetensors")
+    del weights["model.transformer.ff_out.weight"]  # a tied LLaDA has no output layer
+    save_file(weights, src / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(convert(src, tmp_path / "dst"))
+    assert model.config.tie_word_embeddings is True
+    wte = weights["model.transformer.wte.weight"]
+    assert torch.equal(model.lm_head.weight, wte)
+    assert torch.equal(model.get_input_embeddings().weight, wte)
