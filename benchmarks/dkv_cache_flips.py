@@ -10,6 +10,10 @@ second, from a full forward on the sequence just before that commit.
     .venv/bin/python benchmarks/dkv_cache_flips.py \
         --rows benchmarks/results/dkv_cache_fewshot_control.json --config decode@8 \
         --out benchmarks/results/dkv_cache_fewshot_flips.json
+
+``--rerun-cached`` also runs the row's cache on those batches and reports, per changed
+prompt, the cached answer and the first answer digit that differs from the baseline's,
+with the block step at which the baseline committed that digit.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ def main() -> None:
     ap.add_argument("--config", default="decode@8")
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--rerun-cached",
+        action="store_true",
+        help="also rerun the row's dkv-cache config on those batches, and report each changed "
+        "prompt's cached answer and the first answer digit that differs",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bench = json.load(open(args.rows))
@@ -60,6 +70,15 @@ def main() -> None:
                 block_length=a["block"],
                 steps=a["steps"],
             )
+        cached_texts = None
+        if args.rerun_cached:
+            with decodekit.attach(pipe, [dkv_config(args.config, a)]):
+                cached_texts = pipe(
+                    prompt=[p for p, _ in group],
+                    gen_length=a["gen_length"],
+                    block_length=a["block"],
+                    steps=a["steps"],
+                ).texts
         length = rec.steps[0][1].shape[1]
         start = length - a["gen_length"]
         found: list[dict[int, dict]] = [{} for _ in group]
@@ -96,6 +115,13 @@ def main() -> None:
                     "digit_block_steps": sorted(d["block_step"] for d in digits),
                 }
             )
+            if cached_texts is not None and index in changed:
+                cached, base = cached_texts[r].strip(), out.texts[r].strip()
+                first = next((c for c in range(4) if cached[c : c + 1] != base[c]), None)
+                prompts_out[-1]["cached_answer"] = cached
+                prompts_out[-1]["first_differing_digit"] = first
+                if first is not None:
+                    prompts_out[-1]["its_block_step"] = found[r][first]["block_step"]
     summary = {}
     for label, flag in (("changed", True), ("unchanged", False)):
         sel = [p for p in prompts_out if p["changed"] == flag]
@@ -109,6 +135,18 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(summary, indent=1))
+
+
+def dkv_config(name: str, bench_args: dict) -> dict:
+    """The dkv-cache strategy of a benchmark row: ``decode@8``, ``pd@4+r2``, or ``decode``
+    (a run with one ``--refresh-interval``)."""
+    variant, _, rest = name.partition("@")
+    every, _, extra = rest.partition("+r")
+    interval = int(every) if every else bench_args["refresh_interval"][0]
+    params = {"variant": variant, "refresh_interval": interval}
+    if extra:
+        params["block_refresh_steps"] = int(extra)
+    return {"name": "dkv-cache", "params": params}
 
 
 if __name__ == "__main__":

@@ -115,10 +115,10 @@ def main() -> None:
     runs = [json.load(open(p)) for p in args.runs]
     result = pool(runs, args.config)
     result["files"] = args.runs
-    print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
