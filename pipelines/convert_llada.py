@@ -190,7 +190,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     shards, index = _shards(src)
     partial = dst.with_name(dst.name + ".partial")
     if partial.exists():
-        shutil.rmtree(partial)
+        raise CheckpointError(
+            f"{partial} exists, left by a conversion that was killed; remove it and run again."
+        )
     partial.mkdir(parents=True)
     try:
         seen: dict[str, str] = {}

@@ -653,7 +653,7 @@ def load_bidirectional_lm(source: str, **kwargs: Any) -> Any:
             "decodekit does not load; convert it once with `decodekit convert-llada "
             f"{source} DST` and load DST."
         )
-    if model_type == "Dream":
+    if str(model_type).lower() == "dream":
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         fields = {k: v for k, v in raw.items() if k not in ("auto_map", "model_type")}

@@ -106,6 +106,10 @@ def test_bad_folders_are_refused_and_leave_nothing(tmp_path):
         convert(tmp_path, tmp_path / "dst")
     with pytest.raises(CheckpointError, match="exists; give a new folder"):
         convert(FIXTURE, tmp_path)
+    (tmp_path / "new.partial").mkdir()  # a killed conversion's leftover is not deleted
+    with pytest.raises(CheckpointError, match="new.partial exists, left by a conversion"):
+        convert(FIXTURE, tmp_path / "new")
+    assert (tmp_path / "new.partial").is_dir() and not (tmp_path / "new").exists()
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
