@@ -9,7 +9,7 @@ median wall time per call over alternating rounds (4.55, ours, 4.55, ours ...).
 
     .venv/bin/python benchmarks/diverse_beam_vs_transformers455.py [--model zoo:arith-ar|tiny]
 
-Writes benchmarks/results/diverse_beam_vs_transformers455[_<model>].json.
+Writes benchmarks/results/diverse-beam/cpu-2core/diverse_beam_vs_transformers455[_<model>].json.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/diverse_beam_vs_transformers455.py --model " + args.model,
     }
     name = "diverse_beam_vs_transformers455" + ("" if model == "zoo:arith-ar" else f"_{model}")
-    out_dir = ROOT / "benchmarks" / "results"
+    out_dir = ROOT / "benchmarks" / "results" / "diverse-beam" / "cpu-2core"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

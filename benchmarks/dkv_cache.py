@@ -10,13 +10,13 @@ machine's speed hits all rows alike); reports median wall time, tokens/s
 speed-up, NFE, tokens computed, token agreement with the baseline, and on the zoo
 models accuracy and the answers that changed.
 
-    .venv/bin/python benchmarks/dkv_cache.py --out benchmarks/results/dkv_cache.json
+    .venv/bin/python benchmarks/dkv_cache.py --out benchmarks/results/dkv-cache/cpu-2core/dkv_cache.json
     .venv/bin/python benchmarks/dkv_cache.py --model zoo --gen-length 64 --block 32 --steps 64 \
-        --out benchmarks/results/dkv_cache_zoo.json
+        --out benchmarks/results/dkv-cache/cpu-2core/dkv_cache_zoo.json
     .venv/bin/python benchmarks/dkv_cache.py --model zoo-fewshot --gen-length 256 --block 32 \
         --steps 256 --batches 8 --prompt-batches 16 --repeats 1 --threads 2 \
         --configs decode@4 decode@6 decode@8 decode@8+r2 pd@8 --refresh-interval 4 6 8 \
-        --block-refresh-steps 1 2 --out benchmarks/results/dkv_cache_fewshot.json
+        --block-refresh-steps 1 2 --out benchmarks/results/dkv-cache/cpu-2core/dkv_cache_fewshot.json
 
 On a GPU (``--device cuda --dtype bfloat16``) the random model can take LLaDA-8B's
 per-layer shape (``--width 4096 --heads 32 --kv-heads 32 --intermediate 12288
@@ -130,7 +130,7 @@ def main() -> None:
         default=None,
         help="run only these rows (baseline is always run); default: all",
     )
-    ap.add_argument("--out", default="benchmarks/results/dkv_cache.json")
+    ap.add_argument("--out", default="benchmarks/results/dkv-cache/cpu-2core/dkv_cache.json")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument(

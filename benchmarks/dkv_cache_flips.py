@@ -8,8 +8,8 @@ step that committed it and the baseline's top-1 probability and its margin over 
 second, from a full forward on the sequence just before that commit.
 
     .venv/bin/python benchmarks/dkv_cache_flips.py \
-        --rows benchmarks/results/dkv_cache_fewshot_control.json --config decode@8 \
-        --out benchmarks/results/dkv_cache_fewshot_flips.json
+        --rows benchmarks/results/dkv-cache/cpu-2core/dkv_cache_fewshot_control.json --config decode@8 \
+        --out benchmarks/results/dkv-cache/cpu-2core/dkv_cache_fewshot_flips.json
 
 ``--rerun-cached`` also runs the row's cache on those batches and reports, per changed
 prompt, the cached answer and the first answer digit that differs from the baseline's,

@@ -9,8 +9,8 @@ and a 95% Wald interval for the paired difference, (c - b) / n with variance
 (b + c - (c - b)^2 / n) / n^2.
 
     .venv/bin/python benchmarks/dkv_cache_pooled.py --config decode@8 \
-        benchmarks/results/dkv_cache_fewshot_control.json \
-        benchmarks/results/dkv_cache_fewshot_128to255.json --out pooled.json
+        benchmarks/results/dkv-cache/cpu-2core/dkv_cache_fewshot_control.json \
+        benchmarks/results/dkv-cache/cpu-2core/dkv_cache_fewshot_128to255.json --out pooled.json
 
 A run whose only cached row is ``decode`` (one ``--refresh-interval``) is read as
 ``decode@<its interval>``.

@@ -1,6 +1,6 @@
 """Run `decodekit bench` on every examples/<strategy>.yaml and print the benchmark rows.
 
-    python benchmarks/examples_table.py [--repeat N] [--out benchmarks/results/examples]
+    python benchmarks/examples_table.py [--repeat N] [--out benchmarks/results/examples/cpu-2core]
 
 Each row is exactly what `decodekit bench examples/<strategy>.yaml --repeat N`
 reports; the JSON of each run is kept under --out.
@@ -39,7 +39,7 @@ def row(name: str, r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/examples")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/examples/cpu-2core")
     ap.add_argument("names", nargs="*", default=EXAMPLES)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     guidance = 3.0 if zoo else 7.5
     if args.out is None:
         stem = "faster_diffusion_vs_deepcache" + ("_zoo" if zoo else "")
-        args.out = str(ROOT / "benchmarks/results" / stem)
+        args.out = str(ROOT / "benchmarks/results/faster-diffusion/cpu-2core" / stem)
 
     try:
         import DeepCache  # noqa: F401

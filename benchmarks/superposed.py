@@ -14,7 +14,7 @@ the generated answers under the model.
 
     .venv/bin/python benchmarks/superposed.py [--k 3] [--prompts 60] [--batch 1]
 
-Writes benchmarks/results/superposed[_tiny][_batchN].json.
+Writes benchmarks/results/superposed/cpu-2core/superposed[_tiny][_batchN].json.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             "accuracy_any": s["any"] / n,
             "perplexity": math.exp(s["nll"] / max(1, s["tokens"])),
         }
-    out_dir = ROOT / "benchmarks" / "results"
+    out_dir = ROOT / "benchmarks" / "results" / "superposed" / "cpu-2core"
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "superposed" + ("" if which == "zoo:arith-ar" else "_tiny")
     name += f"_batch{args.batch}" if args.batch > 1 else ""
