@@ -3,7 +3,7 @@
 ``.venv/bin/mkdocs`` runs with ``.venv/bin`` as ``sys.path[0]``, and that folder
 holds the ``decodekit`` console script. griffe (mkdocstrings' loader) takes a
 file named like the package for the package itself and then finds no
-``decodekit.cache``. Without that folder griffe falls back to importing
+``decodekit.kv_cache``. Without that folder griffe falls back to importing
 ``decodekit`` and reads the source files the import names (``core/...``), which
 also works for the editable install's package-dir mapping.
 """

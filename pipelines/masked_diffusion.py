@@ -38,10 +38,10 @@ from typing import Any, Literal
 import torch
 from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
+from decodekit.logits_processors import classifier_free_guidance
 from decodekit.pipeline import Inputs, TextAdapter
-from decodekit.sampler import (
+from decodekit.remasking import (
     RemaskingPolicy,
-    classifier_free_guidance,
     get_remasking_policy,
     transfer_count_schedule,
 )

@@ -23,7 +23,7 @@ How it attaches: the model's attention implementation
 transformers' ``AttentionInterface`` (restored on detach). The model is then fed
 only the positions to recompute, with their own position ids; per layer the
 function receives their queries, keys and values after RoPE, stores the K/V in a
-:class:`decodekit.cache.PositionalKVCache` at their absolute positions, and
+:class:`decodekit.kv_cache.PositionalKVCache` at their absolute positions, and
 attends over every position of the sequence (fresh K/V where recomputed, cached
 elsewhere). Each row feeds the positions whose logits the pipeline reads
 (``logits_window``) first, so the LM head runs on those alone
@@ -51,9 +51,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from decodekit.cache import PositionalKVCache, PreparedPositions
 from decodekit.errors import AttachError
 from decodekit.hookspecs import hookimpl
+from decodekit.kv_cache import PositionalKVCache, PreparedPositions
 from decodekit.strategy import Params, Strategy
 from pydantic import Field
 

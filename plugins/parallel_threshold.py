@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from decodekit.hookspecs import hookimpl
-from decodekit.sampler import ThresholdRemasking
+from decodekit.remasking import ThresholdRemasking
 from decodekit.strategy import Params, Strategy
 from pydantic import Field
 

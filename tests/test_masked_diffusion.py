@@ -10,7 +10,7 @@ from decodekit.pipelines.masked_diffusion import (
     MaskedDiffusionLMPipeline,
     dream_transfer_counts,
 )
-from decodekit.sampler import transfer_count_schedule
+from decodekit.remasking import transfer_count_schedule
 from decodekit.strategy import Strategy
 from decodekit.testing import CommitRecorder
 

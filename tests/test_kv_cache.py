@@ -1,15 +1,10 @@
-"""Tests of the shared cache interfaces: PositionalKVCache, StepFeatureMemo, TransformersKVCache."""
+"""Tests of decodekit.kv_cache: K/V by absolute position, delayed commit, crop, rows, eviction."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from decodekit.cache import (
-    CacheError,
-    PositionalKVCache,
-    StepFeatureMemo,
-    TransformersKVCache,
-)
+from decodekit.kv_cache import CacheError, PositionalKVCache
 
 torch.set_num_threads(1)
 
@@ -139,8 +134,6 @@ def test_ragged_rows_hold_different_positions_and_compact_view_packs_them():
     assert view.key_mask.tolist() == [[True, True, True], [True, False, False]]
     assert torch.equal(view.keys[0], keys[0])
     assert torch.equal(view.keys[1, :, 0], keys[1, :, 0])
-    bias = view.additive_mask()
-    assert bias.shape == (B, 1, 1, 3) and bias[1, 0, 0, 1] < -1e30 and bias[1, 0, 0, 0] == 0
 
 
 def test_append_continues_after_the_last_slot():
@@ -149,6 +142,7 @@ def test_append_continues_after_the_last_slot():
     assert cache.append(1, keys, values).tolist() == [0, 1, 2]
     assert cache.append(1, keys[:, :, :1], values[:, :, :1]).tolist() == [3]
     assert cache.length(1) == 4 and cache.length(0) == 0 and cache.length() == 4
+    assert cache.holds_kv(1) and not cache.holds_kv(0)
     assert torch.equal(cache.gather(1).keys[:, :, 3], keys[:, :, 0])
 
 
@@ -184,19 +178,14 @@ def test_commit_delay_zero_reuses_from_next_step():
     assert cache.reusable(5)[:, 1].all()
 
 
-def test_prompt_marked_at_step_minus_one_is_reusable_from_step_one_and_refresh_clears():
+def test_prompt_marked_at_step_minus_one_is_reusable_from_step_one():
     cache = PositionalKVCache(num_layers=2)
     keys, values = kv(q_len=3)
     cache.mark_decoded(torch.tensor([[True, True, False]] * B), step=-1)
     for layer in range(2):
         cache.store(layer, keys, values, [0, 1, 2], step=0)
+    assert not cache.reusable(0).any()  # stored by this very step's forward
     assert cache.reusable(1).tolist() == [[True, True, False]] * B
-    cache.refresh()
-    assert not cache.reusable(1).any()
-    assert cache.decoded_mask().tolist() == [[True, True, False]] * B  # records stay
-    for layer in range(2):
-        cache.store(layer, keys, values, [0, 1, 2], step=6)
-    assert cache.reusable(7).tolist() == [[True, True, False]] * B
 
 
 def test_reusable_over_all_layers_needs_every_layer():
@@ -228,9 +217,10 @@ def test_crop_drops_positions_and_records():
     cache.crop(3)
     assert cache.length(0) == 3
     assert torch.equal(cache.gather(0).keys, keys[:, :, :3])
-    assert cache.decoded_mask().shape == (B, 3)
     cache.crop(10)  # longer than held: nothing changes
     assert cache.length(0) == 3
+    cache.store(0, keys, values, list(range(5)), step=1)  # positions 3 and 4 come back...
+    assert cache.reusable(2).tolist() == [[True] * 3 + [False] * 2] * B  # ...undecoded
 
 
 def test_crop_per_row_lengths():
@@ -241,9 +231,11 @@ def test_crop_per_row_lengths():
     cache.crop(torch.tensor([2, 4]))
     assert cache.length(0) == 4
     assert cache.key_mask(0).tolist() == [[True, True, False, False], [True] * 4]
-    assert cache.decoded_mask().tolist() == [[True, True, False, False], [True] * 4]
-    # A cropped position must be stored again before it can be reused.
+    # A cropped position must be stored again before it can be reused...
     assert not cache.reusable(1)[0, 2:].any()
+    # ...and it lost its decoded record with its K/V.
+    cache.store(0, keys[:, :, :4], values[:, :, :4], list(range(4)), step=1)
+    assert cache.reusable(2).tolist() == [[True, True, False, False], [True] * 4]
 
 
 def test_select_rows_reorders_and_repeats():
@@ -257,7 +249,9 @@ def test_select_rows_reorders_and_repeats():
     assert torch.equal(view.keys[0, :, 1], keys[2, :, 0])
     assert torch.equal(view.keys[2], keys[0])
     assert view.key_mask.tolist() == [[False, True], [True, True], [True, True], [True, False]]
-    assert cache.decoded_mask().tolist() == [
+    # The decoded records moved with the rows: store every position again, then ask.
+    cache.store(0, *kv(batch=4, q_len=2), [0, 1], step=3)
+    assert cache.reusable(4).tolist() == [
         [True, False],
         [True, False],
         [True, False],
@@ -299,8 +293,8 @@ def test_admit_needs_stored_kv():
     cache = PositionalKVCache(num_layers=1)
     keys, values = kv(q_len=3)
     cache.store(0, keys, values, [0, 1, 2])
-    cache.refresh()
-    with pytest.raises(CacheError, match="holds no K/V"):
+    cache.crop(torch.tensor([1, 3]))  # row 0 keeps position 0 only; the slots stay
+    with pytest.raises(CacheError, match="position 1 of row 0 in layer 0: it holds no K/V"):
         cache.admit([1])
 
 
@@ -339,219 +333,3 @@ def test_clear_errors_for_bad_input():
         cache.evict(torch.tensor([0.5]))
     with pytest.raises(CacheError, match="commit_delay"):
         PositionalKVCache(num_layers=1, commit_delay=-1)
-
-
-# ----------------------------------------------------------------------------- memo
-
-
-def test_memo_is_keyed_by_step_index_not_timestep_value():
-    memo = StepFeatureMemo()
-    timesteps = [999, 500, 500, 1]  # a repeated timestep value, as in some schedulers
-    for i, _timestep in enumerate(timesteps):
-        memo.put(i, "mid", torch.full((1,), float(i)))
-    assert memo.get(1, "mid").item() == 1.0 and memo.get(2, "mid").item() == 2.0
-    assert memo.steps() == [0, 1, 2, 3]
-    with pytest.raises(CacheError, match="not the timestep"):
-        memo.put(torch.tensor(500), "mid", torch.zeros(1))
-    with pytest.raises(CacheError, match="step index"):
-        memo.get(500.0, "mid")
-
-
-def test_memo_get_latest_cap_and_clear():
-    memo = StepFeatureMemo(max_steps=2)
-    memo.put(0, "down", "a")
-    memo.put(0, "mid", "b")
-    memo.put(3, "down", "c")
-    assert memo.latest("down", at_or_before=2) == (0, "a")
-    assert memo.latest("down", at_or_before=7) == (3, "c")
-    memo.put(5, "down", "d")  # over the cap: step 0 goes
-    assert memo.steps() == [3, 5] and not memo.has(0, "mid")
-    assert memo.get(0, "mid", default=None) is None
-    with pytest.raises(KeyError, match=r"steps holding it: \[3, 5\]"):
-        memo.get(4, "down")
-    memo.clear(3)
-    assert memo.steps() == [5]
-    memo.clear()
-    assert len(memo) == 0
-    with pytest.raises(KeyError):
-        memo.latest("down", at_or_before=9)
-
-
-# ----------------------------------------------------------------------------- transformers
-
-
-@pytest.fixture(scope="module")
-def llama():
-    """A tiny random LlamaForCausalLM in float64."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).double().eval()
-
-
-def cache_kwarg(model) -> str:
-    """The name under which this transformers version takes a cache in a forward."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-GREEDY = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
-
-
-def test_generate_matches_dynamic_cache(llama):
-    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    name = cache_kwarg(llama)
-    baseline = llama.generate(ids, attention_mask=mask, **GREEDY)
-    ours = TransformersKVCache(config=llama.config)
-    out = llama.generate(ids, attention_mask=mask, **{name: ours}, **GREEDY)
-    assert torch.equal(out.sequences, baseline.sequences)
-    for mine, ref in zip(out.scores, baseline.scores, strict=True):
-        torch.testing.assert_close(mine, ref)
-    # The store holds the prompt and all but the last generated token, per layer.
-    assert ours.get_seq_length() == ours.store.length(1) == 5 + 8 - 1
-
-
-def test_generate_left_padded_batch_matches_dynamic_cache(llama):
-    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones_like(ids)
-    ids[1, :2], mask[1, :2] = 0, 0  # row 1 is left-padded
-    name = cache_kwarg(llama)
-    baseline = llama.generate(ids, attention_mask=mask, **GREEDY)
-    out = llama.generate(
-        ids, attention_mask=mask, **{name: TransformersKVCache(config=llama.config)}, **GREEDY
-    )
-    assert torch.equal(out.sequences, baseline.sequences)
-    for mine, ref in zip(out.scores, baseline.scores, strict=True):
-        torch.testing.assert_close(mine, ref)
-
-
-def test_beam_search_reorders_through_the_store(llama):
-    ids = torch.randint(1, 64, (2, 4), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    beams = dict(num_beams=3, max_new_tokens=6, do_sample=False)
-    baseline = llama.generate(ids, attention_mask=mask, **beams)
-    ours = TransformersKVCache(config=llama.config)
-    calls = []
-    original = ours.reorder_cache
-    ours.reorder_cache = lambda idx: (calls.append(idx.clone()), original(idx))[1]
-    out = llama.generate(ids, attention_mask=mask, **{cache_kwarg(llama): ours}, **beams)
-    assert torch.equal(out, baseline)
-    assert calls, "beam search never reordered the cache"
-
-
-def test_crop_then_continue_equals_regenerating_from_the_prefix(llama):
-    ids = torch.randint(1, 64, (1, 5), generator=torch.Generator().manual_seed(4))
-    name = cache_kwarg(llama)
-    ours = TransformersKVCache(config=llama.config)
-    first = llama.generate(ids, attention_mask=torch.ones_like(ids), **{name: ours}, **GREEDY)
-    prefix = first.sequences[:, :8]  # keep 8 tokens; the cache must hold only 7 of them
-    ours.crop(-(ours.get_seq_length() - 7))
-    assert ours.get_seq_length() == 7
-    resumed = llama.generate(
-        prefix, attention_mask=torch.ones_like(prefix), **{name: ours}, **GREEDY
-    )
-    fresh = llama.generate(prefix, attention_mask=torch.ones_like(prefix), **GREEDY)
-    assert torch.equal(resumed.sequences, fresh.sequences)
-    for mine, ref in zip(resumed.scores, fresh.scores, strict=True):
-        torch.testing.assert_close(mine, ref)
-
-
-def test_reorder_matches_dynamic_cache(llama):
-    from transformers import DynamicCache
-
-    ids = torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(5))
-    name = cache_kwarg(llama)
-    ours, theirs = TransformersKVCache(config=llama.config), DynamicCache(config=llama.config)
-    llama(ids, **{name: ours}, use_cache=True)
-    llama(ids, **{name: theirs}, use_cache=True)
-    order = torch.tensor([2, 0, 0])
-    ours.reorder_cache(order)
-    theirs.reorder_cache(order)
-    for layer in range(2):
-        torch.testing.assert_close(ours.layers[layer].keys, theirs.layers[layer].keys)
-        torch.testing.assert_close(ours.layers[layer].values, theirs.layers[layer].values)
-    nxt = torch.tensor([[7], [8], [9]])
-    mine = llama(nxt, **{name: ours}, use_cache=True).logits
-    ref = llama(nxt, **{name: theirs}, use_cache=True).logits
-    torch.testing.assert_close(mine, ref)
-    ours.batch_select_indices(torch.tensor([1]))
-    assert ours.store.batch_size == 1 and ours.layers[0].keys.shape[0] == 1
-
-
-def test_evict_equals_masking_those_positions_with_original_position_ids(llama):
-    from transformers import DynamicCache
-
-    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(6))
-    name = cache_kwarg(llama)
-    ours, theirs = TransformersKVCache(config=llama.config), DynamicCache(config=llama.config)
-    llama(ids, **{name: ours}, use_cache=True)
-    llama(ids, **{name: theirs}, use_cache=True)
-    evicted = [2, 5]
-    ours.store.evict(evicted)
-    assert ours.get_seq_length() == 8  # positions continue after the evicted ones
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[:, evicted] = 0
-    # A 2-token chunk (so the causal mask among new tokens matters), then single tokens.
-    # Our cache gets an all-ones 2-D mask over its logical length, as `generate` would give.
-    start = 8
-    for chunk in ([11, 12], [13], [14]):
-        nxt = torch.tensor([chunk, chunk])
-        mask = torch.cat([mask, torch.ones(2, len(chunk), dtype=torch.long)], dim=1)
-        position_ids = torch.arange(start, start + len(chunk)).expand(2, -1)
-        start += len(chunk)
-        mine = llama(
-            nxt, attention_mask=torch.ones_like(mask), **{name: ours}, use_cache=True
-        ).logits
-        ref = llama(
-            nxt, attention_mask=mask, position_ids=position_ids, **{name: theirs}, use_cache=True
-        ).logits
-        torch.testing.assert_close(mine, ref)
-    # Sanity: eviction changed the outcome (otherwise the test would prove nothing).
-    plain = DynamicCache(config=llama.config)
-    llama(ids, **{name: plain}, use_cache=True)
-    unmasked = llama(torch.full((2, 1), 11), **{name: plain}, use_cache=True).logits
-    ours2 = TransformersKVCache(config=llama.config)
-    llama(ids, **{name: ours2}, use_cache=True)
-    ours2.store.evict(evicted)
-    assert not torch.allclose(
-        llama(torch.full((2, 1), 11), **{name: ours2}, use_cache=True).logits, unmasked
-    )
-
-
-def test_eviction_rows_or_layers_that_disagree_is_a_clear_error(llama):
-    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(7))
-    name = cache_kwarg(llama)
-    ours = TransformersKVCache(config=llama.config)
-    llama(ids, **{name: ours}, use_cache=True)
-    ours.store.evict(torch.tensor([[1], [-1]]))  # row 0 only
-    with pytest.raises(CacheError, match="rows hold different positions"):
-        llama(torch.full((2, 1), 3), **{name: ours}, use_cache=True)
-    ours = TransformersKVCache(config=llama.config)
-    llama(ids, **{name: ours}, use_cache=True)
-    ours.store.evict([1], layer=1)
-    with pytest.raises(CacheError, match="evict the same positions in every layer"):
-        llama(torch.full((2, 1), 3), **{name: ours}, use_cache=True)
-
-
-def test_decodekit_ops_and_hf_share_tensors(llama):
-    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(8))
-    store = PositionalKVCache(num_layers=2)
-    ours = TransformersKVCache(store)
-    llama(ids, **{cache_kwarg(llama): ours}, use_cache=True)
-    assert store.length() == 6 and ours.layers[1].keys is store.gather(1).keys
-    store.crop(4)
-    assert ours.get_seq_length() == 4 and ours.layers[0].keys.shape[2] == 4
-    ours.reset()
-    assert store.batch_size is None and ours.get_seq_length() == 0

@@ -1,17 +1,12 @@
-"""The shared cache interfaces: K/V by absolute position, a per-step feature memo, and HF interop.
+"""K/V held by absolute position: :class:`PositionalKVCache` and its position specs.
 
-Every caching strategy builds on the three classes here:
-
-- :class:`PositionalKVCache` holds, per layer, keys and values ``(B, H, L, D)``
-  whose sequence index *is* the absolute position, with a per-row ``(B, L)``
-  validity mask. It serves delayed commit and refresh (dKV-Cache), crop to a
-  length (speculative rejection in SJD), row selection (beam search), and
-  evict/admit that keep original positions (Dynamic-LLaVA, FastV).
-- :class:`StepFeatureMemo` stores named tensors per loop *step index*
-  (Faster-Diffusion, DeepCache encoder reuse).
-- :class:`TransformersKVCache` is a transformers ``Cache`` whose layers read and
-  write a :class:`PositionalKVCache`, so an HF model (``generate``, forward)
-  and decodekit's own crop/select/evict act on the same tensors.
+Layer ``i`` holds keys ``(B, H, L, D)`` and values ``(B, H, L, Dv)`` whose
+sequence index *is* the absolute position, with a per-row ``(B, L)`` validity
+mask. One store serves delayed commit (dKV-Cache), crop to a length (the
+rejected tail of speculative decoding), row selection (beam search), and
+evict/admit that keep original positions (visual-token pruning). A transformers
+model reads and writes the same store through
+:class:`decodekit.transformers_cache.TransformersKVCache`.
 
 Positions are given in one of three forms everywhere (a *position spec*):
 
@@ -30,7 +25,6 @@ per-layer writes then never wait for the GPU.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,22 +36,19 @@ from .errors import DecodekitError
 __all__ = [
     "CacheError",
     "KVView",
+    "PositionSpec",
     "PositionalKVCache",
     "PreparedPositions",
-    "StepFeatureMemo",
-    "TransformersKVCache",
 ]
 
 PositionSpec = torch.Tensor | Sequence[int]
+"""A position spec: ``(Q,)`` or ``(B, Q)`` long (``-1`` pads), or a ``(B, P)`` bool mask."""
 
 _NEVER = torch.iinfo(torch.int64).min  # "not decoded" / "never stored" in the step records
 
 
 class CacheError(DecodekitError, ValueError):
     """A cache was used wrongly (bad shape, position out of range, rows that disagree)."""
-
-
-# ----------------------------------------------------------------------------- K/V by position
 
 
 @dataclass
@@ -76,13 +67,6 @@ class KVView:
     values: torch.Tensor
     key_mask: torch.Tensor
     key_positions: torch.Tensor
-
-    def additive_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The key mask as an additive attention bias ``(B, 1, 1, K)``: 0 to attend, min to skip."""
-        dtype = dtype or self.keys.dtype
-        bias = torch.zeros(self.key_mask.shape, dtype=dtype, device=self.key_mask.device)
-        bias = bias.masked_fill(~self.key_mask, torch.finfo(dtype).min)
-        return bias[:, None, None, :]  # (B, 1, 1, K)
 
 
 @dataclass(frozen=True)
@@ -152,7 +136,7 @@ class PositionalKVCache:
     is the number of position slots the layer holds: the highest position ever
     stored plus one, until :meth:`crop` shortens it. A slot holds usable K/V for
     row ``b`` only where the key mask (:meth:`key_mask`) is true: it was stored,
-    not invalidated by :meth:`refresh`/:meth:`crop`, and not evicted. Rows may hold
+    not cropped (:meth:`crop`), and not evicted. Rows may hold
     different positions (ragged batches, per-row cache sizes).
 
     Delayed commit (dKV-Cache, arXiv:2505.15781): a token decoded at step ``t`` was
@@ -208,19 +192,16 @@ class PositionalKVCache:
             return max(lay.length for lay in self._layers)
         return self._layer(layer).length
 
+    def holds_kv(self, layer: int) -> bool:
+        """Whether ``layer`` holds K/V tensors yet (it may hold zero slots after a crop)."""
+        return self._layer(layer).keys is not None
+
     def key_mask(self, layer: int) -> torch.Tensor:
         """``(B, L)`` bool: true where ``layer`` holds valid, non-evicted K/V for that row."""
         lay = self._layer(layer)
         if lay.keys is None:
             raise CacheError(f"layer {layer} holds no K/V yet; store some first.")
         return lay.filled & ~lay.evicted
-
-    def stored_mask(self, layer: int) -> torch.Tensor:
-        """``(B, L)`` bool: true where ``layer`` holds K/V, evicted or not."""
-        lay = self._layer(layer)
-        if lay.keys is None:
-            raise CacheError(f"layer {layer} holds no K/V yet; store some first.")
-        return lay.filled.clone()
 
     def __repr__(self) -> str:
         return (
@@ -440,13 +421,6 @@ class PositionalKVCache:
         decoded = self._decoded(max(int(pos.max()) + 1 if pos.numel() else 0, 0))
         decoded.index_put_((rows, pos), self._scalar(step, decoded))
 
-    def decoded_mask(self) -> torch.Tensor:
-        """``(B, L)`` bool over ``L = length()``: true where the position has been marked decoded."""
-        if self._batch_size is None:
-            raise CacheError("nothing is stored or marked yet.")
-        length = self.length()
-        return self._decoded(length)[:, :length] != _NEVER
-
     def reusable(self, step: int, layer: int | None = None) -> torch.Tensor:
         """``(B, L)`` bool: positions whose cached K/V may be reused in step ``step``'s forward.
 
@@ -472,18 +446,6 @@ class PositionalKVCache:
             )
             result &= valid & fresh
         return result
-
-    def refresh(self, layer: int | None = None) -> None:
-        """Invalidate all stored K/V (of ``layer``, or of every layer); decoded records stay.
-
-        A full forward then re-stores every position (dKV-Cache's periodic refresh).
-        Slots and lengths are kept.
-        """
-        for lay in self._select_layers(layer):
-            if lay.keys is not None:
-                lay.filled.zero_()
-                lay.evicted.zero_()
-                lay.stored_step.fill_(_NEVER)
 
     # ----------------------------------------------------------------- crop / rows / evict
 
@@ -520,9 +482,9 @@ class PositionalKVCache:
             return t if t.shape[dim] <= keep_upto else t.narrow(dim, 0, keep_upto).clone()
 
         for lay in self._layers:
-            lay.apply(cut)
+            lay.apply(cut)  # keys (B, H, min(L, keep_upto), D)
             if per_row is not None and lay.keys is not None:
-                beyond = self._beyond(per_row, lay.length, lay.filled.device)
+                beyond = self._beyond(per_row, lay.length, lay.filled.device)  # (B, L)
                 lay.filled &= ~beyond
                 lay.evicted &= ~beyond
                 lay.stored_step.masked_fill_(beyond, _NEVER)
@@ -553,7 +515,7 @@ class PositionalKVCache:
             )
         for lay in self._layers:
             if lay.keys is not None:
-                lay.apply(lambda t, _dim: t.index_select(0, index.to(t.device)))
+                lay.apply(lambda t, _dim: t.index_select(0, index.to(t.device)))  # (B', ...)
         if self._decoded_at is not None:
             self._decoded_at = self._decoded_at.index_select(0, index.to(self._decoded_at.device))
         self._batch_size = int(index.numel())
@@ -574,7 +536,7 @@ class PositionalKVCache:
         """Undo :meth:`evict`: ``positions`` take part in attention again with their stored K/V.
 
         Only positions that still hold K/V can be admitted (not ones dropped by
-        :meth:`crop` or :meth:`refresh`); to add new positions use :meth:`store`.
+        :meth:`crop`); to add new positions use :meth:`store`.
         """
         for index, lay in self._indexed_layers(layer):
             rows, pos = self._existing(index, lay, positions, "admit")
@@ -605,9 +567,6 @@ class PositionalKVCache:
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise CacheError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}.")
         return self._layers[layer]
-
-    def _select_layers(self, layer: int | None) -> list[_LayerKV]:
-        return list(self._layers) if layer is None else [self._layer(layer)]
 
     def _indexed_layers(self, layer: int | None) -> list[tuple[int, _LayerKV]]:
         if layer is None:
@@ -691,7 +650,7 @@ class PositionalKVCache:
             row, p = int(rows[missing][0]), int(pos[missing][0])
             raise CacheError(
                 f"cannot {verb} position {p} of row {row} in layer {index}: it holds no K/V "
-                f"(never stored, cropped or refreshed); store() it instead."
+                f"(never stored, or cropped); store() it instead."
             )
         return rows, pos
 
@@ -771,298 +730,3 @@ def _check_step(step: Any) -> int:
             f"pass the index i of `for i, t in enumerate(timesteps)`, not the timestep t."
         )
     return step
-
-
-# ----------------------------------------------------------------------------- per-step memo
-
-
-class StepFeatureMemo:
-    """Named tensors stored per loop step index (encoder reuse: Faster-Diffusion, DeepCache).
-
-    Keys are the loop's step *index* ``i`` (an int), never the timestep value: two
-    steps with the same timestep are two entries. With ``max_steps`` set, storing
-    a new step beyond the cap drops the oldest-inserted step.
-
-    Example:
-        memo = StepFeatureMemo(max_steps=2)
-        memo.put(0, "down_residuals", feats)
-        step, feats = memo.latest("down_residuals", at_or_before=3)
-    """
-
-    def __init__(self, max_steps: int | None = None):
-        if max_steps is not None and (
-            isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
-        ):
-            raise CacheError(f"max_steps must be a positive int or None, got {max_steps!r}.")
-        self.max_steps = max_steps
-        self._steps: OrderedDict[int, dict[str, Any]] = OrderedDict()
-
-    def put(self, step: int, name: str, value: Any) -> None:
-        """Store ``value`` (a tensor or any object) under ``name`` for loop step ``step``."""
-        step = _check_memo_step(step)
-        if not isinstance(name, str) or not name:
-            raise CacheError(f"feature name must be a non-empty str, got {name!r}.")
-        if step not in self._steps:
-            self._steps[step] = {}
-            if self.max_steps is not None:
-                while len(self._steps) > self.max_steps:
-                    self._steps.popitem(last=False)
-        self._steps[step][name] = value
-
-    def get(self, step: int, name: str, default: Any = ...) -> Any:
-        """The value stored under ``name`` at ``step``; ``default`` if given, else a clear error."""
-        step = _check_memo_step(step)
-        features = self._steps.get(step)
-        if features is None or name not in features:
-            if default is not ...:
-                return default
-            have = sorted(k for k, v in self._steps.items() if name in v)
-            raise KeyError(
-                f"no feature {name!r} stored at step {step}; steps holding it: {have or 'none'}."
-            )
-        return features[name]
-
-    def has(self, step: int, name: str) -> bool:
-        """Whether ``name`` is stored at ``step``."""
-        return name in self._steps.get(_check_memo_step(step), {})
-
-    def latest(self, name: str, at_or_before: int) -> tuple[int, Any]:
-        """The most recent ``(step, value)`` of ``name`` with step ``<= at_or_before``.
-
-        Raises KeyError when no such step is stored.
-        """
-        at_or_before = _check_memo_step(at_or_before)
-        candidates = [s for s, feats in self._steps.items() if s <= at_or_before and name in feats]
-        if not candidates:
-            raise KeyError(f"no feature {name!r} stored at or before step {at_or_before}.")
-        step = max(candidates)
-        return step, self._steps[step][name]
-
-    def steps(self) -> list[int]:
-        """The stored step indices, ascending."""
-        return sorted(self._steps)
-
-    def clear(self, step: int | None = None) -> None:
-        """Drop one step's features, or everything when ``step`` is None."""
-        if step is None:
-            self._steps.clear()
-        else:
-            self._steps.pop(_check_memo_step(step), None)
-
-    def __len__(self) -> int:
-        return len(self._steps)
-
-    def __contains__(self, step: object) -> bool:
-        return step in self._steps
-
-
-def _check_memo_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, int):
-        kind = "a tensor" if isinstance(step, torch.Tensor) else type(step).__name__
-        raise CacheError(
-            f"StepFeatureMemo is keyed by the loop's step index (int), got {kind} {step!r}; "
-            f"pass i from `for i, t in enumerate(timesteps)`, not the timestep t (two steps may "
-            f"share a timestep value)."
-        )
-    return step
-
-
-# ----------------------------------------------------------------------------- transformers
-
-
-def _hf_cache_classes():
-    try:
-        from transformers.cache_utils import Cache, CacheLayerMixin
-    except ImportError as exc:  # pragma: no cover - transformers is a dependency
-        raise CacheError("TransformersKVCache needs transformers >= 5 installed.") from exc
-    return Cache, CacheLayerMixin
-
-
-_Cache, _CacheLayerMixin = _hf_cache_classes()
-
-
-class _PositionalLayer(_CacheLayerMixin):
-    """A transformers cache layer whose tensors live in a :class:`PositionalKVCache` (internal)."""
-
-    is_compileable = False
-    is_croppable = True
-    is_sliding = False
-    supports_early_init = False
-
-    def __init__(self, store: PositionalKVCache, layer_idx: int):
-        # CacheLayerMixin.__init__ would assign keys/values, which are views of the store here.
-        self.store = store
-        self.layer_idx = layer_idx
-
-    @property
-    def is_initialized(self) -> bool:  # type: ignore[override]
-        return self.store._layers[self.layer_idx].keys is not None
-
-    @property
-    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
-        return self.store._layers[self.layer_idx].keys
-
-    @property
-    def values(self) -> torch.Tensor | None:  # type: ignore[override]
-        return self.store._layers[self.layer_idx].values
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Nothing to do: the store allocates on the first write."""
-
-    def kept_slots(self) -> torch.Tensor | None:
-        """``(K,)`` slot indices attention sees, or None when it sees every slot."""
-        lay = self.store._layers[self.layer_idx]
-        if lay.keys is None:
-            return None
-        valid = lay.filled & ~lay.evicted  # (B, L)
-        if bool(valid.all()):
-            return None
-        if not bool((valid == valid[:1]).all()):
-            raise CacheError(
-                f"layer {self.layer_idx}: rows hold different positions, which a transformers "
-                f"model cannot mask through its 2-D attention_mask; evict the same positions in "
-                f"every row, or use PositionalKVCache.gather(compact=True) in your own attention."
-            )
-        return valid[0].nonzero().squeeze(1)
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``(B, H, Q, D)`` at the next slots; return the K/V attention should see."""
-        self.store.append(self.layer_idx, key_states, value_states)
-        kept = self.kept_slots()
-        lay = self.store._layers[self.layer_idx]
-        if kept is None:
-            return lay.keys, lay.values  # (B, H, L, D)
-        reference = self.store._layers[0]
-        if self.layer_idx > 0 and reference.keys is not None:
-            reference_kept = int((reference.filled & ~reference.evicted)[0].sum())
-            if reference_kept != kept.numel():
-                raise CacheError(
-                    f"layer {self.layer_idx} keeps {kept.numel()} positions but layer 0 keeps "
-                    f"{reference_kept}; transformers builds one mask for all layers, so evict "
-                    f"the same positions in every layer (evict(..., layer=None))."
-                )
-        # Packed: evicted slots vanish from attention, the rest keep their order.
-        return lay.keys.index_select(2, kept), lay.values.index_select(2, kept)  # (B, H, K, D)
-
-    def attended_length(self) -> int:
-        """Number of slots attention sees in this layer."""
-        kept = self.kept_slots()
-        return self.store.length(self.layer_idx) if kept is None else int(kept.numel())
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` for the mask of a forward over ``query_length`` new tokens."""
-        return self.attended_length() + query_length, 0
-
-    def get_seq_length(self) -> int:
-        """Slots held (tokens processed), evicted ones included: positions continue from here."""
-        return self.store.length(self.layer_idx)
-
-    def get_max_length(self) -> int:
-        """The store's ``max_length``, or -1 for unbounded."""
-        return -1 if self.store.max_length is None else self.store.max_length
-
-    def reset(self) -> None:
-        """Refuse: a layer cannot be reset alone; call ``reset()`` on the cache."""
-        raise CacheError("reset a TransformersKVCache as a whole (cache.reset()), not one layer.")
-
-    def _whole_cache_only(self, *args, **kwargs) -> None:
-        raise CacheError(
-            "crop/reorder/select act on every layer of the shared store at once; call them on "
-            "the TransformersKVCache, not on one of its layers."
-        )
-
-    crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _whole_cache_only
-
-
-class TransformersKVCache(_Cache):
-    """A transformers ``Cache`` backed by a :class:`PositionalKVCache`; pass it as the model's cache.
-
-    Slot ``p`` of the store holds the K/V of the ``p``-th token the model has
-    processed (left padding included), exactly where ``DynamicCache`` would put
-    it, so greedy/beam generation matches ``DynamicCache``. ``crop``,
-    ``reorder_cache``, ``batch_repeat_interleave`` and ``batch_select_indices``
-    act on the store, and decodekit code may call the store directly
-    (``cache.store.crop``, ``select_rows``, ``evict``) between forwards.
-
-    Eviction: positions evicted in the store vanish from attention (the layer
-    returns only kept slots, and reports the packed length to the mask builder),
-    while ``get_seq_length`` still counts every slot, so new tokens get their
-    original position ids. transformers builds one mask for all layers and rows
-    from its 2-D ``attention_mask``, read against the packed slots: every row
-    and layer must keep the same slots, and with left padding no evicted slot
-    may lie before the end of any row's padding.
-
-    Pass it as ``cache=`` (transformers 5.x; ``past_key_values=`` is the
-    deprecated name) to a forward or to ``generate``.
-
-    Args:
-        store: the store to use; a new one when None.
-        config: a model config, to size a new store (``num_hidden_layers`` of its text config).
-        num_layers: size of a new store, when no ``config`` is given.
-    """
-
-    def __init__(
-        self,
-        store: PositionalKVCache | None = None,
-        *,
-        config: Any = None,
-        num_layers: int | None = None,
-    ):
-        if store is None:
-            if config is not None:
-                text_config = config.get_text_config(decoder=True)
-                layer_types = getattr(text_config, "layer_types", None)
-                if layer_types and any(t != "full_attention" for t in layer_types):
-                    raise CacheError(
-                        f"TransformersKVCache supports full-attention layers only; this model has "
-                        f"{sorted(set(layer_types))}. Use transformers' DynamicCache for it."
-                    )
-                num_layers = text_config.num_hidden_layers
-            if num_layers is None:
-                raise CacheError("TransformersKVCache needs a store, a model config or num_layers.")
-            store = PositionalKVCache(num_layers)
-        self.store = store
-        layers = [_PositionalLayer(store, i) for i in range(store.num_layers)]
-        super().__init__(layers=layers)
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new K/V ``(B, H, Q, D)`` of ``layer_idx``; return the K/V to attend to."""
-        if layer_idx >= len(self.layers):
-            raise CacheError(
-                f"the model wrote layer {layer_idx} but this cache has {len(self.layers)} layers; "
-                f"build it with config=model.config."
-            )
-        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        """Index of the first new query among the attended keys (packed after eviction)."""
-        return self.layers[layer_idx].attended_length() if layer_idx < len(self.layers) else 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """transformers' crop: ``n <= 0`` removes ``-n`` tokens; ``n > 0`` (legacy) keeps ``n``."""
-        current = self.store.length()
-        target = current + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
-        self.store.crop(max(target, 0))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder rows for beam search (``select_rows``)."""
-        if self.store.batch_size is not None:
-            self.store.select_rows(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat every row ``repeats`` times in place (row ``b`` becomes rows ``b*r .. b*r+r-1``)."""
-        if self.store.batch_size is not None:
-            self.store.select_rows(torch.arange(self.store.batch_size).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only rows ``indices``."""
-        if self.store.batch_size is not None:
-            self.store.select_rows(indices)
-
-    def reset(self) -> None:
-        """Empty the store (same layers, same store object)."""
-        self.store.clear()
