@@ -18,9 +18,11 @@ each position's keys and values and recomputes only some positions per step:
 - ``pd``: the prompt is cached once for good, and ``decode`` runs on the
   generated tokens (refreshes recompute only those).
 
-How it attaches: the model's attention implementation
-(``config._attn_implementation``) is switched to a function registered in
-transformers' ``AttentionInterface`` (restored on detach). The model is then fed
+How it attaches: a function is registered in transformers' ``AttentionInterface``
+under ``ATTN_NAME`` and the model switched to it with
+``model.set_attn_implementation`` (detach switches it back to the implementation
+it had; the name stays registered, as transformers cannot unregister one, and
+refuses to run outside an attached run). The model is then fed
 only the positions to recompute, with their own position ids; per layer the
 function receives their queries, keys and values after RoPE, stores the K/V in a
 :class:`decodekit.kv_cache.PositionalKVCache` at their absolute positions, and
@@ -51,6 +53,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from decodekit import compat
 from decodekit.errors import AttachError
 from decodekit.hookspecs import hookimpl
 from decodekit.kv_cache import PositionalKVCache, PreparedPositions
@@ -79,10 +82,17 @@ def _dkv_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 
 def _register_attention() -> None:
+    """Register `_dkv_attention` under `ATTN_NAME` (idempotent).
+
+    transformers offers no public way to unregister a global name (``register`` writes
+    the class-wide mapping; ``del`` on an instance removes only its local overrides),
+    so the name stays registered after detach. That is harmless: it is unique to
+    decodekit, no model uses it once detached (detach puts each model's own
+    implementation back), and the function refuses to run outside an attached run.
+    """
     from transformers import AttentionInterface
 
-    if AttentionInterface._global_mapping.get(ATTN_NAME) is not _dkv_attention:
-        AttentionInterface.register(ATTN_NAME, _dkv_attention)
+    AttentionInterface.register(ATTN_NAME, _dkv_attention)
 
 
 class DKVCacheParams(Params):
@@ -160,7 +170,7 @@ class DKVCache(Strategy):
     def __init__(self, params=None, *, path: str = "params"):
         super().__init__(params, path=path)
         self._ctx: _Forward | None = None
-        self._saved_impl: dict[int, Any] = {}
+        self._saved_impl: str | None = None  # the model's attention implementation before attach
         self._modules: list[torch.nn.Module] = []
         self.model = None
         self.reset(None)
@@ -207,14 +217,22 @@ class DKVCache(Strategy):
                 raise AttachError(
                     "this model's attention is already hooked by another dkv-cache run."
                 )
+        if not hasattr(model, "set_attn_implementation"):
+            raise AttachError(
+                "dkv-cache switches the attention of a transformers PreTrainedModel; "
+                f"{type(model).__name__} has no set_attn_implementation."
+            )
         _register_attention()
-        configs = {id(c): c for c in [config] + [m.config for m in modules if hasattr(m, "config")]}
-        self._saved_impl = {
-            key: (c, c.__dict__.get("_attn_implementation_internal", None))
-            for key, c in configs.items()
-        }
-        for c, _ in self._saved_impl.values():
-            c.__dict__["_attn_implementation_internal"] = ATTN_NAME
+        self._saved_impl = compat.attn_implementation(model)
+        model.set_attn_implementation(ATTN_NAME)
+        unswitched = [m for m in modules if compat.attn_implementation(m) != ATTN_NAME]
+        if unswitched:
+            model.set_attn_implementation(self._saved_impl)
+            raise AttachError(
+                f"{type(model).__name__} did not switch its attention implementation "
+                f"({type(unswitched[0]).__name__} still uses "
+                f"{compat.attn_implementation(unswitched[0])!r}); dkv-cache cannot hook it."
+            )
         for m in modules:
             _OWNERS[id(m)] = self
         self._modules = modules
@@ -225,9 +243,9 @@ class DKVCache(Strategy):
         for m in self._modules:
             if _OWNERS.get(id(m)) is self:
                 del _OWNERS[id(m)]
-        for c, value in self._saved_impl.values():
-            c.__dict__["_attn_implementation_internal"] = value
-        self._saved_impl = {}
+        if self.model is not None and self._saved_impl is not None:
+            self.model.set_attn_implementation(self._saved_impl)
+        self._saved_impl = None
         self._modules = []
         self.model = None
         self.cache = None

@@ -234,6 +234,28 @@ def test_calling_the_model_directly_while_attached_is_explained():
     pipe.model(torch.tensor([[3, 4]]))  # restored
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_detach_restores_attention_through_public_calls(implementation):
+    from decodekit import compat
+    from decodekit.plugins.dkv_cache import ATTN_NAME
+    from transformers import AttentionInterface
+
+    pipe = tiny_pipeline()
+    pipe.model.set_attn_implementation(implementation)
+    with decodekit.attach(pipe, ["dkv-cache"]):  # registers ATTN_NAME once, for good
+        assert compat.attn_implementation(pipe.model) == ATTN_NAME
+    registered = dict(AttentionInterface())
+    with decodekit.attach(pipe, ["dkv-cache"]):
+        pass
+    assert compat.attn_implementation(pipe.model) == implementation
+    assert all(
+        compat.attn_implementation(m) == implementation
+        for m in pipe.model.modules()
+        if hasattr(m, "k_proj")
+    )
+    assert dict(AttentionInterface()) == registered  # a second attach adds nothing
+
+
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
 def test_other_supported_families_refresh_equals_no_cache(model_type):
     import transformers
