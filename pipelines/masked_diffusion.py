@@ -1,4 +1,4 @@
-"""Masked-diffusion text generation with LLaDA semantics, and its adapter `masked-diffusion-lm`.
+"""Masked-diffusion text generation with LLaDA semantics: `MaskedDiffusionLMPipeline`.
 
 `MaskedDiffusionLMPipeline` runs any Hugging Face model that maps token ids to
 logits with bidirectional attention as a masked diffusion LM, following LLaDA's
@@ -26,7 +26,10 @@ The loop calls decodekit's runtime hooks when strategies are attached:
 ``decodekit_mdm_select`` (a selector may replace the remasking policy), and
 ``decodekit_mdm_committed`` after tokens were written. It counts model calls
 (``run.nfe``; ``run.served`` when a strategy served one) and tokens computed
-per step.
+per step. Its adapter, ``masked-diffusion-lm``, is in
+``decodekit.pipelines.masked_diffusion_adapter``; `load_bidirectional_lm`
+(``decodekit.pipelines.bidirectional_lm``) loads Dream and converted LLaDA
+checkpoints for it.
 """
 
 from __future__ import annotations
@@ -36,10 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from decodekit.errors import AttachError, ConfigError
-from decodekit.hookspecs import hookimpl
 from decodekit.logits_processors import classifier_free_guidance
-from decodekit.pipeline import Inputs, TextAdapter
 from decodekit.remasking import (
     RemaskingPolicy,
     get_remasking_policy,
@@ -50,7 +50,6 @@ from decodekit.session import attached_run
 __all__ = [
     "MaskedDiffusionLMPipeline",
     "MaskedDiffusionOutput",
-    "MaskedDiffusionLMAdapter",
     "dream_transfer_counts",
     "shift_logits",
 ]
@@ -528,147 +527,3 @@ def _apply_policy(policy, logits, x, mask_index, num_transfer, temperature, gene
             )
         )
     return type(parts[0])(*(torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))))
-
-
-# ---------------------------------------------------------------------------------- adapter
-
-
-class MaskedDiffusionInputs(Inputs):
-    """YAML ``inputs`` of a masked-diffusion-lm pipeline (the arguments of its ``__call__``)."""
-
-    prompt: str | list[str]
-    gen_length: int = 64
-    block_length: int = 32
-    steps: int = 64
-    temperature: float = 0.0
-    cfg_scale: float = 0.0
-    remasking: str = "low-confidence"
-    threshold: float | None = None
-    shift: bool = False
-    schedule: Literal["llada", "dream"] = "llada"
-    batch_size: int | None = None
-    """Run the prompts in batches of this many rows (None: all at once)."""
-
-
-class MaskedDiffusionLMAdapter(TextAdapter):
-    """Attach to a `MaskedDiffusionLMPipeline`: its loop calls the runtime hooks itself."""
-
-    name = "masked-diffusion-lm"
-    loop = "masked-diffusion"
-    Inputs = MaskedDiffusionInputs
-    description = "decodekit's LLaDA/Dream-semantics masked diffusion over a bidirectional HF model"
-
-    def __init__(self, target: Any, run):
-        super().__init__(target, run)
-        self.model = getattr(target, "model", None)
-
-    @classmethod
-    def matches(cls, obj: Any) -> bool:
-        return isinstance(obj, MaskedDiffusionLMPipeline)
-
-    def touched(self) -> list[Any]:
-        return [self.target, self.model]
-
-    def attach(self) -> None:
-        if not isinstance(self.model, torch.nn.Module):
-            raise AttachError("the pipeline has no model (pipe.model must be a torch module).")
-
-    def detach(self) -> None:
-        """Nothing to undo: the pipeline looks up its run at every call."""
-
-    @classmethod
-    def load(cls, source: str, *, device: str, dtype: str, options: dict[str, Any]) -> Any:
-        from transformers import AutoTokenizer
-
-        options = dict(options)
-        mask_token_id = options.pop("mask_token_id", None)
-        try:
-            model = load_bidirectional_lm(
-                source, dtype=getattr(torch, dtype), local_files_only=True, **options
-            )
-        except ValueError as e:
-            raise ConfigError("pipeline.model", str(e)) from None
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        return MaskedDiffusionLMPipeline(
-            model.to(device).eval(), tokenizer, mask_token_id=mask_token_id
-        )
-
-    @classmethod
-    def generate(
-        cls, target: Any, inputs: MaskedDiffusionInputs, progress: bool = False
-    ) -> list[dict[str, Any]]:
-        prompts = [inputs.prompt] if isinstance(inputs.prompt, str) else list(inputs.prompt)
-        size = inputs.batch_size or len(prompts)
-        results = []
-        for first in range(0, len(prompts), size):
-            chunk = prompts[first : first + size]
-            gens = [
-                torch.Generator("cpu").manual_seed(inputs.seed * 100003 + first + i)
-                for i in range(len(chunk))
-            ]
-            out = target(
-                prompt=chunk,
-                gen_length=inputs.gen_length,
-                block_length=inputs.block_length,
-                steps=inputs.steps,
-                temperature=inputs.temperature,
-                cfg_scale=inputs.cfg_scale,
-                remasking=inputs.remasking,
-                threshold=inputs.threshold,
-                shift=inputs.shift,
-                schedule=inputs.schedule,
-                generator=gens,
-            )
-            for i, row in enumerate(out.sequences.tolist()):
-                results.append(
-                    {"prompt": chunk[i], "text": (out.texts or [""] * len(chunk))[i], "tokens": row}
-                )
-        return results
-
-
-def load_bidirectional_lm(source: str, **kwargs: Any) -> Any:
-    """A masked diffusion LM from ``source`` with transformers' own modeling code.
-
-    ``kwargs`` go to ``from_pretrained`` (``dtype``, ``local_files_only``, ...).
-
-    - ``model_type: Dream`` (Dream-v0-7B): Dream is Qwen2.5 adapted to masked
-      diffusion, with Qwen2's weights under Qwen2's names (sglang serves it as
-      ``Qwen2ForCausalLM`` with encoder-only attention). It loads as
-      ``Qwen2ForCausalLM`` with ``is_causal = False``, without its remote code, so
-      dkv-cache can hook it. Generate with ``shift=True`` (and ``schedule="dream"``).
-    - ``model_type: llada``: refused; LLaDA's modeling code cannot be hooked, and
-      ``decodekit convert-llada SRC DST`` writes it as a Llama once.
-    - anything else: ``AutoModelForCausalLM``; its config must say ``is_causal: false``.
-
-    Raises ``ValueError`` with what to do when the model cannot be used.
-    """
-    from transformers import AutoModelForCausalLM, PretrainedConfig
-
-    local = {"local_files_only": kwargs["local_files_only"]} if "local_files_only" in kwargs else {}
-    raw, _ = PretrainedConfig.get_config_dict(source, **local)
-    model_type = raw.get("model_type")
-    if model_type == "llada":
-        raise ValueError(
-            f"{source} is a LLaDA checkpoint, whose own modeling code (trust_remote_code) "
-            "decodekit does not load; convert it once with `decodekit convert-llada "
-            f"{source} DST` and load DST."
-        )
-    if str(model_type).lower() == "dream":
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        fields = {k: v for k, v in raw.items() if k not in ("auto_map", "model_type")}
-        config = Qwen2Config.from_dict({**fields, "architectures": ["Qwen2ForCausalLM"]})
-        config.is_causal = False
-        return Qwen2ForCausalLM.from_pretrained(source, config=config, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if getattr(model.config, "is_causal", True):
-        raise ValueError(
-            f"{source} is a causal model (config.is_causal is not False); masked diffusion "
-            'needs bidirectional attention: set "is_causal": false in its config.json.'
-        )
-    return model
-
-
-@hookimpl
-def decodekit_register_pipelines(register):
-    register(MaskedDiffusionLMAdapter)

@@ -9,11 +9,9 @@ import decodekit
 import pytest
 import torch
 from decodekit.errors import ConfigError
-from decodekit.pipelines.masked_diffusion import (
-    MaskedDiffusionLMAdapter,
-    MaskedDiffusionLMPipeline,
-    load_bidirectional_lm,
-)
+from decodekit.pipelines.bidirectional_lm import load_bidirectional_lm
+from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
+from decodekit.pipelines.masked_diffusion_adapter import MaskedDiffusionLMAdapter
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 MASK = 120
