@@ -235,176 +235,40 @@ class MaskedDiffusionLMPipeline:
         num_blocks, steps_per_block = check_lengths(gen_length, block_length, steps)
         if schedule not in ("llada", "dream"):
             raise ValueError(f"schedule must be 'llada' or 'dream', got {schedule!r}.")
-        if threshold is not None and remasking == "low-confidence":
-            remasking = "threshold"
-        params = (
-            {"threshold": threshold} if remasking == "threshold" and threshold is not None else {}
+        options = _Options(
+            policy=_remasking_policy(remasking, threshold),
+            steps_per_block=steps_per_block,
+            temperature=temperature,
+            cfg_scale=cfg_scale,
+            shift=shift,
+            schedule=schedule,
+            eps=eps,
+            generators=_row_generators(generator, ids.shape[0]),
         )
-        policy = get_remasking_policy(remasking, **params)
-        batch, prompt_len = ids.shape
-        generators = _row_generators(generator, batch)
-        device = self.device
-        mask_id = self.mask_token_id
-
-        # x: (B, P + G), prompt left-padded then gen_length masks.
-        x = torch.cat([ids, torch.full((batch, gen_length), mask_id, dtype=torch.long)], dim=1)
-        x = x.to(device)
-        attn = torch.cat([pad_mask, torch.ones(batch, gen_length, dtype=torch.long)], dim=1)
-        attn = attn.to(device)  # (B, L)
-        position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
-        prompt_index = torch.zeros_like(x, dtype=torch.bool)
-        prompt_index[:, :prompt_len] = pad_mask.to(device).bool()
-        total = x.shape[1]
-        out = MaskedDiffusionOutput(sequences=x[:, prompt_len:])
-        step = 0
+        canvas = self._canvas(ids, pad_mask, gen_length)
+        prompt_len = ids.shape[1]
+        decoding = _Decoding(self, run, options, canvas)
         for block in range(num_blocks):
             start = prompt_len + block * block_length
-            end = start + block_length
-            block_masked = (x[:, start:end] == mask_id).sum(dim=1)  # (B,)
-            counts = transfer_count_schedule(block_masked.cpu(), steps_per_block)  # (B, S)
-            block_step = 0
-            while bool((x[:, start:end] == mask_id).any()):
-                mask_index = x == mask_id  # (B, L)
-                step_policy = policy
-                if run is not None and run.has("decodekit_mdm_select"):
-                    chosen = run.call("decodekit_mdm_select", run=run, step=step, policy=policy)
-                    step_policy = chosen if chosen is not None else policy
-                if step_policy.needs_num_transfer and block_step >= steps_per_block:
-                    raise RuntimeError(
-                        f"block {block} still holds masks after its {steps_per_block} steps; "
-                        "a custom policy committed fewer tokens than scheduled."
-                    )
-                # The positions whose logits this step reads (Dream: one to the left).
-                need = mask_index.clone()
-                need[:, :start] = False
-                need[:, end:] = False
-                if shift:
-                    need = torch.cat([need[:, 1:], torch.zeros_like(need[:, :1])], dim=1)
-                # Only the current block can commit, so logits are asked for, and the
-                # sampler sees, its columns alone (Dream: from one column to the left).
-                # With a large vocabulary, the LM head and the float64 work over every
-                # position would cost more than the model's layers.
-                lo = max(start - 1, 0) if shift else start
-                logits = self._logits(
-                    run,
-                    step,
-                    block_step,
-                    x,
-                    attn,
-                    position_ids,
-                    mask_index,
-                    need,
-                    (lo, end),
-                    prompt_index,
-                    cfg_scale,
-                    out,
-                )  # (B, end - lo, V)
-                if shift:  # Dream: position i reads the output at i - 1 (position 0 its own)
-                    logits = shift_logits(logits)[:, start - lo :]  # (B, block, V)
-                if mask_id < logits.shape[-1]:
-                    # Never predict the mask token itself: committing it would leave the
-                    # position masked (LLaDA's models never predict it; random ones may).
-                    logits = logits.clone()
-                    logits[..., mask_id] = float("-inf")
-                if not step_policy.needs_num_transfer:
-                    num_transfer = None
-                elif schedule == "dream":
-                    masked_now = mask_index[:, start:end].sum(dim=1).cpu()
-                    num_transfer = dream_transfer_counts(
-                        masked_now, block_step, steps_per_block, eps
-                    )
-                else:
-                    num_transfer = counts[:, block_step]
-                # noise is drawn per row over the block only (batch-invariant)
-                result = _apply_policy(
-                    step_policy,
-                    logits,
-                    x[:, start:end],
-                    mask_index[:, start:end],
-                    num_transfer,
-                    temperature,
-                    generators,
-                )
-                committed = torch.zeros_like(mask_index)
-                committed[:, start:end] = result.committed
-                x = torch.cat([x[:, :start], result.x, x[:, end:]], dim=1)
-                if run is not None and run.has("decodekit_mdm_committed"):
-                    run.call(
-                        "decodekit_mdm_committed", run=run, step=step, x=x, committed=committed
-                    )
-                step += 1
-                block_step += 1
-            out.steps_per_block.append(block_step)
-        assert x.shape[1] == total
-        out.sequences = x[:, prompt_len:]
+            decoding.decode_block(block, start, start + block_length)
+        out = decoding.out
+        out.sequences = canvas.x[:, prompt_len:]
         out.nfe = len(out.tokens_computed)
         out.texts = self._texts(out.sequences)
         return out
 
-    def _logits(
-        self,
-        run,
-        step,
-        block_step,
-        x,
-        attn,
-        position_ids,
-        mask_index,
-        need,
-        window,
-        prompt_index,
-        cfg_scale,
-        out,
-    ) -> torch.Tensor:
-        """One model call (through the strategies when attached): logits of the columns
-        ``window = (lo, hi)``, ``(B, hi - lo, V)``."""
-        lo, hi = window
-        if cfg_scale > 0:
-            un_x = x.masked_fill(prompt_index, self.mask_token_id)
-            model_x = torch.cat([x, un_x])  # (2B, L)
-            model_attn = torch.cat([attn, attn])
-            model_pos = torch.cat([position_ids, position_ids])
-            model_mask = torch.cat([mask_index, un_x == self.mask_token_id])
-            model_need = torch.cat([need, need])
-        else:
-            model_x, model_attn, model_pos = x, attn, position_ids
-            model_mask, model_need = mask_index, need
-        logits = None
-        if run is not None:
-            run.nfe += 1
-            served = run.call(
-                "decodekit_mdm_forward",
-                run=run,
-                step=step,
-                block_step=block_step,
-                model=self.model,
-                x=model_x,
-                attention_mask=model_attn,
-                position_ids=model_pos,
-                mask_index=model_mask,
-                need_logits=model_need,
-                logits_window=window,
-            )
-            if served is not None:
-                run.served += 1
-                logits, computed = served if isinstance(served, tuple) else (served, None)
-                out.tokens_computed.append(
-                    int(computed) if computed is not None else model_x.numel()
-                )
-        if logits is None:
-            keep = {}
-            if self._keeps_logits:  # the LM head on the window's columns only
-                keep["logits_to_keep"] = torch.arange(lo, hi, device=model_x.device)
-            logits = self.model(
-                input_ids=model_x, attention_mask=model_attn, position_ids=model_pos, **keep
-            ).logits  # (B', L or hi - lo, V)
-            out.tokens_computed.append(model_x.numel())
-        if logits.shape[1] != hi - lo:  # a full-length answer
-            logits = logits[:, lo:hi]
-        if cfg_scale > 0:
-            cond, uncond = logits.chunk(2)
-            logits = classifier_free_guidance(cond, uncond, cfg_scale, convention="llada")
-        return logits
+    def _canvas(self, ids: torch.Tensor, pad_mask: torch.Tensor, gen_length: int) -> _Canvas:
+        """The prompts ``(B, P)``, left-padded, followed by ``gen_length`` masks, on the model's device."""
+        batch, prompt_len = ids.shape
+        device = self.device
+        masks = torch.full((batch, gen_length), self.mask_token_id, dtype=torch.long)
+        x = torch.cat([ids, masks], dim=1).to(device)  # (B, L = P + G)
+        attn = torch.cat([pad_mask, torch.ones(batch, gen_length, dtype=torch.long)], dim=1)
+        attn = attn.to(device)  # (B, L)
+        position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
+        prompt_index = torch.zeros_like(x, dtype=torch.bool)  # (B, L)
+        prompt_index[:, :prompt_len] = pad_mask.to(device).bool()
+        return _Canvas(x, attn, position_ids, prompt_index)
 
     def _prompt_tensors(self, prompt, input_ids, attention_mask):
         if (prompt is None) == (input_ids is None):
@@ -527,3 +391,231 @@ def _apply_policy(policy, logits, x, mask_index, num_transfer, temperature, gene
             )
         )
     return type(parts[0])(*(torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))))
+
+
+def _remasking_policy(remasking: str | RemaskingPolicy, threshold: float | None) -> RemaskingPolicy:
+    """The policy a call asked for; ``threshold`` alone selects threshold decoding."""
+    if threshold is not None and remasking == "low-confidence":
+        remasking = "threshold"
+    params = {"threshold": threshold} if remasking == "threshold" and threshold is not None else {}
+    return get_remasking_policy(remasking, **params)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """One call's validated decoding options."""
+
+    policy: RemaskingPolicy
+    steps_per_block: int
+    temperature: float
+    cfg_scale: float
+    shift: bool
+    schedule: str
+    eps: float
+    generators: list[torch.Generator] | torch.Generator | None
+
+
+@dataclass
+class _Canvas:
+    """The sequence being decoded and its fixed companions, each ``(B, L)``."""
+
+    x: torch.Tensor
+    """Long: the prompt (left-padded), then the generated region; masks until committed."""
+    attention_mask: torch.Tensor
+    """Long: 0 on left padding."""
+    position_ids: torch.Tensor
+    """Long: 0 at each row's first real token."""
+    prompt_index: torch.Tensor
+    """Bool: the real prompt tokens (masked in the unconditional copy under CFG)."""
+
+
+@dataclass(frozen=True)
+class _ModelCall:
+    """One model call's inputs, the arguments of ``decodekit_mdm_forward``.
+
+    Tensors are ``(B', L)``: ``B' = 2B`` under classifier-free guidance
+    (the conditional rows, then the unconditional ones), else ``B``.
+    """
+
+    step: int
+    block_step: int
+    x: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    mask_index: torch.Tensor
+    need_logits: torch.Tensor
+    window: tuple[int, int]
+    """Columns ``(lo, hi)`` whose logits the step reads."""
+
+
+class _Decoding:
+    """One pipeline call's loop: blocks, their steps, each step's model call and commit."""
+
+    def __init__(
+        self, pipe: MaskedDiffusionLMPipeline, run: Any, options: _Options, canvas: _Canvas
+    ):
+        self.pipe = pipe
+        self.run = run
+        self.options = options
+        self.canvas = canvas
+        self.mask_id = pipe.mask_token_id
+        self.step = 0  # model calls so far in this pipeline call
+        self.out = MaskedDiffusionOutput(sequences=canvas.x)
+
+    def decode_block(self, block: int, start: int, end: int) -> None:
+        """Step until columns ``start:end`` hold no mask; record the steps it took."""
+        block_masked = (self.canvas.x[:, start:end] == self.mask_id).sum(dim=1)  # (B,)
+        counts = transfer_count_schedule(block_masked.cpu(), self.options.steps_per_block)  # (B, S)
+        block_step = 0
+        while bool((self.canvas.x[:, start:end] == self.mask_id).any()):
+            self.decode_step(block, start, end, block_step, counts)
+            self.step += 1
+            block_step += 1
+        self.out.steps_per_block.append(block_step)
+
+    def decode_step(
+        self, block: int, start: int, end: int, block_step: int, counts: torch.Tensor
+    ) -> None:
+        """One model call over the block, then commit what the remasking policy chose."""
+        options = self.options
+        x = self.canvas.x
+        mask_index = x == self.mask_id  # (B, L)
+        policy = self.step_policy()
+        if policy.needs_num_transfer and block_step >= options.steps_per_block:
+            raise RuntimeError(
+                f"block {block} still holds masks after its {options.steps_per_block} steps; "
+                "a custom policy committed fewer tokens than scheduled."
+            )
+        logits = self.block_logits(start, end, block_step, mask_index)  # (B, block, V)
+        if not policy.needs_num_transfer:
+            num_transfer = None
+        elif options.schedule == "dream":
+            masked_now = mask_index[:, start:end].sum(dim=1).cpu()
+            num_transfer = dream_transfer_counts(
+                masked_now, block_step, options.steps_per_block, options.eps
+            )
+        else:
+            num_transfer = counts[:, block_step]
+        # noise is drawn per row over the block only (batch-invariant)
+        result = _apply_policy(
+            policy,
+            logits,
+            x[:, start:end],
+            mask_index[:, start:end],
+            num_transfer,
+            options.temperature,
+            options.generators,
+        )
+        self.commit(start, end, result)
+
+    def step_policy(self) -> RemaskingPolicy:
+        """The call's policy, unless a strategy's ``decodekit_mdm_select`` replaces it this step."""
+        run, policy = self.run, self.options.policy
+        if run is not None and run.has("decodekit_mdm_select"):
+            chosen = run.call("decodekit_mdm_select", run=run, step=self.step, policy=policy)
+            return chosen if chosen is not None else policy
+        return policy
+
+    def block_logits(
+        self, start: int, end: int, block_step: int, mask_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of the block's columns ``(B, end - start, V)``, mask token excluded."""
+        shift = self.options.shift
+        # The positions whose logits this step reads (Dream: one to the left).
+        need = mask_index.clone()
+        need[:, :start] = False
+        need[:, end:] = False
+        if shift:
+            need = torch.cat([need[:, 1:], torch.zeros_like(need[:, :1])], dim=1)
+        # Only the current block can commit, so logits are asked for, and the
+        # sampler sees, its columns alone (Dream: from one column to the left).
+        # With a large vocabulary, the LM head and the float64 work over every
+        # position would cost more than the model's layers.
+        lo = max(start - 1, 0) if shift else start
+        call = self.model_call(block_step, mask_index, need, (lo, end))
+        logits = self.logits(call)  # (B, end - lo, V)
+        if shift:  # Dream: position i reads the output at i - 1 (position 0 its own)
+            logits = shift_logits(logits)[:, start - lo :]  # (B, block, V)
+        if self.mask_id < logits.shape[-1]:
+            # Never predict the mask token itself: committing it would leave the
+            # position masked (LLaDA's models never predict it; random ones may).
+            logits = logits.clone()
+            logits[..., self.mask_id] = float("-inf")
+        return logits
+
+    def model_call(
+        self, block_step: int, mask_index: torch.Tensor, need: torch.Tensor, window: tuple[int, int]
+    ) -> _ModelCall:
+        """The step's model inputs; under CFG the unconditional copy (prompt masked) is appended."""
+        canvas = self.canvas
+        x, attn, pos = canvas.x, canvas.attention_mask, canvas.position_ids
+        if self.options.cfg_scale > 0:
+            un_x = x.masked_fill(canvas.prompt_index, self.mask_id)
+            return _ModelCall(
+                step=self.step,
+                block_step=block_step,
+                x=torch.cat([x, un_x]),  # (2B, L)
+                attention_mask=torch.cat([attn, attn]),
+                position_ids=torch.cat([pos, pos]),
+                mask_index=torch.cat([mask_index, un_x == self.mask_id]),
+                need_logits=torch.cat([need, need]),
+                window=window,
+            )
+        return _ModelCall(self.step, block_step, x, attn, pos, mask_index, need, window)
+
+    def logits(self, call: _ModelCall) -> torch.Tensor:
+        """Run ``call`` (served by a strategy when one answers): logits ``(B, hi - lo, V)``, guided under CFG."""
+        run, out = self.run, self.out
+        lo, hi = call.window
+        logits = None
+        if run is not None:
+            run.nfe += 1
+            served = run.call(
+                "decodekit_mdm_forward",
+                run=run,
+                step=call.step,
+                block_step=call.block_step,
+                model=self.pipe.model,
+                x=call.x,
+                attention_mask=call.attention_mask,
+                position_ids=call.position_ids,
+                mask_index=call.mask_index,
+                need_logits=call.need_logits,
+                logits_window=call.window,
+            )
+            if served is not None:
+                run.served += 1
+                logits, computed = served if isinstance(served, tuple) else (served, None)
+                out.tokens_computed.append(
+                    int(computed) if computed is not None else call.x.numel()
+                )
+        if logits is None:
+            keep = {}
+            if self.pipe._keeps_logits:  # the LM head on the window's columns only
+                keep["logits_to_keep"] = torch.arange(lo, hi, device=call.x.device)
+            logits = self.pipe.model(
+                input_ids=call.x,
+                attention_mask=call.attention_mask,
+                position_ids=call.position_ids,
+                **keep,
+            ).logits  # (B', L or hi - lo, V)
+            out.tokens_computed.append(call.x.numel())
+        if logits.shape[1] != hi - lo:  # a full-length answer
+            logits = logits[:, lo:hi]
+        if self.options.cfg_scale > 0:
+            cond, uncond = logits.chunk(2)
+            logits = classifier_free_guidance(
+                cond, uncond, self.options.cfg_scale, convention="llada"
+            )
+        return logits
+
+    def commit(self, start: int, end: int, result: Any) -> None:
+        """Write the policy's block ``result.x`` into the sequence; tell ``decodekit_mdm_committed``."""
+        x = self.canvas.x
+        committed = torch.zeros_like(x, dtype=torch.bool)  # (B, L)
+        committed[:, start:end] = result.committed
+        x = torch.cat([x[:, :start], result.x, x[:, end:]], dim=1)  # (B, L)
+        self.canvas.x = x
+        run = self.run
+        if run is not None and run.has("decodekit_mdm_committed"):
+            run.call("decodekit_mdm_committed", run=run, step=self.step, x=x, committed=committed)
