@@ -18,16 +18,17 @@ __all__ = ["StepFeatureMemo"]
 
 
 class StepFeatureMemo:
-    """Named tensors stored per loop step index (encoder reuse: Faster-Diffusion, DeepCache).
+    """Named features stored per loop step index (encoder reuse: Faster-Diffusion, DeepCache).
 
     Keys are the loop's step *index* ``i`` (an int), never the timestep value: two
     steps with the same timestep are two entries. With ``max_steps`` set, storing
-    a new step beyond the cap drops the oldest-inserted step.
+    a new step beyond the cap drops the oldest-inserted step. Values are whatever
+    the strategy stores (tensors, or a record of them); the memo never copies them.
 
     Example:
-        memo = StepFeatureMemo(max_steps=2)
-        memo.put(0, "down_residuals", feats)
-        step, feats = memo.latest("down_residuals", at_or_before=3)
+        memo = StepFeatureMemo(max_steps=1)  # only the last full step's features
+        memo.put(0, "decoder_inputs", feats)
+        feats = memo.latest("decoder_inputs", at_or_before=3)
     """
 
     def __init__(self, max_steps: int | None = None):
@@ -36,10 +37,10 @@ class StepFeatureMemo:
         ):
             raise CacheError(f"max_steps must be a positive int or None, got {max_steps!r}.")
         self.max_steps = max_steps
-        self._steps: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._steps: OrderedDict[int, dict[str, Any]] = OrderedDict()  # step -> name -> value
 
     def put(self, step: int, name: str, value: Any) -> None:
-        """Store ``value`` (a tensor or any object) under ``name`` for loop step ``step``."""
+        """Store ``value`` under ``name`` for loop step ``step`` (replacing what was there)."""
         step = _check_memo_step(step)
         if not isinstance(name, str) or not name:
             raise CacheError(f"feature name must be a non-empty str, got {name!r}.")
@@ -50,51 +51,32 @@ class StepFeatureMemo:
                     self._steps.popitem(last=False)
         self._steps[step][name] = value
 
-    def get(self, step: int, name: str, default: Any = ...) -> Any:
-        """The value stored under ``name`` at ``step``; ``default`` if given, else a clear error."""
-        step = _check_memo_step(step)
-        features = self._steps.get(step)
-        if features is None or name not in features:
+    def latest(self, name: str, at_or_before: int | None = None, default: Any = ...) -> Any:
+        """The value of ``name`` at the most recent step ``<= at_or_before`` (any step when None).
+
+        Returns ``default`` when no such step holds ``name``; without a default that is a
+        KeyError naming the steps that do hold it.
+        """
+        if at_or_before is not None:
+            at_or_before = _check_memo_step(at_or_before)
+        holding = [s for s, features in self._steps.items() if name in features]
+        candidates = [s for s in holding if at_or_before is None or s <= at_or_before]
+        if not candidates:
             if default is not ...:
                 return default
-            have = sorted(k for k, v in self._steps.items() if name in v)
+            where = "" if at_or_before is None else f" at or before step {at_or_before}"
             raise KeyError(
-                f"no feature {name!r} stored at step {step}; steps holding it: {have or 'none'}."
+                f"no feature {name!r} stored{where}; steps holding it: {sorted(holding) or 'none'}."
             )
-        return features[name]
+        return self._steps[max(candidates)][name]
 
-    def has(self, step: int, name: str) -> bool:
-        """Whether ``name`` is stored at ``step``."""
-        return name in self._steps.get(_check_memo_step(step), {})
-
-    def latest(self, name: str, at_or_before: int) -> tuple[int, Any]:
-        """The most recent ``(step, value)`` of ``name`` with step ``<= at_or_before``.
-
-        Raises KeyError when no such step is stored.
-        """
-        at_or_before = _check_memo_step(at_or_before)
-        candidates = [s for s, feats in self._steps.items() if s <= at_or_before and name in feats]
-        if not candidates:
-            raise KeyError(f"no feature {name!r} stored at or before step {at_or_before}.")
-        step = max(candidates)
-        return step, self._steps[step][name]
-
-    def steps(self) -> list[int]:
-        """The stored step indices, ascending."""
-        return sorted(self._steps)
-
-    def clear(self, step: int | None = None) -> None:
-        """Drop one step's features, or everything when ``step`` is None."""
-        if step is None:
-            self._steps.clear()
-        else:
-            self._steps.pop(_check_memo_step(step), None)
+    def clear(self) -> None:
+        """Drop every step's features."""
+        self._steps.clear()
 
     def __len__(self) -> int:
+        """The number of steps stored."""
         return len(self._steps)
-
-    def __contains__(self, step: object) -> bool:
-        return step in self._steps
 
 
 def _check_memo_step(step: Any) -> int:

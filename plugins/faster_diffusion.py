@@ -3,8 +3,9 @@
 Encoder propagation: the UNet's encoder features change little between
 adjacent steps, so at *key* steps the full UNet runs and the inputs of its
 decoder (mid-block output and down-block skip residuals, ControlNet residuals
-already added) are cached; at the other steps only the decoder runs, on the
-cached features with that step's own time embedding and text embedding.
+already added) are kept in a :class:`~decodekit.feature_memo.StepFeatureMemo`;
+at the other steps only the decoder runs, on those features with that step's
+own time embedding and text embedding.
 Parallel decoder: the decoder outputs for a key step's following non-key steps
 do not depend on their latents, so they are computed in one batched decoder
 call and served to the pipeline's later UNet calls one by one (the pipeline
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 from decodekit.errors import AttachError, DecodekitError
+from decodekit.feature_memo import StepFeatureMemo
 from decodekit.hookspecs import hookimpl
 from decodekit.strategy import Params, Strategy
 from pydantic import Field, field_validator
@@ -265,7 +267,8 @@ class FasterDiffusion(Strategy):
 
     def reset(self, run) -> None:
         self._key: list[int] | None = None  # key solver steps of this call
-        self._feats: DecoderInputs | None = None
+        # The decoder inputs of the last full UNet call, under its call index.
+        self.features = StepFeatureMemo(max_steps=1)
         self._served: dict[int, torch.Tensor] = {}  # call index -> (B, C, H, W) precomputed output
         self._last_control: Any = None
         self._last_full: tuple[tuple, dict[str, Any]] | None = None
@@ -323,7 +326,7 @@ class FasterDiffusion(Strategy):
         if module is not self.unet:
             if (
                 module is self.controlnet
-                and self._feats is not None
+                and self._key_inputs(step) is not None
                 and self._last_control is not None
                 and not self.is_key(run, step)
             ):
@@ -331,7 +334,7 @@ class FasterDiffusion(Strategy):
                 return self._last_control  # ignored: this step's UNet call is served
             return None
         call = self._bind(args, kwargs)
-        if self.is_key(run, step) or not self._can_serve(call):
+        if self.is_key(run, step) or not self._can_serve(call, step):
             self._capturing = True
             self._captured = [None] * len(self.unet.up_blocks)
             return None
@@ -360,18 +363,23 @@ class FasterDiffusion(Strategy):
         self._last_full = (args, kwargs)
         self._served = {}
         if captured and all(c is not None for c in captured):
-            self._feats = DecoderInputs(hidden=captured[0]["hidden"], blocks=captured)
+            feats = DecoderInputs(hidden=captured[0]["hidden"], blocks=captured)
+            self.features.put(step, "decoder_inputs", feats)
         else:
-            self._feats = None
+            self.features.clear()  # nothing to serve the next calls from
 
     # -- serving non-key steps ----------------------------------------------------------
+    def _key_inputs(self, step: int | None = None) -> DecoderInputs | None:
+        """The decoder inputs of the last full UNet call at or before call ``step`` (or at all)."""
+        return self.features.latest("decoder_inputs", at_or_before=step, default=None)
+
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         bound = self._signature.bind(self.unet, *args, **kwargs)
         bound.apply_defaults()
         return dict(bound.arguments)
 
-    def _can_serve(self, call: dict[str, Any]) -> bool:
-        feats = self._feats
+    def _can_serve(self, call: dict[str, Any], step: int) -> bool:
+        feats = self._key_inputs(step)
         if feats is None or call["sample"].shape[0] != feats.batch:
             return False
         cak = call.get("cross_attention_kwargs") or {}
@@ -379,7 +387,7 @@ class FasterDiffusion(Strategy):
 
     def _decode_group(self, run, step: int, call: dict[str, Any]) -> None:
         """Decode call ``step`` and, with the parallel decoder, the non-key calls after it in one batch."""
-        feats = self._feats
+        feats = self._key_inputs(step)
         assert feats is not None
         b = feats.batch
         t_now = torch.as_tensor(call["timestep"], device=feats.hidden.device)
@@ -419,7 +427,7 @@ class FasterDiffusion(Strategy):
     def ideal_speedup(self, run) -> float | None:
         """Baseline FLOPs over ours for the last call, from counted FLOPs of one full and one decoder call."""
         c = getattr(self, "counts", None)
-        if not c or self._last_full is None or self._feats is None:
+        if not c or self._last_full is None or self._key_inputs() is None:
             return None
         f_full, f_dec, f_cn = self._measure_flops()
         full, dec = c["full_calls"], c["decoder_calls"]
@@ -435,7 +443,7 @@ class FasterDiffusion(Strategy):
         key = (tuple(call["sample"].shape), tuple(call["encoder_hidden_states"].shape))
         if key in self._flop_cache:
             return self._flop_cache[key]
-        unet, feats = self.unet, self._feats
+        unet, feats = self.unet, self._key_inputs()
         saved_capturing, self._capturing = self._capturing, False
         try:
             f_full = _flops(lambda: type(unet).forward(unet, *args, **kwargs))

@@ -132,7 +132,7 @@ def test_decoder_alone_reproduces_the_full_unet(kind):
         t = torch.as_tensor(call["timestep"]).expand(full.shape[0])
         dec = decoder_forward(
             unet,
-            strategy._feats,
+            strategy._key_inputs(),
             t,
             call["encoder_hidden_states"],
             added_cond_kwargs=call["added_cond_kwargs"],
