@@ -21,10 +21,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from decodekit.diffusers_hooks import PipelineHooks
 from decodekit.errors import AttachError
 from decodekit.hookspecs import hookimpl
 from decodekit.pipeline import PipelineAdapter
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 
 HOOK_NAME = "decodekit-llada2"
 
@@ -59,7 +60,7 @@ class LLaDA2Adapter(PipelineAdapter):
         super().__init__(target, run)
         self.pipe = target
         self.model = getattr(target, "model", None)
-        self._saved: dict[str, Any] = {}
+        self._hooks = PipelineHooks(target, HOOK_NAME)
         self.step = 0
         self.block_step = 0
         self._window = 0
@@ -84,43 +85,15 @@ class LLaDA2Adapter(PipelineAdapter):
                 "LLaDA2Pipeline commits with its BlockRefinementScheduler; pass threshold=... "
                 "to the pipeline call instead, or use the masked-diffusion-lm pipeline."
             )
-        existing = getattr(self.model, "_diffusers_hook", None)
-        if existing is not None and existing.get_hook(HOOK_NAME) is not None:
-            raise AttachError("the model already carries a decodekit hook; detach that run first.")
-        cls = type(self.pipe)
-        self._saved = {
-            "class": cls,
-            "registry_existed": hasattr(self.model, "_diffusers_hook"),
-            "forward_in_dict": "forward" in self.model.__dict__,
-            "forward_obj": self.model.__dict__.get("forward"),
-        }
-        HookRegistry.check_if_exists_or_initialize(self.model).register_hook(
-            _ModelHook(self), HOOK_NAME
-        )
         adapter = self
 
         def __call__(pipe_self, *args: Any, **kwargs: Any) -> Any:
             return adapter.call_pipeline(pipe_self, args, kwargs)
 
-        self.pipe.__class__ = type(
-            cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__}
-        )
+        self._hooks.attach([(self.model, _ModelHook(self))], {"__call__": __call__})
 
     def detach(self) -> None:
-        if not self._saved:
-            return
-        saved, model = self._saved, self.model
-        self.pipe.__class__ = saved["class"]
-        registry = getattr(model, "_diffusers_hook", None)
-        if registry is not None:
-            registry.remove_hook(HOOK_NAME, recurse=False)
-            if not registry.hooks and not saved["registry_existed"]:
-                del model._diffusers_hook
-                if saved["forward_in_dict"]:
-                    model.__dict__["forward"] = saved["forward_obj"]
-                else:
-                    model.__dict__.pop("forward", None)
-        self._saved = {}
+        self._hooks.restore()
 
     # -- the loop ---------------------------------------------------------------------------
     def call_pipeline(self, pipe: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -134,7 +107,7 @@ class LLaDA2Adapter(PipelineAdapter):
         block_length = kwargs.get("block_length")
         self.block_length = block_length or pipe.scheduler.config.block_length
         run.begin_call(kwargs)
-        out = run.guarded(self._saved["class"].__call__, pipe, *args, **kwargs)
+        out = run.guarded(self._hooks.original_class.__call__, pipe, *args, **kwargs)
         run.end_call(out)
         return out
 

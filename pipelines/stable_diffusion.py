@@ -28,10 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from decodekit import compat
+from decodekit.diffusers_hooks import PipelineHooks
 from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
 from decodekit.pipeline import Inputs, PipelineAdapter
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 
 HOOK_NAME = "decodekit"
 
@@ -100,7 +102,7 @@ class StableDiffusionAdapter(PipelineAdapter):
         self.aux_served = 0  # ControlNet calls served by a strategy
         self.initial_latents: torch.Tensor | None = None  # z_T of the current call
         self.call_kwargs: dict[str, Any] = {}
-        self._saved: dict[str, Any] = {}
+        self._hooks = PipelineHooks(target, HOOK_NAME)
 
     @classmethod
     def matches(cls, obj: Any) -> bool:
@@ -121,7 +123,7 @@ class StableDiffusionAdapter(PipelineAdapter):
     @property
     def num_calls(self) -> int | None:
         """Denoiser calls the current pipeline call's loop will make (its ``len(timesteps)``), once known."""
-        n = getattr(self.pipe, "_num_timesteps", None)
+        n = getattr(self.pipe, "num_timesteps", None)  # set by the call, AttributeError before
         return int(n) if isinstance(n, int) and self.run.in_call else None
 
     def loop_timestep(self, step: int) -> torch.Tensor | None:
@@ -151,7 +153,7 @@ class StableDiffusionAdapter(PipelineAdapter):
         return names
 
     def attach(self) -> None:
-        pipe, unet = self.pipe, self.unet
+        pipe = self.pipe
         cls = type(pipe)
         if self.run.has("decodekit_step_end"):
             if "callback_on_step_end" not in inspect.signature(cls.__call__).parameters:
@@ -159,33 +161,16 @@ class StableDiffusionAdapter(PipelineAdapter):
                     f"{cls.__name__}.__call__ has no callback_on_step_end, which "
                     f"{', '.join(s.name for s in self.run.strategies)} need; use a diffusers pipeline that has it."
                 )
-            allowed = list(getattr(pipe, "_callback_tensor_inputs", ["latents"]))
+            allowed = compat.callback_tensor_inputs(pipe)
             missing = [n for n in self._step_tensors() if n not in allowed]
             if missing:
                 raise AttachError(
                     f"{cls.__name__} does not expose {missing} to step callbacks (it exposes {allowed}); "
                     "the strategies that need them cannot run on this pipeline."
                 )
-        hooked = [(unet, _DenoiserHook(self))]
+        hooked: list[tuple[torch.nn.Module, ModelHook]] = [(self.unet, _DenoiserHook(self))]
         if self.controlnet is not None:
             hooked.append((self.controlnet, _ControlNetHook(self)))
-        for module, _ in hooked:
-            existing = getattr(module, "_diffusers_hook", None)
-            if existing is not None and existing.get_hook(HOOK_NAME) is not None:
-                raise AttachError(
-                    f"the {type(module).__name__} already carries a decodekit hook; detach the other run first."
-                )
-        self._saved = {"class": cls, "modules": []}
-        for module, hook in hooked:
-            self._saved["modules"].append(
-                {
-                    "module": module,
-                    "registry_existed": hasattr(module, "_diffusers_hook"),
-                    "forward_in_dict": "forward" in module.__dict__,
-                    "forward_obj": module.__dict__.get("forward"),
-                }
-            )
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
         adapter = self
 
         def __call__(pipe_self, *args: Any, **kwargs: Any) -> Any:
@@ -196,36 +181,19 @@ class StableDiffusionAdapter(PipelineAdapter):
             adapter.initial_latents = out[0] if isinstance(out, tuple) else out  # z_T, (B, C, h, w)
             return out
 
-        methods: dict[str, Any] = {"__call__": __call__, "__module__": cls.__module__}
+        methods: dict[str, Any] = {"__call__": __call__}
         if hasattr(cls, "prepare_latents"):
             methods["prepare_latents"] = prepare_latents
-        pipe.__class__ = type(cls.__name__, (cls,), methods)
+        self._hooks.attach(hooked, methods)
 
     def detach(self) -> None:
-        if not self._saved:
-            return
-        pipe, saved = self.pipe, self._saved
-        pipe.__class__ = saved["class"]
-        for m in saved["modules"]:
-            module = m["module"]
-            registry = getattr(module, "_diffusers_hook", None)
-            if registry is None:
-                continue
-            registry.remove_hook(HOOK_NAME, recurse=False)
-            if not registry.hooks and not m["registry_existed"]:
-                # diffusers leaves the bound forward and the empty registry behind; undo both.
-                del module._diffusers_hook
-                if m["forward_in_dict"]:
-                    module.__dict__["forward"] = m["forward_obj"]
-                else:
-                    module.__dict__.pop("forward", None)
-        self._saved = {}
+        self._hooks.restore()
 
     # -- the loop ---------------------------------------------------------------------------
     def call_pipeline(self, pipe: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         """The wrapped pipeline ``__call__``: per-call reset, step callback, guarded run."""
         run = self.run
-        original_call = self._saved["class"].__call__
+        original_call = self._hooks.original_class.__call__
         if run.has("decodekit_step_end"):
             self._chain_callback(kwargs)
         self.step = 0
