@@ -371,15 +371,12 @@ def test_arith_mdlm_fewshot_answers_after_a_few_shot_prompt():
 
 def test_arith_mdlm_cannot_answer_after_a_context():
     # why arith-mdlm-fewshot exists: the short-prompt model fails once a context precedes
-    from decodekit.pipelines.zoo.masked_diffusion_decode import low_confidence_decode
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from decodekit.pipelines.zoo.evaluate import mdlm_answers, mdlm_pipeline
 
-    folder = zoo_path("arith-mdlm")
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
+    pipe = mdlm_pipeline(zoo_path("arith-mdlm"))
     plain, few_shot = held_out_problems(20), held_out_few_shot(20, shots=10)
-    alone = low_confidence_decode(model, tok, [p for p, _ in plain], ANSWER_LENGTH)
-    after = low_confidence_decode(model, tok, [p for p, _ in few_shot], ANSWER_LENGTH)
+    alone = mdlm_answers(pipe, [p for p, _ in plain])
+    after = mdlm_answers(pipe, [p for p, _ in few_shot])
     assert sum(a == w for a, (_, w) in zip(alone, plain)) >= 14  # 0.86 on 500
     assert sum(a == w for a, (_, w) in zip(after, few_shot)) <= 2
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
 from decodekit.pipelines.zoo import zoo_path
 from decodekit.pipelines.zoo.arith_data import (
     ANSWER_LENGTH,
@@ -120,18 +121,34 @@ def evaluate_arith_ar(num_problems: int = 500, folder: Path | None = None) -> di
     }
 
 
-def evaluate_arith_mdlm(num_problems: int = 500, folder: Path | None = None) -> dict[str, Any]:
-    """Exact-answer accuracy of low-confidence remasking, steps = answer window length."""
-    from decodekit.pipelines.zoo.masked_diffusion_decode import low_confidence_decode
+def mdlm_pipeline(folder: Path) -> MaskedDiffusionLMPipeline:
+    """The masked-diffusion-lm pipeline over a zoo diffusion LM folder (arith-mdlm, arith-mdlm-fewshot)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = folder or zoo_path("arith-mdlm")
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    problems = held_out_problems(num_problems)
-    answers = low_confidence_decode(
-        model, tokenizer, [p for p, _ in problems], ANSWER_LENGTH, steps=ANSWER_LENGTH
+    return MaskedDiffusionLMPipeline(AutoModelForCausalLM.from_pretrained(folder).eval(), tokenizer)
+
+
+def mdlm_answers(pipe: MaskedDiffusionLMPipeline, prompts: list[str]) -> list[str]:
+    """The gates' decoding: an `ANSWER_LENGTH` window, one block, low-confidence remasking, one token per step.
+
+    Each answer is the window's text up to the first ``<eos>``.
+    """
+    out = pipe(
+        prompt=prompts,
+        gen_length=ANSWER_LENGTH,
+        block_length=ANSWER_LENGTH,
+        steps=ANSWER_LENGTH,
+        remasking="low-confidence",
     )
+    return out.texts
+
+
+def evaluate_arith_mdlm(num_problems: int = 500, folder: Path | None = None) -> dict[str, Any]:
+    """Exact-answer accuracy of low-confidence remasking, steps = answer window length."""
+    pipe = mdlm_pipeline(folder or zoo_path("arith-mdlm"))
+    problems = held_out_problems(num_problems)
+    answers = mdlm_answers(pipe, [p for p, _ in problems])
     correct = sum(a == want for a, (_, want) in zip(answers, problems))
     return {
         "num_problems": num_problems,
@@ -152,12 +169,7 @@ def evaluate_arith_mdlm_windows(
     Blocks of 32 (or the whole window when shorter), one token per step; for
     `threshold_windows` also threshold parallel decoding (τ = 0.9) and its model calls.
     """
-    from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = folder or zoo_path("arith-mdlm")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    pipe = MaskedDiffusionLMPipeline(AutoModelForCausalLM.from_pretrained(folder).eval(), tokenizer)
+    pipe = mdlm_pipeline(folder or zoo_path("arith-mdlm"))
     problems = held_out_problems(num_problems)
     batches = [problems[i : i + batch_size] for i in range(0, num_problems, batch_size)]
 
@@ -200,20 +212,14 @@ def evaluate_arith_mdlm_fewshot(
     --context-shots N --zero-pad``); low-confidence remasking, steps = answer window
     length, as for arith-mdlm.
     """
-    from decodekit.pipelines.zoo.masked_diffusion_decode import low_confidence_decode
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = folder or zoo_path("arith-mdlm-fewshot")
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pipe = mdlm_pipeline(folder or zoo_path("arith-mdlm-fewshot"))
+    tokenizer = pipe.tokenizer
 
     def accuracy(problems: list[tuple[str, str]]) -> float:
         correct = 0
         for i in range(0, len(problems), batch_size):
             batch = problems[i : i + batch_size]
-            answers = low_confidence_decode(
-                model, tokenizer, [p for p, _ in batch], ANSWER_LENGTH, steps=ANSWER_LENGTH
-            )
+            answers = mdlm_answers(pipe, [p for p, _ in batch])
             correct += sum(a == want for a, (_, want) in zip(answers, batch))
         return correct / len(problems)
 
