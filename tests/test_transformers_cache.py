@@ -30,6 +30,17 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def prefilled(model, ids: torch.Tensor):
+    """The cache kwarg's name, then our cache and a ``DynamicCache``, each after a forward over ``ids``."""
+    from transformers import DynamicCache
+
+    name = cache_kwarg(model)
+    ours, theirs = TransformersKVCache(config=model.config), DynamicCache(config=model.config)
+    model(ids, **{name: ours}, use_cache=True)
+    model(ids, **{name: theirs}, use_cache=True)
+    return name, ours, theirs
+
+
 GREEDY = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
 
 
@@ -93,13 +104,8 @@ def test_crop_then_continue_equals_regenerating_from_the_prefix(llama):
 
 
 def test_reorder_matches_dynamic_cache(llama):
-    from transformers import DynamicCache
-
     ids = torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(5))
-    name = cache_kwarg(llama)
-    ours, theirs = TransformersKVCache(config=llama.config), DynamicCache(config=llama.config)
-    llama(ids, **{name: ours}, use_cache=True)
-    llama(ids, **{name: theirs}, use_cache=True)
+    name, ours, theirs = prefilled(llama, ids)
     order = torch.tensor([2, 0, 0])
     ours.reorder_cache(order)
     theirs.reorder_cache(order)
@@ -115,13 +121,8 @@ def test_reorder_matches_dynamic_cache(llama):
 
 
 def test_evict_equals_masking_those_positions_with_original_position_ids(llama):
-    from transformers import DynamicCache
-
     ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(6))
-    name = cache_kwarg(llama)
-    ours, theirs = TransformersKVCache(config=llama.config), DynamicCache(config=llama.config)
-    llama(ids, **{name: ours}, use_cache=True)
-    llama(ids, **{name: theirs}, use_cache=True)
+    name, ours, theirs = prefilled(llama, ids)
     evicted = [2, 5]
     ours.store.evict(evicted)
     assert ours.get_seq_length() == 8  # positions continue after the evicted ones
@@ -143,11 +144,8 @@ def test_evict_equals_masking_those_positions_with_original_position_ids(llama):
         ).logits
         torch.testing.assert_close(mine, ref)
     # Sanity: eviction changed the outcome (otherwise the test would prove nothing).
-    plain = DynamicCache(config=llama.config)
-    llama(ids, **{name: plain}, use_cache=True)
+    _, ours2, plain = prefilled(llama, ids)
     unmasked = llama(torch.full((2, 1), 11), **{name: plain}, use_cache=True).logits
-    ours2 = TransformersKVCache(config=llama.config)
-    llama(ids, **{name: ours2}, use_cache=True)
     ours2.store.evict(evicted)
     assert not torch.allclose(
         llama(torch.full((2, 1), 11), **{name: ours2}, use_cache=True).logits, unmasked
