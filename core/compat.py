@@ -14,8 +14,7 @@ each function once on a tiny model), failing with the symbol's name and the
 installed version. A call that finds a symbol missing raises
 `UpstreamChangedError` with the same information.
 
-Tested with torch 2.14.1, diffusers 0.42.1 and transformers 5.24.0 (the ranges
-pyproject.toml declares).
+Tested with the versions in `TESTED_WITH`; pyproject.toml declares the ranges.
 """
 
 from __future__ import annotations
@@ -28,6 +27,9 @@ from typing import Any
 
 import torch
 from decodekit.errors import DecodekitError
+
+TESTED_WITH = {"torch": "2.14.1", "diffusers": "0.42.1", "transformers": "5.24.0"}
+"""The versions the test suite last passed with (pyproject.toml admits their minor releases)."""
 
 
 class UpstreamChangedError(DecodekitError, RuntimeError):
@@ -138,8 +140,8 @@ def _get(obj: Any, name: str, library: str, used_by: str) -> Any:
     except AttributeError:
         raise UpstreamChangedError(
             f"{type(obj).__name__}.{name} is missing in {library} {installed_version(library)}; "
-            f"decodekit.compat.{used_by} needs updating for this release (see pyproject.toml "
-            "for the tested versions)."
+            f"decodekit.compat.{used_by} needs updating for this release (tested with "
+            f"{library} {TESTED_WITH.get(library, '?')})."
         ) from None
 
 

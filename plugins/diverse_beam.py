@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from decodekit import compat
 from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
 from decodekit.strategy import Params, Strategy
@@ -144,8 +145,9 @@ def reorder_model_cache(model: Any, model_kwargs: dict[str, Any], rows: torch.Te
     if key is None:
         return
     cache = model_kwargs[key]
-    if hasattr(model, "_reorder_cache"):
-        model_kwargs[key] = model._reorder_cache(cache, rows)
+    legacy_reorder = compat.legacy_reorder_cache(model)
+    if legacy_reorder is not None:
+        model_kwargs[key] = legacy_reorder(cache, rows)
     elif hasattr(cache, "reorder_cache"):
         cache.reorder_cache(rows)
     else:
@@ -276,9 +278,9 @@ class DiverseBeam(Strategy):
         device = input_ids.device
         penalty = self.params.diversity_penalty
         do_sample = bool(cfg.do_sample)
-        eos = cfg._eos_token_tensor
+        eos = compat.eos_token_tensor(cfg)
         eos_ids = set(eos.flatten().tolist()) if eos is not None else set()
-        pad = cfg._pad_token_tensor
+        pad = compat.pad_token_tensor(cfg)
         pad_id = int(pad) if pad is not None else None
         max_length = cfg.max_length
         prompt_len = input_ids.shape[1]
@@ -314,7 +316,7 @@ class DiverseBeam(Strategy):
         ancestry = torch.empty((input_ids.shape[0], 0), dtype=torch.long, device=device)
 
         use_cache = model_kwargs.get("use_cache", True)
-        outputs = model._prefill(input_ids, cfg, model_kwargs)
+        outputs = compat.prefill(model, input_ids, cfg, model_kwargs)
         first = True
         while True:
             if not first:
@@ -323,8 +325,8 @@ class DiverseBeam(Strategy):
                 )
                 outputs = model(**model_inputs, return_dict=True)
             first = False
-            model_kwargs = model._update_model_kwargs_for_generation(
-                outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
+            model_kwargs = compat.update_model_kwargs(
+                model, outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
             )
             raw = outputs.logits[:, -1, :].to(
                 dtype=torch.float32, device=device

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from decodekit import compat
 from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
 from decodekit.strategy import Params, Strategy
@@ -195,7 +196,7 @@ class Superposed(Strategy):
         n_sample = p.n_token_sample or 3 * k
         batch, prompt_len = input_ids.shape
         device = input_ids.device
-        pad = cfg._pad_token_tensor
+        pad = compat.pad_token_tensor(cfg)
         pad_id = int(pad) if pad is not None else 0
         max_length = cfg.max_length
         mask = model_kwargs.get("attention_mask")
@@ -211,10 +212,10 @@ class Superposed(Strategy):
             input_ids  # (B, L): one row per input, for transformers' mask/position bookkeeping
         )
 
-        outputs = model._prefill(input_ids, cfg, model_kwargs)
+        outputs = compat.prefill(model, input_ids, cfg, model_kwargs)
         finished = False  # has any draft stopped yet
         while True:
-            model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
+            model_kwargs = compat.update_model_kwargs(model, outputs, model_kwargs)
             logits = outputs.logits[:, -1, :].to(dtype=torch.float32, device=device)  # (B, V)
             del outputs
             cur = drafts.shape[-1]
