@@ -7,8 +7,10 @@ Two families:
   ``register`` callback and collects what each module hands it.
 * **runtime hooks** are implemented by *strategy instances* attached to one run.
   Pipeline adapters call them at named points of their loop; strategies are
-  called in the order the resolver fixed (``before``/``after``), never through
-  pluggy's ``tryfirst``/``trylast``.
+  called one after another in the order the resolver fixed
+  (``before``/``after``). Implementations marked with pluggy's ``wrapper``,
+  ``hookwrapper``, ``tryfirst``, ``trylast`` or ``specname`` are refused when
+  the strategy is registered or attached, with the plugin and hook named.
 
 Hooks marked *first result* stop at the first strategy that returns something
 other than ``None``.
@@ -28,41 +30,108 @@ class RegistrationSpecs:
 
     @hookspec
     def decodekit_register_strategies(self, register):
-        """Call ``register(StrategyClass)`` for each strategy this plugin provides."""
+        """Call ``register(StrategyClass)`` for each strategy this plugin provides.
+
+        The class must be a `Strategy` subclass with a non-empty ``name`` whose
+        runtime hooks decodekit can call (see `decodekit.strategy.check_hooks`).
+        Two plugins registering one name: the second is reported under *failed*
+        by ``decodekit plugins``, the first stays.
+
+        Called by: the plugin manager, when it loads plugins.
+        """
 
     @hookspec
     def decodekit_register_pipelines(self, register):
-        """Call ``register(AdapterClass)`` for each pipeline adapter this plugin provides."""
+        """Call ``register(AdapterClass)`` for each pipeline adapter this plugin provides.
+
+        An adapter subclasses the contract class of its loop
+        (`decodekit.loops`). `decodekit.attach` picks the first registered
+        adapter whose ``matches(obj)`` is true, unless ``pipeline=`` names one.
+
+        Called by: the plugin manager, when it loads plugins.
+        """
 
     @hookspec
     def decodekit_register_quality_metrics(self, register):
-        """Call ``register(name, fn)``; ``fn(adapter_name, baseline, outputs, inputs)`` returns a dict of figures or None."""
+        """Call ``register(name, fn)``; ``fn(adapter_name, baseline, outputs, inputs)`` returns a dict of figures or None.
+
+        The figures compare a strategy's outputs with the baseline outputs of
+        the same inputs; None when the metric does not apply to that adapter.
+
+        Called by: the plugin manager; ``decodekit bench`` runs each metric
+        after the adapter's own ``quality()`` and reports it under its name.
+        """
 
 
 class RuntimeSpecs:
-    """Hooks the pipeline loops call; implemented as methods of `Strategy` subclasses."""
+    """Hooks the pipeline loops call; implemented as methods of `Strategy` subclasses.
+
+    Each docstring ends with the built-in adapters that call the hook
+    (``Called by:``); a test checks that list against the adapters' code.
+    """
 
     # -- every loop ---------------------------------------------------------
     @hookspec
     def decodekit_call_start(self, run, call_kwargs):
-        """A pipeline call begins; ``call_kwargs`` (a dict) may be edited in place before the call runs."""
+        """A pipeline call begins; ``call_kwargs`` (a dict) may be edited in place before the call runs.
+
+        ``call_kwargs`` are the keyword arguments of ``pipe(...)`` (diffusers) or
+        ``generate(...)`` (transformers). Called after every strategy's
+        ``reset(run)``, once per call.
+
+        Called by: stable-diffusion, masked-diffusion-lm, llada2, causal-lm.
+        """
 
     @hookspec
     def decodekit_call_end(self, run, output):
-        """A pipeline call ended with ``output``."""
+        """A pipeline call returned ``output`` (the pipeline's own return value).
+
+        Called once per call that did not raise, before ``run.last`` is filled.
+        Undo per-call changes to the pipeline here.
+
+        Called by: stable-diffusion, masked-diffusion-lm, llada2, causal-lm.
+        """
 
     # -- continuous denoising (diffusers UNet / DiT pipelines) ----------------
     @hookspec(firstresult=True)
-    def decodekit_denoiser_forward(self, run, step, module, args, kwargs):
-        """Before a denoiser call at loop step ``step``: return an output to serve it without running the denoiser (first result)."""
+    def decodekit_denoiser_forward(self, run, step, role, module, args, kwargs):
+        """Before a model call of loop step ``step``: return an output to serve it without running ``module`` (first result).
+
+        ``role`` says which model the call is for: ``"denoiser"`` (the UNet or
+        transformer; ``step`` counts these calls) or ``"controlnet"`` (a
+        ControlNet, whose call feeds the denoiser call of the same ``step``).
+        ``args``/``kwargs`` are the call's arguments as the pipeline passed them
+        (``sample``, ``timestep``, ``encoder_hidden_states`` …). Return what the
+        module would return for them — e.g. ``(noise_pred,)`` under
+        ``return_dict=False`` — to serve the call (it then counts in
+        ``run.served``, ControlNet calls in ``run.adapter.aux_served``); return
+        None to let it run.
+
+        Called by: stable-diffusion.
+        """
 
     @hookspec
-    def decodekit_denoiser_output(self, run, step, module, args, kwargs, output):
-        """After the denoiser ran for real at step ``step`` with ``output``."""
+    def decodekit_denoiser_output(self, run, step, role, module, args, kwargs, output):
+        """After ``module`` (of ``role``) ran for real at step ``step`` and returned ``output``.
+
+        Not called for served calls. Feature caches record what they need here.
+
+        Called by: stable-diffusion.
+        """
 
     @hookspec
     def decodekit_step_end(self, run, step, timestep, callback_kwargs):
-        """After the scheduler step ``step``; edit ``callback_kwargs`` (``latents`` …) in place to change what the loop carries on with."""
+        """After the scheduler step ``step``; edit ``callback_kwargs`` (``latents`` …) in place to change what the loop carries on with.
+
+        Runs through diffusers' ``callback_on_step_end``; ``timestep`` is the
+        scheduler's ``t``. ``callback_kwargs`` holds ``latents`` and every name
+        in the attached strategies' ``step_tensors``; assign new tensors into it.
+        Attaching fails with `AttachError` when the pipeline has no
+        ``callback_on_step_end`` or does not expose a requested tensor. A user's
+        own ``callback_on_step_end`` still runs, after the strategies.
+
+        Called by: stable-diffusion.
+        """
 
     # -- masked-diffusion text -------------------------------------------------
     @hookspec(firstresult=True)
@@ -79,15 +148,43 @@ class RuntimeSpecs:
         need_logits,
         logits_window,
     ):
-        """Before the model call of loop step ``step`` (``block_step`` within the current block) on tokens ``x`` (B, L) with ``attention_mask``, ``position_ids`` (B, L), ``mask_index`` (B, L bool, still masked): return logits (B, L, V), valid at least where ``need_logits`` (B, L bool) is true, or ``(logits, tokens_computed)``, to serve it (first result). The caller reads columns ``lo..hi-1`` only, ``(lo, hi) = logits_window``; the logits may cover just those, (B, hi - lo, V)."""
+        """Before the model call of loop step ``step``: return logits to serve it (first result).
+
+        ``block_step`` counts steps within the current block; ``x`` (B, L) are
+        the tokens, ``attention_mask`` and ``position_ids`` (B, L) the model's
+        inputs, ``mask_index`` (B, L bool) the positions still masked. Return
+        logits (B, L, V), valid at least where ``need_logits`` (B, L bool) is
+        true, or ``(logits, tokens_computed)``. The caller reads columns
+        ``lo..hi-1`` only, ``(lo, hi) = logits_window``; the logits may cover
+        just those, (B, hi - lo, V), which saves most of the vocabulary-sized
+        work of a step. The served call counts in ``run.served``.
+
+        masked-diffusion-lm passes the current block as the window (one column
+        to the left with Dream's shift) and, with classifier-free guidance, the
+        conditional and unconditional rows stacked (2B rows); llada2 passes
+        ``(0, L)`` and needs valid logits on the whole current block.
+
+        Called by: masked-diffusion-lm, llada2.
+        """
 
     @hookspec(firstresult=True)
     def decodekit_mdm_select(self, run, step, policy):
-        """Return the `RemaskingPolicy` that chooses this step's commits instead of the pipeline's ``policy``, or None to keep it (first result)."""
+        """Return the `RemaskingPolicy` that chooses this step's commits instead of the pipeline's ``policy``, or None to keep it (first result).
+
+        ``parallel-threshold`` returns the confidence-threshold policy here.
+
+        Called by: masked-diffusion-lm (llada2 commits with diffusers'
+        scheduler and refuses strategies that implement this hook).
+        """
 
     @hookspec
     def decodekit_mdm_committed(self, run, step, x, committed):
-        """Tokens ``committed`` (B, L bool) were written into ``x`` (B, L) at this step."""
+        """Tokens ``committed`` (B, L bool) were written into ``x`` (B, L) at this step.
+
+        Where a delayed-commit cache learns which positions were just decoded.
+
+        Called by: masked-diffusion-lm.
+        """
 
     # -- token autoregression (transformers generate) --------------------------
     @hookspec(firstresult=True)
@@ -101,21 +198,35 @@ class RuntimeSpecs:
         generation_config,
         model_kwargs,
     ):
-        """Drive the whole decoding loop for ``generate(custom_generate=...)``; return what ``generate`` returns (first result)."""
+        """Drive the whole decoding loop as ``generate(custom_generate=...)``; return what ``generate`` returns (first result).
+
+        When any attached strategy implements this hook, the adapter passes a
+        callable as ``generate(custom_generate=...)``: transformers first
+        prepares ``logits_processor``, ``stopping_criteria``,
+        ``generation_config`` and ``model_kwargs`` (attention mask, cache), then
+        hands them over. Return a ``LongTensor`` of sequences or a
+        ``GenerateOutput``. A user's own ``custom_generate`` alongside such a
+        strategy is an `AttachError`.
+
+        Called by: causal-lm.
+        """
 
     @hookspec
     def decodekit_logits_processors(self, run, generation_config):
-        """Return a list of transformers ``LogitsProcessor`` to append for this call, or None."""
+        """Return a list of transformers ``LogitsProcessor`` to append for this call, or None.
+
+        Called once at the start of each ``generate`` call; the processors run
+        after the user's own ``logits_processor``.
+
+        Called by: causal-lm.
+        """
 
     @hookspec
     def decodekit_model_inputs(self, run, step, model_inputs):
-        """Before each model forward of a token loop; edit ``model_inputs`` in place (drop or keep context, set the cache)."""
+        """Before each model forward of a token loop; edit ``model_inputs`` (a dict) in place.
 
-    # -- scale / continuous autoregression (VAR, MAR) ----------------------------
-    @hookspec(firstresult=True)
-    def decodekit_scale_model(self, run, scale_index, models):
-        """Pick which model (from the dict ``models``) produces scale ``scale_index``; return its key (first result)."""
+        A forward pre-hook on the model; ``step`` counts forwards within the
+        ``generate`` call. Drop or keep context tokens, set ``past_key_values``.
 
-    @hookspec(firstresult=True)
-    def decodekit_continuous_propose(self, run, step, context):
-        """Propose continuous tokens for the next positions of a MAR-style loop; return (tokens, log_density) or None (first result)."""
+        Called by: causal-lm.
+        """

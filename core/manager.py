@@ -25,7 +25,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import DecodekitError, UnknownNameError
-from .strategy import Strategy
+from .strategy import Strategy, check_hooks
 
 GROUP = "decodekit"
 BUILTIN_DIST = "decodekit"
@@ -133,6 +133,7 @@ class PluginManager:
                     raise DecodekitError(
                         f"plugin {name!r} registered {cls!r}, which is not a named Strategy subclass"
                     )
+                check_hooks(cls, name)
                 add("strategies", cls.name, cls)
 
             def reg_pipeline(cls: type) -> None:

@@ -98,7 +98,7 @@ def measure_overhead(target: Any, repeat: int = 200) -> dict[str, Any]:
 
 def _dispatch_once(run, module: torch.nn.Module, output: Any):
     """The adapter's per-call path with the model call replaced by returning ``output``."""
-    adapter = run.adapter
+    adapter = run._adapter  # the adapter's own per-call path, not the strategies' view
     if run.loop == "continuous-denoising":
         args, kwargs = (), {}
         return lambda: adapter.denoise(module, lambda *a, **k: output, args, kwargs)

@@ -28,12 +28,16 @@ class PipelineAdapter:
         name: registry name, as written in YAML ``pipeline.type``.
         loop: the loop shape it drives (one of `decodekit.strategy.LOOPS`).
         Inputs: the pydantic model of the YAML ``inputs`` section.
+        contract: the attribute names strategies may read through ``run.adapter``;
+            each loop's contract class in `decodekit.loops` extends it.
+        target: the object the user attached to (pipeline or model).
     """
 
     name: ClassVar[str] = ""
     loop: ClassVar[str] = ""
     Inputs: ClassVar[type[Inputs]] = Inputs
     description: ClassVar[str] = ""
+    contract: ClassVar[tuple[str, ...]] = ("name", "loop", "target")
 
     def __init__(self, target: Any, run):
         self.target = target

@@ -11,8 +11,9 @@ import pluggy
 
 from . import hookspecs
 from .errors import AttachError, ConfigError
+from .loops import AdapterView
 from .manager import PluginManager, get_manager
-from .strategy import Strategy, resolve
+from .strategy import Strategy, check_hooks, resolve
 
 # Objects currently attached, mapped to their run. Kept outside the objects so
 # attaching does not write marker attributes into the user's pipeline.
@@ -90,6 +91,8 @@ class Run:
 
     def __init__(self, target: Any, adapter_cls: type, strategies: list[Strategy]):
         self.target = target
+        for s in strategies:
+            check_hooks(type(s), type(s).__module__)
         self.strategies = resolve(strategies, adapter_cls.loop)
         self.loop = adapter_cls.loop
         self.attached = False
@@ -116,7 +119,9 @@ class Run:
         self.served = 0
         self.time_s = 0.0
         self.last: dict[str, Any] = {}
-        self.adapter = adapter_cls(target, self)
+        self._adapter = adapter_cls(target, self)
+        self.adapter = AdapterView(self._adapter)
+        """The adapter, as its loop's contract (`decodekit.loops`) lets strategies see it."""
 
     # -- hooks --------------------------------------------------------------------
     def has(self, hook: str) -> bool:
@@ -179,7 +184,7 @@ class Run:
 
     # -- lifecycle --------------------------------------------------------------------
     def _attach(self) -> None:
-        touched = self.adapter.touched()
+        touched = self._adapter.touched()
         for obj in touched:
             other = _ATTACHED.get(obj)
             if other is not None:
@@ -188,7 +193,7 @@ class Run:
                     f"({', '.join(s.name for s in other.strategies) or 'none'}); "
                     "detach that run first (leave its `with` block or call run.detach())."
                 )
-        self.adapter.attach()
+        self._adapter.attach()
         try:
             for s in self.strategies:
                 s.run = self
@@ -196,7 +201,7 @@ class Run:
         except BaseException:
             for s in self.strategies:
                 s.run = None
-            self.adapter.detach()
+            self._adapter.detach()
             raise
         for obj in touched:
             _ATTACHED[obj] = self
@@ -212,8 +217,8 @@ class Run:
                 s.on_detach(self)
                 s.run = None
         finally:
-            self.adapter.detach()
-            for obj in self.adapter.touched():
+            self._adapter.detach()
+            for obj in self._adapter.touched():
                 if _ATTACHED.get(obj) is self:
                     del _ATTACHED[obj]
 

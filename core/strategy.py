@@ -41,6 +41,10 @@ class Strategy:
         before: strategies this one's hooks run before, when both are attached.
         after: strategies this one's hooks run after, when both are attached.
         paper: title and arXiv link, shown by ``decodekit plugins``.
+        step_tensors: names of the pipeline's step tensors (besides ``latents``)
+            a continuous-denoising strategy reads or edits in ``decodekit_step_end``;
+            the adapter asks the pipeline to pass them to the step callback, and
+            refuses to attach when the pipeline cannot.
     """
 
     name: ClassVar[str] = ""
@@ -52,6 +56,7 @@ class Strategy:
     before: ClassVar[tuple[str, ...]] = ()
     after: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[str] = ""
+    step_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: Params | dict[str, Any] | None = None, *, path: str = "params"):
         if isinstance(params, self.Params):
@@ -108,6 +113,50 @@ def strategy_hooks(cls: type[Strategy]) -> list[str]:
         for n in dir(cls)
         if n.startswith("decodekit_") and hasattr(getattr(cls, n), PROJECT + "_impl")
     )
+
+
+_UNSUPPORTED_OPTS = ("wrapper", "hookwrapper", "tryfirst", "trylast", "specname")
+
+
+def check_hooks(cls: type[Strategy], plugin: str) -> None:
+    """Refuse a strategy class whose runtime hooks decodekit would misread.
+
+    decodekit calls runtime hooks itself, strategy by strategy in the resolved
+    order, so pluggy's ``wrapper``/``hookwrapper``/``tryfirst``/``trylast``/
+    ``specname`` options would be silently ignored; a ``decodekit_*`` method that
+    is not a runtime hook, or that takes an argument its hook does not pass,
+    would never run. Each is a `CompositionError` naming the plugin and the hook.
+    """
+    import inspect
+
+    from .hookspecs import PROJECT, RuntimeSpecs
+
+    specs = {n: getattr(RuntimeSpecs, n) for n in dir(RuntimeSpecs) if n.startswith("decodekit_")}
+    for hook in strategy_hooks(cls):
+        where = f"plugin {plugin!r}, strategy {cls.name or cls.__name__!r}, hook {hook}"
+        opts = getattr(getattr(cls, hook), PROJECT + "_impl")
+        bad = [o for o in _UNSUPPORTED_OPTS if opts.get(o)]
+        if bad:
+            raise CompositionError(
+                f"{where}: marked with {', '.join(bad)}=..., which decodekit does not honour "
+                "(strategies' hooks run one after another in the order their before/after "
+                "declarations resolve to). Remove the option; order strategies with "
+                "`before`/`after`, and set up or tear down around a call in "
+                "decodekit_call_start/decodekit_call_end."
+            )
+        if hook not in specs:
+            raise CompositionError(
+                f"{where}: there is no runtime hook of that name; the runtime hooks are "
+                f"{', '.join(sorted(specs))}."
+            )
+        takes = [p for p in inspect.signature(getattr(cls, hook)).parameters if p != "self"]
+        given = [p for p in inspect.signature(specs[hook]).parameters if p != "self"]
+        unknown = [p for p in takes if p not in given]
+        if unknown:
+            raise CompositionError(
+                f"{where}: takes {', '.join(unknown)}, which the hook does not pass "
+                f"(it passes {', '.join(given)}); rename the argument or drop it."
+            )
 
 
 def _labels(s: Strategy) -> set[str]:

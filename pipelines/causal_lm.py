@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
-from decodekit.pipeline import Inputs, TextAdapter
+from decodekit.loops import TokenAutoregressionAdapter
+from decodekit.pipeline import Inputs
 
 
 class CausalLMInputs(Inputs):
@@ -40,7 +41,7 @@ def _model_of(obj: Any) -> Any:
     return None
 
 
-class CausalLMAdapter(TextAdapter):
+class CausalLMAdapter(TokenAutoregressionAdapter):
     """Attach to a transformers model's ``generate`` (or a text-generation pipeline's model)."""
 
     name = "causal-lm"

@@ -24,7 +24,7 @@ import torch
 from decodekit.diffusers_hooks import PipelineHooks
 from decodekit.errors import AttachError
 from decodekit.hookspecs import hookimpl
-from decodekit.pipeline import PipelineAdapter
+from decodekit.loops import MaskedDiffusionAdapter
 from diffusers.hooks import ModelHook
 
 HOOK_NAME = "decodekit-llada2"
@@ -49,7 +49,7 @@ def _is_llada2(obj: Any) -> bool:
     return isinstance(obj, LLaDA2Pipeline)
 
 
-class LLaDA2Adapter(PipelineAdapter):
+class LLaDA2Adapter(MaskedDiffusionAdapter):
     """Attach to a diffusers ``LLaDA2Pipeline``: serve its model calls from decodekit strategies."""
 
     name = "llada2"

@@ -13,11 +13,10 @@ a timestep or run twice per step (``scheduler.order == 2``) are counted right.
 
 A ControlNet pipeline's ControlNet (``pipe.controlnet``, single or multi) is
 hooked the same way: its calls go through ``decodekit_denoiser_forward`` /
-``decodekit_denoiser_output`` with ``module`` the ControlNet and ``step`` the
-step of the UNet call it feeds, so a denoiser cache can skip it. Strategies that
-serve the UNet's output must therefore check ``module is run.adapter.unet``.
-ControlNet calls are counted in ``adapter.aux_nfe`` / ``adapter.aux_served``,
-not in ``run.nfe`` (which counts UNet calls).
+``decodekit_denoiser_output`` with ``role="controlnet"`` and ``step`` the step
+of the UNet call it feeds, so a denoiser cache can skip it; UNet calls have
+``role="denoiser"``. ControlNet calls are counted in ``adapter.aux_nfe`` /
+``adapter.aux_served``, not in ``run.nfe`` (which counts UNet calls).
 """
 
 from __future__ import annotations
@@ -32,7 +31,8 @@ from decodekit import compat
 from decodekit.diffusers_hooks import PipelineHooks
 from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
-from decodekit.pipeline import Inputs, PipelineAdapter
+from decodekit.loops import CONTROLNET, DENOISER, DenoisingAdapter
+from decodekit.pipeline import Inputs
 from diffusers.hooks import ModelHook
 
 HOOK_NAME = "decodekit"
@@ -81,7 +81,7 @@ class _ControlNetHook(_DenoiserHook):
         return self.adapter.control(module, self.fn_ref.original_forward, args, kwargs)
 
 
-class StableDiffusionAdapter(PipelineAdapter):
+class StableDiffusionAdapter(DenoisingAdapter):
     """Attach to a diffusers UNet pipeline through `HookRegistry` and ``callback_on_step_end``."""
 
     name = "stable-diffusion"
@@ -95,6 +95,7 @@ class StableDiffusionAdapter(PipelineAdapter):
         super().__init__(target, run)
         self.pipe = target
         self.unet = target.unet
+        self.denoiser = self.unet
         controlnet = getattr(target, "controlnet", None)
         self.controlnet = controlnet if isinstance(controlnet, torch.nn.Module) else None
         self.step = 0  # denoiser calls in the current pipeline call
@@ -114,11 +115,6 @@ class StableDiffusionAdapter(PipelineAdapter):
 
     def touched(self) -> list[Any]:
         return [self.pipe, self.unet] + ([self.controlnet] if self.controlnet is not None else [])
-
-    @property
-    def scheduler_order(self) -> int:
-        """Denoiser calls per solver step of the pipeline's scheduler (2 for Heun)."""
-        return int(getattr(self.pipe.scheduler, "order", 1))
 
     @property
     def num_calls(self) -> int | None:
@@ -147,7 +143,7 @@ class StableDiffusionAdapter(PipelineAdapter):
     def _step_tensors(self) -> list[str]:
         names: list[str] = ["latents"]
         for s in self.run.strategies:
-            for n in getattr(s, "step_tensors", ()):
+            for n in s.step_tensors:
                 if n not in names:
                     names.append(n)
         return names
@@ -235,7 +231,7 @@ class StableDiffusionAdapter(PipelineAdapter):
         """One denoiser call: served by a strategy, or run for real and shown to the strategies."""
         step = self.step
         self.step += 1
-        out, served = self._serve_or_run(step, module, forward, args, kwargs)
+        out, served = self._serve_or_run(step, DENOISER, module, forward, args, kwargs)
         if served:
             self.run.served += 1
         else:
@@ -246,7 +242,7 @@ class StableDiffusionAdapter(PipelineAdapter):
         self, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]
     ) -> Any:
         """One ControlNet call, for the UNet call at ``self.step`` that follows it."""
-        out, served = self._serve_or_run(self.step, module, forward, args, kwargs)
+        out, served = self._serve_or_run(self.step, CONTROLNET, module, forward, args, kwargs)
         if served:
             self.aux_served += 1
         else:
@@ -254,11 +250,24 @@ class StableDiffusionAdapter(PipelineAdapter):
         return out
 
     def _serve_or_run(
-        self, step: int, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]
+        self,
+        step: int,
+        role: str,
+        module: torch.nn.Module,
+        forward: Any,
+        args: tuple,
+        kwargs: dict[str, Any],
     ) -> tuple[Any, bool]:
         """Ask the strategies to serve a model call; else run it and show them the output."""
         run = self.run
-        hook_args = {"run": run, "step": step, "module": module, "args": args, "kwargs": kwargs}
+        hook_args = {
+            "run": run,
+            "step": step,
+            "role": role,
+            "module": module,
+            "args": args,
+            "kwargs": kwargs,
+        }
         out = run.call("decodekit_denoiser_forward", **hook_args)
         if out is not None:
             return out, True

@@ -177,7 +177,7 @@ class DKVCache(Strategy):
 
     # ------------------------------------------------------------------ attach / detach
     def on_attach(self, run) -> None:
-        model = getattr(run.adapter, "model", None)
+        model = run.adapter.model
         if not isinstance(model, torch.nn.Module):
             raise AttachError("dkv-cache needs the pipeline's model (adapter.model) to hook.")
         config = getattr(model, "config", None)

@@ -35,6 +35,7 @@ import torch
 from decodekit.errors import AttachError, DecodekitError
 from decodekit.feature_memo import StepFeatureMemo
 from decodekit.hookspecs import hookimpl
+from decodekit.loops import CONTROLNET, DENOISER
 from decodekit.strategy import Params, Strategy
 from pydantic import Field, field_validator
 
@@ -238,14 +239,14 @@ class FasterDiffusion(Strategy):
     def on_attach(self, run) -> None:
         from diffusers import UNet2DConditionModel
 
-        unet = getattr(run.adapter, "unet", None)
+        unet = run.adapter.denoiser
         if not isinstance(unet, UNet2DConditionModel):
             raise AttachError(
                 f"faster-diffusion needs a pipeline whose denoiser is a UNet2DConditionModel, "
                 f"got {type(unet).__name__}; use it on a stable-diffusion pipeline."
             )
         self.unet = unet
-        self.controlnet = getattr(run.adapter, "controlnet", None)
+        self.controlnet: torch.nn.Module | None = None  # seen in the first role="controlnet" call
         self._signature = inspect.signature(type(unet).forward)
         self._capturing = False
         self._captured: list[dict[str, Any] | None] = []
@@ -322,10 +323,10 @@ class FasterDiffusion(Strategy):
 
     # -- the denoiser hooks -------------------------------------------------------------
     @hookimpl
-    def decodekit_denoiser_forward(self, run, step, module, args, kwargs):
-        if module is not self.unet:
+    def decodekit_denoiser_forward(self, run, step, role, args, kwargs):
+        if role != DENOISER:
             if (
-                module is self.controlnet
+                role == CONTROLNET
                 and self._key_inputs(step) is not None
                 and self._last_control is not None
                 and not self.is_key(run, step)
@@ -349,13 +350,14 @@ class FasterDiffusion(Strategy):
         return (out,)
 
     @hookimpl
-    def decodekit_denoiser_output(self, run, step, module, args, kwargs, output):
-        if module is self.controlnet and module is not None:
+    def decodekit_denoiser_output(self, run, step, role, module, args, kwargs, output):
+        if role == CONTROLNET:
+            self.controlnet = module
             self._last_control = output
             self.counts["controlnet_run"] += 1
             self._last_control_args = (args, kwargs)
             return
-        if module is not self.unet:
+        if role != DENOISER:
             return
         self._capturing = False
         captured, self._captured = self._captured, []

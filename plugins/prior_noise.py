@@ -48,7 +48,7 @@ class PriorNoise(Strategy):
     def decodekit_step_end(self, run, step, timestep, callback_kwargs):
         adapter = run.adapter
         z_t = adapter.initial_latents  # (B, C, h, w)
-        num_train = adapter.pipe.scheduler.config.num_train_timesteps
+        num_train = adapter.scheduler.config.num_train_timesteps
         if z_t is None or float(timestep) >= self.params.below * num_train:
             return
         latents = callback_kwargs["latents"]

@@ -70,13 +70,13 @@ class ServeCached(Strategy):
         self.last = None
 
     @hookimpl
-    def decodekit_denoiser_forward(self, run, step, module, args, kwargs):
-        if module is run.adapter.unet and step % 2 == 1 and self.last is not None:
+    def decodekit_denoiser_forward(self, run, step, role, args, kwargs):
+        if role == "denoiser" and step % 2 == 1 and self.last is not None:
             return self.last
 
     @hookimpl
-    def decodekit_denoiser_output(self, run, step, module, args, kwargs, output):
-        if module is run.adapter.unet:
+    def decodekit_denoiser_output(self, run, step, role, output):
+        if role == "denoiser":
             self.last = output
 
 
@@ -224,8 +224,9 @@ def test_controlnet_calls_routed_through_denoiser_hooks_and_restored():
         loops = ("continuous-denoising",)
 
         @hookimpl
-        def decodekit_denoiser_forward(self, run, step, module, args, kwargs):
-            seen.append((step, "unet" if module is run.adapter.unet else "controlnet"))
+        def decodekit_denoiser_forward(self, run, step, role, module):
+            assert module is (pipe.unet if role == "denoiser" else pipe.controlnet)
+            seen.append((step, "unet" if role == "denoiser" else role))
 
     kw = dict(
         image=image, num_inference_steps=2, output_type="latent", latents=sd_latents(pipe, 1, 0)

@@ -65,7 +65,7 @@ class CfgCutoff(Strategy):
     step_tensors = ("prompt_embeds",)
 
     def on_attach(self, run) -> None:
-        pipe = getattr(run.adapter, "pipe", None)
+        pipe = run.adapter.pipe
         bases = {c.__name__ for c in type(pipe).__mro__}
         if pipe is None or not bases & set(SUPPORTED_PIPELINES):
             raise DecodekitError(
