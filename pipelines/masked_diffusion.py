@@ -551,17 +551,23 @@ class _Decoding:
         x, attn, pos = canvas.x, canvas.attention_mask, canvas.position_ids
         if self.options.cfg_scale > 0:
             un_x = x.masked_fill(canvas.prompt_index, self.mask_id)
-            return _ModelCall(
-                step=self.step,
-                block_step=block_step,
-                x=torch.cat([x, un_x]),  # (2B, L)
-                attention_mask=torch.cat([attn, attn]),
-                position_ids=torch.cat([pos, pos]),
-                mask_index=torch.cat([mask_index, un_x == self.mask_id]),
-                need_logits=torch.cat([need, need]),
-                window=window,
+            mask_index = torch.cat([mask_index, un_x == self.mask_id])
+            x = torch.cat([x, un_x])  # (2B, L)
+            attn, pos, need = (
+                torch.cat([attn, attn]),
+                torch.cat([pos, pos]),
+                torch.cat([need, need]),
             )
-        return _ModelCall(self.step, block_step, x, attn, pos, mask_index, need, window)
+        return _ModelCall(
+            step=self.step,
+            block_step=block_step,
+            x=x,
+            attention_mask=attn,
+            position_ids=pos,
+            mask_index=mask_index,
+            need_logits=need,
+            window=window,
+        )
 
     def logits(self, call: _ModelCall) -> torch.Tensor:
         """Run ``call`` (served by a strategy when one answers): logits ``(B, hi - lo, V)``, guided under CFG."""
