@@ -7,10 +7,10 @@ through `decodekit.compat`; the message names the symbol and the installed versi
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 from decodekit import compat
 from diffusers.hooks import HookRegistry
