@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="generate with the strategies of a YAML config and save the outputs"
     )
     p.add_argument("config", help="YAML run config")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="reuse a non-empty output folder: remove the files its previous run recorded in run.json",
+    )
     _add_set(p)
 
     p = sub.add_parser(
@@ -154,20 +159,49 @@ def one_line(e: DecodekitError) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Load the config, attach the strategies, generate, save the outputs, print a summary."""
+    """Load the config, attach the strategies, generate, save the outputs, print a summary.
+
+    The output folder is checked (created, writable, empty unless ``--overwrite``)
+    before the model loads; every file is written atomically, and ``run.json``
+    records the config, versions, stats, timings and the files written.
+    """
+    import time
+
     from .config import load_config
     from .manager import get_manager
+    from .outputs import prepare_output_dir
     from .session import attach
 
     cfg = load_config(args.config, args.overrides)
     manager = get_manager()
     cfg.resolve_strategies(manager)
-    target = cfg.load_pipeline()
-    with attach(target, cfg.strategy_specs(), pipeline=cfg.adapter.name, manager=manager) as run:
-        outputs = cfg.adapter.generate(target, cfg.inputs, progress=sys.stderr.isatty())
     out_dir = Path(cfg.output.dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = cfg.adapter.save(outputs, out_dir) or []
+    existed = out_dir.exists()
+    prepare_output_dir(out_dir, overwrite=getattr(args, "overwrite", False))
+    kept = {p.name for p in out_dir.iterdir()}  # files decodekit did not write stay untouched
+    timings: dict[str, float] = {}
+    try:
+        t0 = time.perf_counter()
+        target = cfg.load_pipeline()
+        timings["load_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with attach(
+            target, cfg.strategy_specs(), pipeline=cfg.adapter.name, manager=manager
+        ) as run:
+            outputs = cfg.adapter.generate(target, cfg.inputs, progress=sys.stderr.isatty())
+        timings["generate_s"] = time.perf_counter() - t0
+    except BaseException:
+        if not existed and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # nothing was written: leave no empty folder behind
+        raise
+    status = "interrupted"
+    t0 = time.perf_counter()
+    try:
+        files = cfg.adapter.save(outputs, out_dir) or []
+        status = "complete"
+    finally:
+        timings["save_s"] = time.perf_counter() - t0
+        _write_run_record(cfg, run, out_dir, kept, status, timings)
     stats = run.stats
     names = ", ".join(s.name for s in run.strategies) or "none (baseline)"
     print(f"{cfg.adapter.name} on {cfg.device}, strategies: {names}")
@@ -180,8 +214,52 @@ def cmd_run(args: argparse.Namespace) -> int:
     ideal = run.ideal_speedup()
     if ideal is not None:
         print(f"  FLOP-ideal speed-up: x{ideal:.2f}")
-    print(f"  wrote {len(files)} file(s) to {out_dir}")
+    print(f"  wrote {len(files)} file(s) and run.json to {out_dir}")
     return 0
+
+
+def _write_run_record(
+    cfg: Any, run: Any, out_dir: Path, kept: set[str], status: str, timings: dict[str, float]
+) -> None:
+    """``run.json``: the resolved config, versions, seed, stats, timings and the files written.
+
+    The files are those that appeared in the folder during the run (complete ones
+    only: temporary files are never listed), so an interrupted run's record is
+    right too and ``--overwrite`` can remove them later.
+    """
+    from .outputs import RUN_RECORD, TEMP_MARK, write_run_record
+
+    files = sorted(
+        p.name
+        for p in out_dir.iterdir()
+        if p.name not in kept and p.name != RUN_RECORD and TEMP_MARK not in p.name
+    )
+    write_run_record(
+        out_dir,
+        {
+            "status": status,
+            "config": cfg.summary(),
+            "seed": cfg.inputs.seed,
+            "versions": _versions(),
+            "stats": run.stats,
+            "ideal_speedup": run.ideal_speedup(),
+            "timings_s": timings,
+            "files": files,
+        },
+    )
+
+
+def _versions() -> dict[str, str | None]:
+    """Installed versions of decodekit and the libraries that shape its outputs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("decodekit", "torch", "diffusers", "transformers"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -101,12 +101,11 @@ class TextAdapter(PipelineAdapter):
     def save(cls, outputs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         import json
 
+        from .outputs import atomic_write_text
+
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "outputs.jsonl"
-        with path.open("w") as f:
-            for row in outputs:
-                f.write(json.dumps(row) + "\n")
-        return [path]
+        text = "".join(json.dumps(row) + "\n" for row in outputs)
+        return [atomic_write_text(out_dir / "outputs.jsonl", text)]
 
     @classmethod
     def quality(

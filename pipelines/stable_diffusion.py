@@ -32,6 +32,7 @@ from decodekit.diffusers_hooks import PipelineHooks
 from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
 from decodekit.loops import CONTROLNET, DENOISER, DenoisingAdapter
+from decodekit.outputs import atomic_save_image
 from decodekit.pipeline import Inputs
 from diffusers.hooks import ModelHook
 
@@ -325,12 +326,9 @@ class StableDiffusionAdapter(DenoisingAdapter):
     @classmethod
     def save(cls, outputs: list, out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for i, image in enumerate(outputs):
-            p = out_dir / f"{i:03d}.png"
-            image.save(p)
-            paths.append(p)
-        return paths
+        return [
+            atomic_save_image(image, out_dir / f"{i:03d}.png") for i, image in enumerate(outputs)
+        ]
 
     @classmethod
     def quality(cls, baseline: list, outputs: list) -> dict[str, float]:

@@ -74,7 +74,9 @@ def test_run_with_set_overrides(toy, tmp_path, capsys):
     assert main(["run", cfg]) == 0
     first = (out_dir / "outputs.jsonl").read_text()
     args = ["run", cfg, "--set", "strategies.0.params.every=4", "--set", "inputs.seed=3"]
-    assert main(args) == 0
+    assert main(args) == 2  # the folder holds the first run's outputs
+    assert "--overwrite" in one_error_line(capsys)
+    assert main([*args, "--overwrite"]) == 0
     assert "model calls: 2" in capsys.readouterr().out  # steps 0 and 4 of 8
     assert (out_dir / "outputs.jsonl").read_text() != first  # another seed, other outputs
     assert main(["run", cfg, "--set", "output.dir=" + str(tmp_path / "elsewhere")]) == 0
