@@ -11,10 +11,7 @@ import decodekit
 import pytest
 import torch
 
-from tests.test_masked_diffusion import PROMPTS as MDM_PROMPTS
-from tests.test_masked_diffusion import tiny_pipeline
-from tests.test_stable_diffusion_adapter import sd_latents
-from tests.tiny import tiny_llama, tiny_sd_pipeline
+from tests.tiny import MDM_PROMPTS, sd_latents, tiny_llama, tiny_mdm_pipeline, tiny_sd_pipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -45,7 +42,7 @@ def test_dkv_cache_on_cuda_matches_cpu(variant, threshold):
         return out.sequences.cpu(), out.tokens_computed
 
     # exact widths on both devices: the same tokens, and the same positions computed
-    (cpu, cpu_tokens) = go(tiny_pipeline(), specs(query_bucket=1))
+    (cpu, cpu_tokens) = go(tiny_mdm_pipeline(), specs(query_bucket=1))
     (gpu, gpu_tokens) = go(_mdm_on_cuda(), specs(query_bucket=1))
     assert torch.equal(cpu, gpu)
     assert cpu_tokens == gpu_tokens
@@ -56,7 +53,7 @@ def test_dkv_cache_on_cuda_matches_cpu(variant, threshold):
 
 
 def _mdm_on_cuda():
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     pipe.model.to("cuda")
     return pipe
 
@@ -84,12 +81,12 @@ def test_dkv_cache_device_syncs_per_step_do_not_grow_with_depth(variant):
     specs = [{"name": "dkv-cache", "params": {"variant": variant, "refresh_interval": 4}}]
     syncs = {}
     for layers in (1, 4):
-        pipe = tiny_pipeline(layers=layers)
+        pipe = tiny_mdm_pipeline(layers=layers)
         pipe.model.to("cuda")
         with decodekit.attach(pipe, specs):
             pipe(**kw)  # warm-up
             syncs[layers] = _device_syncs(lambda pipe=pipe: pipe(**kw))
-    base = tiny_pipeline(layers=4)
+    base = tiny_mdm_pipeline(layers=4)
     base.model.to("cuda")
     base_syncs = _device_syncs(lambda: base(**kw))
     print(f"device syncs: {variant} by depth {syncs}, no cache {base_syncs}, steps {kw['steps']}")
@@ -103,7 +100,9 @@ def test_dkv_cache_device_syncs_per_step_do_not_grow_with_depth(variant):
 
 def test_masked_diffusion_baseline_on_cuda_matches_cpu():
     kw = dict(input_ids=MDM_PROMPTS, gen_length=16, block_length=8, steps=8)
-    assert torch.equal(tiny_pipeline()(**kw).sequences.cpu(), _mdm_on_cuda()(**kw).sequences.cpu())
+    assert torch.equal(
+        tiny_mdm_pipeline()(**kw).sequences.cpu(), _mdm_on_cuda()(**kw).sequences.cpu()
+    )
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,10 @@ import pytest
 import torch
 from decodekit.hookspecs import hookimpl
 from decodekit.strategy import Strategy
-from decodekit.testing import StrategyTesterMixin
+from decodekit.testing import CommitRecorder, StrategyTesterMixin
 
-from tests.test_masked_diffusion import MASK, PROMPTS, Recorder, tiny_pipeline
+from tests.tiny import MASK, EchoModel, tiny_bidirectional_llama, tiny_mdm_pipeline
+from tests.tiny import MDM_PROMPTS as PROMPTS
 
 KW = dict(gen_length=16, block_length=8, steps=8)
 VARIANTS = ["decode", "greedy", "prefill", "pd"]
@@ -21,7 +22,7 @@ def dkv(variant="decode", **params):
 
 @pytest.mark.parametrize("variant", ["decode", "greedy"])  # pd, prefill: prompt never recomputed
 def test_refresh_every_step_equals_no_cache(variant):
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     base = pipe(input_ids=PROMPTS, **KW).sequences
     with decodekit.attach(pipe, [dkv(variant, refresh_interval=1)]) as run:
         out = pipe(input_ids=PROMPTS, **KW).sequences
@@ -35,7 +36,7 @@ def test_query_bucket_pads_widths_without_changing_tokens(variant):
     # The padded columns are computed and dropped: tokens equal the exact-width run.
     import decodekit.plugins.dkv_cache as dkv_module
 
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     widths = []
     real = dkv_module.DKVCache._partial_forward
 
@@ -59,7 +60,7 @@ def test_query_bucket_pads_widths_without_changing_tokens(variant):
 
 
 def test_cache_computes_fewer_tokens_and_decode_stays_close():
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     base = pipe(input_ids=PROMPTS, **KW)
     with decodekit.attach(pipe, [dkv("decode", refresh_interval=4)]) as run:
         out = pipe(input_ids=PROMPTS, **KW)
@@ -76,13 +77,13 @@ def test_host_reads_per_step_do_not_grow_with_depth(variant):
 
     per_depth = {}
     for layers in (1, 4):
-        pipe = tiny_pipeline(layers=layers)
+        pipe = tiny_mdm_pipeline(layers=layers)
         with decodekit.attach(pipe, [dkv(variant, refresh_interval=4)]):
             with HostReads() as reads:
                 pipe(input_ids=PROMPTS, **KW)
         per_depth[layers] = reads.total
     with HostReads() as base:
-        tiny_pipeline(layers=4)(input_ids=PROMPTS, **KW)
+        tiny_mdm_pipeline(layers=4)(input_ids=PROMPTS, **KW)
     assert per_depth[1] == per_depth[4]
     # one read a step for the widths and one for the fed slots; none per layer
     assert per_depth[4] <= base.total + 2 * KW["steps"]
@@ -136,7 +137,7 @@ class LogitsSpy(Strategy):
 def test_one_layer_model_every_variant_is_exact(variant):
     # One layer: a position's K/V depend only on its own token and position, so any
     # cached K/V of an unchanged token are exact, and logits must equal uncached ones.
-    pipe = tiny_pipeline(layers=1)
+    pipe = tiny_mdm_pipeline(layers=1)
     from decodekit.plugins.dkv_cache import DKVCache
 
     spy = LogitsSpy()
@@ -152,7 +153,7 @@ def test_one_layer_model_every_variant_is_exact(variant):
 
 def test_without_delay_one_layer_is_not_exact():
     # The control: reusing K/V computed while the token was still a mask is wrong.
-    pipe = tiny_pipeline(layers=1)
+    pipe = tiny_mdm_pipeline(layers=1)
     from decodekit.plugins.dkv_cache import DKVCache
 
     spy = LogitsSpy()
@@ -168,7 +169,7 @@ def test_without_delay_one_layer_is_not_exact():
 
 
 def test_ragged_batch_row_equals_row_alone_with_cache():
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     with decodekit.attach(pipe, [dkv("decode", refresh_interval=4)]):
         batch = pipe(input_ids=PROMPTS, **KW).sequences
         for i, row in enumerate(PROMPTS):
@@ -177,8 +178,8 @@ def test_ragged_batch_row_equals_row_alone_with_cache():
 
 
 def test_composes_with_threshold_and_cfg_and_shift():
-    pipe = tiny_pipeline()
-    rec = Recorder()
+    pipe = tiny_mdm_pipeline()
+    rec = CommitRecorder()
     strategies = [
         dkv("decode", refresh_interval=1),
         {"name": "parallel-threshold", "params": {"threshold": 0.05}},
@@ -197,7 +198,7 @@ def test_composes_with_threshold_and_cfg_and_shift():
 
 
 def test_two_selectors_or_two_caches_are_refused():
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     with pytest.raises(decodekit.CompositionError, match="kv-cache"):
         decodekit.attach(
             pipe,
@@ -211,14 +212,10 @@ def test_two_selectors_or_two_caches_are_refused():
 def test_refuses_causal_and_unsupported_models():
     from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
 
-    from tests.test_masked_diffusion import tiny_bidirectional_llama
-
     causal = tiny_bidirectional_llama(is_causal=True)
     pipe = MaskedDiffusionLMPipeline(causal, mask_token_id=MASK)
     with pytest.raises(decodekit.AttachError, match="is_causal"):
         decodekit.attach(pipe, ["dkv-cache"])
-    from tests.test_masked_diffusion import EchoModel
-
     echo = MaskedDiffusionLMPipeline(EchoModel(), mask_token_id=MASK)
     with pytest.raises(decodekit.AttachError, match="not supported"):
         decodekit.attach(echo, ["dkv-cache"])
@@ -227,7 +224,7 @@ def test_refuses_causal_and_unsupported_models():
 
 
 def test_calling_the_model_directly_while_attached_is_explained():
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     with decodekit.attach(pipe, ["dkv-cache"]):
         with pytest.raises(RuntimeError, match="through its pipeline"):
             pipe.model(torch.tensor([[3, 4]]))
@@ -240,7 +237,7 @@ def test_detach_restores_attention_through_public_calls(implementation):
     from decodekit.plugins.dkv_cache import ATTN_NAME
     from transformers import AttentionInterface
 
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     pipe.model.set_attn_implementation(implementation)
     with decodekit.attach(pipe, ["dkv-cache"]):  # registers ATTN_NAME once, for good
         assert compat.attn_implementation(pipe.model) == ATTN_NAME
@@ -292,7 +289,7 @@ class TestDKVCacheContract(StrategyTesterMixin):
     atol = 0
 
     def make_pipeline(self):
-        return tiny_pipeline()
+        return tiny_mdm_pipeline()
 
     def sample_inputs(self):
         return PROMPTS
@@ -312,7 +309,7 @@ class TestDKVCacheContract(StrategyTesterMixin):
 def test_lm_head_runs_on_the_current_block_only():
     # The pipeline reads the current block's logits alone, so the LM head (a vocabulary-
     # sized matmul per position) runs on those columns, uncached and cached alike.
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     widths = []
     handle = pipe.model.lm_head.register_forward_pre_hook(
         lambda m, args: widths.append(args[0].shape[1])
@@ -335,7 +332,7 @@ def test_block_refresh_steps_adds_full_forwards_at_each_block_start(variant):
     # KW: 2 blocks of 4 steps. refresh_interval 4 refreshes block step 0 only; with
     # block_refresh_steps=2 steps 0 and 1 (the reference code's schedule), and with 4,
     # every step, which is the uncached run token for token (decode, greedy).
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     base = pipe(input_ids=PROMPTS, **KW)
     counts, computed = {}, {}
     for first in (1, 2, 4):

@@ -14,14 +14,16 @@ from decodekit.plugins.faster_diffusion import (
     decoder_forward,
     key_steps_for,
 )
+from decodekit.strategy import Strategy
 from decodekit.testing import StrategyTesterMixin
 from PIL import Image
 
-from tests.test_stable_diffusion_adapter import ServeCached, run_sd, sd_latents
-from tests.tiny import tiny_sd_pipeline
-from tests.tiny_sd_variants import (
+from tests.tiny import (
+    run_sd,
+    sd_latents,
     tiny_controlnet_pipeline,
     tiny_sd_img2img_pipeline,
+    tiny_sd_pipeline,
     tiny_sdxl_pipeline,
 )
 
@@ -96,13 +98,21 @@ def test_bad_key_steps_are_clear_errors(bad, msg):
     assert e.value.path == "strategies.0.params.key_steps"
 
 
+class OtherDenoiserCache(Strategy):
+    """A second denoiser cache: it only claims the slot."""
+
+    name = "other-denoiser-cache"
+    loops = ("continuous-denoising",)
+    slot = "denoiser-cache"
+
+
 def test_second_denoiser_cache_refused():
     pipe = shared("sd")
     with pytest.raises(
         decodekit.CompositionError, match="both fill the 'denoiser-cache' slot"
     ) as e:
-        decodekit.attach(pipe, ["faster-diffusion", ServeCached()])
-    assert "faster-diffusion" in str(e.value) and "serve-cached" in str(e.value)
+        decodekit.attach(pipe, ["faster-diffusion", OtherDenoiserCache()])
+    assert "faster-diffusion" in str(e.value) and "other-denoiser-cache" in str(e.value)
 
 
 # -- exactness ------------------------------------------------------------------------------------

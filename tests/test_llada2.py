@@ -7,7 +7,7 @@ import pytest
 import torch
 from decodekit.testing import StrategyTesterMixin
 
-from tests.test_masked_diffusion import MASK, tiny_bidirectional_llama
+from tests.tiny import MASK, tiny_bidirectional_llama
 
 IDS = torch.tensor([[5, 6, 7, 4], [0, 8, 9, 3]])
 ATTN = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])

@@ -14,39 +14,8 @@ from decodekit.remasking import transfer_count_schedule
 from decodekit.strategy import Strategy
 from decodekit.testing import CommitRecorder
 
-MASK = 31
-VOCAB = 32
-
-
-def tiny_bidirectional_llama(seed: int = 0, layers: int = 2, dtype=torch.float64, **overrides):
-    """A LlamaForCausalLM with ``is_causal=False`` (bidirectional), GQA, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        is_causal=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype).eval()
-
-
-def tiny_pipeline(seed: int = 0, layers: int = 2, **overrides) -> MaskedDiffusionLMPipeline:
-    model = tiny_bidirectional_llama(seed, layers, **overrides)
-    return MaskedDiffusionLMPipeline(model, mask_token_id=MASK, eos_token_id=2, pad_token_id=0)
-
-
-PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
-
+from tests.tiny import MASK, VOCAB, EchoModel, tiny_bidirectional_llama, tiny_mdm_pipeline
+from tests.tiny import MDM_PROMPTS as PROMPTS
 
 Recorder = CommitRecorder  # records x after and the commits of every step
 
@@ -62,7 +31,7 @@ def test_model_is_bidirectional():
 
 
 def test_sampler_invariants():
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     rec = Recorder()
     gen, block, steps = 16, 8, 8
     with decodekit.attach(pipe, [rec]):
@@ -88,7 +57,7 @@ def test_sampler_invariants():
 
 
 def test_threshold_above_one_commits_one_per_step():
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     rec = Recorder()
     with decodekit.attach(pipe, [rec]):
         out = pipe(input_ids=PROMPTS, gen_length=8, block_length=4, steps=2, threshold=1.5)
@@ -97,7 +66,7 @@ def test_threshold_above_one_commits_one_per_step():
 
 
 def test_threshold_zero_commits_a_block_per_step():
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     out = pipe(
         input_ids=PROMPTS,
         gen_length=8,
@@ -110,7 +79,7 @@ def test_threshold_zero_commits_a_block_per_step():
 
 
 def test_padded_row_equals_row_alone_and_seed_reproduces():
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     kw = dict(gen_length=8, block_length=4, steps=4, temperature=1.0, cfg_scale=0.5)
 
     def gens(offset, n):
@@ -122,21 +91,6 @@ def test_padded_row_equals_row_alone_and_seed_reproduces():
         assert torch.equal(batch[i : i + 1], alone)
     again = pipe(input_ids=PROMPTS, generator=gens(0, 3), **kw).sequences
     assert torch.equal(batch, again)
-
-
-class EchoModel(torch.nn.Module):
-    """Output at position j strongly predicts token x_j + 1 (a mask input predicts nothing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
-        logits = torch.zeros(*input_ids.shape, VOCAB, dtype=torch.float64)
-        nxt = (input_ids + 1) % (VOCAB - 1)
-        logits.scatter_(-1, nxt[..., None], 10.0)
-        logits[input_ids == MASK] = 0.0
-        return type("Out", (), {"logits": logits})()
 
 
 @pytest.mark.parametrize("block", [6, 2])  # one block, and blocks after the first
@@ -175,7 +129,7 @@ class BlockSpy(Strategy):
 def test_the_sampler_sees_the_current_block_only():
     # Only the current block can commit, so the policy gets its columns alone: with a
     # large vocabulary the float64 work over the whole generation would dominate a step.
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     spy = BlockSpy()
     kw = dict(input_ids=PROMPTS, gen_length=16, block_length=8, steps=8)
     base = pipe(**kw).sequences
@@ -191,13 +145,13 @@ def test_dream_schedule_counts():
     assert dream_transfer_counts(n, 4, 5, 1e-3).tolist() == [10]
     t = torch.linspace(1, 1e-3, 6, dtype=torch.float64)
     assert dream_transfer_counts(n, 0, 5, 1e-3).tolist() == [int(10 * (1 - t[1] / t[0]))]
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     out = pipe(input_ids=PROMPTS, gen_length=8, block_length=8, steps=4, schedule="dream")
     assert not (out.sequences == MASK).any() and out.nfe == 4
 
 
 def test_cfg_matches_formula_on_first_step():
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     seen = {}
 
     class Spy(Strategy):
@@ -229,7 +183,7 @@ def test_cfg_matches_formula_on_first_step():
 
 
 def test_bad_inputs_are_explained():
-    pipe = tiny_pipeline()
+    pipe = tiny_mdm_pipeline()
     with pytest.raises(ValueError, match="multiple of block_length"):
         pipe(input_ids=PROMPTS, gen_length=10, block_length=4, steps=4)
     with pytest.raises(ValueError, match="multiple of the number of blocks"):

@@ -6,8 +6,7 @@ import decodekit
 import torch
 from decodekit.testing import StrategyTesterMixin
 
-from tests.test_stable_diffusion_adapter import run_sd, sd_latents
-from tests.tiny import tiny_sd_pipeline
+from tests.tiny import run_sd, sd_latents, tiny_sd_pipeline
 
 
 def test_zero_noise_is_exact():

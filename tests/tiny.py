@@ -1,4 +1,9 @@
-"""Tiny randomly initialised models built from configs, for tests that need no download."""
+"""Tiny randomly initialised models and pipelines built from configs, shared by the tests.
+
+Nothing here downloads: Stable Diffusion, SDXL, ControlNet and img2img pipelines
+(32x32 images, 8x8 latents), Llamas (causal, and bidirectional for masked
+diffusion) and the seeded inputs the tests run them on.
+"""
 
 from __future__ import annotations
 
@@ -105,6 +110,89 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
     return pipe
 
 
+def tiny_sd_img2img_pipeline(seed: int = 0, scheduler: str = "ddim"):
+    """A StableDiffusionImg2ImgPipeline over the parts of `tiny_sd_pipeline`."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd_pipeline(seed, scheduler).components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_controlnet_pipeline(seed: int = 0):
+    """A StableDiffusionControlNetPipeline whose ControlNet mirrors the tiny UNet's encoder."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    base = tiny_sd_pipeline(seed)
+    torch.manual_seed(seed + 1)
+    # Three conditioning channels: two stride-2 convs take the 32x32 image to the 8x8 latents.
+    controlnet = ControlNetModel.from_unet(
+        base.unet, conditioning_embedding_out_channels=(8, 16, 16)
+    )
+    # from_unet zero-initialises the output convs; random values make the residuals matter.
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.05)
+    pipe = StableDiffusionControlNetPipeline(
+        **{k: v for k, v in base.components.items() if k != "image_encoder"},
+        controlnet=controlnet,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A StableDiffusionXLPipeline: two text encoders, a UNet with SDXL's ``text_time`` added conditioning."""
+    import diffusers
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = tiny_unet(
+        cross_attention_dim=64,  # the two encoders' hidden states concatenated: 32 + 32
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text (32) + 6 time ids × 8
+        use_linear_projection=True,
+    )
+    vae = tiny_vae()
+    text_encoder, tokenizer = tiny_text_encoder()
+    cfg = text_encoder.config.to_dict()
+    cfg["projection_dim"] = 32
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=diffusers.EulerDiscreteScheduler(num_train_timesteps=1000),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd_latents(pipe, n: int, seed: int, row_offset: int = 0) -> torch.Tensor:
+    """Initial noise whose row i depends only on (seed, row_offset + i)."""
+    rows = [
+        torch.randn(
+            1, 4, 8, 8, generator=torch.Generator().manual_seed(seed * 1000 + row_offset + i)
+        )
+        for i in range(n)
+    ]
+    return torch.cat(rows)  # (n, 4, 8, 8)
+
+
+def run_sd(pipe, prompts, seed=0, row_offset=0, steps=6, **kw):
+    """A seeded SD call on ``prompts`` (rows seeded by `sd_latents`); returns the final latents."""
+    latents = sd_latents(pipe, len(prompts), seed, row_offset)
+    return pipe(
+        prompts, num_inference_steps=steps, latents=latents, output_type="latent", **kw
+    ).images
+
+
 def tiny_llama(seed: int = 0, dtype=torch.float32, vocab_size: int = 64):
     """A LlamaForCausalLM with two layers and GQA, in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -123,3 +211,54 @@ def tiny_llama(seed: int = 0, dtype=torch.float32, vocab_size: int = 64):
         pad_token_id=0,
     )
     return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+# -- masked diffusion ------------------------------------------------------------------------
+MASK = 31
+VOCAB = 32
+MDM_PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]  # rows of different lengths
+
+
+def tiny_bidirectional_llama(seed: int = 0, layers: int = 2, dtype=torch.float64, **overrides):
+    """A LlamaForCausalLM with ``is_causal=False`` (bidirectional), GQA, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        is_causal=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype).eval()
+
+
+def tiny_mdm_pipeline(seed: int = 0, layers: int = 2, **overrides):
+    """A MaskedDiffusionLMPipeline over `tiny_bidirectional_llama` (mask 31, EOS 2, pad 0)."""
+    from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
+
+    model = tiny_bidirectional_llama(seed, layers, **overrides)
+    return MaskedDiffusionLMPipeline(model, mask_token_id=MASK, eos_token_id=2, pad_token_id=0)
+
+
+class EchoModel(torch.nn.Module):
+    """Output at position j strongly predicts token x_j + 1 (a mask input predicts nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
+        logits = torch.zeros(*input_ids.shape, VOCAB, dtype=torch.float64)
+        nxt = (input_ids + 1) % (VOCAB - 1)
+        logits.scatter_(-1, nxt[..., None], 10.0)
+        logits[input_ids == MASK] = 0.0
+        return type("Out", (), {"logits": logits})()
