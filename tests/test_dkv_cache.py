@@ -59,16 +59,6 @@ def test_query_bucket_pads_widths_without_changing_tokens(variant):
     assert sum(outs[5].tokens_computed) > sum(outs[1].tokens_computed)
 
 
-def test_cache_computes_fewer_tokens_and_decode_stays_close():
-    pipe = tiny_mdm_pipeline()
-    base = pipe(input_ids=PROMPTS, **KW)
-    with decodekit.attach(pipe, [dkv("decode", refresh_interval=4)]) as run:
-        out = pipe(input_ids=PROMPTS, **KW)
-    assert out.nfe == base.nfe == 8 and run.last["served"] == 8
-    assert sum(out.tokens_computed) < 0.8 * sum(base.tokens_computed)
-    assert run.ideal_speedup() > 1.2
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_host_reads_per_step_do_not_grow_with_depth(variant):
     # On a GPU every read-back waits for the device; reads per layer would serialise
@@ -133,39 +123,64 @@ class LogitsSpy(Strategy):
         return logits[:, lo:hi]
 
 
+def step_errors(pipe, **params) -> tuple[torch.Tensor, float, float]:
+    """Run the cache with a `LogitsSpy`; compare every step's logits with an uncached forward
+    on the same x. Returns the sequences, the largest |difference| over the positions the
+    sampler reads, and the share of those positions whose top token is the uncached one."""
+    from decodekit.plugins.dkv_cache import DKVCache
+
+    spy = LogitsSpy()
+    with decodekit.attach(pipe, [DKVCache(params), spy]):
+        sequences = pipe(input_ids=PROMPTS, **KW).sequences
+    assert len(spy.records) == KW["steps"]
+    worst, same, read = 0.0, 0, 0
+    for x, attn, pos, need, logits in spy.records:
+        with torch.no_grad():
+            ref = pipe.model(input_ids=x, attention_mask=attn, position_ids=pos).logits
+        worst = max(worst, float((logits[need] - ref[need]).abs().max()))
+        same += int((logits[need].argmax(-1) == ref[need].argmax(-1)).sum())
+        read += int(need.sum())
+    return sequences, worst, same / read
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_one_layer_model_every_variant_is_exact(variant):
     # One layer: a position's K/V depend only on its own token and position, so any
     # cached K/V of an unchanged token are exact, and logits must equal uncached ones.
-    pipe = tiny_mdm_pipeline(layers=1)
-    from decodekit.plugins.dkv_cache import DKVCache
-
-    spy = LogitsSpy()
-    cache = DKVCache({"variant": variant, "refresh_interval": 4})
-    with decodekit.attach(pipe, [cache, spy]):
-        pipe(input_ids=PROMPTS, **KW)
-    assert len(spy.records) == 8
-    for x, attn, pos, need, logits in spy.records:
-        with torch.no_grad():
-            ref = pipe.model(input_ids=x, attention_mask=attn, position_ids=pos).logits
-        torch.testing.assert_close(logits[need], ref[need], rtol=1e-10, atol=1e-10)
+    _, worst, _ = step_errors(tiny_mdm_pipeline(layers=1), variant=variant, refresh_interval=4)
+    assert worst < 1e-10
 
 
 def test_without_delay_one_layer_is_not_exact():
     # The control: reusing K/V computed while the token was still a mask is wrong.
     pipe = tiny_mdm_pipeline(layers=1)
-    from decodekit.plugins.dkv_cache import DKVCache
-
-    spy = LogitsSpy()
-    cache = DKVCache({"variant": "decode", "refresh_interval": 8, "commit_delay": 0})
-    with decodekit.attach(pipe, [cache, spy]):
-        pipe(input_ids=PROMPTS, **KW)
-    worst = 0.0
-    for x, attn, pos, need, logits in spy.records:
-        with torch.no_grad():
-            ref = pipe.model(input_ids=x, attention_mask=attn, position_ids=pos).logits
-        worst = max(worst, float((logits[need] - ref[need]).abs().max()))
+    _, worst, _ = step_errors(pipe, variant="decode", refresh_interval=8, commit_delay=0)
     assert worst > 1e-4
+
+
+def test_cache_computes_fewer_tokens_and_decode_stays_close():
+    # Two layers: a decoded token's K/V are kept from the step after it was decoded, while
+    # the uncached model recomputes them as the context fills in (the paper's approximation),
+    # so logits move, boundedly. Measured on this seed (float64, deterministic): logits of
+    # magnitude <= 0.29 move by <= 0.038, the top token of 92% of the read positions is the
+    # uncached one, 38 of the 48 tokens are the uncached run's. The control, K/V reused from
+    # while the token was still a mask (commit_delay=0), measured 0.117, 55% and 22 of 48;
+    # random K/V (a cache serving garbage) 0.41, 7% and 2 of 48.
+    pipe = tiny_mdm_pipeline()
+    base = pipe(input_ids=PROMPTS, **KW)
+    with decodekit.attach(pipe, [dkv("decode", refresh_interval=4)]) as run:
+        out = pipe(input_ids=PROMPTS, **KW)
+    assert out.nfe == base.nfe == 8 and run.last["served"] == 8
+    assert sum(out.tokens_computed) < 0.8 * sum(base.tokens_computed)
+    assert run.ideal_speedup() > 1.2
+
+    sequences, worst, top1 = step_errors(pipe, variant="decode", refresh_interval=4)
+    assert torch.equal(sequences, out.sequences)  # the spy changes nothing
+    same = float((sequences == base.sequences).float().mean())
+    assert worst < 0.06 and top1 > 0.85 and same > 0.7
+    sequences, worst, top1 = step_errors(pipe, variant="decode", refresh_interval=4, commit_delay=0)
+    same = float((sequences == base.sequences).float().mean())
+    assert worst > 0.06 and top1 < 0.85 and same < 0.7  # the control fails each bound
 
 
 def test_ragged_batch_row_equals_row_alone_with_cache():

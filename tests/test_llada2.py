@@ -51,8 +51,12 @@ def test_refreshed_every_step_matches_uncached_and_cache_computes_less():
     with decodekit.attach(pipe, [{"name": "dkv-cache", "params": {"refresh_interval": 4}}]) as run:
         cached = run_llada2(pipe)
     stats = run.stats["strategies"]["dkv-cache"]
-    assert cached.shape == base.shape and not (cached == MASK).any()
     assert stats["tokens_computed"] < 0.8 * stats["tokens_full"]
+    # Refreshed every 4th step the cached K/V are up to 3 steps stale: measured on this
+    # seed, 27 of the 32 tokens are the uncached run's (refreshed every 8th step: 21; a
+    # cache serving random K/V: 2; another random model: 0).
+    assert cached.shape == base.shape and not (cached == MASK).any()
+    assert float((cached == base).float().mean()) > 0.75
 
 
 def test_selector_strategies_are_refused():
