@@ -8,25 +8,13 @@ import torch
 from decodekit import Strategy, hookimpl
 from decodekit.testing import StrategyTesterMixin, assert_restored, fingerprint
 
-from tests.tiny import tiny_sd_pipeline
-
-
-def sd_latents(pipe, n: int, seed: int, row_offset: int = 0) -> torch.Tensor:
-    """Initial noise whose row i depends only on (seed, row_offset + i)."""
-    rows = [
-        torch.randn(
-            1, 4, 8, 8, generator=torch.Generator().manual_seed(seed * 1000 + row_offset + i)
-        )
-        for i in range(n)
-    ]
-    return torch.cat(rows)  # (n, 4, 8, 8)
-
-
-def run_sd(pipe, prompts, seed=0, row_offset=0, steps=6, **kw):
-    latents = sd_latents(pipe, len(prompts), seed, row_offset)
-    return pipe(
-        prompts, num_inference_steps=steps, latents=latents, output_type="latent", **kw
-    ).images
+from tests.tiny import (
+    run_sd,
+    sd_latents,
+    tiny_controlnet_pipeline,
+    tiny_sd_img2img_pipeline,
+    tiny_sd_pipeline,
+)
 
 
 class Recorder(Strategy):
@@ -213,8 +201,6 @@ class TestServeCachedContract(StrategyTesterMixin):
 
 
 def test_controlnet_calls_routed_through_denoiser_hooks_and_restored():
-    from tests.tiny_sd_variants import tiny_controlnet_pipeline
-
     pipe = tiny_controlnet_pipeline()
     image = torch.zeros(1, 3, 32, 32)
     seen = []
@@ -243,8 +229,6 @@ def test_controlnet_calls_routed_through_denoiser_hooks_and_restored():
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "heun"])
 def test_loop_timestep_matches_what_the_unet_receives(scheduler):
-    from tests.tiny_sd_variants import tiny_sd_img2img_pipeline
-
     pipe = tiny_sd_img2img_pipeline(scheduler=scheduler)
 
     class Check(Strategy):
