@@ -6,7 +6,14 @@ with decodekit.attach(pipe, ["faster-diffusion"]) as run:
 print(run.stats)
 """
 
-from .errors import AttachError, CompositionError, ConfigError, DecodekitError, UnknownNameError
+from .errors import (
+    AttachError,
+    CompositionError,
+    ConfigError,
+    DecodekitError,
+    DetachError,
+    UnknownNameError,
+)
 from .hookspecs import hookimpl
 from .manager import get_manager
 from .pipeline import Inputs, PipelineAdapter
@@ -29,6 +36,7 @@ __all__ = [
     "ConfigError",
     "CompositionError",
     "AttachError",
+    "DetachError",
     "UnknownNameError",
     "__version__",
 ]

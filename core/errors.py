@@ -36,3 +36,20 @@ class UnknownNameError(ConfigError):
         super().__init__(path, f"unknown {kind} {name!r}.{hint} Known: {listing}.")
         self.name = name
         self.suggestions = close
+
+
+class DetachError(DecodekitError):
+    """Detaching finished, but some strategies' ``on_detach`` or the adapter's restore raised.
+
+    Every hook was still called and the adapter restore was still run; `failures`
+    lists each ``(who, exception)`` in the order they happened, and the first
+    exception is chained as ``__cause__``.
+    """
+
+    def __init__(self, failures: list[tuple[str, BaseException]]):
+        self.failures = list(failures)
+        lines = "; ".join(f"{who}: {type(e).__name__}: {e}" for who, e in self.failures)
+        super().__init__(
+            f"detach completed, but {len(self.failures)} step(s) failed: {lines}. "
+            "The other hooks were removed; report the failing plugin to its authors."
+        )

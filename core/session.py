@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
-from .errors import AttachError, ConfigError
+from .errors import AttachError, ConfigError, DetachError
 from .loops import AdapterView
 from .manager import PluginManager, get_manager
 from .strategy import Strategy, check_hooks, resolve
@@ -173,17 +173,51 @@ class Run:
         }
         self.in_call = False
 
+    def guarded_call(self, call_kwargs: dict[str, Any], fn: Callable[[], Any]) -> Any:
+        """One pipeline call, all of it inside the guard: `begin_call`, ``fn()``, `end_call`.
+
+        ``fn`` takes no arguments and runs after ``decodekit_call_start`` has seen
+        (and possibly edited) ``call_kwargs``, so it should read them when called.
+        An exception anywhere (a hook, the pipeline, Ctrl-C) detaches every
+        strategy, leaving the pipeline plain, and is re-raised.
+        """
+        try:
+            self.begin_call(call_kwargs)
+            out = fn()
+            self.end_call(out)
+        except BaseException as e:
+            self._abort(e)
+            raise
+        return out
+
     def guarded(self, fn, *args, **kwargs):
-        """Run a pipeline call; on an exception detach everything, then re-raise it."""
+        """Run ``fn``; on an exception detach everything, then re-raise it (prefer `guarded_call`)."""
         try:
             return fn(*args, **kwargs)
-        except BaseException:
-            self.in_call = False
-            self.detach()
+        except BaseException as e:
+            self._abort(e)
             raise
+
+    def _abort(self, error: BaseException) -> None:
+        """Detach after ``error`` ended a call; failures of the detach are noted on ``error``."""
+        self.in_call = False
+        try:
+            self.detach()
+        except BaseException as d:
+            error.add_note(f"decodekit: detaching after this error also failed: {d}")
 
     # -- lifecycle --------------------------------------------------------------------
     def _attach(self) -> None:
+        """Attach all or nothing: on any failure, undo what was done and re-raise."""
+        for s in self.strategies:
+            owner = s.run
+            if owner is not None and owner is not self and owner.attached:
+                raise AttachError(
+                    f"this {s.name!r} strategy instance is already attached to a "
+                    f"{type(owner.target).__name__}; a strategy instance belongs to one run. "
+                    f"Create a new instance ({type(s).__name__}(...)) or pass the name "
+                    f"{s.name!r}, or detach the other run first."
+                )
         touched = self._adapter.touched()
         for obj in touched:
             other = _ATTACHED.get(obj)
@@ -193,34 +227,68 @@ class Run:
                     f"({', '.join(s.name for s in other.strategies) or 'none'}); "
                     "detach that run first (leave its `with` block or call run.detach())."
                 )
-        self._adapter.attach()
+        done: list[Strategy] = []
         try:
+            self._adapter.attach()
             for s in self.strategies:
                 s.run = self
                 s.on_attach(self)
-        except BaseException:
-            for s in self.strategies:
-                s.run = None
-            self._adapter.detach()
+                done.append(s)
+        except BaseException as e:
+            # A strategy whose on_attach raised cleans up after itself; the ones
+            # before it are detached in reverse, then the adapter restores.
+            failures = self._undo(done)
+            for who, f in failures:
+                e.add_note(f"decodekit: undoing the attach, {who} also failed: {f!r}")
             raise
         for obj in touched:
             _ATTACHED[obj] = self
         self.attached = True
 
+    def _undo(self, strategies: list[Strategy]) -> list[tuple[str, BaseException]]:
+        """Call ``on_detach`` of ``strategies`` in reverse, then the adapter's detach; every step runs.
+
+        Returns the ``(who, exception)`` of each step that raised.
+        """
+        failures: list[tuple[str, BaseException]] = []
+        for s in reversed(strategies):
+            try:
+                s.on_detach(self)
+            except BaseException as f:
+                failures.append((f"strategy {s.name!r} on_detach", f))
+            finally:
+                s.run = None
+        for s in self.strategies:
+            if s.run is self:
+                s.run = None
+        try:
+            self._adapter.detach()
+        except BaseException as f:
+            failures.append((f"pipeline adapter {self._adapter.name!r} detach", f))
+        return failures
+
     def detach(self) -> None:
-        """Remove every hook; the pipeline is exactly as it was before `attach`. Idempotent."""
+        """Remove every hook; the pipeline is exactly as it was before `attach`. Idempotent.
+
+        Every strategy's ``on_detach`` and the adapter's restore run even when one
+        raises; then a `DetachError` lists every failure (a ``KeyboardInterrupt``
+        among them is re-raised as is).
+        """
         if not self.attached:
             return
         self.attached = False
         try:
-            for s in reversed(self.strategies):
-                s.on_detach(self)
-                s.run = None
+            failures = self._undo(self.strategies)
         finally:
-            self._adapter.detach()
             for obj in self._adapter.touched():
                 if _ATTACHED.get(obj) is self:
                     del _ATTACHED[obj]
+        if not failures:
+            return
+        for _, f in failures:
+            if not isinstance(f, Exception):  # KeyboardInterrupt, SystemExit
+                raise f
+        raise DetachError(failures) from failures[0][1]
 
     def __enter__(self) -> Run:
         return self

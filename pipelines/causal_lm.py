@@ -108,9 +108,16 @@ class CausalLMAdapter(TokenAutoregressionAdapter):
 
     def call_generate(self, original_generate: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         """The wrapped ``generate``: per-call reset, strategies' processors and loop, guarded run."""
-        run = self.run
         self.step = 0
-        run.begin_call(kwargs)
+        return self.run.guarded_call(
+            kwargs, lambda: self._generate_with_strategies(original_generate, args, kwargs)
+        )
+
+    def _generate_with_strategies(
+        self, original_generate: Any, args: tuple, kwargs: dict[str, Any]
+    ) -> Any:
+        """After ``decodekit_call_start``: add the strategies' logits processors and loop, then generate."""
+        run = self.run
         processors = [
             p
             for ps in run.call(
@@ -153,9 +160,7 @@ class CausalLMAdapter(TokenAutoregressionAdapter):
                 )
 
             kwargs["custom_generate"] = decodekit_loop
-        out = run.guarded(original_generate, *args, **kwargs)
-        run.end_call(out)
-        return out
+        return original_generate(*args, **kwargs)
 
     # -- YAML runs and bench -----------------------------------------------------------------
     @classmethod

@@ -106,10 +106,8 @@ class LLaDA2Adapter(MaskedDiffusionAdapter):
         )
         block_length = kwargs.get("block_length")
         self.block_length = block_length or pipe.scheduler.config.block_length
-        run.begin_call(kwargs)
-        out = run.guarded(self._hooks.original_class.__call__, pipe, *args, **kwargs)
-        run.end_call(out)
-        return out
+        original_call = self._hooks.original_class.__call__
+        return run.guarded_call(kwargs, lambda: original_call(pipe, *args, **kwargs))
 
     def forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], original):
         """One model call of the pipeline: served by a strategy when one answers."""

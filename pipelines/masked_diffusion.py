@@ -207,10 +207,7 @@ class MaskedDiffusionLMPipeline:
         run = attached_run(self)
         if run is None:
             return self._generate(None, **call_kwargs)
-        run.begin_call(call_kwargs)
-        out = run.guarded(self._generate, run, **call_kwargs)
-        run.end_call(out)
-        return out
+        return run.guarded_call(call_kwargs, lambda: self._generate(run, **call_kwargs))
 
     def _generate(
         self,

@@ -197,10 +197,7 @@ class StableDiffusionAdapter(DenoisingAdapter):
         self.aux_nfe = self.aux_served = 0
         self.initial_latents = None
         self.call_kwargs = kwargs
-        run.begin_call(kwargs)
-        out = run.guarded(original_call, pipe, *args, **kwargs)
-        run.end_call(out)
-        return out
+        return run.guarded_call(kwargs, lambda: original_call(pipe, *args, **kwargs))
 
     def _chain_callback(self, kwargs: dict[str, Any]) -> None:
         user_cb = kwargs.get("callback_on_step_end")

@@ -298,7 +298,7 @@ def _calls_hook(adapter: type, hook: str) -> bool:
             sources.append(Path(inspect.getsourcefile(sys.modules[node.module])).read_text())
     if hook in ("decodekit_call_start", "decodekit_call_end"):  # Run.begin_call / end_call
         needle = "begin_call(" if hook.endswith("start") else "end_call("
-        return any(needle in s for s in sources)
+        return any(needle in s or "guarded_call(" in s for s in sources)
     call = re.compile(r"\.call\(\s*\"" + hook + '"')
     return any(call.search(s) for s in sources)
 
