@@ -19,6 +19,7 @@ from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
 from decodekit.loops import TokenAutoregressionAdapter
 from decodekit.pipeline import Inputs
+from decodekit.seeds import row_seeds
 
 
 class CausalLMInputs(Inputs):
@@ -187,28 +188,57 @@ class CausalLMAdapter(TokenAutoregressionAdapter):
                 "the model folder has no tokenizer; add one (tokenizer.json) to the folder.",
             )
         prompts = [inputs.prompt] if isinstance(inputs.prompt, str) else list(inputs.prompt)
-        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-        torch.manual_seed(inputs.seed)
         kwargs = {
             "max_new_tokens": inputs.max_new_tokens,
             "do_sample": inputs.do_sample,
             "pad_token_id": tokenizer.pad_token_id,
             **inputs.extra,
         }
-        out = model.generate(**enc, **kwargs)
-        sequences = out.sequences if hasattr(out, "sequences") else out
-        new = sequences[:, enc["input_ids"].shape[1] :]
+        if kwargs["do_sample"]:
+            # generate samples from torch's global generator, one for the whole batch: each
+            # prompt runs alone, seeded from the prompt itself (decodekit.seeds), not its index
+            groups = [([p], s) for p, s in zip(prompts, row_seeds(inputs.seed, prompts))]
+        else:
+            groups = [(prompts, inputs.seed)]
+        stops = _stop_ids(model, kwargs)
         results = []
-        for i, row in enumerate(new):
-            tokens = row.tolist()
-            results.append(
-                {
-                    "prompt": prompts[i * len(prompts) // len(new)],
-                    "text": tokenizer.decode(row, skip_special_tokens=True),
-                    "tokens": tokens,
-                }
-            )
+        for group, seed in groups:
+            enc = tokenizer(group, return_tensors="pt", padding=True).to(model.device)
+            torch.manual_seed(seed)
+            out = model.generate(**enc, **kwargs)
+            sequences = out.sequences if hasattr(out, "sequences") else out
+            new = sequences[:, enc["input_ids"].shape[1] :]  # (rows, new tokens): no prompt pads
+            for i, row in enumerate(new.tolist()):
+                tokens = _until_stop(row, stops)
+                results.append(
+                    {
+                        "prompt": group[i * len(group) // len(new)],
+                        "text": tokenizer.decode(tokens, skip_special_tokens=True),
+                        "tokens": tokens,
+                    }
+                )
         return results
+
+
+def _stop_ids(model: Any, kwargs: dict[str, Any]) -> set[int]:
+    """The end-of-sequence token ids that end a row of ``generate``."""
+    eos = kwargs.get("eos_token_id", getattr(model.generation_config, "eos_token_id", None))
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    """``tokens`` up to and including the first end-of-sequence token.
+
+    A batched ``generate`` fills a row that ended early with pad tokens until the
+    longest row ends; alone, the row stops at its end-of-sequence token. Cutting
+    there gives the same tokens batched or alone.
+    """
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[: i + 1]
+    return tokens
 
 
 @hookimpl

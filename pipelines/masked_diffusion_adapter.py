@@ -17,6 +17,7 @@ from decodekit.loops import MaskedDiffusionAdapter
 from decodekit.pipeline import Inputs
 from decodekit.pipelines.bidirectional_lm import load_bidirectional_lm
 from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
+from decodekit.seeds import row_generators
 
 __all__ = ["MaskedDiffusionInputs", "MaskedDiffusionLMAdapter"]
 
@@ -88,13 +89,12 @@ class MaskedDiffusionLMAdapter(MaskedDiffusionAdapter):
     ) -> list[dict[str, Any]]:
         prompts = [inputs.prompt] if isinstance(inputs.prompt, str) else list(inputs.prompt)
         size = inputs.batch_size or len(prompts)
+        # one generator per row, seeded from its prompt (decodekit.seeds), not from its index
+        generators = row_generators(inputs.seed, prompts)
         results = []
         for first in range(0, len(prompts), size):
             chunk = prompts[first : first + size]
-            gens = [
-                torch.Generator("cpu").manual_seed(inputs.seed * 100003 + first + i)
-                for i in range(len(chunk))
-            ]
+            gens = generators[first : first + size]
             out = target(
                 prompt=chunk,
                 gen_length=inputs.gen_length,

@@ -34,6 +34,7 @@ from decodekit.hookspecs import hookimpl
 from decodekit.loops import CONTROLNET, DENOISER, DenoisingAdapter
 from decodekit.outputs import atomic_save_image
 from decodekit.pipeline import Inputs
+from decodekit.seeds import row_generators
 from diffusers.hooks import ModelHook
 
 HOOK_NAME = "decodekit"
@@ -303,7 +304,9 @@ class StableDiffusionAdapter(DenoisingAdapter):
     @classmethod
     def generate(cls, target: Any, inputs: StableDiffusionInputs, progress: bool = False) -> list:
         target.set_progress_bar_config(disable=not progress)
-        generator = torch.Generator(device="cpu").manual_seed(inputs.seed)
+        prompts = [inputs.prompt] if isinstance(inputs.prompt, str) else list(inputs.prompt)
+        # one generator per image, seeded from its prompt (decodekit.seeds), not from its index
+        generator = row_generators(inputs.seed, prompts, inputs.num_images_per_prompt)
         kwargs: dict[str, Any] = {
             "prompt": inputs.prompt,
             "negative_prompt": inputs.negative_prompt,
