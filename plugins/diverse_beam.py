@@ -274,26 +274,64 @@ class DiverseBeam(Strategy):
     ):
         """transformers 4.55's ``_group_beam_search``, on transformers 5's generate set-up."""
         beams, groups, size = self._check(cfg, input_ids.shape[0])
-        batch = input_ids.shape[0] // beams
-        device = input_ids.device
-        penalty = self.params.diversity_penalty
-        do_sample = bool(cfg.do_sample)
-        eos = compat.eos_token_tensor(cfg)
-        eos_ids = set(eos.flatten().tolist()) if eos is not None else set()
-        pad = compat.pad_token_tensor(cfg)
-        pad_id = int(pad) if pad is not None else None
-        max_length = cfg.max_length
-        prompt_len = input_ids.shape[1]
-        keep = max(2, 1 + len(eos_ids)) * size  # candidates per (input, group)
-        pre, post = split_processors(logits_processor)
-        want_dict = cfg.return_dict_in_generate
-        out_scores = want_dict and cfg.output_scores
-        out_logits = want_dict and cfg.output_logits
-        all_scores: tuple = ()
-        all_logits: tuple = ()
+        search = _GroupBeamSearch(
+            cfg, input_ids, groups, size, self.params.diversity_penalty, logits_processor
+        )
+        use_cache = model_kwargs.get("use_cache", True)
+        outputs = compat.prefill(model, input_ids, cfg, model_kwargs)
+        while True:
+            model_kwargs = compat.update_model_kwargs(
+                model, outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
+            )
+            raw = outputs.logits[:, -1, :].to(
+                dtype=torch.float32, device=search.device
+            )  # (batch*beams, V)
+            del outputs
+            self.groups_finished_early += search.step(raw)
+            reorder_model_cache(model, model_kwargs, search.reorder)
+            self.steps += 1
+            if search.all_done():
+                break
+            if bool(stopping_criteria(search.input_ids, search.all_scores or None).all()):
+                break
+            model_inputs = model.prepare_inputs_for_generation(
+                search.input_ids, next_sequence_length=1 if use_cache else None, **model_kwargs
+            )
+            outputs = model(**model_inputs, return_dict=True)
+        return search.finalize(model, model_kwargs)
 
+
+class _GroupBeamSearch:
+    """The state of one group beam search over ``batch`` inputs of ``groups × size`` beams each.
+
+    Rows are in (input, beam) order, group ``g`` holding beams ``g·size … (g+1)·size − 1``
+    of every input. `step` chooses every group's next tokens from one forward's logits;
+    `finalize` ranks the hypotheses and builds generate's output.
+    """
+
+    def __init__(self, cfg, input_ids, groups: int, size: int, penalty: float, processors):
+        self.cfg = cfg
+        self.groups, self.size = groups, size
+        self.beams = beams = groups * size
+        self.batch = batch = input_ids.shape[0] // beams
+        self.device = device = input_ids.device
+        self.penalty = penalty
+        self.do_sample = bool(cfg.do_sample)
+        self.eos = compat.eos_token_tensor(cfg)
+        self.eos_ids = set(self.eos.flatten().tolist()) if self.eos is not None else set()
+        pad = compat.pad_token_tensor(cfg)
+        self.pad_id = int(pad) if pad is not None else None
+        self.prompt_len = input_ids.shape[1]
+        self.keep = max(2, 1 + len(self.eos_ids)) * size  # candidates per (input, group)
+        self.pre, self.post = split_processors(processors)
+        want_dict = cfg.return_dict_in_generate
+        self.out_scores = want_dict and cfg.output_scores
+        self.out_logits = want_dict and cfg.output_logits
+        self.all_scores: tuple = ()
+        self.all_logits: tuple = ()
+        self.input_ids = input_ids  # (batch*beams, L), grows by one column a step
         # rows of group g for every input, in (input, beam) order: (batch * size,)
-        group_rows = [
+        self.group_rows = [
             (
                 torch.arange(batch, device=device)[:, None] * beams
                 + g * size
@@ -301,169 +339,195 @@ class DiverseBeam(Strategy):
             ).flatten()
             for g in range(groups)
         ]
-        hyps = [
+        self.hyps = [
             [
-                _GroupHypotheses(size, cfg.length_penalty, cfg.early_stopping, max_length)
+                _GroupHypotheses(size, cfg.length_penalty, cfg.early_stopping, cfg.max_length)
                 for _ in range(groups)
             ]
             for _ in range(batch)
         ]
-        done = [[False] * groups for _ in range(batch)]
+        self.done = [[False] * groups for _ in range(batch)]
         # only the first beam of each group starts alive, so a group does not pick one token size times
         beam_scores = torch.full((batch, beams), -1e9, dtype=torch.float, device=device)
         beam_scores[:, ::size] = 0
-        beam_scores = beam_scores.view(-1)  # (batch * beams,)
-        ancestry = torch.empty((input_ids.shape[0], 0), dtype=torch.long, device=device)
+        self.beam_scores = beam_scores.view(-1)  # (batch * beams,)
+        self.ancestry = torch.empty((input_ids.shape[0], 0), dtype=torch.long, device=device)
+        self.reorder = torch.zeros(input_ids.shape[0], dtype=torch.long, device=device)
 
-        use_cache = model_kwargs.get("use_cache", True)
-        outputs = compat.prefill(model, input_ids, cfg, model_kwargs)
-        first = True
-        while True:
-            if not first:
-                model_inputs = model.prepare_inputs_for_generation(
-                    input_ids, next_sequence_length=1 if use_cache else None, **model_kwargs
-                )
-                outputs = model(**model_inputs, return_dict=True)
-            first = False
-            model_kwargs = compat.update_model_kwargs(
-                model, outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
+    def all_done(self) -> bool:
+        return all(all(d) for d in self.done)
+
+    # -- one step ------------------------------------------------------------------------
+    def step(self, raw: torch.Tensor) -> int:
+        """Choose every group's next tokens from the last position's logits ``raw``
+        (batch*beams, V); append them to ``input_ids``. Returns the groups that finished."""
+        input_ids = self.input_ids
+        log_probs = torch.log_softmax(raw, dim=-1)
+        current = torch.zeros(input_ids.shape[0], dtype=input_ids.dtype, device=self.device)
+        reorder = torch.zeros(input_ids.shape[0], dtype=torch.long, device=self.device)
+        processed_all = torch.zeros_like(log_probs) if self.out_scores else None
+        finished = 0
+        for g in range(self.groups):
+            rows = self.group_rows[g]
+            group_ids = input_ids[rows]  # (batch*size, L)
+            scores = self._group_scores(g, group_ids, log_probs[rows], current)
+            if processed_all is not None:
+                processed_all[rows] = scores
+            total = (scores + self.beam_scores[rows, None]).view(self.batch, -1)  # (batch, size*V)
+            next_scores, next_tokens, next_local, n = self._select_group(
+                g, group_ids, total, vocab=log_probs.shape[-1]
             )
-            raw = outputs.logits[:, -1, :].to(
-                dtype=torch.float32, device=device
-            )  # (batch*beams, V)
-            del outputs
-            log_probs = torch.log_softmax(raw, dim=-1)
-            vocab = log_probs.shape[-1]
-            current = torch.zeros(input_ids.shape[0], dtype=input_ids.dtype, device=device)
-            reorder = torch.zeros(input_ids.shape[0], dtype=torch.long, device=device)
-            processed_all = torch.zeros_like(log_probs) if out_scores else None
-            cur_len = input_ids.shape[1] + 1  # length once this step's token is appended
+            finished += n
+            size = self.size
+            next_local = next_local.view(-1).to(self.device)
+            self.beam_scores[rows] = next_scores.view(-1).to(self.device)
+            input_ids[rows] = group_ids[next_local]
+            current[rows] = next_tokens.view(-1).to(self.device)
+            # global row of each chosen beam: (batch*size,)
+            reorder[rows] = self.beams * (next_local // size) + g * size + next_local % size
+        if self.out_scores:
+            self.all_scores += (processed_all,)
+            self.ancestry = torch.cat([self.ancestry[reorder], reorder[:, None]], dim=1)
+        if self.out_logits:
+            self.all_logits += (raw,)
+        self.input_ids = torch.cat([input_ids, current[:, None]], dim=-1)  # (batch*beams, L+1)
+        self.reorder = reorder
+        return finished
 
-            for g in range(groups):
-                rows = group_rows[g]
-                group_ids = input_ids[rows]  # (batch*size, L)
-                scores = log_probs[rows]
-                for proc in pre:
-                    scores = proc(group_ids, scores)
-                if g > 0 and penalty > 0.0:
-                    # Hamming diversity: tokens chosen at this step by earlier groups of the same input
-                    earlier = current.view(batch, beams)[:, : g * size]  # (batch, g*size)
-                    counts = torch.zeros((batch, vocab), dtype=scores.dtype, device=device)
-                    counts.scatter_add_(1, earlier, torch.ones_like(earlier, dtype=scores.dtype))
-                    scores = scores - penalty * counts.repeat_interleave(size, dim=0)
-                for proc in post:
-                    scores = proc(group_ids, scores)
-                if processed_all is not None:
-                    processed_all[rows] = scores
-                total = (scores + beam_scores[rows, None]).view(batch, size * vocab)
-                if do_sample:
-                    picked = torch.multinomial(torch.softmax(total, dim=-1), num_samples=keep)
-                    cand_scores = torch.gather(total, 1, picked)
-                    cand_scores, order = cand_scores.sort(dim=-1, descending=True)
-                    picked = picked.gather(1, order)
-                else:
-                    cand_scores, picked = torch.topk(total, keep, dim=1, largest=True, sorted=True)
-                cand_beam = (picked // vocab).tolist()
-                cand_tok = (picked % vocab).tolist()
-                cand_val = cand_scores.tolist()
+    def _group_scores(self, g: int, group_ids, scores, current) -> torch.Tensor:
+        """Group ``g``'s processed log-probabilities (batch*size, V), with the Hamming penalty."""
+        for proc in self.pre:
+            scores = proc(group_ids, scores)
+        if g > 0 and self.penalty > 0.0:
+            # Hamming diversity: tokens chosen at this step by earlier groups of the same input
+            earlier = current.view(self.batch, self.beams)[:, : g * self.size]  # (batch, g*size)
+            counts = torch.zeros(
+                (self.batch, scores.shape[-1]), dtype=scores.dtype, device=self.device
+            )
+            counts.scatter_add_(1, earlier, torch.ones_like(earlier, dtype=scores.dtype))
+            scores = scores - self.penalty * counts.repeat_interleave(self.size, dim=0)
+        for proc in self.post:
+            scores = proc(group_ids, scores)
+        return scores
 
-                next_scores = torch.zeros((batch, size), dtype=beam_scores.dtype)
-                next_tokens = torch.zeros((batch, size), dtype=torch.long)
-                next_local = torch.zeros((batch, size), dtype=torch.long)
-                for b in range(batch):
-                    if done[b][g]:
-                        # a finished group idles on its own first beam with pad tokens
-                        next_tokens[b] = pad_id if pad_id is not None else 0
-                        next_local[b] = b * size
+    def _candidates(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``keep`` best (or sampled) entries of each row of ``total``, best first."""
+        if self.do_sample:
+            picked = torch.multinomial(torch.softmax(total, dim=-1), num_samples=self.keep)
+            cand_scores = torch.gather(total, 1, picked)
+            cand_scores, order = cand_scores.sort(dim=-1, descending=True)
+            return cand_scores, picked.gather(1, order)
+        return torch.topk(total, self.keep, dim=1, largest=True, sorted=True)
+
+    def _select_group(self, g: int, group_ids, total: torch.Tensor, vocab: int):
+        """Group ``g``'s next beams: scores, tokens and group-local source rows, (batch, size)
+        each, and how many inputs' group ``g`` finished. Candidates ending in EOS become
+        hypotheses (when among the first ``size``); the others continue."""
+        size = self.size
+        cand_scores, picked = self._candidates(total)
+        cand_beam = (picked // vocab).tolist()
+        cand_tok = (picked % vocab).tolist()
+        cand_val = cand_scores.tolist()
+        cur_len = self.input_ids.shape[1] + 1  # length once this step's token is appended
+        rows = self.group_rows[g]
+        next_scores = torch.zeros((self.batch, size), dtype=self.beam_scores.dtype)
+        next_tokens = torch.zeros((self.batch, size), dtype=torch.long)
+        next_local = torch.zeros((self.batch, size), dtype=torch.long)
+        finished = 0
+        for b in range(self.batch):
+            if self.done[b][g]:
+                # a finished group idles on its own first beam with pad tokens
+                next_tokens[b] = self.pad_id if self.pad_id is not None else 0
+                next_local[b] = b * size
+                continue
+            j = 0
+            for rank, (beam, tok, val) in enumerate(zip(cand_beam[b], cand_tok[b], cand_val[b])):
+                local = b * size + beam
+                if tok in self.eos_ids:
+                    if rank >= size:
                         continue
-                    j = 0
-                    for rank, (beam, tok, val) in enumerate(
-                        zip(cand_beam[b], cand_tok[b], cand_val[b])
-                    ):
-                        local = b * size + beam
-                        if tok in eos_ids:
-                            if rank >= size:
-                                continue
-                            hyps[b][g].add(
-                                group_ids[local].clone(),
-                                val,
-                                cur_len - prompt_len,
-                                ancestry[rows[local]].clone() if out_scores else None,
-                            )
-                        else:
-                            next_scores[b, j] = val
-                            next_tokens[b, j] = tok
-                            next_local[b, j] = local
-                            j += 1
-                        if j == size:
-                            break
-                    if j < size:
-                        raise RuntimeError(
-                            f"group {g} of input {b} found fewer than {size} continuations that are not EOS; "
-                            "the logits processors removed too many tokens."
-                        )
-                    if hyps[b][g].is_done(max(cand_val[b]), cur_len, prompt_len):
-                        done[b][g] = True
-                        self.groups_finished_early += 1
+                    self.hyps[b][g].add(
+                        group_ids[local].clone(),
+                        val,
+                        cur_len - self.prompt_len,
+                        self.ancestry[rows[local]].clone() if self.out_scores else None,
+                    )
+                else:
+                    next_scores[b, j] = val
+                    next_tokens[b, j] = tok
+                    next_local[b, j] = local
+                    j += 1
+                if j == size:
+                    break
+            if j < size:
+                raise RuntimeError(
+                    f"group {g} of input {b} found fewer than {size} continuations that are not EOS; "
+                    "the logits processors removed too many tokens."
+                )
+            if self.hyps[b][g].is_done(max(cand_val[b]), cur_len, self.prompt_len):
+                self.done[b][g] = True
+                finished += 1
+        return next_scores, next_tokens, next_local, finished
 
-                next_local = next_local.view(-1).to(device)
-                beam_scores[rows] = next_scores.view(-1).to(device)
-                input_ids[rows] = group_ids[next_local]
-                current[rows] = next_tokens.view(-1).to(device)
-                # global row of each chosen beam: (batch*size,)
-                reorder[rows] = beams * (next_local // size) + g * size + next_local % size
-
-            if out_scores:
-                all_scores += (processed_all,)
-                ancestry = torch.cat([ancestry[reorder], reorder[:, None]], dim=1)
-            if out_logits:
-                all_logits += (raw,)
-            input_ids = torch.cat([input_ids, current[:, None]], dim=-1)  # (batch*beams, L+1)
-            reorder_model_cache(model, model_kwargs, reorder)
-            self.steps += 1
-            if all(all(d) for d in done):
-                break
-            if bool(stopping_criteria(input_ids, all_scores or None).all()):
-                break
-
-        return self._finalize(
-            model, input_ids, beam_scores, hyps, done, ancestry, cfg, prompt_len, pad_id,
-            eos, all_scores, all_logits, model_kwargs, size, groups,
-        )  # fmt: skip
-
-    def _finalize(
-        self, model, input_ids, beam_scores, hyps, done, ancestry, cfg, prompt_len, pad_id, eos,
-        all_scores, all_logits, model_kwargs, size, groups,
-    ):  # fmt: skip
+    # -- the output ----------------------------------------------------------------------
+    def finalize(self, model, model_kwargs: dict[str, Any]):
         """Add the running beams of unfinished groups, rank every group's hypotheses, pad the output."""
-        want_dict = cfg.return_dict_in_generate
-        out_scores = want_dict and cfg.output_scores
-        batch = len(hyps)
-        keep = cfg.num_return_sequences
-        final_len = input_ids.shape[1] - prompt_len
-        beams = groups * size
-        for b in range(batch):
-            for g in range(groups):
-                if done[b][g]:
+        best = self._best()
+        sequences = self._sequences(best)
+        if not self.cfg.return_dict_in_generate:
+            return sequences
+        device = sequences.device
+        beam_indices = None
+        if self.out_scores:
+            steps = max(len(h[2]) for h in best)
+            beam_indices = torch.full((len(best), steps), -1, dtype=torch.long, device=device)
+            for i, (_, _, idx) in enumerate(best):
+                beam_indices[i, : len(idx)] = idx
+        cls = _output_class(model)
+        key = _cache_key(model_kwargs)
+        cache_field = "cache" if "cache" in cls.__dataclass_fields__ else "past_key_values"
+        return cls(
+            sequences=sequences,
+            sequences_scores=torch.tensor([h[0] for h in best], device=device)
+            if self.out_scores
+            else None,
+            scores=self.all_scores if self.out_scores else None,
+            logits=self.all_logits if self.out_logits else None,
+            beam_indices=beam_indices,
+            **{cache_field: model_kwargs.get(key) if key else None},
+        )
+
+    def _best(self) -> list[tuple[float, torch.Tensor, Any]]:
+        """The ``num_return_sequences`` best hypotheses of each input over all its groups."""
+        input_ids, size = self.input_ids, self.size
+        final_len = input_ids.shape[1] - self.prompt_len
+        for b in range(self.batch):
+            for g in range(self.groups):
+                if self.done[b][g]:
                     continue
                 for i in range(size):
-                    row = b * beams + g * size + i
-                    hyps[b][g].add(
+                    row = b * self.beams + g * size + i
+                    self.hyps[b][g].add(
                         input_ids[row],
-                        float(beam_scores[row]),
+                        float(self.beam_scores[row]),
                         final_len,
-                        ancestry[row] if out_scores else None,
+                        self.ancestry[row] if self.out_scores else None,
                     )
         best: list[tuple[float, torch.Tensor, Any]] = []
-        for b in range(batch):
+        for b in range(self.batch):
             ranked = sorted(
-                (h for g in range(groups) for h in hyps[b][g].beams), key=lambda h: h[0]
+                (h for g in range(self.groups) for h in self.hyps[b][g].beams), key=lambda h: h[0]
             )
-            for _ in range(keep):
+            for _ in range(self.cfg.num_return_sequences):
                 best.append(ranked.pop())
+        return best
+
+    def _sequences(self, best) -> torch.Tensor:
+        """The hypotheses as rows, each ended by EOS and padded to the longest (+1, ≤ max_length)."""
+        pad_id, eos = self.pad_id, self.eos
         lengths = [len(h[1]) for h in best]
-        width = min(max(lengths) + 1, cfg.max_length)
-        sequences = input_ids.new_full((len(best), width), pad_id if pad_id is not None else 0)
+        width = min(max(lengths) + 1, self.cfg.max_length)
+        sequences = self.input_ids.new_full((len(best), width), pad_id if pad_id is not None else 0)
         if min(lengths) != max(lengths) and pad_id is None:
             raise ConfigError(
                 "generate.pad_token_id", "sequences of different lengths need a pad_token_id"
@@ -472,33 +536,7 @@ class DiverseBeam(Strategy):
             sequences[i, : len(hyp)] = hyp
             if len(hyp) < width and eos is not None:
                 sequences[i, len(hyp)] = eos.flatten()[0]
-        if not want_dict:
-            return sequences
-
-        beam_indices = None
-        if out_scores:
-            steps = max(len(h[2]) for h in best)
-            beam_indices = torch.full(
-                (len(best), steps), -1, dtype=torch.long, device=input_ids.device
-            )
-            for i, (_, _, idx) in enumerate(best):
-                beam_indices[i, : len(idx)] = idx
-        cls = _output_class(model)
-        fields = cls.__dataclass_fields__
-        key = _cache_key(model_kwargs)
-        extra = {}
-        cache_field = "cache" if "cache" in fields else "past_key_values"
-        extra[cache_field] = model_kwargs.get(key) if key else None
-        return cls(
-            sequences=sequences,
-            sequences_scores=torch.tensor([h[0] for h in best], device=input_ids.device)
-            if out_scores
-            else None,
-            scores=all_scores if out_scores else None,
-            logits=all_logits if (want_dict and cfg.output_logits) else None,
-            beam_indices=beam_indices,
-            **extra,
-        )
+        return sequences
 
 
 @hookimpl
