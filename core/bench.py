@@ -133,8 +133,6 @@ def bench(
         ``ideal_speedup``, ``nfe``, ``peak_memory``, ``quality``, per-arm
         ``baseline``/``strategy`` figures, ``strategies``, ``config`` and ``machine``.
     """
-    from tqdm.auto import tqdm
-
     manager = manager or get_manager()
     repeat = config.bench.repeat if repeat is None else repeat
     if repeat < 1:
@@ -145,71 +143,15 @@ def bench(
     target = config.load_pipeline()
 
     def run_arm(arm_specs: list[dict[str, Any]]) -> dict[str, Any]:
-        run = attach(target, arm_specs, pipeline=adapter.name, manager=manager)
-        try:
-            with PeakMemory(config.device) as mem:
-                _sync(config.device)
-                t0 = clock()
-                outputs = adapter.generate(target, config.inputs)
-                _sync(config.device)
-                dt = clock() - t0
-            return {
-                "time_s": dt,
-                "outputs": outputs,
-                "stats": run.stats,
-                "ideal": run.ideal_speedup(),
-                "peak": mem.peak,
-                "kind": mem.kind,
-            }
-        finally:
-            run.detach()
+        return _run_arm(config, target, arm_specs, manager, clock)
 
-    arms: dict[str, list[dict[str, Any]]] = {"baseline": [], "strategy": []}
-    arm_specs = {"baseline": [], "strategy": specs}
-    total = config.bench.warmup * 2 + repeat * 2
-    disable = None if progress is None else not progress  # None: tqdm shows it only on a terminal
-    with tqdm(total=total, desc="bench", disable=disable, leave=False) as bar:
-        for _ in range(config.bench.warmup):
-            for arm in ("baseline", "strategy"):
-                run_arm(arm_specs[arm])
-                bar.update()
-        for i in range(repeat):
-            # Swap the order in every other pair so neither arm always runs second.
-            order = ("baseline", "strategy") if i % 2 == 0 else ("strategy", "baseline")
-            for arm in order:
-                arms[arm].append(run_arm(arm_specs[arm]))
-                bar.update()
-
-    base_t = [r["time_s"] for r in arms["baseline"]]
-    strat_t = [r["time_s"] for r in arms["strategy"]]
-    ratios = pair_ratios(base_t, strat_t)
+    arms = _alternate(run_arm, specs, config.bench.warmup, repeat, progress)
+    ratios = pair_ratios(
+        [r["time_s"] for r in arms["baseline"]], [r["time_s"] for r in arms["strategy"]]
+    )
     base_last, strat_last = arms["baseline"][-1], arms["strategy"][-1]
     base_out, strat_out = base_last["outputs"], strat_last["outputs"]
-
-    def arm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-        times = [r["time_s"] for r in runs]
-        med = statistics.median(times)
-        nfes = [r["stats"]["nfe"] for r in runs]
-        peaks = [r["peak"] for r in runs if r["peak"] is not None]
-        items = _count(runs[-1]["outputs"])
-        return {
-            "time_s": {"median": med, "min": min(times), "max": max(times), "all": times},
-            "nfe": nfes[-1],
-            "nfe_all": nfes,
-            "served": runs[-1]["stats"]["served"],
-            "items": items,
-            "items_per_s": (items / med) if items and med > 0 else None,
-            "peak_memory": max(peaks) if peaks else None,
-            "stats": runs[-1]["stats"],
-        }
-
-    baseline, strategy = arm_summary(arms["baseline"]), arm_summary(arms["strategy"])
-    quality = {"adapter": dict(adapter.quality(base_out, strat_out) or {})}
-    for name, fn in manager.registry.metrics.items():
-        figures = fn(adapter.name, base_out, strat_out, config.inputs)
-        if figures is not None:
-            quality[name] = dict(figures)
-
+    baseline, strategy = _arm_summary(arms["baseline"]), _arm_summary(arms["strategy"])
     result: dict[str, Any] = {
         "speedup": statistics.median(ratios),
         "pair_ratios": ratios,
@@ -224,7 +166,7 @@ def bench(
             "baseline": baseline["peak_memory"],
             "strategy": strategy["peak_memory"],
         },
-        "quality": quality,
+        "quality": _quality(config, manager, base_out, strat_out),
         "baseline": baseline,
         "strategy": strategy,
         "strategies": specs,
@@ -237,6 +179,108 @@ def bench(
         from .overhead import measure_overhead
 
         result["overhead"] = measure_overhead(target)
+    _write(result, adapter, base_out, strat_out, json_path, png_path)
+    return result
+
+
+def _run_arm(
+    config: RunConfig,
+    target: Any,
+    specs: list[dict[str, Any]],
+    manager: PluginManager,
+    clock: Callable[[], float],
+) -> dict[str, Any]:
+    """One timed call of ``target`` with ``specs`` attached (none: the baseline)."""
+    adapter = config.adapter
+    run = attach(target, specs, pipeline=adapter.name, manager=manager)
+    try:
+        with PeakMemory(config.device) as mem:
+            _sync(config.device)
+            t0 = clock()
+            outputs = adapter.generate(target, config.inputs)
+            _sync(config.device)
+            dt = clock() - t0
+        return {
+            "time_s": dt,
+            "outputs": outputs,
+            "stats": run.stats,
+            "ideal": run.ideal_speedup(),
+            "peak": mem.peak,
+            "kind": mem.kind,
+        }
+    finally:
+        run.detach()
+
+
+def _alternate(
+    run_arm: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    specs: list[dict[str, Any]],
+    warmup: int,
+    repeat: int,
+    progress: bool | None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Warm both arms up, then measure ``repeat`` baseline/strategy pairs in alternating order."""
+    from tqdm.auto import tqdm
+
+    arms: dict[str, list[dict[str, Any]]] = {"baseline": [], "strategy": []}
+    arm_specs = {"baseline": [], "strategy": specs}
+    total = warmup * 2 + repeat * 2
+    disable = None if progress is None else not progress  # None: tqdm shows it only on a terminal
+    with tqdm(total=total, desc="bench", disable=disable, leave=False) as bar:
+        for _ in range(warmup):
+            for arm in ("baseline", "strategy"):
+                run_arm(arm_specs[arm])
+                bar.update()
+        for i in range(repeat):
+            # Swap the order in every other pair so neither arm always runs second.
+            order = ("baseline", "strategy") if i % 2 == 0 else ("strategy", "baseline")
+            for arm in order:
+                arms[arm].append(run_arm(arm_specs[arm]))
+                bar.update()
+    return arms
+
+
+def _arm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Times, NFE, served calls, throughput and peak memory of one arm's measured runs."""
+    times = [r["time_s"] for r in runs]
+    med = statistics.median(times)
+    nfes = [r["stats"]["nfe"] for r in runs]
+    peaks = [r["peak"] for r in runs if r["peak"] is not None]
+    items = _count(runs[-1]["outputs"])
+    return {
+        "time_s": {"median": med, "min": min(times), "max": max(times), "all": times},
+        "nfe": nfes[-1],
+        "nfe_all": nfes,
+        "served": runs[-1]["stats"]["served"],
+        "items": items,
+        "items_per_s": (items / med) if items and med > 0 else None,
+        "peak_memory": max(peaks) if peaks else None,
+        "stats": runs[-1]["stats"],
+    }
+
+
+def _quality(
+    config: RunConfig, manager: PluginManager, base_out: Any, strat_out: Any
+) -> dict[str, dict[str, Any]]:
+    """The adapter's quality figures and every registered metric's (those that answer)."""
+    adapter = config.adapter
+    quality = {"adapter": dict(adapter.quality(base_out, strat_out) or {})}
+    for name, fn in manager.registry.metrics.items():
+        figures = fn(adapter.name, base_out, strat_out, config.inputs)
+        if figures is not None:
+            quality[name] = dict(figures)
+    return quality
+
+
+def _write(
+    result: dict[str, Any],
+    adapter: Any,
+    base_out: Any,
+    strat_out: Any,
+    json_path: str | os.PathLike | None,
+    png_path: str | os.PathLike | None,
+) -> None:
+    """Write the JSON and the picture (the adapter's side-by-side, else a bar chart)."""
     if json_path is not None:
         write_json(result, json_path)
     if png_path is not None:
@@ -247,7 +291,6 @@ def bench(
         result["picture"] = {"path": str(png_path), "kind": "adapter" if drawn else "bar-chart"}
         if json_path is not None:
             write_json(result, json_path)
-    return result
 
 
 def machine_info(device: str) -> dict[str, Any]:
