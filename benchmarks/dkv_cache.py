@@ -96,7 +96,7 @@ def machine(device: str, threads: int) -> str:
     return f"{platform.processor() or platform.machine()}, CPU, {threads} thread(s), no GPU"
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -164,32 +164,15 @@ def main() -> None:
         default=None,
         help="query_bucket of every dkv-cache row (default: the strategy's, 16 on CUDA, 1 elsewhere)",
     )
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    vocab = args.vocab
-    dtype = getattr(torch, args.dtype)
-    if args.model in ("zoo", "zoo-fewshot"):
-        from decodekit.pipelines.zoo import zoo_path
-        from decodekit.pipelines.zoo.arith_data import held_out_few_shot, held_out_problems
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    return ap.parse_args(), ap
 
-        name = "arith-mdlm" if args.model == "zoo" else "arith-mdlm-fewshot"
-        model = AutoModelForCausalLM.from_pretrained(zoo_path(name), dtype=dtype)
-        model = model.to(args.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(zoo_path(name))
-        pipe = MaskedDiffusionLMPipeline(model, tokenizer)
-        count = max(args.batches) * args.prompt_batches
-        if args.model == "zoo":
-            problems = held_out_problems(count)
-            described = "zoo:arith-mdlm; prompts: held-out sums (held_out_problems)"
-        else:
-            problems = held_out_few_shot(count, args.shots, padded=True)
-            tokens = sum(len(tokenizer(p).input_ids) for p, _ in problems) / count
-            described = (
-                f"zoo:arith-mdlm-fewshot; prompts: zero-padded held-out sums after "
-                f"{args.shots} solved problems (held_out_few_shot), {tokens:.0f} tokens on average"
-            )
-    else:
+
+def load(args: argparse.Namespace):
+    """The pipeline, the held-out (prompt, answer) problems (zoo models, else None) and a
+    description of the model."""
+    dtype = getattr(torch, args.dtype)
+    if args.model == "random":
+        vocab = args.vocab
         model = llada_shaped(
             args.width,
             args.layers,
@@ -210,7 +193,34 @@ def main() -> None:
             f"{c.num_key_value_heads} K/V heads, MLP {c.intermediate_size}, vocab {vocab}, "
             f"{args.dtype}, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params"
         )
-    configs = {"baseline": ([], {})}
+        return pipe, None, described
+    from decodekit.pipelines.zoo import zoo_path
+    from decodekit.pipelines.zoo.arith_data import held_out_few_shot, held_out_problems
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = "arith-mdlm" if args.model == "zoo" else "arith-mdlm-fewshot"
+    model = AutoModelForCausalLM.from_pretrained(zoo_path(name), dtype=dtype)
+    model = model.to(args.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(zoo_path(name))
+    pipe = MaskedDiffusionLMPipeline(model, tokenizer)
+    count = max(args.batches) * args.prompt_batches
+    if args.model == "zoo":
+        problems = held_out_problems(count)
+        described = "zoo:arith-mdlm; prompts: held-out sums (held_out_problems)"
+    else:
+        problems = held_out_few_shot(count, args.shots, padded=True)
+        tokens = sum(len(tokenizer(p).input_ids) for p, _ in problems) / count
+        described = (
+            f"zoo:arith-mdlm-fewshot; prompts: zero-padded held-out sums after "
+            f"{args.shots} solved problems (held_out_few_shot), {tokens:.0f} tokens on average"
+        )
+    return pipe, problems, described
+
+
+def rows_to_run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, list]:
+    """Row name -> strategy specs: baseline, the dkv-cache variants, threshold decoding."""
+    cache = [{"name": "dkv-cache", "params": {"variant": "prefill"}}]
+    configs = {"baseline": []}
     # one interval gives rows "decode", "greedy", ...; several give "decode@4", "decode@8", ...
     # and --block-refresh-steps other than 1 adds "+rN" ("decode@8+r2")
     several = len(args.refresh_interval) > 1
@@ -221,30 +231,20 @@ def main() -> None:
             if first != 1:
                 params["block_refresh_steps"] = first
             for variant in ("decode", "greedy"):
-                configs[variant + tag] = (
-                    [{"name": "dkv-cache", "params": {"variant": variant, **params}}],
-                    {},
-                )
+                configs[variant + tag] = [
+                    {"name": "dkv-cache", "params": {"variant": variant, **params}}
+                ]
             if not tag:  # the rows' order with one interval: decode, greedy, prefill, pd
-                configs["prefill"] = (
-                    [{"name": "dkv-cache", "params": {"variant": "prefill"}}],
-                    {},
-                )
-            configs["pd" + tag] = (
-                [{"name": "dkv-cache", "params": {"variant": "pd", **params}}],
-                {},
-            )
-    configs.setdefault("prefill", ([{"name": "dkv-cache", "params": {"variant": "prefill"}}], {}))
-    configs["threshold"] = ([{"name": "parallel-threshold", "params": {"threshold": 0.9}}], {})
-    configs["decode+threshold"] = (
-        [
-            {"name": "dkv-cache", "params": {"variant": "decode"}},
-            {"name": "parallel-threshold", "params": {"threshold": 0.9}},
-        ],
-        {},
-    )
+                configs["prefill"] = cache
+            configs["pd" + tag] = [{"name": "dkv-cache", "params": {"variant": "pd", **params}}]
+    configs.setdefault("prefill", cache)
+    configs["threshold"] = [{"name": "parallel-threshold", "params": {"threshold": 0.9}}]
+    configs["decode+threshold"] = [
+        {"name": "dkv-cache", "params": {"variant": "decode"}},
+        {"name": "parallel-threshold", "params": {"threshold": 0.9}},
+    ]
     if args.query_bucket:
-        for strategies, _ in configs.values():
+        for strategies in configs.values():
             for spec in strategies:
                 if spec["name"] == "dkv-cache":
                     spec["params"]["query_bucket"] = args.query_bucket
@@ -253,111 +253,143 @@ def main() -> None:
         if unknown:
             ap.error(f"unknown configs {sorted(unknown)}; choose from {sorted(configs)}")
         configs = {k: v for k, v in configs.items() if k == "baseline" or k in args.configs}
+    return configs
+
+
+def prompt_batches(args: argparse.Namespace, batch: int, problems) -> tuple[list, list | None]:
+    """The inputs of each prompt batch of size ``batch``, and their answers (zoo models)."""
+    if problems is not None:  # several batches of distinct held-out prompts
+        kept = range(args.skip_batches, args.prompt_batches)
+        inputs = [dict(prompt=[p for p, _ in problems[i * batch : (i + 1) * batch]]) for i in kept]
+        answers = [[a for _, a in problems[i * batch : (i + 1) * batch]] for i in kept]
+        return inputs, answers
+    g = torch.Generator().manual_seed(batch)
+    return [
+        dict(input_ids=torch.randint(3, args.vocab - 1, (batch, args.prompt), generator=g))
+    ], None
+
+
+def timed(pipe, device: str, strategies: list, inputs: list, kw: dict):
+    """Time ``inputs`` under ``strategies``: (seconds per input, outputs, ideal)."""
+    secs, outs, ideal = [], [], None
+    with contextlib.ExitStack() as stack:
+        r = stack.enter_context(decodekit.attach(pipe, strategies)) if strategies else None
+        for x in inputs:
+            sync(device)
+            start = time.perf_counter()
+            outs.append(pipe(**x, **kw))
+            sync(device)
+            secs.append(time.perf_counter() - start)
+    if r is not None:
+        ideal = r.ideal_speedup()
+    return secs, outs, ideal
+
+
+def measure(args: argparse.Namespace, pipe, configs: dict[str, list], inputs: list):
+    """Warm every row up, then time the rows interleaved. Returns each row's warm-up seconds,
+    its time per repeat and (outputs, pooled ideal speed-up) of the last repeat."""
+    gkw = dict(gen_length=args.gen_length, block_length=args.block, steps=args.steps)
+    # Warm-up: every row once (first calls pay one-time set-up costs). On CUDA a whole
+    # run, since every new query width costs plan selection once (session 4 found the
+    # first timed decode run paying for it); on the CPU one block is enough.
+    warm = (
+        gkw
+        if args.device.startswith("cuda")
+        else dict(
+            gen_length=args.block,
+            block_length=args.block,
+            steps=max(1, args.steps * args.block // args.gen_length),
+        )
+    )
+    # the warm-up's own time: on CUDA, where it is a whole run, the first-call cost
+    warmup = {
+        name: sum(timed(pipe, args.device, strategies, inputs, warm)[0])
+        for name, strategies in configs.items()
+    }
+    # Timed runs, interleaved: each prompt batch goes through every row in turn, so a
+    # slow drift of the machine's speed (minutes long on a shared VM) hits all rows
+    # alike instead of whichever row ran during it. A row's time for one repeat is the
+    # sum over its prompt batches.
+    times = {k: [] for k in configs}
+    outs = {}
+    for _ in range(args.repeats):
+        secs = {k: 0.0 for k in configs}
+        per_row: dict[str, list] = {k: [] for k in configs}
+        ideals: dict[str, list] = {k: [] for k in configs}
+        for x in inputs:
+            for name, strategies in configs.items():
+                t, out, ideal = timed(pipe, args.device, strategies, [x], gkw)
+                secs[name] += t[0]
+                per_row[name] += out
+                ideals[name].append(ideal)
+        for name in configs:
+            times[name].append(secs[name])
+            outs[name] = (per_row[name], _pooled_ideal(ideals[name]))
+    return warmup, times, outs
+
+
+def answer_figures(args, batch: int, answers: list, out: list, baseline: list) -> dict:
+    """Accuracy of a row's answers, and the answers that changed from the baseline's."""
+    got = [t.strip() for o in out for t in o.texts]
+    base = [t.strip() for o in baseline for t in o.texts]
+    want = [a for group in answers for a in group]
+    # answers that differ from the baseline's, and which way they moved
+    moved = [(b == w, g == w) for g, b, w in zip(got, base, want) if g != b]
+    # which prompts (index into the prompt list), to compare rows and runs
+    first = args.skip_batches * batch
+    return {
+        "accuracy": round(sum(g == w for g, w in zip(got, want)) / len(want), 3),
+        "changed_prompts": [first + i for i, (g, b) in enumerate(zip(got, base)) if g != b],
+        "answers_changed": len(moved),
+        "right_to_wrong": sum(1 for was, now in moved if was and not now),
+        "wrong_to_right": sum(1 for was, now in moved if now and not was),
+    }
+
+
+def batch_rows(args, batch: int, inputs: list, answers, warmup, times, outs) -> list[dict]:
+    """One result row per config at this batch size (times, speed-up, work, agreement)."""
+    base_t = statistics.median(times["baseline"])
+    base_seq = torch.cat([o.sequences for o in outs["baseline"][0]])
+    generated = batch * args.gen_length * len(inputs)
+    rows = []
+    for name, (out, ideal) in outs.items():
+        t = statistics.median(times[name])
+        seqs = torch.cat([o.sequences for o in out])
+        row = {
+            "batch": batch,
+            "config": name,
+            "median_s": round(t, 3),
+            "times_s": [round(x, 3) for x in times[name]],
+            "warmup_s": round(warmup[name], 3),
+            "tokens_per_s": round(generated / t, 1),
+            "speedup": round(base_t / t, 2),
+            "nfe": sum(o.nfe for o in out) / len(out),
+            "tokens_computed": sum(sum(o.tokens_computed) for o in out) / len(out),
+            "ideal_speedup": None if ideal is None else round(ideal, 2),
+            "token_agreement": round(float((seqs == base_seq).double().mean()), 3),
+            "tokens_differing": int((seqs != base_seq).sum()),
+        }
+        if answers is not None:
+            row.update(answer_figures(args, batch, answers, out, outs["baseline"][0]))
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    args, ap = parse_args()
+    torch.set_num_threads(args.threads)
+    pipe, problems, described = load(args)
+    configs = rows_to_run(args, ap)
     results = {
         "machine": machine(args.device, args.threads),
         "args": vars(args),
         "model": described,
         "rows": [],
     }
-    gkw = dict(gen_length=args.gen_length, block_length=args.block, steps=args.steps)
     for batch in args.batches:
-        if args.model != "random":  # several batches of distinct held-out prompts
-            kept = range(args.skip_batches, args.prompt_batches)
-            inputs = [
-                dict(prompt=[p for p, _ in problems[i * batch : (i + 1) * batch]]) for i in kept
-            ]
-            answers = [[a for _, a in problems[i * batch : (i + 1) * batch]] for i in kept]
-        else:
-            g = torch.Generator().manual_seed(batch)
-            inputs = [
-                dict(input_ids=torch.randint(3, vocab - 1, (batch, args.prompt), generator=g))
-            ]
-            answers = None
-
-        def run(strategies, kw=gkw, inputs=inputs):
-            """Time ``inputs`` under ``strategies``: (seconds per input, outputs, ideal)."""
-            secs, outs, ideal = [], [], None
-            with contextlib.ExitStack() as stack:
-                r = stack.enter_context(decodekit.attach(pipe, strategies)) if strategies else None
-                for x in inputs:
-                    sync(args.device)
-                    start = time.perf_counter()
-                    outs.append(pipe(**x, **kw))
-                    sync(args.device)
-                    secs.append(time.perf_counter() - start)
-            if r is not None:
-                ideal = r.ideal_speedup()
-            return secs, outs, ideal
-
-        # Warm-up: every row once (first calls pay one-time set-up costs). On CUDA a whole
-        # run, since every new query width costs plan selection once (session 4 found the
-        # first timed decode run paying for it); on the CPU one block is enough.
-        warm = (
-            gkw
-            if args.device.startswith("cuda")
-            else dict(
-                gen_length=args.block,
-                block_length=args.block,
-                steps=max(1, args.steps * args.block // args.gen_length),
-            )
-        )
-        # the warm-up's own time: on CUDA, where it is a whole run, the first-call cost
-        warmup = {name: sum(run(strategies, warm)[0]) for name, (strategies, _) in configs.items()}
-        # Timed runs, interleaved: each prompt batch goes through every row in turn, so a
-        # slow drift of the machine's speed (minutes long on a shared VM) hits all rows
-        # alike instead of whichever row ran during it. A row's time for one repeat is the
-        # sum over its prompt batches.
-        times = {k: [] for k in configs}
-        outs = {}
-        for _ in range(args.repeats):
-            secs = {k: 0.0 for k in configs}
-            per_row: dict[str, list] = {k: [] for k in configs}
-            ideals: dict[str, list] = {k: [] for k in configs}
-            for x in inputs:
-                for name, (strategies, _) in configs.items():
-                    t, out, ideal = run(strategies, inputs=[x])
-                    secs[name] += t[0]
-                    per_row[name] += out
-                    ideals[name].append(ideal)
-            for name in configs:
-                times[name].append(secs[name])
-                outs[name] = (per_row[name], _pooled_ideal(ideals[name]))
-        base_t = statistics.median(times["baseline"])
-        base_seq = torch.cat([o.sequences for o in outs["baseline"][0]])
-        generated = batch * args.gen_length * len(inputs)
-        for name in configs:
-            out, ideal = outs[name]
-            t = statistics.median(times[name])
-            seqs = torch.cat([o.sequences for o in out])
-            row = {
-                "batch": batch,
-                "config": name,
-                "median_s": round(t, 3),
-                "times_s": [round(x, 3) for x in times[name]],
-                "warmup_s": round(warmup[name], 3),
-                "tokens_per_s": round(generated / t, 1),
-                "speedup": round(base_t / t, 2),
-                "nfe": sum(o.nfe for o in out) / len(out),
-                "tokens_computed": sum(sum(o.tokens_computed) for o in out) / len(out),
-                "ideal_speedup": None if ideal is None else round(ideal, 2),
-                "token_agreement": round(float((seqs == base_seq).double().mean()), 3),
-                "tokens_differing": int((seqs != base_seq).sum()),
-            }
-            if answers is not None:
-                got = [t.strip() for o in out for t in o.texts]
-                base = [t.strip() for o in outs["baseline"][0] for t in o.texts]
-                want = [a for group in answers for a in group]
-                row["accuracy"] = round(sum(g == w for g, w in zip(got, want)) / len(want), 3)
-                # answers that differ from the baseline's, and which way they moved
-                moved = [(b == w, g == w) for g, b, w in zip(got, base, want) if g != b]
-                # which prompts (index into the prompt list), to compare rows and runs
-                first = args.skip_batches * batch
-                row["changed_prompts"] = [
-                    first + i for i, (g, b) in enumerate(zip(got, base)) if g != b
-                ]
-                row["answers_changed"] = len(moved)
-                row["right_to_wrong"] = sum(1 for was, now in moved if was and not now)
-                row["wrong_to_right"] = sum(1 for was, now in moved if now and not was)
+        inputs, answers = prompt_batches(args, batch, problems)
+        warmup, times, outs = measure(args, pipe, configs, inputs)
+        for row in batch_rows(args, batch, inputs, answers, warmup, times, outs):
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:
