@@ -172,8 +172,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .outputs import prepare_output_dir
     from .session import attach
 
-    cfg = load_config(args.config, args.overrides)
     manager = get_manager()
+    for line in manager.failed_report():  # first: a failed plugin may explain a config error
+        print(f"warning: plugin {line}", file=sys.stderr)
+    cfg = load_config(args.config, args.overrides)
     cfg.resolve_strategies(manager)
     out_dir = Path(cfg.output.dir)
     existed = out_dir.exists()
@@ -267,8 +269,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .manager import get_manager
 
-    cfg = load_config(args.config, args.overrides)
     manager = get_manager()
+    for line in manager.failed_report():  # first: a failed plugin may explain a config error
+        print(f"warning: plugin {line}", file=sys.stderr)
+    cfg = load_config(args.config, args.overrides)
     ordered = cfg.resolve_strategies(manager)
     names = " -> ".join(s.name for s in ordered) or "no strategies"
     print(f"ok: {cfg.adapter.name} ({cfg.adapter.loop}) on {cfg.device}, {names}")

@@ -35,7 +35,8 @@ class RegistrationSpecs:
         The class must be a `Strategy` subclass with a non-empty ``name`` whose
         runtime hooks decodekit can call (see `decodekit.strategy.check_hooks`).
         Two plugins registering one name: the second is reported under *failed*
-        by ``decodekit plugins``, the first stays.
+        by ``decodekit plugins``, the first stays; built-in names are reserved,
+        so a third-party class under a built-in's name is always the one refused.
 
         Called by: the plugin manager, when it loads plugins.
         """
