@@ -1,7 +1,10 @@
 """The ``decodekit`` command: run, validate and bench YAML configs; list plugins and the zoo; the demo.
 
 Every decodekit error prints one line, ``error: <key path>: <message>``, on
-stderr and exits with status 2; set ``DECODEKIT_DEBUG=1`` for the traceback.
+stderr and exits with status 2. Any other exception from a command is reported
+the same way, as ``error: <stage>: <ExceptionType>: <message>`` with the stage
+it came from (reading config, loading model, generating ...). ``--debug`` (or
+``DECODEKIT_DEBUG=1``) prints the traceback too.
 """
 
 from __future__ import annotations
@@ -21,6 +24,19 @@ EXIT_USAGE = 2
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that read a config: ``--set``, ``--trust-remote-code``, ``--debug``."""
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="RISK: let the model loader execute Python files from the model folder "
+        "(transformers/diffusers remote code). Only for folders you trust; a config cannot ask for it.",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the traceback behind an error",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -38,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="decodekit",
         description="Composable decoding strategies for diffusion and multimodal models.",
     )
+    parser.add_argument("--debug", action="store_true", help="print the traceback behind an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -120,16 +137,68 @@ def main(argv: list[str] | None = None) -> int:
         "ngram": cmd_ngram,
         "convert-llada": cmd_convert_llada,
     }[args.command]
+    debug = getattr(args, "debug", False) or bool(os.environ.get("DECODEKIT_DEBUG"))
     try:
         return handler(args) or 0
     except DecodekitError as e:
-        if os.environ.get("DECODEKIT_DEBUG"):
+        if debug:
             traceback.print_exc()
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # anything else still ends as one line, never a bare traceback
+        if debug:
+            traceback.print_exc()
+        print(f"error: {stage_of(e, args.command)}: {_bounded(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+# The call a command was making when an exception left it, by function name.
+_STAGES = {
+    "load_config": "reading config",
+    "read_yaml": "reading config",
+    "get_manager": "loading plugins",
+    "resolve_strategies": "checking strategies",
+    "build_strategies": "checking strategies",
+    "prepare_output_dir": "preparing the output folder",
+    "load_pipeline": "loading model",
+    "load": "loading model",
+    "attach": "attaching",
+    "__enter__": "attaching",
+    "__exit__": "detaching",
+    "generate": "generating",
+    "save": "saving",
+    "_write_run_record": "saving",
+    "bench": "benchmarking",
+    "run_demo": "benchmarking",
+}
+
+
+def stage_of(e: BaseException, command: str) -> str:
+    """The stage an exception came from: what the ``cmd_*`` function was calling when it rose."""
+    frames = [f for f, _ in traceback.walk_tb(e.__traceback__)]
+    for i, frame in enumerate(frames):
+        code = frame.f_code
+        if code.co_name.startswith("cmd_") and code.co_filename == __file__:
+            if i + 1 < len(frames):
+                name = frames[i + 1].f_code.co_name
+                return _STAGES.get(name, name.strip("_").replace("_", " "))
+            return command
+    return command
+
+
+def _bounded(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, at most ``limit`` characters of message."""
+    try:
+        text = str(e)
+    except Exception:  # a broken __str__ must not hide the error
+        text = "(message unavailable)"
+    text = " ".join(text[: limit * 4].split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def cmd_ngram(args: argparse.Namespace) -> int:
@@ -175,7 +244,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     manager = get_manager()
     for line in manager.failed_report():  # first: a failed plugin may explain a config error
         print(f"warning: plugin {line}", file=sys.stderr)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, trust_remote_code=args.trust_remote_code)
     cfg.resolve_strategies(manager)
     out_dir = Path(cfg.output.dir)
     existed = out_dir.exists()
@@ -272,7 +341,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     manager = get_manager()
     for line in manager.failed_report():  # first: a failed plugin may explain a config error
         print(f"warning: plugin {line}", file=sys.stderr)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, trust_remote_code=args.trust_remote_code)
     ordered = cfg.resolve_strategies(manager)
     names = " -> ".join(s.name for s in ordered) or "no strategies"
     print(f"ok: {cfg.adapter.name} ({cfg.adapter.loop}) on {cfg.device}, {names}")
@@ -285,7 +354,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .config import load_config
     from .manager import get_manager
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, trust_remote_code=args.trust_remote_code)
     manager = get_manager()
     if args.repeat is not None and args.repeat < 1:
         raise ConfigError("--repeat", f"must be at least 1, got {args.repeat}")

@@ -20,7 +20,14 @@ attach to it, what inputs it runs and where outputs go::
 `ConfigError` whose ``path`` is the key at fault (``strategies.0.params.key_steps``).
 A relative model folder is looked up in the current directory, then next to
 the config file; a relative ``output.dir`` is taken from the current directory.
-Models are never downloaded.
+Models are never downloaded, and a config cannot enable a model folder's own
+code (``pipeline.options`` is each adapter's allow-list; remote code needs the
+CLI flag ``--trust-remote-code``).
+
+A config is data from anyone, so its size is bounded before it is looked at:
+at most `MAX_CONFIG_BYTES` of YAML, `MAX_DEPTH` levels of nesting and
+`MAX_NODES` values counted with every YAML alias expanded (a "billion laughs"
+document stops at the limit instead of filling the memory).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 from .errors import ConfigError, DecodekitError, UnknownNameError
 from .manager import PluginManager, get_manager
-from .pipeline import Inputs, PipelineAdapter
+from .pipeline import Inputs, KeyValueError, Options, PipelineAdapter
 from .strategy import Strategy, resolve
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -45,6 +53,21 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 # Files whose presence in the local HF cache shows a hub model was downloaded.
 _HUB_MARKERS = ("model_index.json", "config.json")
+
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file larger than this (1 MiB) is refused before it is parsed."""
+MAX_DEPTH = 32
+"""Deepest nesting of mappings and lists a config may have."""
+MAX_NODES = 100_000
+"""Most values a config may hold, counted with YAML aliases expanded."""
+# Options a config may never set, whatever the adapter: what they would enable is
+# the user's decision on the command line, not the config author's.
+_REFUSED_OPTIONS = {
+    "trust_remote_code": "a config cannot enable remote code: it executes Python files from "
+    "the model folder. If you trust the folder, pass --trust-remote-code on the command line.",
+    "local_files_only": "decodekit never downloads; models always load from local files only, "
+    "so this option cannot be set. Download the model first (`hf download ...`).",
+}
 
 
 class _Section(BaseModel):
@@ -104,6 +127,8 @@ class RunConfig:
     device: str  # `pipeline.device` with "auto" resolved
     raw: dict[str, Any] = field(default_factory=dict)  # the document after overrides
     file: Path | None = None
+    options: Options | None = None  # `pipeline.options` checked by the adapter's Options model
+    trust_remote_code: bool = False  # given on the command line, never by the config
 
     def strategy_specs(self) -> list[dict[str, Any]]:
         """The strategies as ``{"name", "params"}`` dicts, ready for `decodekit.attach`."""
@@ -125,12 +150,25 @@ class RunConfig:
         A folder the adapter's library cannot read (missing or broken files)
         becomes a `ConfigError` at ``pipeline.model``.
         """
+        options = check_options(self.adapter, self.pipeline.options)
+        extra: dict[str, Any] = {}
+        if self.trust_remote_code:
+            import inspect
+
+            if "trust_remote_code" not in inspect.signature(self.adapter.load).parameters:
+                raise ConfigError(
+                    "--trust-remote-code",
+                    f"the {self.adapter.name!r} adapter never runs a model folder's own code; "
+                    "drop the flag.",
+                )
+            extra["trust_remote_code"] = True
         try:
             return self.adapter.load(
                 self.source,
                 device=self.device,
                 dtype=self.pipeline.dtype,
-                options=dict(self.pipeline.options),
+                options=options.model_dump(exclude_unset=True),
+                **extra,
             )
         except DecodekitError:
             raise
@@ -192,21 +230,86 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
-    """Parse a YAML file; syntax errors become a `ConfigError` with the file, line and column."""
+    """Parse a YAML file; syntax errors become a `ConfigError` with the file, line and column.
+
+    Files over `MAX_CONFIG_BYTES` and documents past `MAX_DEPTH` or `MAX_NODES`
+    are refused.
+    """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                "",
+                f"config file {_short(str(p))} is larger than {MAX_CONFIG_BYTES // 1024} KiB; "
+                "a run config is a few lines of YAML. Check that this is the right file.",
+            )
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError("", f"config file {str(p)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"{str(p)!r} is a folder, not a config file") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: a NUL in the path
         raise ConfigError("", f"cannot read config file {str(p)!r}: {e}") from None
-    return parse_yaml(text, str(p))
+    doc = parse_yaml(text, str(p))
+    check_size(doc)
+    return doc
+
+
+def check_size(doc: Any, path: str = "") -> None:
+    """Refuse a document nested deeper than `MAX_DEPTH` or holding over `MAX_NODES` values.
+
+    Values are counted as the document reads with every alias expanded (a
+    shared or self-referencing list counts each time it appears), and the walk
+    stops at the first limit passed, so its cost is bounded too.
+    """
+    count = 0
+    # One iterator per open container, so memory grows with depth, not with width.
+    stack: list[tuple[Any, str]] = []
+    node, where = doc, path
+    while True:
+        count += 1
+        if count > MAX_NODES:
+            raise ConfigError(
+                where,
+                f"the config holds more than {MAX_NODES:,} values (YAML aliases counted where "
+                "they are used); a run config is a few lines. Remove the repeated anchors/aliases.",
+            )
+        if isinstance(node, (dict, list, tuple)):
+            if len(stack) >= MAX_DEPTH:
+                raise ConfigError(
+                    where,
+                    f"nested more than {MAX_DEPTH} levels deep; a run config needs a few. "
+                    "Check for a self-referencing YAML alias.",
+                )
+            items = iter(node.items()) if isinstance(node, dict) else enumerate(node)
+            stack.append((items, where))
+        while stack:
+            items, parent = stack[-1]
+            nxt = next(items, None)
+            if nxt is not None:
+                key = _short_key(nxt[0])
+                node, where = nxt[1], f"{parent}.{key}" if parent else key
+                break
+            stack.pop()
+        else:
+            return
+
+
+def _short_key(k: Any) -> str:
+    text = k if isinstance(k, str) else _short(k)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def parse_yaml(text: str, name: str = "<config>") -> Any:
     """Parse YAML text (``name`` labels errors)."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise ConfigError(
+            "", f"{name}: nested too deeply to read; a run config needs a few levels"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else name
@@ -304,15 +407,46 @@ def _raise_validation(
         )
     if kind == "missing":
         raise ConfigError(path, "missing required key")
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
+    exc = (err.get("ctx") or {}).get("error")
+    if isinstance(exc, KeyValueError):  # a validator named the key inside the field
+        path = f"{path}.{_short_key(exc.key)}"
+        msg = exc.message
     if "input" in err and kind not in ("value_error", "assertion_error"):
         msg = f"{msg} (got {_type_name(err['input'])} {_short(err['input'])})"
     raise ConfigError(path, msg)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlong = 40
+
+
 def _short(v: Any) -> str:
-    r = repr(v)
+    """A repr of ``v`` bounded in length and in work: never the whole of a large value."""
+    r = _REPR.repr(v)
     return r if len(r) <= 60 else r[:57] + "..."
+
+
+def check_options(
+    adapter: type[PipelineAdapter], options: Any, path: str = "pipeline.options"
+) -> Options:
+    """``pipeline.options`` checked against ``adapter.Options`` (its allow-list).
+
+    ``trust_remote_code`` and ``local_files_only`` are refused for every
+    adapter, with the reason and what to do instead.
+    """
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise ConfigError(path, f"expected a mapping, got {_type_name(options)} {_short(options)}")
+    for key, why in _REFUSED_OPTIONS.items():
+        if key in options:
+            raise ConfigError(f"{path}.{key}", why)
+    model = getattr(adapter, "Options", None) or Options
+    return _section(model, options, path, f"options of the {adapter.name!r} pipeline")
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -465,8 +599,13 @@ def load_config(
     source: str | os.PathLike | dict[str, Any] | Any,
     overrides: list[str] | tuple[str, ...] = (),
     manager: PluginManager | None = None,
+    *,
+    trust_remote_code: bool = False,
 ) -> RunConfig:
     """Load, override and validate a run config from a YAML file or an already parsed document.
+
+    ``trust_remote_code`` (the CLI's ``--trust-remote-code``) lets the adapter
+    run Python files from the model folder; a config cannot ask for it.
 
     Raises:
         ConfigError: the first problem found; ``path`` is its key path
@@ -478,7 +617,10 @@ def load_config(
         doc = read_yaml(file)
     else:  # an already parsed document
         doc = source
+        check_size(doc)
     doc = apply_overrides(doc, list(overrides))
+    if overrides:
+        check_size(doc)
     if doc is None:
         raise ConfigError(
             "", "the config is empty; it needs at least 'pipeline' with 'type' and 'model'"
@@ -509,6 +651,7 @@ def load_config(
             f"unknown device {pipeline.device!r}; use auto, cpu, cuda, cuda:N or mps",
         )
 
+    options = check_options(adapter, pipeline.options)
     strategies = _strategies(doc.get("strategies"), manager)
     inputs = _section(
         adapter.Inputs, doc.get("inputs"), "inputs", f"inputs of the {adapter.name!r} pipeline"
@@ -530,6 +673,8 @@ def load_config(
         device=device,
         raw=doc,
         file=file,
+        options=options,
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -566,6 +711,11 @@ __all__ = [
     "OutputConfig",
     "BenchConfig",
     "load_config",
+    "check_options",
+    "check_size",
+    "MAX_CONFIG_BYTES",
+    "MAX_DEPTH",
+    "MAX_NODES",
     "apply_overrides",
     "read_yaml",
     "parse_yaml",

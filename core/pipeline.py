@@ -11,14 +11,67 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**63 - 1
+MAX_PROMPTS = 1024
+"""At most this many prompts in one config; more is almost surely a mistake (and memory)."""
 
 
 class Inputs(BaseModel):
-    """Base of an adapter's YAML ``inputs`` model; unknown keys are errors."""
+    """Base of an adapter's YAML ``inputs`` model; unknown keys are errors.
 
-    model_config = ConfigDict(extra="forbid")
-    seed: int = 0
+    Subclasses declare every input's type and range, so that ``decodekit
+    validate`` refuses what the pipeline would fail on after loading the model.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="random seed, 0 <= seed <= 2**63-1")
+
+
+def check_prompts(value: str | list[str], *, empty_ok: bool = True) -> str | list[str]:
+    """A field validator's check of ``prompt``: a non-empty list of at most `MAX_PROMPTS`."""
+    rows = [value] if isinstance(value, str) else value
+    if not rows:
+        raise ValueError("the prompt list is empty; give at least one prompt")
+    if len(rows) > MAX_PROMPTS:
+        raise ValueError(f"{len(rows)} prompts; at most {MAX_PROMPTS} in one config")
+    if not empty_ok and any(not r for r in rows):
+        raise ValueError("a prompt is empty; a language model needs at least one prompt token")
+    return value
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """A repr of ``value`` bounded in length and in work (never formats a whole large value)."""
+    import reprlib
+
+    bounded = reprlib.Repr()  # keyword arguments only from Python 3.12
+    bounded.maxlevel, bounded.maxstring, bounded.maxother, bounded.maxlong = 3, limit, limit, 40
+    r = bounded.repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+class KeyValueError(ValueError):
+    """A validator's error about one key inside the field it checks (``extra.top_k``).
+
+    Raised in a field validator, the config error names ``<field>.<key>``
+    instead of the whole field.
+    """
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+class Options(BaseModel):
+    """Base of an adapter's ``pipeline.options`` model: an allow-list, unknown keys are errors.
+
+    ``trust_remote_code`` and ``local_files_only`` are never accepted here: remote
+    code needs the CLI flag ``--trust-remote-code``, and decodekit never downloads.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class PipelineAdapter:
@@ -28,6 +81,7 @@ class PipelineAdapter:
         name: registry name, as written in YAML ``pipeline.type``.
         loop: the loop shape it drives (one of `decodekit.strategy.LOOPS`).
         Inputs: the pydantic model of the YAML ``inputs`` section.
+        Options: the pydantic model of ``pipeline.options`` (the load options it accepts).
         contract: the attribute names strategies may read through ``run.adapter``;
             each loop's contract class in `decodekit.loops` extends it.
         target: the object the user attached to (pipeline or model).
@@ -36,6 +90,7 @@ class PipelineAdapter:
     name: ClassVar[str] = ""
     loop: ClassVar[str] = ""
     Inputs: ClassVar[type[Inputs]] = Inputs
+    Options: ClassVar[type[Options]] = Options
     description: ClassVar[str] = ""
     contract: ClassVar[tuple[str, ...]] = ("name", "loop", "target")
 
@@ -64,7 +119,13 @@ class PipelineAdapter:
     # -- running from YAML and bench -----------------------------------------------
     @classmethod
     def load(cls, source: str, *, device: str, dtype: str, options: dict[str, Any]) -> Any:
-        """Load the pipeline or model from a resolved local source (folder or cached hub id)."""
+        """Load the pipeline or model from a resolved local source (folder or cached hub id).
+
+        ``options`` are ``pipeline.options``, already checked against `Options`.
+        An adapter that can run a model folder's own code takes a keyword
+        ``trust_remote_code``; decodekit passes it only when the user gave
+        ``--trust-remote-code``.
+        """
         raise NotImplementedError
 
     @classmethod

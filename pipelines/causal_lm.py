@@ -12,24 +12,119 @@ counts model calls and lets strategies edit each forward's inputs
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import torch
 from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
 from decodekit.loops import TokenAutoregressionAdapter
-from decodekit.pipeline import Inputs
+from decodekit.pipeline import Inputs, KeyValueError, Options, check_prompts, short_repr
 from decodekit.seeds import row_seeds
+from pydantic import Field, field_validator
+
+MAX_NEW_TOKENS = 65536
+"""Most new tokens one config may ask for."""
+_INT_MAX = 65536
+# Ranges of the common ``generate`` keywords: (type, low, high, low included).
+_EXTRA_RANGES: dict[str, tuple[type, float, float, bool]] = {
+    "num_beams": (int, 1, 64, True),
+    "num_beam_groups": (int, 1, 64, True),
+    "num_return_sequences": (int, 1, 64, True),
+    "temperature": (float, 0.0, 100.0, False),
+    "top_k": (int, 0, _INT_MAX * 4, True),
+    "top_p": (float, 0.0, 1.0, False),
+    "min_p": (float, 0.0, 1.0, True),
+    "typical_p": (float, 0.0, 1.0, False),
+    "repetition_penalty": (float, 0.0, 100.0, False),
+    "length_penalty": (float, -100.0, 100.0, True),
+    "diversity_penalty": (float, 0.0, 100.0, True),
+    "no_repeat_ngram_size": (int, 0, _INT_MAX, True),
+    "max_length": (int, 1, _INT_MAX, True),
+    "min_length": (int, 0, _INT_MAX, True),
+    "min_new_tokens": (int, 0, _INT_MAX, True),
+}
+_SET_BY_ADAPTER = {"max_new_tokens": "inputs.max_new_tokens", "do_sample": "inputs.do_sample"}
+
+
+@functools.cache
+def generate_keys() -> frozenset[str]:
+    """The keywords ``inputs.extra`` may pass to ``generate``: `GenerationConfig`'s attributes."""
+    from transformers import GenerationConfig
+
+    keys = {k for k in GenerationConfig().to_dict() if not k.startswith("_")}
+    return frozenset(keys - {"transformers_version"} - set(_SET_BY_ADAPTER))
+
+
+def _check_extra_value(key: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise KeyValueError(key, f"must be a finite number, got {short_repr(value)}")
+    if key not in _EXTRA_RANGES:
+        return
+    kind, low, high, low_included = _EXTRA_RANGES[key]
+    ok_type = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not ok_type:
+        raise KeyValueError(
+            key, f"must be {'a number' if kind is float else 'an integer'}, got {short_repr(value)}"
+        )
+    if not ((low <= value) if low_included else (low < value)) or value > high:
+        bracket = "[" if low_included else "("
+        raise KeyValueError(key, f"must be in {bracket}{low}, {high}], got {short_repr(value)}")
 
 
 class CausalLMInputs(Inputs):
-    """YAML ``inputs`` of a causal-lm pipeline (prompts and ``generate`` keyword arguments)."""
+    """YAML ``inputs`` of a causal-lm pipeline (prompts and ``generate`` keyword arguments).
 
-    prompt: str | list[str]
-    max_new_tokens: int = 32
+    Ranges are checked before the model loads; ``extra`` keys are checked
+    against `GenerationConfig`'s attributes.
+    """
+
+    prompt: str | list[str] = Field(description="a non-empty prompt or list of prompts")
+    max_new_tokens: int = Field(
+        32, ge=1, le=MAX_NEW_TOKENS, description=f"tokens to generate, 1..{MAX_NEW_TOKENS}"
+    )
     do_sample: bool = False
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="other keyword arguments of generate (temperature, top_k, num_beams ...)",
+    )
     """Any other keyword argument of ``generate`` (``temperature``, ``top_k``, ``num_beams`` ...)."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v: str | list[str]) -> str | list[str]:
+        return check_prompts(v, empty_ok=False)
+
+    @field_validator("extra")
+    @classmethod
+    def _extra(cls, v: dict[str, Any], info) -> dict[str, Any]:
+        import difflib
+
+        for key, value in v.items():
+            if not isinstance(key, str):
+                raise ValueError(f"keys must be strings, got {short_repr(key)}")
+            if key in _SET_BY_ADAPTER:
+                raise KeyValueError(key, f"cannot be given in extra: set {_SET_BY_ADAPTER[key]}")
+            if key not in generate_keys():
+                close = difflib.get_close_matches(key, sorted(generate_keys()), n=1, cutoff=0.6)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise KeyValueError(
+                    key, f"generate takes no {key!r} (not a GenerationConfig attribute).{hint}"
+                )
+            _check_extra_value(key, value)
+        from transformers import GenerationConfig
+
+        fixed = {k: info.data[k] for k in _SET_BY_ADAPTER if k in info.data}
+        try:  # transformers' own cross-checks (num_return_sequences vs num_beams ...)
+            GenerationConfig(**fixed, **v).validate(strict=False)
+        except (ValueError, TypeError) as e:
+            raise ValueError(" ".join(str(e).split())[:300]) from None
+        return v
+
+
+class CausalLMOptions(Options):
+    """``pipeline.options`` of causal-lm: nothing beyond ``pipeline.dtype`` is taken from a config."""
 
 
 def _model_of(obj: Any) -> Any:
@@ -48,6 +143,7 @@ class CausalLMAdapter(TokenAutoregressionAdapter):
     name = "causal-lm"
     loop = "token-autoregression"
     Inputs = CausalLMInputs
+    Options = CausalLMOptions
     description = (
         "transformers causal LMs and text-generation pipelines (generate with custom_generate)"
     )
@@ -165,13 +261,24 @@ class CausalLMAdapter(TokenAutoregressionAdapter):
 
     # -- YAML runs and bench -----------------------------------------------------------------
     @classmethod
-    def load(cls, source: str, *, device: str, dtype: str, options: dict[str, Any]) -> Any:
+    def load(
+        cls,
+        source: str,
+        *,
+        device: str,
+        dtype: str,
+        options: dict[str, Any],
+        trust_remote_code: bool = False,
+    ) -> Any:
+        from decodekit.config import check_options
         from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+        opts = check_options(cls, options).model_dump(exclude_none=True)
+        remote = {"trust_remote_code": True} if trust_remote_code else {}
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, dtype), local_files_only=True, **options
+            source, dtype=getattr(torch, dtype), local_files_only=True, **opts, **remote
         )
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **remote)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -22,8 +22,9 @@ of the UNet call it feeds, so a denoiser cache can skip it; UNet calls have
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -33,9 +34,10 @@ from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
 from decodekit.loops import CONTROLNET, DENOISER, DenoisingAdapter
 from decodekit.outputs import atomic_save_image
-from decodekit.pipeline import Inputs
+from decodekit.pipeline import Inputs, KeyValueError, Options, check_prompts, short_repr
 from decodekit.seeds import row_generators
 from diffusers.hooks import ModelHook
+from pydantic import Field, field_validator, model_validator
 
 HOOK_NAME = "decodekit"
 
@@ -51,18 +53,146 @@ SCHEDULERS = {
 }
 
 
-class StableDiffusionInputs(Inputs):
-    """YAML ``inputs`` of a stable-diffusion pipeline (the keyword arguments of its ``__call__``)."""
+MAX_SIDE = 4096
+"""Largest ``height``/``width`` accepted; larger would not fit in memory anyway."""
+MAX_IMAGES = 256
+"""Most images one config may ask for (prompts x ``num_images_per_prompt``)."""
+# Keyword arguments the adapter sets itself: in ``extra`` they would clash or break saving.
+_SET_BY_ADAPTER = {
+    "prompt": "inputs.prompt",
+    "negative_prompt": "inputs.negative_prompt",
+    "num_inference_steps": "inputs.num_inference_steps",
+    "guidance_scale": "inputs.guidance_scale",
+    "height": "inputs.height",
+    "width": "inputs.width",
+    "num_images_per_prompt": "inputs.num_images_per_prompt",
+    "generator": "inputs.seed",
+    "output_type": None,
+    "return_dict": None,
+    "callback_on_step_end": None,
+    "callback_on_step_end_tensor_inputs": None,
+    "callback": None,
+    "callback_steps": None,
+}
 
-    prompt: str | list[str]
-    negative_prompt: str | list[str] | None = None
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    height: int | None = None
-    width: int | None = None
-    num_images_per_prompt: int = 1
-    extra: dict[str, Any] = {}
+
+def _prompt_count(prompt: str | list[str]) -> int:
+    return 1 if isinstance(prompt, str) else len(prompt)
+
+
+def check_extra_values(extra: dict[str, Any]) -> dict[str, Any]:
+    """Refuse NaN/infinite numbers anywhere in ``inputs.extra`` (they would be used silently)."""
+    for key, value in extra.items():
+        if not isinstance(key, str):
+            raise ValueError(f"keys must be strings, got {short_repr(key)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise KeyValueError(key, f"must be a finite number, got {short_repr(value)}")
+    return extra
+
+
+class StableDiffusionInputs(Inputs):
+    """YAML ``inputs`` of a stable-diffusion pipeline (the keyword arguments of its ``__call__``).
+
+    Ranges are checked before the model loads; the ``extra`` keys are checked
+    against the loaded pipeline's ``__call__`` before generation starts.
+    """
+
+    prompt: str | list[str] = Field(description="a prompt or a non-empty list of prompts")
+    negative_prompt: str | list[str] | None = Field(
+        None, description="one for all prompts, or a list as long as prompt"
+    )
+    num_inference_steps: int = Field(50, ge=1, le=1000, description="denoising steps, 1..1000")
+    guidance_scale: float = Field(
+        7.5, ge=0.0, le=100.0, description="classifier-free guidance scale, 0..100"
+    )
+    height: int | None = Field(
+        None, ge=8, le=MAX_SIDE, multiple_of=8, description="pixels, a multiple of 8; with width"
+    )
+    width: int | None = Field(
+        None,
+        ge=8,
+        le=MAX_SIDE,
+        multiple_of=8,
+        validate_default=True,
+        description="pixels, a multiple of 8; with height",
+    )
+    num_images_per_prompt: int = Field(
+        1, ge=1, le=64, validate_default=True, description="images per prompt, 1..64"
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="other keyword arguments of the pipeline's __call__ (eta, strength ...)",
+    )
     """Any other keyword argument of the pipeline's ``__call__`` (``eta``, ``strength`` ...)."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v: str | list[str]) -> str | list[str]:
+        return check_prompts(v)
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative(cls, v: str | list[str] | None, info) -> str | list[str] | None:
+        prompt = info.data.get("prompt")
+        if isinstance(v, list) and prompt is not None and len(v) != _prompt_count(prompt):
+            raise ValueError(
+                f"{len(v)} negative prompts for {_prompt_count(prompt)} prompt(s); give one "
+                "string for all prompts or a list as long as prompt"
+            )
+        return v
+
+    @field_validator("width")
+    @classmethod
+    def _both_sides(cls, v: int | None, info) -> int | None:
+        if "height" not in info.data:  # height itself was refused
+            return v
+        if (info.data["height"] is None) != (v is None):
+            given, other = ("height", "width") if v is None else ("width", "height")
+            raise ValueError(
+                f"{given} is given without {other}; give both (multiples of 8) or neither "
+                "(the model's default size)"
+            )
+        return v
+
+    @field_validator("num_images_per_prompt")
+    @classmethod
+    def _image_count(cls, v: int, info) -> int:
+        prompt = info.data.get("prompt")
+        images = _prompt_count(prompt) * v if prompt is not None else v
+        if images > MAX_IMAGES:
+            raise ValueError(
+                f"{images} images (prompts x num_images_per_prompt); at most {MAX_IMAGES} per run"
+            )
+        return v
+
+    @field_validator("extra")
+    @classmethod
+    def _extra(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if key in _SET_BY_ADAPTER:
+                field = _SET_BY_ADAPTER[key]
+                fix = f"set {field} instead" if field else "decodekit sets it; remove it"
+                raise KeyValueError(key, f"cannot be given in extra: {fix}")
+        return check_extra_values(v)
+
+    @model_validator(mode="after")
+    def _one_negative_per_prompt(self) -> StableDiffusionInputs:
+        # diffusers wants prompt and negative_prompt of one kind (both str or both lists)
+        if isinstance(self.negative_prompt, str) and not isinstance(self.prompt, str):
+            self.negative_prompt = [self.negative_prompt] * len(self.prompt)
+        elif isinstance(self.negative_prompt, list) and isinstance(self.prompt, str):
+            self.prompt = [self.prompt]
+        return self
+
+
+class StableDiffusionOptions(Options):
+    """``pipeline.options`` of stable-diffusion: what `load` accepts, nothing else."""
+
+    scheduler: Literal[tuple(SCHEDULERS)] | None = Field(  # type: ignore[valid-type]
+        None, description=f"replace the pipeline's scheduler: {', '.join(SCHEDULERS)}"
+    )
+    variant: str | None = Field(None, description="weights variant to load (fp16 ...)")
+    use_safetensors: bool | None = Field(None, description="load only .safetensors weights")
 
 
 class _DenoiserHook(ModelHook):
@@ -89,6 +219,7 @@ class StableDiffusionAdapter(DenoisingAdapter):
     name = "stable-diffusion"
     loop = "continuous-denoising"
     Inputs = StableDiffusionInputs
+    Options = StableDiffusionOptions
     description = (
         "diffusers pipelines with a UNet2DConditionModel (SD 1.x/2.x, SDXL, ControlNet, img2img)"
     )
@@ -276,13 +407,24 @@ class StableDiffusionAdapter(DenoisingAdapter):
 
     # -- YAML runs and bench -----------------------------------------------------------------
     @classmethod
-    def load(cls, source: str, *, device: str, dtype: str, options: dict[str, Any]) -> Any:
+    def load(
+        cls,
+        source: str,
+        *,
+        device: str,
+        dtype: str,
+        options: dict[str, Any],
+        trust_remote_code: bool = False,
+    ) -> Any:
+        from decodekit.config import check_options
         from diffusers import DiffusionPipeline
 
-        options = dict(options)
-        scheduler = options.pop("scheduler", None)
+        opts = check_options(cls, options).model_dump(exclude_none=True)
+        scheduler = opts.pop("scheduler", None)
         kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype), "local_files_only": True}
-        kwargs.update(options)
+        kwargs.update(opts)
+        if trust_remote_code:
+            kwargs["trust_remote_code"] = True
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
         if not cls.matches(pipe):
             raise ConfigError(
@@ -302,7 +444,37 @@ class StableDiffusionAdapter(DenoisingAdapter):
         return pipe.to(device)
 
     @classmethod
+    def check_call(cls, target: Any, inputs: StableDiffusionInputs) -> None:
+        """Refuse ``inputs.extra`` keys the loaded pipeline's ``__call__`` does not take."""
+        call = type(target).__call__
+        for klass in type(target).__mro__:  # past the wrapper an attached pipeline is given
+            own = klass.__dict__.get("__call__")
+            if own is not None and "<locals>" not in getattr(own, "__qualname__", ""):
+                call = own
+                break
+        # Named parameters only: diffusers' **kwargs takes deprecated arguments and
+        # ignores the rest, which is the silent drop this check is for.
+        params = {
+            name: p
+            for name, p in inspect.signature(call).parameters.items()
+            if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+        }
+        known = sorted(n for n in params if n != "self" and n not in _SET_BY_ADAPTER)
+        for key in inputs.extra:
+            if key not in params:
+                import difflib
+
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"inputs.extra.{key}",
+                    f"{type(target).__name__}.__call__ takes no {key!r}.{hint} "
+                    f"It takes: {', '.join(known) or 'nothing else'}.",
+                )
+
+    @classmethod
     def generate(cls, target: Any, inputs: StableDiffusionInputs, progress: bool = False) -> list:
+        cls.check_call(target, inputs)
         target.set_progress_bar_config(disable=not progress)
         prompts = [inputs.prompt] if isinstance(inputs.prompt, str) else list(inputs.prompt)
         # one generator per image, seeded from its prompt (decodekit.seeds), not from its index

@@ -296,7 +296,16 @@ class FasterDiffusion(Strategy):
                     "runs (it sets no _num_timesteps); use a diffusers SD/SDXL/ControlNet pipeline."
                 )
             order = run.adapter.scheduler_order
-            self._key = key_steps_for(self.params.key_steps, (n + order - 1) // order)
+            num_steps = (n + order - 1) // order
+            spec = self.params.key_steps
+            past = sorted(s for s in spec if s >= num_steps) if isinstance(spec, list) else []
+            if past:  # would be dropped silently: the user asked for steps that never run
+                raise DecodekitError(
+                    f"faster-diffusion params.key_steps: {past} past the last step of this call; "
+                    f"valid steps are 0..{num_steps - 1} ({num_steps} solver steps). Drop them, "
+                    "or raise num_inference_steps."
+                )
+            self._key = key_steps_for(spec, num_steps)
         return self._key
 
     def is_key(self, run, step: int) -> bool:

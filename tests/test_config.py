@@ -18,6 +18,7 @@ import pytest
 import torch
 from decodekit.config import DTYPES, TOP_LEVEL, apply_overrides, load_config
 from decodekit.errors import CompositionError, ConfigError, UnknownNameError
+from decodekit.pipeline import Options
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import Field, StrictInt
@@ -85,12 +86,19 @@ class ToyInputs(decodekit.Inputs):
     steps: StrictInt = Field(8, ge=1, description="loop steps")
 
 
+class ToyOptions(Options):
+    """``pipeline.options`` of the toy adapter."""
+
+    scale: float = 1.0
+
+
 class ToyAdapter(decodekit.PipelineAdapter):
     """Adapter of ToyPipe: attaches by setting its run; outputs are a (B, 4) tensor."""
 
     name = "toy"
     loop = "continuous-denoising"
     Inputs = ToyInputs
+    Options = ToyOptions
     description = "a toy denoising loop for tests"
     draw_picture = False
 
