@@ -194,6 +194,22 @@ def arms(has_deepcache: bool, sequential: bool = True) -> list[dict[str, Any]]:
     return out
 
 
+def initial_latents(pipe, n: int, seed: int) -> torch.Tensor:
+    """Seeded initial noise for ``n`` prompts, on the UNet's device and dtype: (n, C, h, w)."""
+    side = pipe.unet.config.sample_size
+    return torch.randn(
+        n, pipe.unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(seed)
+    ).to(pipe.unet.device, pipe.unet.dtype)
+
+
+def timed_call(pipe, prompts: list[str], kwargs: dict[str, Any]) -> tuple[list, float]:
+    """The images of one pipeline call and its wall-clock seconds (device synchronised first)."""
+    sync()
+    t0 = time.perf_counter()
+    images = pipe(prompts, **kwargs).images
+    return images, time.perf_counter() - t0
+
+
 def run_arm(
     pipe,
     arm: dict[str, Any],
@@ -210,31 +226,20 @@ def run_arm(
     """
     import decodekit
 
-    side = pipe.unet.config.sample_size
-    latents = torch.randn(
-        len(prompts),
-        pipe.unet.config.in_channels,
-        side,
-        side,
-        generator=torch.Generator().manual_seed(seed),
-    ).to(pipe.unet.device, pipe.unet.dtype)  # (B, C, h, w)
     kwargs = dict(
-        num_inference_steps=steps, latents=latents, output_type="pil", guidance_scale=guidance
+        num_inference_steps=steps,
+        latents=initial_latents(pipe, len(prompts), seed),
+        output_type="pil",
+        guidance_scale=guidance,
     )
     meter = measure(pipe.unet)
-    extra: dict[str, Any] = {}
     try:
-        sync()
-        t0 = time.perf_counter()
         if arm["kind"] == "fd":
             specs: list[dict[str, Any]] = [{"name": "faster-diffusion", "params": arm["params"]}]
             if prior_noise > 0:
                 specs.append({"name": "prior-noise", "params": {"prior_noise": prior_noise}})
             with decodekit.attach(pipe, specs) as run:
-                sync()
-                t0 = time.perf_counter()
-                images = pipe(prompts, **kwargs).images
-                wall = time.perf_counter() - t0
+                images, wall = timed_call(pipe, prompts, kwargs)
             extra = {"full_calls": run.last["nfe"], "ideal_own": run.ideal_speedup()}
         elif arm["kind"] == "deepcache":
             from DeepCache import DeepCacheSDHelper
@@ -243,16 +248,12 @@ def run_arm(
             helper.set_params(cache_interval=arm["interval"], cache_branch_id=0)
             helper.enable()
             try:
-                sync()
-                t0 = time.perf_counter()
-                images = pipe(prompts, **kwargs).images
-                wall = time.perf_counter() - t0
+                images, wall = timed_call(pipe, prompts, kwargs)
             finally:
                 helper.disable()
             extra = {"full_calls": len(range(0, steps, arm["interval"]))}
         else:
-            images = pipe(prompts, **kwargs).images
-            wall = time.perf_counter() - t0
+            images, wall = timed_call(pipe, prompts, kwargs)
             extra = {"full_calls": steps}
     finally:
         meter.remove()
@@ -320,7 +321,7 @@ def _panel(rows: list[dict[str, Any]], key: str, label: str, pad: float):
     return img
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
@@ -349,25 +350,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--batch", type=int, default=1, help="random UNet: prompts per call")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    zoo = args.model == "zoo"
-    prior_noise = args.prior_noise if args.prior_noise is not None else (0.003 if zoo else 0.0)
-    guidance = 3.0 if zoo else 7.5
     if args.out is None:
-        stem = "faster_diffusion_vs_deepcache" + ("_zoo" if zoo else "")
+        stem = "faster_diffusion_vs_deepcache" + ("_zoo" if args.model == "zoo" else "")
         args.out = str(ROOT / "benchmarks/results/faster-diffusion/cpu-2core" / stem)
+    return args
 
+
+def deepcache_installed() -> bool:
     try:
         import DeepCache  # noqa: F401
-
-        has_deepcache = True
     except ImportError:
-        has_deepcache = False
         print(
             "DeepCache is not installed; its arms are skipped. "
             "Install it with: .venv/bin/pip install DeepCache==0.1.1 --no-deps"
         )
-    if zoo:
+        return False
+    return True
+
+
+def load(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """The pipeline on the device and the prompts of every call."""
+    if args.model == "zoo":
         pipe, prompts = zoo_pipeline(), zoo_prompts()
     else:
         pipe = sd15_shaped_pipeline(
@@ -380,17 +383,12 @@ def main(argv: list[str] | None = None) -> int:
             "the red circle on top",
         ][: args.batch] * (1 + args.batch // 4)
         prompts = prompts[: args.batch]
-    pipe = pipe.to(args.device, getattr(torch, args.dtype))
-    todo = arms(has_deepcache, sequential=not zoo)
-    run_kw = {"guidance": guidance, "prior_noise": prior_noise}
+    return pipe.to(args.device, getattr(torch, args.dtype)), prompts
 
-    # Outputs and FLOPs, once per arm (not timed).
-    outputs, flops, info = {}, {}, {}
-    for arm in todo:
-        images, fig = run_arm(pipe, arm, prompts, args.steps, 0, UNetFlops, **run_kw)
-        outputs[arm["name"]], flops[arm["name"]], info[arm["name"]] = images, fig["meter"], fig
 
-    # Warm-up, then alternating timed rounds.
+def timed_rounds(pipe, todo: list[dict[str, Any]], prompts, args, run_kw) -> tuple[dict, dict]:
+    """Warm every arm up, then time ``args.rounds`` rounds (baseline first, the others
+    rotated): wall and UNet seconds per arm and round."""
     for arm in todo:
         run_arm(pipe, arm, prompts, min(args.steps, 5), 1, UNetTimer, **run_kw)
     wall: dict[str, list[float]] = {a["name"]: [] for a in todo}
@@ -403,37 +401,30 @@ def main(argv: list[str] | None = None) -> int:
             wall[arm["name"]].append(fig["wall_s"])
             unet[arm["name"]].append(fig["meter"])
         print(f"round {r + 1}/{args.rounds} done", flush=True)
+    return wall, unet
 
-    rows = []
-    for arm in todo:
-        n = arm["name"]
-        wall_ratio = statistics.median(b / a for b, a in zip(wall["baseline"], wall[n]))
-        unet_ratio = statistics.median(b / a for b, a in zip(unet["baseline"], unet[n]))
-        ideal = flops["baseline"] / flops[n]
-        rows.append(
-            {
-                "name": n,
-                "full_unet_calls": info[n]["full_calls"],
-                "wall_s_median": statistics.median(wall[n]),
-                "wall_speedup": wall_ratio,
-                "unet_speedup": unet_ratio,
-                "flop_ideal_speedup": ideal,
-                "strategy_ideal_speedup": info[n].get("ideal_own"),
-                "unet_speedup_over_ideal": unet_ratio / ideal,
-                "psnr_db": psnr(outputs["baseline"], outputs[n]),
-            }
-        )
-        if zoo:
-            from decodekit.pipelines.judges import shapes_judge_metric
 
-            judged = shapes_judge_metric(
-                "stable-diffusion",
-                outputs["baseline"],
-                outputs[n],
-                SimpleNamespace(prompt=prompts, num_images_per_prompt=1),
-            )
-            rows[-1].update(judged or {})
-    result = {
+def arm_row(name: str, outputs, flops, info, wall, unet) -> dict[str, Any]:
+    """One arm's figures: speed-ups (median over rounds), FLOP ideal, PSNR to the baseline."""
+    wall_ratio = statistics.median(b / a for b, a in zip(wall["baseline"], wall[name]))
+    unet_ratio = statistics.median(b / a for b, a in zip(unet["baseline"], unet[name]))
+    ideal = flops["baseline"] / flops[name]
+    return {
+        "name": name,
+        "full_unet_calls": info[name]["full_calls"],
+        "wall_s_median": statistics.median(wall[name]),
+        "wall_speedup": wall_ratio,
+        "unet_speedup": unet_ratio,
+        "flop_ideal_speedup": ideal,
+        "strategy_ideal_speedup": info[name].get("ideal_own"),
+        "unet_speedup_over_ideal": unet_ratio / ideal,
+        "psnr_db": psnr(outputs["baseline"], outputs[name]),
+    }
+
+
+def describe(args, argv, prompts, guidance, prior_noise, has_deepcache, rows) -> dict[str, Any]:
+    """The result document: command, machine, pipeline, settings and the rows."""
+    return {
         "command": "python benchmarks/faster_diffusion_vs_deepcache.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": (
@@ -445,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline": (
             f"zoo:shapes-sd, 32x32 images, DDIM-{args.steps}, CFG {guidance}, "
             f"batch {len(prompts)} (prompts of {ZOO_EXAMPLE.relative_to(ROOT)})"
-            if zoo
+            if args.model == "zoo"
             else f"random SD-1.5-layout UNet, width {args.width}, "
             f"{args.latent_size}x{args.latent_size} latents, text width {args.cross_dim}, "
             f"DDIM-{args.steps}, CFG {guidance}, batch {len(prompts)}, {args.dtype}"
@@ -457,10 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         "deepcache": has_deepcache,
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, out.with_suffix(".png"))
+
+
+def print_tables(rows: list[dict[str, Any]], zoo: bool) -> None:
     print(
         f"{'arm':24} {'full':>4} {'wall x':>7} {'unet x':>7} {'ideal x':>7} {'unet/ideal':>10} {'PSNR':>7}"
     )
@@ -480,6 +470,45 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['judge_shape_colour_baseline']:>8.3f} {r['judge_shape_colour_strategy']:>8.3f} "
                 f"{r['judge_agreement']:>6.3f} {r.get('judge_frechet_to_baseline', float('nan')):>8.3f}"
             )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    zoo = args.model == "zoo"
+    prior_noise = args.prior_noise if args.prior_noise is not None else (0.003 if zoo else 0.0)
+    guidance = 3.0 if zoo else 7.5
+    has_deepcache = deepcache_installed()
+    pipe, prompts = load(args)
+    todo = arms(has_deepcache, sequential=not zoo)
+    run_kw = {"guidance": guidance, "prior_noise": prior_noise}
+
+    # Outputs and FLOPs, once per arm (not timed).
+    outputs, flops, info = {}, {}, {}
+    for arm in todo:
+        images, fig = run_arm(pipe, arm, prompts, args.steps, 0, UNetFlops, **run_kw)
+        outputs[arm["name"]], flops[arm["name"]], info[arm["name"]] = images, fig["meter"], fig
+    wall, unet = timed_rounds(pipe, todo, prompts, args, run_kw)
+
+    rows = []
+    for arm in todo:
+        rows.append(arm_row(arm["name"], outputs, flops, info, wall, unet))
+        if zoo:
+            from decodekit.pipelines.judges import shapes_judge_metric
+
+            judged = shapes_judge_metric(
+                "stable-diffusion",
+                outputs["baseline"],
+                outputs[arm["name"]],
+                SimpleNamespace(prompt=prompts, num_images_per_prompt=1),
+            )
+            rows[-1].update(judged or {})
+    result = describe(args, argv, prompts, guidance, prior_noise, has_deepcache, rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print_tables(rows, zoo)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
 
