@@ -10,7 +10,6 @@ it came from (reading config, loading model, generating ...). ``--debug`` (or
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -545,29 +544,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def zoo_rows() -> list[dict[str, Any]]:
-    """The zoo models as dicts (name first); `DecodekitError` when this build has no zoo."""
-    try:
-        from decodekit.pipelines import zoo
-    except ImportError:
-        zoo = None
-    if zoo is None or not hasattr(zoo, "list_models"):
-        raise DecodekitError(
-            "this build of decodekit has no model zoo (decodekit.pipelines.zoo.list_models)."
-        )
-    rows = []
-    for m in zoo.list_models():
-        if isinstance(m, str):
-            row = {"name": m}
-        elif isinstance(m, dict):
-            row = dict(m)
-        elif dataclasses.is_dataclass(m):
-            row = dataclasses.asdict(m)
-        elif hasattr(m, "model_dump"):
-            row = m.model_dump()
-        else:
-            row = {k: v for k, v in vars(m).items() if not k.startswith("_")}
-        rows.append(row)
-    return rows
+    """The zoo models as dicts, name first (``decodekit.pipelines.zoo.list_models``)."""
+    from decodekit.pipelines import zoo
+
+    return [dict(m) for m in zoo.list_models()]
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

@@ -497,29 +497,11 @@ def resolve_device(device: str, path: str = "pipeline.device") -> str:
     return device
 
 
-def _zoo():
-    """The zoo module, or None when this build has no zoo yet."""
-    try:
-        from decodekit.pipelines import zoo
-    except ImportError:
-        return None
-    return zoo
+def zoo_model_names() -> list[str]:
+    """Names of the zoo models (``decodekit.pipelines.zoo``)."""
+    from decodekit.pipelines import zoo
 
-
-def zoo_model_names() -> list[str] | None:
-    """Names of the zoo models, or None when the zoo is not available."""
-    zoo = _zoo()
-    if zoo is None or not hasattr(zoo, "list_models"):
-        return None
-    names = []
-    for m in zoo.list_models():
-        if isinstance(m, str):
-            names.append(m)
-        elif isinstance(m, dict):
-            names.append(str(m.get("name")))
-        else:
-            names.append(str(getattr(m, "name", m)))
-    return names
+    return [m["name"] for m in zoo.list_models()]
 
 
 def resolve_model(model: str, base_dir: Path | None = None, path: str = "pipeline.model") -> str:
@@ -572,15 +554,10 @@ def _hub_snapshot(repo_id: str) -> str | None:
 
 
 def _resolve_zoo(name: str, path: str) -> str:
-    zoo = _zoo()
-    if zoo is None or not hasattr(zoo, "zoo_path"):
-        raise ConfigError(
-            path,
-            f"zoo model {name!r} asked for, but this build of decodekit has no model zoo "
-            "(decodekit.pipelines.zoo.zoo_path); give a local folder instead",
-        )
+    from decodekit.pipelines import zoo
+
     known = zoo_model_names()
-    if known is not None and name not in known:
+    if name not in known:
         raise UnknownNameError(path, "zoo model", name, known)
     try:
         folder = Path(zoo.zoo_path(name))

@@ -77,29 +77,6 @@ def demo_configs() -> dict[str, dict[str, Any]]:
     return copy.deepcopy(DEMO_CONFIGS)
 
 
-def check_zoo(configs: dict[str, dict[str, Any]]) -> None:
-    """Raise a `DecodekitError` naming every zoo model the demo needs and this build lacks."""
-    from .config import zoo_model_names
-
-    wanted = {
-        name: cfg["pipeline"]["model"][4:]
-        for name, cfg in configs.items()
-        if str(cfg["pipeline"]["model"]).startswith("zoo:")
-    }
-    known = zoo_model_names()
-    missing = [m for m in wanted.values() if known is None or m not in known]
-    if missing:
-        why = (
-            "this build has no model zoo yet"
-            if known is None
-            else f"the zoo has {', '.join(known) or 'none'}"
-        )
-        raise DecodekitError(
-            f"the demo needs the zoo model(s) {', '.join(map(repr, missing))} "
-            f"(decodekit.pipelines.zoo), but {why}; run a YAML config with `decodekit bench` meanwhile."
-        )
-
-
 def _fmt(v: Any) -> str:
     if v is None:
         return "–"
@@ -150,7 +127,6 @@ def run_demo(
     from .config import load_config
 
     configs = demo_configs() if configs is None else configs
-    check_zoo(configs)
     out = Path(out_dir)
     # Validate every config before the first model loads, so a bad one fails fast.
     loaded = {}

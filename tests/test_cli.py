@@ -235,24 +235,6 @@ def test_zoo_list(manager, monkeypatch, capsys):
     )
 
 
-def test_zoo_list_without_zoo(manager, monkeypatch, capsys):
-    from decodekit.pipelines import zoo
-
-    monkeypatch.delattr(zoo, "list_models", raising=False)
-    assert main(["zoo", "list"]) == 2
-    assert "no model zoo" in one_error_line(capsys)
-
-
-def test_demo_names_the_missing_zoo_model(manager, monkeypatch, tmp_path, capsys):
-    from decodekit.pipelines import zoo
-
-    monkeypatch.setattr(zoo, "list_models", lambda: ["arith-ar"], raising=False)
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
-    line = one_error_line(capsys)
-    assert "'shapes-sd'" in line and "'arith-ar'" not in line.split("the zoo has")[0]
-    assert not (tmp_path / "demo").exists()
-
-
 def test_demo_writes_png_per_config_and_a_markdown_table(toy, manager, tmp_path):
     configs = {
         "toy-halve": toy_config(toy),
