@@ -215,12 +215,18 @@ def cmd_convert_llada(args: argparse.Namespace) -> int:
 
 
 def one_line(e: DecodekitError) -> str:
-    """``<path>: <message>`` for a config error, the message otherwise, on one line."""
-    if isinstance(e, ConfigError):
-        text = f"{e.path}: {e.message}" if e.path else e.message
-    else:
-        text = str(e)
-    return " ".join(text.split())
+    """``<path>: <message>`` for a config error, the message otherwise, on one line.
+
+    The key path is shown with its non-printable characters escaped (a key
+    ``"\r"`` stays visible) and bounded; the message's whitespace is collapsed.
+    """
+    message = " ".join(str(e.message if isinstance(e, ConfigError) else e).split())
+    if isinstance(e, ConfigError) and e.path:
+        path = "".join(c if c.isprintable() else repr(c)[1:-1] for c in e.path)
+        if len(path) > 200:
+            path = path[:197] + "..."
+        return f"{path}: {message}"
+    return message
 
 
 # -- run / validate / bench ---------------------------------------------------------

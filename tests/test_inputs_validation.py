@@ -319,3 +319,9 @@ def test_an_error_about_a_large_value_is_short(capsys, tmp_path):
     line = one_error(*cli(capsys, tmp_path, doc)[::2])
     assert line.startswith("error: inputs.num_inference_steps: ")
     assert len(line) < 300
+
+
+def test_a_key_with_control_characters_stays_visible_in_the_error(capsys, tmp_path):
+    doc = {**SD, "inputs": {**SD["inputs"], "\r": 1}}
+    line = one_error(*cli(capsys, tmp_path, doc)[::2])
+    assert line.startswith("error: inputs.\\r: unknown key"), line
