@@ -194,15 +194,15 @@ class DiverseBeam(Strategy):
     slot = "selector"
     paper = "Diverse Beam Search: Decoding Diverse Solutions from Neural Sequence Models, arXiv:1610.02424"
 
+    def on_attach(self, run) -> None:
+        self.reset(run)  # stats() reads zeros before the first call
+
     def reset(self, run) -> None:
         self.steps = 0
         self.groups_finished_early = 0
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "steps": getattr(self, "steps", 0),
-            "groups_finished_early": getattr(self, "groups_finished_early", 0),
-        }
+        return {"steps": self.steps, "groups_finished_early": self.groups_finished_early}
 
     @hookimpl
     def decodekit_call_start(self, run, call_kwargs):

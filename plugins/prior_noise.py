@@ -38,11 +38,14 @@ class PriorNoise(Strategy):
     Params = PriorNoiseParams
     paper = "Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion Models, arXiv:2312.09608"
 
+    def on_attach(self, run) -> None:
+        self.reset(run)  # stats() reads zeros before the first call
+
     def reset(self, run) -> None:
         self.injected = 0
 
     def stats(self) -> dict[str, Any]:
-        return {"injected_steps": getattr(self, "injected", 0)}
+        return {"injected_steps": self.injected}
 
     @hookimpl
     def decodekit_step_end(self, run, step, timestep, callback_kwargs):

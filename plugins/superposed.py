@@ -130,16 +130,16 @@ class Superposed(Strategy):
 
     def on_attach(self, run) -> None:
         self.ngram = _load_ngram(str(self.params.ngram)) if self.params.alpha > 0 else None
+        self.reset(run)  # stats() reads zeros before the first call
 
     def on_detach(self, run) -> None:
         self.ngram = None
 
     def reset(self, run) -> None:
         self.steps = 0
-        self.forwards = 0
 
     def stats(self) -> dict[str, Any]:
-        return {"steps": getattr(self, "steps", 0), "drafts": self.params.k}
+        return {"steps": self.steps, "drafts": self.params.k}
 
     def ideal_speedup(self, run) -> float | None:
         # k sequences for the forwards of one: the FLOP-ideal gain over k separate greedy runs

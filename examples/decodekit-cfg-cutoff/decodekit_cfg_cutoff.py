@@ -88,9 +88,9 @@ class CfgCutoff(Strategy):
 
     def stats(self) -> dict[str, Any]:
         return {
-            "steps_with_cfg": getattr(self, "with_cfg", 0),
-            "steps_without_cfg": getattr(self, "without_cfg", 0),
-            "cutoff_step": getattr(self, "cutoff_step", None),
+            "steps_with_cfg": self.with_cfg,
+            "steps_without_cfg": self.without_cfg,
+            "cutoff_step": self.cutoff_step,
         }
 
     def ideal_speedup(self, run) -> float | None:
