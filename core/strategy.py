@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import CompositionError, ConfigError
 
 LOOPS = ("continuous-denoising", "masked-diffusion", "token-autoregression", "scale-autoregression")
-"""The four loop shapes a pipeline can drive (DESIGN.md, "Four loop shapes")."""
+"""The four loop shapes a pipeline can drive (docs/concepts.md, "The four loop shapes")."""
 
 
 class Params(BaseModel):
