@@ -262,3 +262,60 @@ class EchoModel(torch.nn.Module):
         logits.scatter_(-1, nxt[..., None], 10.0)
         logits[input_ids == MASK] = 0.0
         return type("Out", (), {"logits": logits})()
+
+
+# -- autoregressive image tokens (ar-image) ---------------------------------------------------
+AR_CODES = 8
+AR_IMAGE_TOKENS = (3, 4)  # H x W codes; not square, so that a swap shows
+
+
+def tiny_vq(seed: int = 0, codes: int = AR_CODES):
+    """A VQModel with 2x downsampling and ``codes`` codebook entries (3x4 codes -> 6x8 pixels)."""
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    return VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        num_vq_embeddings=codes,
+        norm_num_groups=8,
+        sample_size=8,
+    ).eval()
+
+
+def tiny_ar_image_pipeline(seed: int = 0, dtype=torch.float64, codes: int = AR_CODES, layers=2):
+    """An ARImagePipeline: a random float64 causal Llama over caption words, BOI and ``codes`` codes."""
+    from decodekit.pipelines.ar_image import ARImagePipeline
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_text_encoder()[1]
+    boi = len(tokenizer)
+    config = dict(
+        image_tokens=AR_IMAGE_TOKENS,
+        code_offset=boi + 1,
+        codebook_size=codes,
+        boi_token_id=boi,
+        pad_token_id=tokenizer.pad_token_id,
+        max_prompt_tokens=24,
+        null_prompt="",
+    )
+    torch.manual_seed(seed)
+    lm_cfg = LlamaConfig(
+        vocab_size=boi + 1 + codes,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.5,  # wide weights: greedy codes vary along the image, not one repeated code
+    )
+    lm = LlamaForCausalLM(lm_cfg).to(dtype).eval()
+    return ARImagePipeline(lm, tiny_vq(seed, codes).to(dtype), tokenizer, config)
