@@ -1,12 +1,15 @@
-"""Shared fixtures: a fresh plugin manager, and throwaway plugins registered for one test."""
+"""Shared fixtures: a fresh plugin manager, throwaway plugins registered for one test, the toy plugin."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import decodekit.manager as manager_mod
 import pytest
 import torch
+
+from tests.tiny import make_toy_plugin
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -39,3 +42,12 @@ def register_plugin(manager):
         for n in names:
             if manager.pm.has_plugin(n):
                 manager.unregister(n)
+
+
+@pytest.fixture
+def toy(register_plugin, tmp_path) -> Path:
+    """Register the toy plugin; returns an (empty) model folder for it."""
+    register_plugin(make_toy_plugin(), name="toy-plugin")
+    model_dir = tmp_path / "toy-model"
+    model_dir.mkdir()
+    return model_dir

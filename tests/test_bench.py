@@ -12,15 +12,7 @@ from decodekit.bench import PeakMemory, bar_chart, bench, pair_ratios
 from decodekit.config import load_config
 from PIL import Image
 
-from tests.test_config import ToyAdapter, ToyPipe, make_toy_plugin, toy_config
-
-
-@pytest.fixture
-def toy(register_plugin, tmp_path):
-    register_plugin(make_toy_plugin(), name="toy-plugin")
-    model_dir = tmp_path / "toy-model"
-    model_dir.mkdir()
-    return model_dir
+from tests.tiny import ToyAdapter, ToyPipe, toy_config
 
 
 class ScriptedClock:

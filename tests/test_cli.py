@@ -14,15 +14,7 @@ from decodekit.cli import main
 from decodekit.demo import run_demo
 from PIL import Image
 
-from tests.test_config import make_toy_plugin, toy_config
-
-
-@pytest.fixture
-def toy(register_plugin, tmp_path):
-    register_plugin(make_toy_plugin(), name="toy-plugin")
-    model_dir = tmp_path / "toy-model"
-    model_dir.mkdir()
-    return model_dir
+from tests.tiny import ToyAdapter, toy_config
 
 
 def write_config(path: Path, cfg: dict) -> str:
@@ -273,8 +265,6 @@ def test_bench_overhead_flag_adds_the_overhead_figures(toy, tmp_path, capsys, mo
 
 
 def test_a_folder_the_adapter_cannot_read_is_a_one_line_error(toy, tmp_path, capsys, monkeypatch):
-    from tests.test_config import ToyAdapter
-
     def broken_load(source, *, device, dtype, options):
         raise OSError(f"Error no file named model_index.json found in directory {source}.")
 

@@ -30,10 +30,7 @@ from decodekit.outputs import (
 )
 from PIL import Image
 
-from tests import test_config
-from tests.test_config import ToyAdapter, toy_config
-
-toy = test_config.toy  # the toy plugin's fixture: registered for the test, an empty model folder
+from tests.tiny import ToyAdapter, toy_config
 
 
 def write_config(path: Path, cfg: dict) -> str:

@@ -2,12 +2,21 @@
 
 Nothing here downloads: Stable Diffusion, SDXL, ControlNet and img2img pipelines
 (32x32 images, 8x8 latents), Llamas (causal, and bidirectional for masked
-diffusion) and the seeded inputs the tests run them on.
+diffusion) and the seeded inputs the tests run them on; and a toy plugin (adapter,
+strategies, metrics) for the config, CLI and bench tests.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import decodekit
 import torch
+from decodekit.pipeline import Options
+from pydantic import Field, StrictInt
 
 
 def tiny_unet(cross_attention_dim: int = 32, sample_size: int = 8, **overrides):
@@ -211,6 +220,225 @@ def tiny_llama(seed: int = 0, dtype=torch.float32, vocab_size: int = 64):
         pad_token_id=0,
     )
     return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+# -- a toy plugin: a loop over a tiny Linear; a strategy that serves every other call ------
+class ToyPipe:
+    """A 'pipeline' whose denoiser is a tiny Linear applied once per step."""
+
+    loads = 0
+
+    def __init__(self, source: str, device: str, dtype: str, scale: float):
+        torch.manual_seed(0)
+        self.source, self.device, self.scale = source, device, scale
+        self.dtype = getattr(torch, dtype)
+        self.model = torch.nn.Linear(4, 4).to(self.dtype)
+        self._run = None
+
+    def __call__(self, prompts: list[str], steps: int, seed: int) -> torch.Tensor:
+        run = self._run
+        if run is not None:
+            run.begin_call({"steps": steps})
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(len(prompts), 4, generator=g).to(self.dtype)  # (B, 4)
+        for step in range(steps):
+            out = None
+            if run is not None:
+                out = run.call(
+                    "decodekit_denoiser_forward",
+                    run=run,
+                    step=step,
+                    role="denoiser",
+                    module=self.model,
+                    args=(x,),
+                    kwargs={},
+                )
+            if out is None:
+                with torch.no_grad():
+                    out = self.model(x) * self.scale
+                if run is not None:
+                    run.nfe += 1
+                    run.call(
+                        "decodekit_denoiser_output",
+                        run=run,
+                        step=step,
+                        role="denoiser",
+                        module=self.model,
+                        args=(x,),
+                        kwargs={},
+                        output=out,
+                    )
+            elif run is not None:
+                run.served += 1
+            x = torch.tanh(x + 0.1 * out)
+        if run is not None:
+            run.end_call(x)
+        return x
+
+
+class ToyInputs(decodekit.Inputs):
+    """Inputs of the toy pipeline."""
+
+    prompt: list[str] = ["a", "b"]
+    steps: StrictInt = Field(8, ge=1, description="loop steps")
+
+
+class ToyOptions(Options):
+    """``pipeline.options`` of the toy adapter."""
+
+    scale: float = 1.0
+
+
+class ToyAdapter(decodekit.PipelineAdapter):
+    """Adapter of ToyPipe: attaches by setting its run; outputs are a (B, 4) tensor."""
+
+    name = "toy"
+    loop = "continuous-denoising"
+    Inputs = ToyInputs
+    Options = ToyOptions
+    description = "a toy denoising loop for tests"
+    draw_picture = False
+
+    @classmethod
+    def matches(cls, obj: Any) -> bool:
+        return isinstance(obj, ToyPipe)
+
+    def attach(self) -> None:
+        self.target._run = self.run
+
+    def detach(self) -> None:
+        self.target._run = None
+
+    @classmethod
+    def load(cls, source: str, *, device: str, dtype: str, options: dict[str, Any]) -> ToyPipe:
+        ToyPipe.loads += 1
+        return ToyPipe(source, device, dtype, float(options.get("scale", 1.0)))
+
+    @classmethod
+    def generate(cls, target: ToyPipe, inputs: ToyInputs, progress: bool = False) -> torch.Tensor:
+        return target(inputs.prompt, inputs.steps, inputs.seed)
+
+    @classmethod
+    def save(cls, outputs: torch.Tensor, out_dir: Path) -> list[Path]:
+        path = Path(out_dir) / "outputs.jsonl"
+        with path.open("w") as f:
+            for i, row in enumerate(outputs.tolist()):
+                f.write(json.dumps({"index": i, "values": row}) + "\n")
+        return [path]
+
+    @classmethod
+    def quality(cls, baseline: torch.Tensor, outputs: torch.Tensor) -> dict[str, float]:
+        return {"max_abs_diff": float((baseline - outputs).abs().max())}
+
+    @classmethod
+    def picture(cls, baseline: Any, outputs: Any, path: Path) -> bool:
+        if not cls.draw_picture:
+            return False
+        from PIL import Image
+
+        Image.new("RGB", (8, 4), "red").save(path)
+        return True
+
+
+class HalveParams(decodekit.Params):
+    every: int = Field(
+        2, ge=1, description="run the model on every `every`-th step, reuse it between"
+    )
+
+
+class Halve(decodekit.Strategy):
+    """Serves the steps between every `every`-th one from the last real output."""
+
+    name = "halve"
+    loops = ("continuous-denoising",)
+    slot = "denoiser-cache"
+    Params = HalveParams
+    paper = "Toy (arXiv:0000.00000)"
+
+    def on_attach(self, run) -> None:
+        self.reset(run)
+
+    def reset(self, run) -> None:
+        self.cached = None
+        self.hits = 0
+
+    @decodekit.hookimpl
+    def decodekit_denoiser_forward(self, run, step, module, args, kwargs):
+        if step % self.params.every and self.cached is not None:
+            self.hits += 1
+            return self.cached
+        return None
+
+    @decodekit.hookimpl
+    def decodekit_denoiser_output(self, run, step, module, args, kwargs, output):
+        self.cached = output
+
+    def stats(self) -> dict[str, Any]:
+        return {"hits": self.hits}
+
+    def ideal_speedup(self, run) -> float | None:
+        return float(self.params.every)
+
+
+class Rival(decodekit.Strategy):
+    """Another denoiser cache: cannot run beside `halve`."""
+
+    name = "rival"
+    loops = ("continuous-denoising",)
+    slot = "denoiser-cache"
+
+
+def toy_metric(adapter_name, baseline, outputs, inputs):
+    """A registered quality metric: agreement of the rows' signs."""
+    if adapter_name != "toy":
+        return None
+    return {
+        "sign_agreement": float((baseline.sign() == outputs.sign()).float().mean()),
+        "rows": len(inputs.prompt),
+    }
+
+
+def make_toy_plugin() -> SimpleNamespace:
+    """A module-like plugin registering the toy adapter, strategies and metrics."""
+
+    @decodekit.hookimpl
+    def decodekit_register_pipelines(register):
+        register(ToyAdapter)
+
+    @decodekit.hookimpl
+    def decodekit_register_strategies(register):
+        register(Halve)
+        register(Rival)
+
+    @decodekit.hookimpl
+    def decodekit_register_quality_metrics(register):
+        register("toy-signs", toy_metric)
+        register("never", lambda adapter_name, baseline, outputs, inputs: None)
+
+    return SimpleNamespace(
+        decodekit_register_pipelines=decodekit_register_pipelines,
+        decodekit_register_strategies=decodekit_register_strategies,
+        decodekit_register_quality_metrics=decodekit_register_quality_metrics,
+    )
+
+
+def toy_config(model_dir: Path, **sections: Any) -> dict[str, Any]:
+    """A valid config for the toy plugin; keyword sections replace the defaults."""
+    cfg = {
+        "pipeline": {
+            "type": "toy",
+            "model": str(model_dir),
+            "device": "cpu",
+            "dtype": "float32",
+            "options": {"scale": 1.0},
+        },
+        "strategies": [{"name": "halve", "params": {"every": 2}}],
+        "inputs": {"prompt": ["a", "b"], "steps": 8, "seed": 0},
+        "output": {"dir": str(model_dir.parent / "out")},
+        "bench": {"repeat": 2, "warmup": 0},
+    }
+    cfg.update(sections)
+    return cfg
 
 
 # -- masked diffusion ------------------------------------------------------------------------
