@@ -72,31 +72,31 @@ def nll(model, prompt: list[int], new: list[int], eos: int) -> tuple[float, int]
     return float(-logp[torch.arange(len(new)), torch.tensor(new)].sum()), len(new)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import decodekit
-    from decodekit.pipelines.zoo.arith_data import held_out_problems, training_texts
-    from decodekit.plugins.ngram import build_from_texts
-
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=60)
     ap.add_argument("--corpus", type=int, default=20000, help="training texts for the n-gram model")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1, help="prompts per generate call (left-padded)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    return ap.parse_args(argv)
 
-    model, tok, which = load_model()
+
+def build_ngram(tok, which: str, corpus: int) -> Path:
+    """An n-gram model of ``corpus`` arith training texts under ``tok``, saved to a temp folder."""
+    from decodekit.pipelines.zoo.arith_data import training_texts
+    from decodekit.plugins.ngram import build_from_texts
+
     stream = training_texts(random.Random(0))
-    ngram = build_from_texts([next(stream) for _ in range(args.corpus)], tok, name=which)
+    ngram = build_from_texts([next(stream) for _ in range(corpus)], tok, name=which)
     ngram_dir = Path(tempfile.mkdtemp(prefix="dk-arith-ngram-"))
     ngram.save(ngram_dir)
-    problems = held_out_problems(args.prompts)
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    gen_kw = dict(max_new_tokens=6, pad_token_id=pad, eos_token_id=eos)
-    k = args.k
+    return ngram_dir
 
-    methods = {
+
+def methods_for(k: int, ngram_dir: Path) -> dict[str, tuple[list | None, dict]]:
+    """Method name -> (strategy specs, generate arguments)."""
+    return {
         "greedy": (None, dict(do_sample=False)),
         "nucleus": (None, dict(do_sample=True, top_p=0.9, num_return_sequences=k)),
         "superposed": (
@@ -108,47 +108,48 @@ def main(argv: list[str] | None = None) -> int:
             dict(do_sample=False),
         ),
     }
-    stats = {
-        m: {"times": [], "nfe": [], "best": 0, "any": 0, "nll": 0.0, "tokens": 0} for m in methods
-    }
-    tok.padding_side = "left"
-    groups = [problems[i : i + args.batch] for i in range(0, len(problems), args.batch)]
-    for i, group in enumerate(groups):
-        enc = tok([p for p, _ in group], return_tensors="pt", padding=True)
-        for name, (strategies, kw) in methods.items():
-            run = decodekit.attach(model, strategies or [])
-            try:
-                torch.manual_seed(i)
-                model.generate(**enc, **gen_kw, **kw)  # warm-up
-                times = []
-                for _ in range(args.repeats):
-                    torch.manual_seed(i)
-                    t0 = time.perf_counter()
-                    out = model.generate(**enc, **gen_kw, **kw)
-                    times.append(time.perf_counter() - t0)
-                nfe = run.last["nfe"]
-            finally:
-                run.detach()
-            s = stats[name]
-            s["times"].append(statistics.median(times))
-            s["nfe"].append(nfe)
-            per_input = out.shape[0] // len(group)  # sequences returned per prompt
-            for j, (prompt_text, answer) in enumerate(group):
-                ids = tok(prompt_text)["input_ids"]
-                rows = [
-                    r[enc.input_ids.shape[1] :].tolist()
-                    for r in out[j * per_input : (j + 1) * per_input]
-                ]
-                answers = [answer_of(tok, r) for r in rows]
-                s["best"] += answers[0] == answer
-                s["any"] += answer in answers
-                for r in rows:
-                    total, n = nll(model, ids, r, eos)
-                    s["nll"] += total
-                    s["tokens"] += n
 
+
+def timed_generate(model, strategies, enc, kw: dict, seed: int, repeats: int):
+    """Warm up, then ``repeats`` seeded generate calls: (last output, median seconds, NFE)."""
+    import decodekit
+
+    run = decodekit.attach(model, strategies or [])
+    try:
+        torch.manual_seed(seed)
+        model.generate(**enc, **kw)  # warm-up
+        times = []
+        for _ in range(repeats):
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            out = model.generate(**enc, **kw)
+            times.append(time.perf_counter() - t0)
+        return out, statistics.median(times), run.last["nfe"]
+    finally:
+        run.detach()
+
+
+def score(s: dict, model, tok, group, enc, out, eos: int) -> None:
+    """Add a call's exact answers (first draft, any draft) and answer NLL to the figures ``s``."""
+    per_input = out.shape[0] // len(group)  # sequences returned per prompt
+    for j, (prompt_text, answer) in enumerate(group):
+        ids = tok(prompt_text)["input_ids"]
+        rows = [
+            r[enc.input_ids.shape[1] :].tolist() for r in out[j * per_input : (j + 1) * per_input]
+        ]
+        answers = [answer_of(tok, r) for r in rows]
+        s["best"] += answers[0] == answer
+        s["any"] += answer in answers
+        for r in rows:
+            total, n = nll(model, ids, r, eos)
+            s["nll"] += total
+            s["tokens"] += n
+
+
+def report_of(args, which: str, n: int, gen_kw: dict, stats: dict) -> dict:
+    """The result document: settings and, per method, time ratios, forwards, accuracy, perplexity."""
+    k = args.k
     greedy_t = sum(stats["greedy"]["times"])
-    n = len(problems)
     report = {
         "model": which
         if which != "tiny"
@@ -175,6 +176,35 @@ def main(argv: list[str] | None = None) -> int:
             "accuracy_any": s["any"] / n,
             "perplexity": math.exp(s["nll"] / max(1, s["tokens"])),
         }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from decodekit.pipelines.zoo.arith_data import held_out_problems
+
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    model, tok, which = load_model()
+    methods = methods_for(args.k, build_ngram(tok, which, args.corpus))
+    problems = held_out_problems(args.prompts)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    gen_kw = dict(max_new_tokens=6, pad_token_id=pad, eos_token_id=eos)
+    stats = {
+        m: {"times": [], "nfe": [], "best": 0, "any": 0, "nll": 0.0, "tokens": 0} for m in methods
+    }
+    tok.padding_side = "left"
+    groups = [problems[i : i + args.batch] for i in range(0, len(problems), args.batch)]
+    for i, group in enumerate(groups):
+        enc = tok([p for p, _ in group], return_tensors="pt", padding=True)
+        for name, (strategies, kw) in methods.items():
+            out, seconds, nfe = timed_generate(
+                model, strategies, enc, {**gen_kw, **kw}, i, args.repeats
+            )
+            stats[name]["times"].append(seconds)
+            stats[name]["nfe"].append(nfe)
+            score(stats[name], model, tok, group, enc, out, eos)
+
+    report = report_of(args, which, len(problems), gen_kw, stats)
     out_dir = ROOT / "benchmarks" / "results" / "superposed" / "cpu-2core"
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "superposed" + ("" if which == "zoo:arith-ar" else "_tiny")
