@@ -80,7 +80,7 @@ class RuntimeSpecs:
         ``generate(...)`` (transformers). Called after every strategy's
         ``reset(run)``, once per call.
 
-        Called by: stable-diffusion, masked-diffusion-lm, llada2, causal-lm.
+        Called by: stable-diffusion, masked-diffusion-lm, llada2, causal-lm, ar-image.
         """
 
     @hookspec
@@ -90,7 +90,7 @@ class RuntimeSpecs:
         Called once per call that did not raise, before ``run.last`` is filled.
         Undo per-call changes to the pipeline here.
 
-        Called by: stable-diffusion, masked-diffusion-lm, llada2, causal-lm.
+        Called by: stable-diffusion, masked-diffusion-lm, llada2, causal-lm, ar-image.
         """
 
     # -- continuous denoising (diffusers UNet / DiT pipelines) ----------------
@@ -230,4 +230,20 @@ class RuntimeSpecs:
         ``generate`` call. Drop or keep context tokens, set ``past_key_values``.
 
         Called by: causal-lm.
+        """
+
+    @hookspec(firstresult=True)
+    def decodekit_image_tokens(self, run, decoder):
+        """Decode the image span of an image-token AR pipeline with ``decoder``; return the codes ``(B, N)`` or None (first result).
+
+        ``decoder`` is an `ImageTokenDecoder` (``decodekit.pipelines.ar_image``),
+        already prefilled with the prompts: ``probs_after(tokens)`` verifies
+        tokens after each row's committed prefix in one forward (guidance,
+        processors and constraints applied), ``commit(num, tokens=None)`` keeps
+        a prefix per row and rolls the rest of its K/V back, ``generators`` has
+        one generator per row. Return ``decoder.codes`` once every row is
+        complete, or None to let the pipeline decode what is left token by
+        token (``decoder.decode_plain()``).
+
+        Called by: ar-image.
         """

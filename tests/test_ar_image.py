@@ -11,10 +11,15 @@ prefix (1e-10 in float64).
 
 from __future__ import annotations
 
+import decodekit
 import pytest
 import torch
+from decodekit.errors import ConfigError
+from decodekit.hookspecs import hookimpl
 from decodekit.pipelines.ar_image import ARImageConfig, ARImageOutput, ARImagePipeline
 from decodekit.sampler import Sampler, sample_categorical
+from decodekit.session import attached_run
+from decodekit.strategy import Strategy
 
 from tests.tiny import AR_CODES, AR_IMAGE_TOKENS, tiny_ar_image_pipeline
 
@@ -232,3 +237,108 @@ def test_decode_plain_continues_from_ragged_commits(pipe):
     greedy = reference_codes(pipe, PROMPTS, sampler=Sampler(temperature=0))
     dec.commit(torch.tensor([0, 3, 5]), greedy[:, :5])
     assert torch.equal(dec.decode_plain(), greedy)
+
+
+# -- sessions: the hook, detach, the adapter -------------------------------------------------------
+class GreedyWindow(Strategy):
+    """Greedy verification of a window of guesses: each step commits the accepted guesses and the
+    correction (a token that was not fed), so it exercises commit with replaced tokens."""
+
+    name = "test-greedy-window"
+    loops = ("token-autoregression",)
+
+    def __init__(self, window=4, stop_after=None):
+        super().__init__()
+        self.window, self.stop_after = window, stop_after
+
+    @hookimpl
+    def decodekit_image_tokens(self, run, decoder):
+        assert run.adapter.model is not None and run.adapter.step == 1  # the prefill
+        guesses = torch.zeros(decoder.batch, self.window, dtype=torch.long)
+        steps = 0
+        while not decoder.done:
+            if self.stop_after is not None and steps == self.stop_after:
+                return None
+            p = decoder.probs_after(guesses)  # (B, L+1, K)
+            best = p.argmax(dim=-1)  # (B, L+1)
+            ok = (best[:, :-1] == guesses).long().cumprod(dim=1).sum(dim=1)  # (B,)
+            left = decoder.length - decoder.committed
+            num = torch.minimum(ok + 1, left)
+            decoder.commit(num, best)  # best[:, :ok] are the guesses; best[:, ok] the correction
+            guesses = torch.roll(best, -1, dims=1)[:, : self.window]
+            steps += 1
+        decoder.stats["steps"] = steps
+        return decoder.codes
+
+
+def test_a_strategy_decodes_through_the_hook_and_detach_restores(pipe):
+    plain = pipe(PROMPTS, temperature=0)
+    lm, forward = pipe.lm, pipe.lm.forward
+    with decodekit.attach(pipe, [GreedyWindow()], pipeline="ar-image") as run:
+        out = pipe(PROMPTS, temperature=0)
+        assert attached_run(pipe) is run
+    assert torch.equal(out.codes, plain.codes)  # greedy verification is lossless
+    assert out.stats["steps"] <= N and run.last["nfe"] == out.forwards
+    assert attached_run(pipe) is None and pipe.lm is lm and pipe.lm.forward == forward
+    again = pipe(PROMPTS, temperature=0)
+    assert torch.equal(again.codes, plain.codes) and again.stats == {}
+
+
+def test_a_strategy_may_leave_the_rest_to_plain_decoding(pipe):
+    plain = pipe(PROMPTS, guidance_scale=2.0, temperature=0).codes
+    with decodekit.attach(pipe, [GreedyWindow(window=3, stop_after=2)], pipeline="ar-image"):
+        out = pipe(PROMPTS, guidance_scale=2.0, temperature=0)
+    assert torch.equal(out.codes, plain)
+
+
+def test_an_error_in_a_strategy_detaches(pipe):
+    class Broken(GreedyWindow):
+        name = "test-broken"
+
+        @hookimpl
+        def decodekit_image_tokens(self, run, decoder):
+            raise RuntimeError("boom")
+
+    run = decodekit.attach(pipe, [Broken()], pipeline="ar-image")
+    with pytest.raises(RuntimeError, match="boom"):
+        pipe(PROMPTS, temperature=0)
+    assert not run.attached and attached_run(pipe) is None
+
+
+def test_adapter_loads_runs_saves_and_compares(pipe, tmp_path):
+    from decodekit.pipelines.ar_image_adapter import ARImageAdapter, ARImageInputs
+
+    pipe.save_pretrained(tmp_path / "m")
+    loaded = ARImageAdapter.load(str(tmp_path / "m"), device="cpu", dtype="float64", options={})
+    assert ARImageAdapter.matches(loaded) and not ARImageAdapter.matches(pipe.lm)
+    inputs = ARImageInputs(prompt=PROMPTS, guidance_scale=2.0, top_k=5, seed=3, batch_size=2)
+    images = ARImageAdapter.generate(loaded, inputs)
+    assert len(images) == 3
+    # rows seeded from their prompt: the same prompt gives the same image anywhere in the list
+    moved = ARImageAdapter.generate(loaded, inputs.model_copy(update={"prompt": PROMPTS[::-1]}))
+    assert ARImageAdapter.quality(images, moved[::-1]) == {"psnr": float("inf"), "identical": 1.0}
+    files = ARImageAdapter.save(images, tmp_path / "out")
+    assert [f.name for f in files] == ["000.png", "001.png", "002.png"]
+    assert ARImageAdapter.picture(images, moved, tmp_path / "side.png")
+    with pytest.raises(ConfigError, match="not supported yet"):
+        ARImageAdapter.load(str(tmp_path), device="cpu", dtype="float64", options={})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"guidance_scale": 0.5},
+        {"temperature": -1},
+        {"top_k": 0},
+        {"top_p": 0.0},
+        {"prompt": []},
+        {"batch_size": 0},
+        {"steps": 3},
+    ],
+)
+def test_inputs_out_of_range_are_refused(bad):
+    from decodekit.pipelines.ar_image_adapter import ARImageInputs
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        ARImageInputs(**{"prompt": ["a red circle"], **bad})

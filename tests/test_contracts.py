@@ -29,7 +29,7 @@ from decodekit.hookspecs import hookimpl
 from decodekit.loops import LOOP_CONTRACTS, AdapterView, ContractError, contract_of
 from decodekit.strategy import Strategy
 
-from tests.tiny import tiny_llama, tiny_sd_pipeline
+from tests.tiny import tiny_ar_image_pipeline, tiny_llama, tiny_sd_pipeline
 
 BUILTIN = "decodekit"
 
@@ -131,10 +131,13 @@ def _targets():
         "stable-diffusion": tiny_sd_pipeline,
         "causal-lm": tiny_llama,
         "masked-diffusion-lm": lambda: MaskedDiffusionLMPipeline(tiny_llama(), mask_token_id=3),
+        "ar-image": tiny_ar_image_pipeline,
     }
 
 
-@pytest.mark.parametrize("adapter", ["stable-diffusion", "causal-lm", "masked-diffusion-lm"])
+@pytest.mark.parametrize(
+    "adapter", ["stable-diffusion", "causal-lm", "masked-diffusion-lm", "ar-image"]
+)
 def test_adapter_instances_provide_every_declared_name(adapter):
     target = _targets()[adapter]()
     with decodekit.attach(target, [], pipeline=adapter) as run:
@@ -146,7 +149,8 @@ def test_adapter_instances_provide_every_declared_name(adapter):
         if run.loop == "continuous-denoising":
             assert view.denoiser is target.unet and view.scheduler is target.scheduler
         else:
-            assert view.model is (target.model if adapter == "masked-diffusion-lm" else target)
+            model = {"masked-diffusion-lm": "model", "ar-image": "lm"}.get(adapter)
+            assert view.model is (getattr(target, model) if model else target)
 
 
 class ReadsInternals(Strategy):

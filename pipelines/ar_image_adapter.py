@@ -1,0 +1,156 @@
+"""Adapter `ar-image`: decodekit's `ARImagePipeline` in YAML runs and sessions.
+
+The pipeline (``decodekit.pipelines.ar_image``) owns its loop: at every call it
+looks up the run attached to it, runs the whole call inside
+``run.guarded_call`` and hands the image span to the strategies through
+``decodekit_image_tokens(run, decoder)``, so attaching only checks that it has
+a language model. The adapter's other work is loading an ar-image folder
+(``ar_image.json``, ``lm/``, ``vq/``, ``tokenizer/``), running a YAML
+``inputs`` section with one generator per row (`decodekit.seeds`), and saving
+and comparing images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from decodekit.errors import AttachError, ConfigError
+from decodekit.hookspecs import hookimpl
+from decodekit.loops import TokenAutoregressionAdapter
+from decodekit.outputs import atomic_save_image
+from decodekit.pipeline import MAX_PROMPTS, Inputs, Options, check_prompts
+from decodekit.pipelines.ar_image import CONFIG_NAME, ARImagePipeline
+from decodekit.seeds import row_generators
+from pydantic import Field, field_validator
+
+__all__ = ["ARImageAdapter", "ARImageInputs", "ARImageOptions"]
+
+
+class ARImageInputs(Inputs):
+    """YAML ``inputs`` of an ar-image pipeline (the arguments of its ``__call__``)."""
+
+    prompt: str | list[str] = Field(description="a caption or a non-empty list of captions")
+    guidance_scale: float = Field(
+        1.0, ge=1.0, le=100.0, description="classifier-free guidance, 1 (off) .. 100"
+    )
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 is greedy (argmax)")
+    top_k: int | None = Field(None, ge=1, le=1_000_000, description="keep the k likeliest codes")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus filtering, (0, 1]")
+    batch_size: int | None = Field(None, ge=1, le=MAX_PROMPTS)
+    """Run the prompts in batches of this many rows (None: all at once)."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v: str | list[str]) -> str | list[str]:
+        return check_prompts(v)  # an empty caption is the unconditional prompt: allowed
+
+
+class ARImageOptions(Options):
+    """``pipeline.options`` of ar-image: nothing beyond ``pipeline.dtype`` is taken from a config."""
+
+
+class ARImageAdapter(TokenAutoregressionAdapter):
+    """Attach to an `ARImagePipeline`: its loop calls the runtime hooks itself.
+
+    ``model`` is the pipeline's language model; ``step`` the LM forwards of the
+    current (or last) call, the prefill included.
+    """
+
+    name = "ar-image"
+    loop = "token-autoregression"
+    Inputs = ARImageInputs
+    Options = ARImageOptions
+    description = "decodekit's autoregressive text-to-image over VQ codes (LlamaGen-style, CFG)"
+
+    def __init__(self, target: Any, run):
+        super().__init__(target, run)
+        self.pipe = target
+        self.model = getattr(target, "lm", None)
+
+    @property
+    def step(self) -> int:
+        decoder = getattr(self.pipe, "decoder", None)
+        return decoder.forwards if decoder is not None else 0
+
+    @classmethod
+    def matches(cls, obj: Any) -> bool:
+        return isinstance(obj, ARImagePipeline)
+
+    def touched(self) -> list[Any]:
+        return [self.target, self.model]
+
+    def attach(self) -> None:
+        if not isinstance(self.model, torch.nn.Module):
+            raise AttachError(
+                "the pipeline has no language model (pipe.lm must be a torch module)."
+            )
+
+    def detach(self) -> None:
+        """Nothing to undo: the pipeline looks up its run at every call."""
+
+    # -- YAML runs and bench -----------------------------------------------------------------
+    @classmethod
+    def load(cls, source: str, *, device: str, dtype: str, options: dict[str, Any]) -> Any:
+        from decodekit.config import check_options
+
+        check_options(cls, options)
+        if not (Path(source) / CONFIG_NAME).is_file():
+            raise ConfigError(
+                "pipeline.model",
+                f"{source} is not an ar-image folder (no {CONFIG_NAME}; it holds {CONFIG_NAME}, "
+                "lm/, vq/ and tokenizer/). Emu3, Janus and LlamaGen checkpoints are not "
+                "supported yet.",
+            )
+        try:
+            pipe = ARImagePipeline.from_pretrained(
+                source, torch_dtype=getattr(torch, dtype), local_files_only=True
+            )
+        except ValueError as e:
+            raise ConfigError("pipeline.model", str(e)) from None
+        return pipe.to(device)
+
+    @classmethod
+    def generate(cls, target: Any, inputs: ARImageInputs, progress: bool = False) -> list:
+        prompts = [inputs.prompt] if isinstance(inputs.prompt, str) else list(inputs.prompt)
+        size = inputs.batch_size or len(prompts)
+        # one generator per row, seeded from its prompt (decodekit.seeds), not from its index
+        generators = row_generators(inputs.seed, prompts, device=target.device.type)
+        images = []
+        for first in range(0, len(prompts), size):
+            out = target(
+                prompts[first : first + size],
+                guidance_scale=inputs.guidance_scale,
+                temperature=inputs.temperature,
+                top_k=inputs.top_k,
+                top_p=inputs.top_p,
+                generator=generators[first : first + size],
+            )
+            images += out.images
+        return images
+
+    @classmethod
+    def save(cls, outputs: list, out_dir: Path) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return [
+            atomic_save_image(image, out_dir / f"{i:03d}.png") for i, image in enumerate(outputs)
+        ]
+
+    @classmethod
+    def quality(cls, baseline: list, outputs: list) -> dict[str, float]:
+        """PSNR and exact identity of the images, as stable-diffusion compares them."""
+        from decodekit.pipelines import stable_diffusion
+
+        return stable_diffusion.StableDiffusionAdapter.quality(baseline, outputs)
+
+    @classmethod
+    def picture(cls, baseline: list, outputs: list, path: Path) -> bool:
+        from decodekit.pipelines import stable_diffusion
+
+        return stable_diffusion.StableDiffusionAdapter.picture(baseline, outputs, path)
+
+
+@hookimpl
+def decodekit_register_pipelines(register):
+    register(ARImageAdapter)
