@@ -30,7 +30,7 @@ from decodekit.testing import CommitRecorder
 ANSWER_COLUMNS = 5  # four zero-padded digits, then <eos>
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", required=True, help="a dkv_cache.py --model zoo-fewshot JSON")
     ap.add_argument("--config", default="decode@8")
@@ -42,7 +42,76 @@ def main() -> None:
         help="also rerun the row's dkv-cache config on those batches, and report each changed "
         "prompt's cached answer and the first answer digit that differs",
     )
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def commit_figures(pipe, model, pad_id: int, rec: CommitRecorder, a: dict, rows: int):
+    """Per row, per answer column: the block step that committed it, and the baseline's top-1
+    probability and margin over the second from a full forward just before that commit."""
+    steps_per_block = a["steps"] * a["block"] // a["gen_length"]
+    length = rec.steps[0][1].shape[1]
+    start = length - a["gen_length"]
+    found: list[dict[int, dict]] = [{} for _ in range(rows)]
+    for step, x, committed in rec.steps:
+        hits = committed[:, start : start + ANSWER_COLUMNS].nonzero().tolist()
+        if not hits:
+            continue
+        before = x.clone()
+        before[committed] = pipe.mask_token_id
+        # the pipeline's own attention mask and positions: left padding, then 1s
+        real = (before != pad_id).long().cummax(dim=1).values
+        positions = (real.cumsum(dim=1) - 1).clamp(min=0)
+        with torch.no_grad():
+            probs = model(input_ids=before, attention_mask=real, position_ids=positions)
+            probs = probs.logits.softmax(-1)
+        for r, c in hits:
+            top = probs[r, start + c].topk(2).values.tolist()
+            found[r][c] = {
+                "block_step": step % steps_per_block,
+                "p_top": round(top[0], 3),
+                "margin": round(top[0] - top[1], 3),
+            }
+    return found
+
+
+def prompt_entry(index: int, changed: set, base_text: str, want, found: dict, cached_text) -> dict:
+    """One prompt's answer columns and digit margins (and, rerun, its cached answer)."""
+    digits = [found[c] for c in range(4)]
+    entry = {
+        "prompt": index,
+        "changed": index in changed,
+        "baseline_answer": base_text.strip(),
+        "right_answer": want,
+        "columns": {str(c): found[c] for c in sorted(found)},
+        "min_digit_margin": min(d["margin"] for d in digits),
+        "digit_block_steps": sorted(d["block_step"] for d in digits),
+    }
+    if cached_text is not None and index in changed:
+        cached, base = cached_text.strip(), base_text.strip()
+        first = next((c for c in range(4) if cached[c : c + 1] != base[c]), None)
+        entry["cached_answer"] = cached
+        entry["first_differing_digit"] = first
+        if first is not None:
+            entry["its_block_step"] = found[first]["block_step"]
+    return entry
+
+
+def summarise(prompts_out: list[dict]) -> dict:
+    """Digit margins and block steps of the changed prompts and of the unchanged ones."""
+    summary = {}
+    for label, flag in (("changed", True), ("unchanged", False)):
+        sel = [p for p in prompts_out if p["changed"] == flag]
+        summary[label] = {
+            "prompts": len(sel),
+            "median_min_digit_margin": statistics.median(p["min_digit_margin"] for p in sel),
+            "min_digit_margin_at_least_0.95": sum(p["min_digit_margin"] >= 0.95 for p in sel),
+            "digit_block_steps_seen": sorted({s for p in sel for s in p["digit_block_steps"]}),
+        }
+    return summary
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     bench = json.load(open(args.rows))
     row = next(r for r in bench["rows"] if r["config"] == args.config)
@@ -58,79 +127,24 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(zoo_path("arith-mdlm-fewshot"))
     pipe = MaskedDiffusionLMPipeline(model, tokenizer)
     problems = held_out_few_shot(batch * a["prompt_batches"], a["shots"], padded=True)
-    steps_per_block = a["steps"] * a["block"] // a["gen_length"]
+    gkw = dict(gen_length=a["gen_length"], block_length=a["block"], steps=a["steps"])
     prompts_out = []
     for b in sorted({i // batch for i in changed}):
         group = problems[b * batch : (b + 1) * batch]
+        prompts = [p for p, _ in group]
         rec = CommitRecorder()
         with decodekit.attach(pipe, [rec]):
-            out = pipe(
-                prompt=[p for p, _ in group],
-                gen_length=a["gen_length"],
-                block_length=a["block"],
-                steps=a["steps"],
-            )
-        cached_texts = None
+            out = pipe(prompt=prompts, **gkw)
+        cached_texts = [None] * len(group)
         if args.rerun_cached:
             with decodekit.attach(pipe, [dkv_config(args.config, a)]):
-                cached_texts = pipe(
-                    prompt=[p for p, _ in group],
-                    gen_length=a["gen_length"],
-                    block_length=a["block"],
-                    steps=a["steps"],
-                ).texts
-        length = rec.steps[0][1].shape[1]
-        start = length - a["gen_length"]
-        found: list[dict[int, dict]] = [{} for _ in group]
-        for step, x, committed in rec.steps:
-            hits = committed[:, start : start + ANSWER_COLUMNS].nonzero().tolist()
-            if not hits:
-                continue
-            before = x.clone()
-            before[committed] = pipe.mask_token_id
-            # the pipeline's own attention mask and positions: left padding, then 1s
-            real = (before != tokenizer.pad_token_id).long().cummax(dim=1).values
-            positions = (real.cumsum(dim=1) - 1).clamp(min=0)
-            with torch.no_grad():
-                probs = model(input_ids=before, attention_mask=real, position_ids=positions)
-                probs = probs.logits.softmax(-1)
-            for r, c in hits:
-                top = probs[r, start + c].topk(2).values.tolist()
-                found[r][c] = {
-                    "block_step": step % steps_per_block,
-                    "p_top": round(top[0], 3),
-                    "margin": round(top[0] - top[1], 3),
-                }
+                cached_texts = pipe(prompt=prompts, **gkw).texts
+        found = commit_figures(pipe, model, tokenizer.pad_token_id, rec, a, len(group))
         for r, (_, want) in enumerate(group):
-            index = b * batch + r
-            digits = [found[r][c] for c in range(4)]
             prompts_out.append(
-                {
-                    "prompt": index,
-                    "changed": index in changed,
-                    "baseline_answer": out.texts[r].strip(),
-                    "right_answer": want,
-                    "columns": {str(c): found[r][c] for c in sorted(found[r])},
-                    "min_digit_margin": min(d["margin"] for d in digits),
-                    "digit_block_steps": sorted(d["block_step"] for d in digits),
-                }
+                prompt_entry(b * batch + r, changed, out.texts[r], want, found[r], cached_texts[r])
             )
-            if cached_texts is not None and index in changed:
-                cached, base = cached_texts[r].strip(), out.texts[r].strip()
-                first = next((c for c in range(4) if cached[c : c + 1] != base[c]), None)
-                prompts_out[-1]["cached_answer"] = cached
-                prompts_out[-1]["first_differing_digit"] = first
-                if first is not None:
-                    prompts_out[-1]["its_block_step"] = found[r][first]["block_step"]
-    summary = {}
-    for label, flag in (("changed", True), ("unchanged", False)):
-        sel = [p for p in prompts_out if p["changed"] == flag]
-        summary[label] = {
-            "prompts": len(sel),
-            "median_min_digit_margin": statistics.median(p["min_digit_margin"] for p in sel),
-            "min_digit_margin_at_least_0.95": sum(p["min_digit_margin"] >= 0.95 for p in sel),
-            "digit_block_steps_seen": sorted({s for p in sel for s in p["digit_block_steps"]}),
-        }
+    summary = summarise(prompts_out)
     result = {"rows": args.rows, "config": args.config, "summary": summary, "prompts": prompts_out}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
