@@ -148,7 +148,7 @@ def worker(side: str, workdir: Path, repeats: int) -> None:
     print(json.dumps({"version": transformers.__version__, "results": results, "times": times}))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--model",
@@ -160,19 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of both sides")
     ap.add_argument("--worker", choices=["ours", "tf455"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker:
-        worker(args.worker, args.workdir, args.repeats)
-        return 0
+    return ap.parse_args(argv)
 
-    model = args.model
-    if model == "auto":
-        from decodekit.pipelines.zoo import MODELS_DIR
 
-        model = "zoo:arith-ar" if (MODELS_DIR / "arith-ar" / "config.json").is_file() else "tiny"
-    python455 = ensure_venv()
-    workdir = Path(tempfile.mkdtemp(prefix="dk-dbs-"))
-    info = prepare(model, workdir, args.prompts)
+def run_rounds(python455: Path, workdir: Path, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """``args.rounds`` alternating rounds of both sides' workers: each side's parsed results."""
     sides = {"tf455": str(python455), "ours": str(ROOT / ".venv/bin/python")}
     runs: dict[str, list[dict]] = {"tf455": [], "ours": []}
     for _ in range(args.rounds):
@@ -189,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
             ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
             runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+def compare(runs: dict[str, list[dict]], setup: dict) -> dict:
+    """Sequences and scores of the two sides, their times and early-finished sequences."""
     theirs, ours = runs["tf455"][0]["results"], runs["ours"][0]["results"]
     same = [a["sequences"] == b["sequences"] for a, b in zip(theirs, ours)]
     score_err = max(
@@ -200,14 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         return sum(statistics.median(t) for t in per_prompt)
 
     t455, tours = total("tf455"), total("ours")
-    setup = json.loads((workdir / "setup.json").read_text())
     eos = setup["config"]["eos_token_id"]
     early = sum(
         eos in seq[len(p) :] for r, p in zip(ours, setup["prompts"]) for seq in r["sequences"]
     )
-    report = {
-        "model": info["model"],
-        "settings": SETTINGS | {"num_return_sequences": SETTINGS["num_beams"], "batch": 1},
+    return {
         "prompts": len(same),
         "identical_sequences": sum(same),
         "max_abs_score_difference": score_err,
@@ -216,6 +210,29 @@ def main(argv: list[str] | None = None) -> int:
         "time_transformers_4_55_4_s": t455,
         "time_decodekit_s": tours,
         "time_ratio_ours_over_455": tours / t455,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.workdir, args.repeats)
+        return 0
+
+    model = args.model
+    if model == "auto":
+        from decodekit.pipelines.zoo import MODELS_DIR
+
+        model = "zoo:arith-ar" if (MODELS_DIR / "arith-ar" / "config.json").is_file() else "tiny"
+    python455 = ensure_venv()
+    workdir = Path(tempfile.mkdtemp(prefix="dk-dbs-"))
+    info = prepare(model, workdir, args.prompts)
+    runs = run_rounds(python455, workdir, args)
+    figures = compare(runs, json.loads((workdir / "setup.json").read_text()))
+    report = {
+        "model": info["model"],
+        "settings": SETTINGS | {"num_return_sequences": SETTINGS["num_beams"], "batch": 1},
+        **figures,
         "versions": {"theirs": runs["tf455"][0]["version"], "ours": runs["ours"][0]["version"]},
         "machine": "2-core CPU shared with other jobs, no GPU; torch.set_num_threads(1)",
         "command": "python benchmarks/diverse_beam_vs_transformers455.py --model " + args.model,
@@ -225,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    return 0 if all(same) else 1
+    return 0 if figures["identical_sequences"] == figures["prompts"] else 1
 
 
 if __name__ == "__main__":
