@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dkv_cache import llada_shaped, sync  # noqa: E402
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=8)
@@ -39,8 +39,43 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--rows", nargs="+", default=["baseline", "decode", "pd"])
     ap.add_argument("--out", default="profile_dkv.txt")
-    args = ap.parse_args()
-    dtype = getattr(torch, args.dtype)
+    return ap.parse_args()
+
+
+def profile_row(pipe, row: str, kw: dict, device: str) -> list[str]:
+    """Warm up, time one call (counting host reads), profile another: the row's report lines."""
+    activities = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    sort_device = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    specs = (
+        []
+        if row == "baseline"
+        else [{"name": "dkv-cache", "params": {"variant": row, "refresh_interval": 4}}]
+    )
+    with decodekit.attach(pipe, specs):
+        pipe(**kw)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        with HostReads() as reads:
+            pipe(**kw)
+        sync(device)
+        wall = time.perf_counter() - t0
+        with profile(activities=activities) as prof:
+            pipe(**kw)
+            sync(device)
+    table_dev = prof.key_averages().table(sort_by=sort_device, row_limit=15)
+    table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    head = (
+        f"== {row}: {wall:.3f} s for 64 steps, host reads per step "
+        f"{reads.total / 64:.1f} {dict(reads.counts)}"
+    )
+    print(head, flush=True)
+    return [head, "-- by self device time", table_dev, "-- by self host time", table_cpu]
+
+
+def main() -> None:
+    args = parse_args()
     model = llada_shaped(
         args.width,
         args.layers,
@@ -49,7 +84,7 @@ def main() -> None:
         kv_heads=args.kv_heads,
         intermediate=args.intermediate,
         device=args.device,
-        dtype=dtype,
+        dtype=getattr(torch, args.dtype),
     )
     pipe = MaskedDiffusionLMPipeline(
         model, mask_token_id=args.vocab - 1, eos_token_id=2, pad_token_id=0
@@ -58,38 +93,9 @@ def main() -> None:
         3, args.vocab - 1, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)
     )
     kw = dict(input_ids=ids, gen_length=64, block_length=32, steps=64)
-    activities = [ProfilerActivity.CPU]
-    if args.device.startswith("cuda"):
-        activities.append(ProfilerActivity.CUDA)
-    sort_device = (
-        "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
-    )
     lines = []
     for row in args.rows:
-        specs = (
-            []
-            if row == "baseline"
-            else [{"name": "dkv-cache", "params": {"variant": row, "refresh_interval": 4}}]
-        )
-        with decodekit.attach(pipe, specs):
-            pipe(**kw)  # warm-up
-            sync(args.device)
-            t0 = time.perf_counter()
-            with HostReads() as reads:
-                pipe(**kw)
-            sync(args.device)
-            wall = time.perf_counter() - t0
-            with profile(activities=activities) as prof:
-                pipe(**kw)
-                sync(args.device)
-        table_dev = prof.key_averages().table(sort_by=sort_device, row_limit=15)
-        table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-        head = (
-            f"== {row}: {wall:.3f} s for 64 steps, host reads per step "
-            f"{reads.total / 64:.1f} {dict(reads.counts)}"
-        )
-        print(head, flush=True)
-        lines += [head, "-- by self device time", table_dev, "-- by self host time", table_cpu]
+        lines += profile_row(pipe, row, kw, args.device)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
