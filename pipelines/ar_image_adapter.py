@@ -19,7 +19,6 @@ import torch
 from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
 from decodekit.loops import TokenAutoregressionAdapter
-from decodekit.outputs import atomic_save_image
 from decodekit.pipeline import MAX_PROMPTS, Inputs, Options, check_prompts
 from decodekit.pipelines.ar_image import CONFIG_NAME, ARImagePipeline
 from decodekit.seeds import row_generators
@@ -132,10 +131,10 @@ class ARImageAdapter(TokenAutoregressionAdapter):
 
     @classmethod
     def save(cls, outputs: list, out_dir: Path) -> list[Path]:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return [
-            atomic_save_image(image, out_dir / f"{i:03d}.png") for i, image in enumerate(outputs)
-        ]
+        """One PNG per image (``000.png`` ...), each written atomically, as stable-diffusion saves."""
+        from decodekit.pipelines import stable_diffusion
+
+        return stable_diffusion.StableDiffusionAdapter.save(outputs, out_dir)
 
     @classmethod
     def quality(cls, baseline: list, outputs: list) -> dict[str, float]:

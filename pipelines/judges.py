@@ -2,7 +2,7 @@
 
 Registered through ``decodekit_register_quality_metrics`` like any plugin's:
 
-* ``shapes-judge`` — on stable-diffusion outputs whose prompts are shape
+* ``shapes-judge`` — on stable-diffusion and ar-image outputs whose prompts are shape
   captions ("a small red circle on the left"): prompt adherence of the
   baseline and of the strategy as read by the zoo's timm classifier, how often
   the judge reads the same attributes from both, and the Fréchet distance of
@@ -30,6 +30,8 @@ from decodekit.hookspecs import hookimpl
 # The problem at the end of a prompt: at its start or after whitespace (solved examples).
 ARITH_PROMPT = re.compile(r"(?:^|\s)(\d+)\s*([+-])\s*(\d+)\s*=\s*$")
 MIN_IMAGES_FOR_FRECHET = 16
+IMAGE_ADAPTERS = ("stable-diffusion", "ar-image")
+"""Adapters whose outputs are lists of PIL images, one per prompt and image."""
 
 
 @lru_cache(maxsize=1)
@@ -51,7 +53,7 @@ def shapes_judge_metric(
     adapter: str, baseline: Any, outputs: Any, inputs: Any
 ) -> dict[str, float] | None:
     """Judge adherence (baseline, strategy), judge agreement, Fréchet distance to the baseline."""
-    if adapter != "stable-diffusion" or not isinstance(outputs, list) or not outputs:
+    if adapter not in IMAGE_ADAPTERS or not isinstance(outputs, list) or not outputs:
         return None
     from decodekit.pipelines.zoo.shapes_data import parse_caption
 
