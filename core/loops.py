@@ -130,17 +130,20 @@ class MaskedDiffusionAdapter(TextAdapter):
 
 
 class TokenAutoregressionAdapter(TextAdapter):
-    """Contract of the ``token-autoregression`` loop (transformers ``generate``).
+    """Contract of the ``token-autoregression`` loop (transformers ``generate``, image-token AR).
 
-    transformers owns the loop. Strategies add logits processors
-    (``decodekit_logits_processors``), edit each forward's inputs
+    On ``causal-lm`` transformers owns the loop: strategies add logits
+    processors (``decodekit_logits_processors``), edit each forward's inputs
     (``decodekit_model_inputs``), or drive decoding themselves
     (``decodekit_generate``, run as ``generate(custom_generate=...)``), where
-    they receive the model, processors and stopping criteria as arguments.
+    they receive the model, processors and stopping criteria as arguments. On
+    ``ar-image`` decodekit owns the loop and hands the image span to
+    ``decodekit_image_tokens`` with an ``ImageTokenDecoder``.
 
     Attributes:
-        model: the ``PreTrainedModel`` whose ``generate`` is wrapped.
-        step: model forwards made so far in the current ``generate`` call.
+        model: the language model: the ``PreTrainedModel`` whose ``generate`` is
+            wrapped (causal-lm) or the pipeline's LM (ar-image).
+        step: model forwards made so far in the current call.
     """
 
     loop = "token-autoregression"

@@ -235,6 +235,11 @@ class FasterDiffusion(Strategy):
     slot = "denoiser-cache"
     paper = "Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion Models, arXiv:2312.09608"
 
+    def __init__(self, params=None, *, path: str = "params"):
+        super().__init__(params, path=path)
+        self.counts: dict[str, int] = {}  # per call, from reset()
+        self._key: list[int] | None = None
+
     # -- lifecycle ----------------------------------------------------------------------
     def on_attach(self, run) -> None:
         from diffusers import UNet2DConditionModel
@@ -284,7 +289,7 @@ class FasterDiffusion(Strategy):
         }
 
     def stats(self) -> dict[str, Any]:
-        return {**getattr(self, "counts", {}), "key_steps": list(getattr(self, "_key", None) or [])}
+        return {**self.counts, "key_steps": list(self._key or [])}
 
     # -- the key-step schedule ----------------------------------------------------------
     def _key_steps(self, run) -> list[int]:
@@ -437,7 +442,7 @@ class FasterDiffusion(Strategy):
     # -- the FLOP-ideal speed-up --------------------------------------------------------
     def ideal_speedup(self, run) -> float | None:
         """Baseline FLOPs over ours for the last call, from counted FLOPs of one full and one decoder call."""
-        c = getattr(self, "counts", None)
+        c = self.counts
         if not c or self._last_full is None or self._key_inputs() is None:
             return None
         f_full, f_dec, f_cn = self._measure_flops()
