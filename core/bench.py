@@ -22,6 +22,7 @@ from typing import Any
 
 from .config import RunConfig
 from .manager import PluginManager, get_manager
+from .outputs import atomic_save_image, atomic_write_text
 from .session import attach
 
 
@@ -343,7 +344,7 @@ def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
     """Write a bench result as indented JSON (outputs themselves are not included)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(jsonable(result), indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(p, json.dumps(jsonable(result), indent=2) + "\n")
 
 
 def bar_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
@@ -390,7 +391,7 @@ def bar_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
     draw.rectangle([margin + 90, h - 20, margin + 100, h - 10], fill=colors["strategy"])
     draw.text((margin + 104, h - 21), "strategy", fill="black", font=font)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
+    atomic_save_image(img, path)
 
 
 __all__ = [

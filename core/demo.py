@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DecodekitError
+from .outputs import atomic_write_text
 
 # Inputs are kept small so the whole demo runs in about a minute on a 2-core CPU.
 SHAPE_PROMPTS = [
@@ -154,5 +155,5 @@ def run_demo(
         "of per-pair time ratios. On CPU only ratios mean something.\n\n" + markdown_table(results)
     )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "README.md").write_text(text, encoding="utf-8")
+    atomic_write_text(out / "README.md", text)
     return results

@@ -513,7 +513,7 @@ class StableDiffusionAdapter(DenoisingAdapter):
 
     @classmethod
     def picture(cls, baseline: list, outputs: list, path: Path) -> bool:
-        image_grid([baseline, outputs], ["baseline", "strategy"]).save(path)
+        atomic_save_image(image_grid([baseline, outputs], ["baseline", "strategy"]), path)
         return True
 
 
