@@ -22,6 +22,7 @@ __all__ = [
     "residual_distribution",
     "SpeculativeVerdict",
     "accept_or_resample",
+    "accept_or_resample_rows",
 ]
 
 
@@ -170,4 +171,112 @@ def accept_or_resample(
     else:
         bonus = torch.full_like(resampled, -1)
     next_token = torch.where(all_accepted, bonus, resampled)  # (...)
+    return SpeculativeVerdict(accepted, num_accepted, next_token)
+
+
+def accept_or_resample_rows(
+    target_probs: Tensor,
+    draft_probs: Tensor,
+    draft_tokens: Tensor,
+    generators: list[torch.Generator],
+    lengths: Tensor,
+    *,
+    bonus_probs: Tensor | None = None,
+    has_bonus: Tensor | None = None,
+) -> SpeculativeVerdict:
+    """`accept_or_resample` for a batch whose rows each have their own generator and window length.
+
+    Row ``b`` verifies its first ``lengths[b]`` window positions and draws from
+    ``generators[b]`` exactly what ``accept_or_resample(target_probs[b:b+1, :m],
+    draft_probs[b:b+1, :m], draft_tokens[b:b+1, :m], generators[b], bonus_probs=...)``
+    would (uniforms, the residual draw, then the bonus draw where ``has_bonus[b]``),
+    so a row's outcome does not depend on the other rows. The arithmetic runs once
+    for the batch; only the draws loop over rows. A row of length 0 draws nothing
+    and gets ``num_accepted = 0``, ``next_token = -1``.
+
+    Args:
+        target_probs: ``p``, ``(B, N, V)``.
+        draft_probs: ``q``, ``(B, N, V)``.
+        draft_tokens: ``(B, N)`` long.
+        generators: ``B`` generators, one per row.
+        lengths: ``(B,)`` long in ``[0, N]``, the window positions each row verifies.
+        bonus_probs: optional ``(B, V)``, the target after each row's window (position
+            ``lengths[b]``), sampled when all its drafts pass and ``has_bonus[b]``.
+        has_bonus: ``(B,)`` bool, default all True when ``bonus_probs`` is given.
+
+    Returns:
+        A :class:`SpeculativeVerdict` with ``accepted`` ``(B, N)`` (False past a row's length).
+    """
+    _check_probs("target_probs", target_probs)
+    _check_probs("draft_probs", draft_probs)
+    if target_probs.dim() != 3 or draft_probs.shape != target_probs.shape:
+        raise ValueError(
+            "target_probs and draft_probs must both be (B, N, V), got "
+            f"{tuple(target_probs.shape)} and {tuple(draft_probs.shape)}."
+        )
+    B, window, vocab = target_probs.shape
+    if draft_tokens.shape != (B, window):
+        raise ValueError(
+            f"draft_tokens must be (B, N) = {(B, window)}, got {tuple(draft_tokens.shape)}."
+        )
+    if len(generators) != B:
+        raise ValueError(f"need one generator per row: {B} rows, {len(generators)} generators.")
+    for g in generators:
+        check_generator(g, target_probs, "accept_or_resample_rows")
+    lengths = lengths.to(device=target_probs.device, dtype=torch.long)
+    if lengths.shape != (B,) or bool(((lengths < 0) | (lengths > window)).any()):
+        raise ValueError(f"lengths must be (B,) = ({B},) with values in [0, {window}].")
+    if bonus_probs is not None:
+        _check_probs("bonus_probs", bonus_probs)
+        if bonus_probs.shape != (B, vocab):
+            raise ValueError(
+                f"bonus_probs must be (B, V) = {(B, vocab)}, got {tuple(bonus_probs.shape)}."
+            )
+        if has_bonus is None:
+            has_bonus = torch.ones(B, dtype=torch.bool, device=target_probs.device)
+    draft_tokens = draft_tokens.long()
+    if draft_tokens.numel() and (draft_tokens.min() < 0 or draft_tokens.max() >= vocab):
+        raise ValueError(f"draft_tokens must lie in [0, {vocab}); got ids outside it.")
+
+    accept_prob = acceptance_probability(target_probs, draft_probs, draft_tokens)  # (B, N)
+    inside = torch.arange(window, device=lengths.device) < lengths[:, None]  # (B, N)
+    uniforms = torch.ones_like(accept_prob)  # (B, N); 1 never passes
+    lens = lengths.tolist()
+    for b, m in enumerate(lens):
+        if m:
+            uniforms[b, :m] = torch.rand(
+                (1, m), generator=generators[b], dtype=accept_prob.dtype, device=accept_prob.device
+            )[0]
+    passes = (uniforms < accept_prob) & inside  # (B, N)
+    accepted = passes.long().cumprod(dim=-1).bool()  # (B, N)
+    num_accepted = accepted.sum(dim=-1)  # (B,)
+
+    at = torch.minimum(num_accepted, (lengths - 1).clamp(min=0))[:, None, None]  # (B, 1, 1)
+    at = at.expand(B, 1, vocab)
+    p_at = target_probs.gather(1, at).squeeze(1)  # (B, V)
+    q_at = draft_probs.gather(1, at).squeeze(1)  # (B, V)
+    residual = residual_distribution(p_at, q_at)  # (B, V)
+    if residual.dtype in (torch.float16, torch.bfloat16):
+        residual = residual.float()
+    bonus_draw = None
+    if bonus_probs is not None:
+        bonus_draw = (
+            bonus_probs.float()
+            if bonus_probs.dtype in (torch.float16, torch.bfloat16)
+            else bonus_probs
+        )
+    next_token = torch.full((B,), -1, dtype=torch.long, device=target_probs.device)  # (B,)
+    all_passed = (num_accepted == lengths).tolist()
+    bonus_rows = has_bonus.tolist() if bonus_probs is not None else [False] * B
+    for b, m in enumerate(lens):
+        if not m:
+            continue
+        resampled = torch.multinomial(residual[b : b + 1], 1, generator=generators[b])[0, 0]
+        bonus = None
+        if bonus_rows[b]:
+            bonus = torch.multinomial(bonus_draw[b : b + 1], 1, generator=generators[b])[0, 0]
+        if not all_passed[b]:
+            next_token[b] = resampled
+        elif bonus is not None:
+            next_token[b] = bonus
     return SpeculativeVerdict(accepted, num_accepted, next_token)

@@ -258,3 +258,69 @@ class CommitRecorder(Strategy):
     @hookimpl
     def decodekit_mdm_committed(self, run, step, x, committed):
         self.steps.append((step, x.clone(), committed.clone()))
+
+
+# -- distribution oracles (exact samplers: SJD, speculative decoding) -------------------------
+def enumerate_joint(next_probs, vocab: int, length: int) -> torch.Tensor:
+    """The exact joint distribution of ``length`` tokens drawn one after another, ``(vocab**length,)``.
+
+    ``next_probs(prefixes)`` takes every prefix of one length, long ``(M, t)``
+    (``t = 0 .. length - 1``), and returns the distribution of the next token
+    after each, ``(M, vocab)``. Sequence ``(x_0, ..., x_{n-1})`` is at flat index
+    ``sum_i x_i * vocab**(n - 1 - i)`` (row-major, as `sequence_index` computes).
+    The probabilities are multiplied in float64.
+    """
+    joint = torch.ones(1, dtype=torch.float64)  # (vocab**t,)
+    prefixes = torch.zeros(1, 0, dtype=torch.long)  # (vocab**t, t)
+    for _ in range(length):
+        probs = next_probs(prefixes).to(torch.float64).cpu()  # (M, vocab)
+        if probs.shape != (prefixes.shape[0], vocab):
+            raise ValueError(
+                f"next_probs returned {tuple(probs.shape)} for {prefixes.shape[0]} prefixes; "
+                f"expected ({prefixes.shape[0]}, {vocab})."
+            )
+        joint = (joint[:, None] * probs).reshape(-1)  # (vocab**(t+1),)
+        nxt = torch.arange(vocab).repeat(prefixes.shape[0])[:, None]
+        prefixes = torch.cat([prefixes.repeat_interleave(vocab, dim=0), nxt], dim=1)
+    return joint
+
+
+def sequence_index(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Flat index of each sequence ``(S, n)`` in `enumerate_joint`'s order, ``(S,)``."""
+    weights = vocab ** torch.arange(tokens.shape[-1] - 1, -1, -1, device=tokens.device)
+    return (tokens.long() * weights).sum(dim=-1)
+
+
+def chi_square_pvalue(
+    samples: torch.Tensor, probs: torch.Tensor, vocab: int, min_expected: float = 5.0
+) -> float:
+    """Pearson's chi-square goodness-of-fit p-value of sampled sequences against ``probs``.
+
+    ``samples`` ``(S, n)`` token sequences, ``probs`` their exact joint distribution
+    ``(vocab**n,)`` (`enumerate_joint`). Cells expected fewer than ``min_expected``
+    times are pooled into one cell (dropped when it is still expected less than
+    that); degrees of freedom = cells − 1. A sample in a cell of probability 0 gives
+    p = 0. The p-value is the regularised upper incomplete gamma function.
+    """
+    probs = probs.to(torch.float64).cpu()
+    counts = torch.bincount(sequence_index(samples.cpu(), vocab), minlength=probs.numel()).to(
+        torch.float64
+    )  # (vocab**n,)
+    if counts.numel() > probs.numel():
+        raise ValueError("samples hold tokens outside the vocabulary")
+    if bool((counts[probs == 0] > 0).any()):
+        return 0.0
+    expected = probs / probs.sum() * counts.sum()
+    big = expected >= min_expected
+    obs = [counts[big]]
+    exp = [expected[big]]
+    pooled_e = expected[~big].sum()
+    if pooled_e >= min_expected:
+        obs.append(counts[~big].sum()[None])
+        exp.append(pooled_e[None])
+    o, e = torch.cat(obs), torch.cat(exp)
+    if o.numel() < 2:
+        raise ValueError("too few samples for a chi-square test: fewer than two usable cells")
+    stat = ((o - e) ** 2 / e).sum()
+    dof = torch.tensor((o.numel() - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(dof, stat / 2))

@@ -15,6 +15,7 @@ import torch
 from decodekit.sampler import sample_categorical
 from decodekit.speculative import (
     accept_or_resample,
+    accept_or_resample_rows,
     acceptance_probability,
     residual_distribution,
 )
@@ -313,3 +314,39 @@ def test_accept_or_resample_needs_a_generator():
     p = torch.full((2, 3, 4), 0.25)
     with pytest.raises(ValueError, match="explicit generator"):
         accept_or_resample(p, p, torch.zeros(2, 3, dtype=torch.long), None)
+
+
+def test_rows_helper_equals_accept_or_resample_row_by_row():
+    # each row with its own generator and window length draws exactly what the one-row call draws
+    B, N, V = 6, 5, 7
+    g = torch.Generator().manual_seed(11)
+    p = torch.rand(B, N, V, generator=g, dtype=torch.float64).pow(3).softmax(-1)
+    q = torch.rand(B, N, V, generator=g, dtype=torch.float64).softmax(-1)
+    q[0] = p[0]  # never rejects
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=g).reshape(B, N)
+    bonus = torch.rand(B, V, generator=g, dtype=torch.float64).softmax(-1)
+    lengths = torch.tensor([5, 3, 1, 0, 5, 2])
+    has_bonus = torch.tensor([True, True, False, True, False, True])
+    for seed in range(20):
+        gens = [torch.Generator().manual_seed(seed * 100 + b) for b in range(B)]
+        v = accept_or_resample_rows(
+            p, q, drafts, gens, lengths, bonus_probs=bonus, has_bonus=has_bonus
+        )
+        for b in range(B):
+            m = int(lengths[b])
+            if m == 0:
+                assert int(v.num_accepted[b]) == 0 and int(v.next_token[b]) == -1
+                continue
+            alone = torch.Generator().manual_seed(seed * 100 + b)
+            one = accept_or_resample(
+                p[b : b + 1, :m],
+                q[b : b + 1, :m],
+                drafts[b : b + 1, :m],
+                alone,
+                bonus_probs=bonus[b : b + 1] if has_bonus[b] else None,
+            )
+            assert int(v.num_accepted[b]) == int(one.num_accepted[0])
+            assert int(v.next_token[b]) == int(one.next_token[0])
+            assert torch.equal(v.accepted[b, :m], one.accepted[0]) and not v.accepted[b, m:].any()
+            # the row's generator advanced exactly as the one-row call's did
+            assert torch.equal(torch.rand(3, generator=gens[b]), torch.rand(3, generator=alone))

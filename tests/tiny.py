@@ -515,7 +515,13 @@ def tiny_vq(seed: int = 0, codes: int = AR_CODES):
     ).eval()
 
 
-def tiny_ar_image_pipeline(seed: int = 0, dtype=torch.float64, codes: int = AR_CODES, layers=2):
+def tiny_ar_image_pipeline(
+    seed: int = 0,
+    dtype=torch.float64,
+    codes: int = AR_CODES,
+    layers=2,
+    image_tokens=AR_IMAGE_TOKENS,
+):
     """An ARImagePipeline: a random float64 causal Llama over caption words, BOI and ``codes`` codes."""
     from decodekit.pipelines.ar_image import ARImagePipeline
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -523,7 +529,7 @@ def tiny_ar_image_pipeline(seed: int = 0, dtype=torch.float64, codes: int = AR_C
     tokenizer = tiny_text_encoder()[1]
     boi = len(tokenizer)
     config = dict(
-        image_tokens=AR_IMAGE_TOKENS,
+        image_tokens=image_tokens,
         code_offset=boi + 1,
         codebook_size=codes,
         boi_token_id=boi,
