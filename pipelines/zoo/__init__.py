@@ -30,6 +30,8 @@ class ZooModel:
         trainer: the module that retrains it (``python -m <trainer> --out DIR``).
         gates: the quality gates, {metric: minimum}, measured by
             ``python -m decodekit.pipelines.zoo.evaluate <name>``.
+        folder: the folder under ``models/`` when it is not `name` (``shapes-vq`` is
+            ``shapes-ar/vq``: one copy of the weights).
     """
 
     name: str
@@ -37,11 +39,12 @@ class ZooModel:
     loader: str
     trainer: str
     gates: dict[str, float] = field(default_factory=dict)
+    folder: str | None = None
 
     @property
     def path(self) -> Path:
         """The model's folder inside the installed package."""
-        return MODELS_DIR / self.name
+        return MODELS_DIR / (self.folder or self.name)
 
     @property
     def size_mb(self) -> float:
@@ -103,6 +106,24 @@ CATALOGUE: dict[str, ZooModel] = {
             "for superposed decoding (safetensors arrays, no pickle).",
             "ngram",
             "decodekit.pipelines.zoo.build_arith_ngram",
+        ),
+        ZooModel(
+            "shapes-vq",
+            "VQModel image tokenizer (channels 16/32/32, codebook of 128 vectors of width 8): "
+            "32x32 shape renders <-> 8x8 codes; the vq/ of shapes-ar, the same files.",
+            "VQModel",
+            "decodekit.pipelines.zoo.train_shapes_ar",
+            {"adherence_overall": 0.85},
+            folder="shapes-ar/vq",
+        ),
+        ZooModel(
+            "shapes-ar",
+            "Causal Llama (4 layers, width 128) over a left-padded caption, <boi> and the 64 "
+            "shapes-vq codes of a 32x32 render (LlamaGen-style text-to-image; captions dropped "
+            "20% for classifier-free guidance).",
+            "ar-image",
+            "decodekit.pipelines.zoo.train_shapes_ar",
+            {"adherence_shape": 0.90, "adherence_colour": 0.90, "adherence_overall": 0.85},
         ),
     )
 }

@@ -6,6 +6,8 @@
     python -m decodekit.pipelines.zoo.evaluate arith-mdlm
     python -m decodekit.pipelines.zoo.evaluate arith-mdlm-windows   # long generation windows
     python -m decodekit.pipelines.zoo.evaluate arith-mdlm-fewshot   # after few-shot prompts
+    python -m decodekit.pipelines.zoo.evaluate shapes-vq
+    python -m decodekit.pipelines.zoo.evaluate shapes-ar
 
 Every evaluation draws its held-out data from fixed seeds that training never uses, and
 prints a JSON object of the measured figures.
@@ -197,6 +199,77 @@ def evaluate_arith_mdlm_windows(
     return {"num_problems": num_problems, "batch_size": batch_size, "rows": rows}
 
 
+VQ_EVAL_SEED = 40_000
+
+
+def evaluate_shapes_vq(num_images: int = 500, folder: Path | None = None) -> dict[str, Any]:
+    """The judge's adherence on VQ reconstructions of held-out one-shape renders, with their captions.
+
+    Each render (seed 40000) is encoded to its 8x8 codes and decoded back; ``codes_used``
+    counts the distinct codes among them.
+    """
+    from decodekit.pipelines.zoo.train_shapes_ar import decode_codes, encode_codes
+    from diffusers import VQModel
+
+    vq = VQModel.from_pretrained(folder or zoo_path("shapes-vq")).eval()
+    images, scenes = sample_shapes(num_images, seed=VQ_EVAL_SEED, two_shape_fraction=0.0)
+    codes = encode_codes(vq, images)
+    recon = decode_codes(vq, codes)
+    scores = ShapesJudge.load().adherence(recon, [s.caption for s in scenes])
+    return {
+        "num_images": num_images,
+        **{f"adherence_{k}": v for k, v in scores.items() if k != "counted"},
+        "pixel_mse": round(float(torch.nn.functional.mse_loss(recon, images.float() / 255)), 5),
+        "codes_used": int(codes.unique().numel()),
+    }
+
+
+def evaluate_shapes_ar(
+    num_prompts: int = 200,
+    guidance_scale: float = 1.5,
+    temperature: float = 1.0,
+    top_k: int | None = 32,
+    folder: Path | None = None,
+    batch_size: int = 100,
+) -> dict[str, Any]:
+    """Prompt adherence of shapes-ar samples through `ARImagePipeline` (judged by shapes-judge).
+
+    Prompts are the captions of `num_prompts` held-out one-shape scenes (seed 20000, as
+    for shapes-sd); prompt i samples with its own generator seeded i. Also the Fréchet
+    distance to renders of the same scenes.
+    """
+    from decodekit.pipelines.ar_image import ARImagePipeline
+
+    pipe = ARImagePipeline.from_pretrained(folder or zoo_path("shapes-ar"))
+    judge = ShapesJudge.load()
+    real, scenes = sample_shapes(num_prompts, seed=SD_EVAL_SEED, two_shape_fraction=0.0)
+    prompts = [s.caption for s in scenes]
+    started = time.time()
+    images = []
+    for i in range(0, num_prompts, batch_size):
+        out = pipe(
+            prompts[i : i + batch_size],
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            top_k=top_k,
+            generator=[
+                torch.Generator().manual_seed(j) for j in range(i, min(i + batch_size, num_prompts))
+            ],
+        )
+        images += out.images
+    seconds = time.time() - started
+    scores = judge.adherence(images, prompts)
+    return {
+        "num_prompts": num_prompts,
+        "guidance_scale": guidance_scale,
+        "temperature": temperature,
+        "top_k": top_k,
+        **{f"adherence_{k}": v for k, v in scores.items() if k != "counted"},
+        "frechet_generated_vs_real": judge.frechet(images, real.float() / 255.0),
+        "generation_seconds": round(seconds, 1),
+    }
+
+
 FEW_SHOT = 32  # solved problems before each prompt: 425 tokens when zero-padded
 
 
@@ -241,6 +314,8 @@ EVALUATIONS = {
     "arith-mdlm": evaluate_arith_mdlm,
     "arith-mdlm-windows": evaluate_arith_mdlm_windows,
     "arith-mdlm-fewshot": evaluate_arith_mdlm_fewshot,
+    "shapes-vq": evaluate_shapes_vq,
+    "shapes-ar": evaluate_shapes_ar,
 }
 
 

@@ -9,7 +9,7 @@ Two stages, both seeded, on the `shapes` data:
    c_63]`` (the caption left-padded to a fixed length; the codes of every render encoded
    once by the trained VQ and kept in memory), next-token cross-entropy on the image-code
    positions only (``<boi>`` -> ``c_0`` included), captions replaced by the null prompt
-   10% of the time so that classifier-free guidance works.
+   20% of the time so that classifier-free guidance works.
 
 The output is the folder the ``ar-image`` pipeline reads (see ``ar_image.json``)::
 
@@ -42,8 +42,7 @@ PAD, BOS, EOS, UNK, BOI = "<pad>", "<bos>", "<eos>", "<unk>", "<boi>"
 IMAGE_TOKENS = (8, 8)  # codes per column and row: 32x32 pixels / downsampling 4
 MAX_PROMPT_TOKENS = 10  # <bos> + the longest caption (8 words) + 1 spare
 NULL_PROMPT = ""  # the unconditional prompt for classifier-free guidance: <pad>... <bos>
-CAPTION_DROPOUT = 0.1
-VQ_EVAL_SEED = 40_000  # held-out renders for the VQ reconstruction gate
+CAPTION_DROPOUT = 0.2
 AR_MONITOR_SEED = 30_000  # held-out prompts for monitoring during training (not the gate's)
 
 
@@ -181,22 +180,6 @@ def decode_codes(vq: VQModel, codes: torch.Tensor) -> torch.Tensor:
     return ((out + 1) / 2).clamp(0, 1)
 
 
-def vq_reconstruction_adherence(vq: VQModel, num_images: int = 500) -> dict[str, Any]:
-    """The judge's adherence on VQ reconstructions of held-out one-shape renders, with their captions."""
-    from decodekit.pipelines.zoo.shapes_judge import ShapesJudge
-
-    images, scenes = sample_shapes(num_images, seed=VQ_EVAL_SEED, two_shape_fraction=0.0)
-    codes = encode_codes(vq, images)
-    recon = decode_codes(vq, codes)
-    scores = ShapesJudge.load().adherence(recon, [s.caption for s in scenes])
-    return {
-        "num_images": num_images,
-        **{f"adherence_{k}": v for k, v in scores.items() if k != "counted"},
-        "pixel_mse": round(float(F.mse_loss(recon, images.float() / 255)), 5),
-        "codes_used": int(codes.unique().numel()),
-    }
-
-
 # --- stage 2: the causal LM ------------------------------------------------------------------
 
 
@@ -229,6 +212,7 @@ def train_lm(
     generator: torch.Generator,
     lr: float = 2e-3,
     monitor: Any = None,
+    caption_dropout: float = CAPTION_DROPOUT,
 ) -> list[float]:
     """Next-token cross-entropy on the image-code positions; returns the loss every 100 steps.
 
@@ -248,7 +232,7 @@ def train_lm(
     for step in bar:
         idx = torch.randint(0, len(codes), (batch_size,), generator=generator)
         prompts = prompt_ids[idx].clone()
-        prompts[torch.rand(batch_size, generator=generator) < CAPTION_DROPOUT] = null_ids
+        prompts[torch.rand(batch_size, generator=generator) < caption_dropout] = null_ids
         seq = torch.cat([prompts, boi, codes[idx] + layout["code_offset"]], dim=1)
         # as the ar-image pipeline reads a prompt: pads masked out, positions from <bos> = 0
         mask = torch.cat([(prompts != layout["pad_token_id"]).long(), image_mask], dim=1)
@@ -265,7 +249,7 @@ def train_lm(
         schedule.step()
         if (step + 1) % 100 == 0:
             losses.append(round(loss.item(), 4))
-            if monitor is not None and (step + 1) % 500 == 0:
+            if monitor is not None and (step + 1) % 1000 == 0:
                 lm.eval()
                 tqdm.write(f"step {step + 1}: {monitor(lm)}")
                 lm.train()
@@ -277,7 +261,7 @@ def train_lm(
 def _monitor(
     vq: VQModel, tokenizer: PreTrainedTokenizerFast, layout: dict[str, Any], num_prompts: int = 100
 ) -> Any:
-    """A callable lm -> judge adherence of ARImagePipeline samples (guidance 3, top-k 32) on held-out prompts."""
+    """A callable lm -> judge adherence of ARImagePipeline samples (guidance 1.5 and 3, top-k 32) on held-out prompts."""
     from decodekit.pipelines.ar_image import ARImagePipeline
     from decodekit.pipelines.zoo.shapes_judge import ShapesJudge
 
@@ -285,12 +269,15 @@ def _monitor(
     _, scenes = sample_shapes(num_prompts, seed=AR_MONITOR_SEED, two_shape_fraction=0.0)
     prompts = [s.caption for s in scenes]
 
-    def measure(lm: LlamaForCausalLM) -> dict[str, float]:
+    def measure(lm: LlamaForCausalLM) -> dict[str, dict[str, float]]:
         pipe = ARImagePipeline(lm, vq, tokenizer, layout)
-        generators = [torch.Generator().manual_seed(i) for i in range(num_prompts)]
-        out = pipe(prompts, guidance_scale=3.0, top_k=32, generator=generators)
-        scores = judge.adherence(out.images, prompts)
-        return {k: round(v, 3) for k, v in scores.items() if k != "counted"}
+        report = {}
+        for scale in (1.5, 3.0):
+            generators = [torch.Generator().manual_seed(i) for i in range(num_prompts)]
+            out = pipe(prompts, guidance_scale=scale, top_k=32, generator=generators)
+            scores = judge.adherence(out.images, prompts)
+            report[scale] = {k: round(v, 3) for k, v in scores.items() if k != "counted"}
+        return report
 
     return measure
 
@@ -323,9 +310,15 @@ def train(
     vq_batch_size: int = 32,
     codebook_size: int = 128,
     monitor: bool = False,
-    measure_vq: bool = True,
+    measure: bool = True,
+    caption_dropout: float = CAPTION_DROPOUT,
 ) -> Path:
-    """Train both stages and save the folder; returns `out`."""
+    """Train both stages and save the folder; returns `out`.
+
+    With `measure`, the gates of both models (``evaluate_shapes_vq``,
+    ``evaluate_shapes_ar``) go into ``training.json``; with `monitor`, the LM's CFG
+    samples are judged every 1000 steps.
+    """
     torch.manual_seed(seed)
     random.seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -341,8 +334,6 @@ def train(
     vq_losses = train_vq(vq, images, vq_steps, vq_batch_size, generator)
     vq.save_pretrained(out / "vq", safe_serialization=True)
     vq_seconds = round(time.time() - started, 1)
-    vq_gate = vq_reconstruction_adherence(vq) if measure_vq else {}
-    tqdm.write(f"vq: {vq_gate}")
     codes = encode_codes(vq, images)
 
     prompt_ids = tokenize_prompts(tokenizer, [s.caption for s in scenes])
@@ -353,12 +344,27 @@ def train(
         tokenizer.bos_token_id,
         tokenizer.eos_token_id,
     )
-    measure = _monitor(vq, tokenizer, layout) if monitor else None
     lm_losses = train_lm(
-        lm, prompt_ids, codes, null_ids, layout, steps, batch_size, generator, monitor=measure
+        lm,
+        prompt_ids,
+        codes,
+        null_ids,
+        layout,
+        steps,
+        batch_size,
+        generator,
+        monitor=_monitor(vq, tokenizer, layout) if monitor else None,
+        caption_dropout=caption_dropout,
     )
     lm.save_pretrained(out / "lm", safe_serialization=True)
     (out / "ar_image.json").write_text(json.dumps(layout, indent=1) + "\n")
+    gates, gate_seconds = {}, time.time()
+    if measure:
+        from decodekit.pipelines.zoo.evaluate import evaluate_shapes_ar, evaluate_shapes_vq
+
+        gates = {"shapes-vq": evaluate_shapes_vq(folder=out / "vq")}
+        gates["shapes-ar"] = evaluate_shapes_ar(folder=out)
+        tqdm.write(f"gates: {gates}")
     write_training_record(
         out,
         started,
@@ -369,11 +375,12 @@ def train(
         batch_size=batch_size,
         vq_batch_size=vq_batch_size,
         codebook_size=codebook_size,
-        caption_dropout=CAPTION_DROPOUT,
+        caption_dropout=caption_dropout,
         vq_seconds=vq_seconds,
         vq_losses=vq_losses,
         lm_losses=lm_losses,
-        vq_gate=vq_gate,
+        gates=gates,
+        gate_seconds=round(time.time() - gate_seconds, 1),  # included in train_seconds
     )
     return out
 
@@ -382,14 +389,16 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: train shapes-vq and shapes-ar into --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=1600, help="LM training steps")
+    parser.add_argument("--steps", type=int, default=2000, help="LM training steps")
     parser.add_argument("--vq-steps", type=int, default=800)
     parser.add_argument("--num-images", type=int, default=30000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--codebook-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--monitor", action="store_true", help="judge CFG samples every 500 steps")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--caption-dropout", type=float, default=CAPTION_DROPOUT)
+    parser.add_argument("--monitor", action="store_true", help="judge CFG samples every 1000 steps")
+    parser.add_argument("--no-measure", action="store_true", help="skip the gates at the end")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train(
@@ -401,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
         args.seed,
         codebook_size=args.codebook_size,
         monitor=args.monitor,
+        measure=not args.no_measure,
+        caption_dropout=args.caption_dropout,
     )
 
 
