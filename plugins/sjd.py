@@ -112,17 +112,21 @@ class Sjd(Strategy):
         "Jacobi Decoding, arXiv:2410.01699"
     )
 
-    def reset(self, run) -> None:
+    def __init__(self, params=None, *, path: str = "params"):
+        super().__init__(params, path=path)
         self._last: dict[str, Any] = {}
 
+    def reset(self, run) -> None:
+        self._last = {}
+
     def stats(self) -> dict[str, Any]:
-        return dict(getattr(self, "_last", {}))
+        return dict(self._last)
 
     def ideal_speedup(self, run) -> float | None:
-        # Forwards of token-by-token decoding (N, the prefill included) over SJD's: the
-        # speed-up when a forward over `window` tokens costs what a forward over one does
-        # (memory-bound decoding). SJD does more FLOPs than plain decoding, not fewer.
-        return getattr(self, "_last", {}).get("forward_ratio")
+        # None: SJD does more FLOPs than token-by-token decoding, not fewer (each forward
+        # verifies `window` codes). What it saves is forwards: stats()["forward_ratio"], the
+        # speed-up where a forward over `window` codes costs what one over a single code does.
+        return None
 
     # -- the hook ----------------------------------------------------------------------
     @hookimpl

@@ -345,7 +345,8 @@ def test_attached_sjd_reports_its_steps_and_the_forward_ratio(pipe):
     plain = pipe(PROMPTS, temperature=0, guidance_scale=3.0, output_type="codes")
     assert torch.equal(out.codes, plain.codes)
     assert out.stats["steps"] == out.forwards - 1 and plain.forwards == N
-    assert ideal == pytest.approx(plain.forwards / out.forwards)
+    assert ideal is None  # SJD saves forwards, not FLOPs: no FLOP-ideal speed-up to state
+    assert out.stats["forward_ratio"] == pytest.approx(plain.forwards / out.forwards)
     assert out.stats["step_compression"] == pytest.approx(N / out.stats["steps"])
     assert stats is not None
 
