@@ -7,7 +7,7 @@ import pytest
 import torch
 from decodekit import Strategy, hookimpl
 from decodekit.testing import StrategyTesterMixin, assert_restored, fingerprint
-from transformers import LogitsProcessor
+from transformers import SuppressTokensLogitsProcessor
 
 from tests.tiny import tiny_llama
 
@@ -38,14 +38,9 @@ class GreedyLoop(Strategy):
         return input_ids
 
 
-class BanToken(LogitsProcessor):
-    def __init__(self, token):
-        self.token = token
-
-    def __call__(self, input_ids, scores):
-        scores = scores.clone()
-        scores[:, self.token] = -float("inf")
-        return scores
+def BanToken(token: int):
+    """A user's logits processor that bans one token (transformers' own)."""
+    return SuppressTokensLogitsProcessor([token])
 
 
 class Ban(Strategy):

@@ -6,7 +6,7 @@ import decodekit
 import pytest
 import torch
 from decodekit.testing import StrategyTesterMixin
-from transformers import LogitsProcessor
+from transformers import SuppressTokensLogitsProcessor
 
 from tests.tiny import tiny_llama
 
@@ -143,14 +143,9 @@ def test_batch_equals_one_by_one_with_eos(llama):
         torch.testing.assert_close(batch.sequences_scores[2 * i : 2 * i + 2], a.sequences_scores)
 
 
-class Ban(LogitsProcessor):
-    def __init__(self, token):
-        self.token = token
-
-    def __call__(self, input_ids, scores):
-        scores = scores.clone()
-        scores[:, self.token] = -float("inf")
-        return scores
+def Ban(token: int):
+    """A user's logits processor that bans one token (transformers' own)."""
+    return SuppressTokensLogitsProcessor([token])
 
 
 def test_composes_with_logits_processors(llama):

@@ -11,7 +11,7 @@ import torch
 from decodekit.plugins.ngram import NGramModel
 from decodekit.plugins.superposed import draft_weights, superposed_embedding
 from decodekit.testing import StrategyTesterMixin
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessorList, SuppressTokensLogitsProcessor
 
 from tests.tiny import tiny_llama
 
@@ -181,14 +181,9 @@ def test_ngram_pulls_drafts_to_the_corpus(llama):
     assert gen(llama, [PROMPTS[1]], max_new_tokens=4)[0, 4:].tolist() != [17, 11, 33, 40]
 
 
-class Ban(LogitsProcessor):
-    def __init__(self, token):
-        self.token = token
-
-    def __call__(self, input_ids, scores):
-        scores = scores.clone()
-        scores[:, self.token] = -float("inf")
-        return scores
+def Ban(token: int):
+    """A user's logits processor that bans one token (transformers' own)."""
+    return SuppressTokensLogitsProcessor([token])
 
 
 def test_composes_with_logits_processors(llama):
