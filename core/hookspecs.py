@@ -25,6 +25,36 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+UNSUPPORTED_IMPL_OPTIONS = ("wrapper", "hookwrapper", "tryfirst", "trylast", "specname")
+"""pluggy hookimpl options decodekit does not honour: it calls hooks itself, in a fixed order."""
+
+
+def unsupported_options(impl) -> list[str]:
+    """The `UNSUPPORTED_IMPL_OPTIONS` that the hookimpl ``impl`` is marked with."""
+    opts = getattr(impl, PROJECT + "_impl", None) or {}
+    return [o for o in UNSUPPORTED_IMPL_OPTIONS if opts.get(o)]
+
+
+def argument_mismatch(impl, spec) -> str | None:
+    """Why ``impl`` cannot be called as hook ``spec`` (an argument the hook does not pass), or None."""
+    import inspect
+
+    try:
+        takes = list(inspect.signature(impl).parameters)
+    except (TypeError, ValueError):
+        return None
+    if takes and takes[0] in ("self", "cls") and not inspect.ismethod(impl):
+        takes = takes[1:]
+    given = [p for p in inspect.signature(spec).parameters if p != "self"]
+    unknown = [p for p in takes if p not in given]
+    if not unknown:
+        return None
+    return (
+        f"takes {', '.join(unknown)}, which the hook does not pass "
+        f"(it passes {', '.join(given)}); rename the argument or drop it."
+    )
+
+
 class RegistrationSpecs:
     """Hooks a plugin module implements to add things to decodekit."""
 

@@ -34,7 +34,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import DecodekitError, UnknownNameError
-from .strategy import _UNSUPPORTED_OPTS, Strategy, check_hooks
+from .strategy import Strategy, check_hooks
 
 GROUP = "decodekit"
 BUILTIN_DIST = "decodekit"
@@ -101,26 +101,15 @@ def check_registration_hooks(plugin: ModuleType | Any, name: str) -> None:
                     else "; there is no hook of that name: rename or remove the function."
                 )
             )
-        opts = getattr(fn, hookspecs.PROJECT + "_impl", None) or {}
-        bad = [o for o in _UNSUPPORTED_OPTS if opts.get(o)]
+        bad = hookspecs.unsupported_options(fn)
         if bad:
             raise DecodekitError(
                 f"{where}: marked with {', '.join(bad)}=..., which decodekit does not honour "
                 "(each plugin's registration hook is called once, in load order); remove it."
             )
-        try:
-            takes = list(inspect.signature(fn).parameters)
-        except (TypeError, ValueError):
-            continue
-        if takes and takes[0] in ("self", "cls") and not inspect.ismethod(fn):
-            takes = takes[1:]
-        given = [p for p in inspect.signature(specs[attr]).parameters if p != "self"]
-        unknown = [p for p in takes if p not in given]
-        if unknown:
-            raise DecodekitError(
-                f"{where}: takes {', '.join(unknown)}, which the hook does not pass "
-                f"(it passes {', '.join(given)}); rename the argument or drop it."
-            )
+        mismatch = hookspecs.argument_mismatch(fn, specs[attr])
+        if mismatch:
+            raise DecodekitError(f"{where}: {mismatch}")
 
 
 class PluginManager:

@@ -115,9 +115,6 @@ def strategy_hooks(cls: type[Strategy]) -> list[str]:
     )
 
 
-_UNSUPPORTED_OPTS = ("wrapper", "hookwrapper", "tryfirst", "trylast", "specname")
-
-
 def check_hooks(cls: type[Strategy], plugin: str) -> None:
     """Refuse a strategy class whose runtime hooks decodekit would misread.
 
@@ -127,15 +124,12 @@ def check_hooks(cls: type[Strategy], plugin: str) -> None:
     is not a runtime hook, or that takes an argument its hook does not pass,
     would never run. Each is a `CompositionError` naming the plugin and the hook.
     """
-    import inspect
-
-    from .hookspecs import PROJECT, RuntimeSpecs
+    from .hookspecs import RuntimeSpecs, argument_mismatch, unsupported_options
 
     specs = {n: getattr(RuntimeSpecs, n) for n in dir(RuntimeSpecs) if n.startswith("decodekit_")}
     for hook in strategy_hooks(cls):
         where = f"plugin {plugin!r}, strategy {cls.name or cls.__name__!r}, hook {hook}"
-        opts = getattr(getattr(cls, hook), PROJECT + "_impl")
-        bad = [o for o in _UNSUPPORTED_OPTS if opts.get(o)]
+        bad = unsupported_options(getattr(cls, hook))
         if bad:
             raise CompositionError(
                 f"{where}: marked with {', '.join(bad)}=..., which decodekit does not honour "
@@ -149,14 +143,9 @@ def check_hooks(cls: type[Strategy], plugin: str) -> None:
                 f"{where}: there is no runtime hook of that name; the runtime hooks are "
                 f"{', '.join(sorted(specs))}."
             )
-        takes = [p for p in inspect.signature(getattr(cls, hook)).parameters if p != "self"]
-        given = [p for p in inspect.signature(specs[hook]).parameters if p != "self"]
-        unknown = [p for p in takes if p not in given]
-        if unknown:
-            raise CompositionError(
-                f"{where}: takes {', '.join(unknown)}, which the hook does not pass "
-                f"(it passes {', '.join(given)}); rename the argument or drop it."
-            )
+        mismatch = argument_mismatch(getattr(cls, hook), specs[hook])
+        if mismatch:
+            raise CompositionError(f"{where}: {mismatch}")
 
 
 def _labels(s: Strategy) -> set[str]:
