@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser(
+        "convert-llamagen",
+        help="write LlamaGen's class-conditional GPT and VQ tokenizer as an ar-image folder",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -135,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "zoo": cmd_zoo,
         "ngram": cmd_ngram,
         "convert-llada": cmd_convert_llada,
+        "convert-llamagen": cmd_convert_llamagen,
     }[args.command]
     debug = getattr(args, "debug", False) or bool(os.environ.get("DECODEKIT_DEBUG"))
     try:
@@ -210,6 +218,13 @@ def cmd_ngram(args: argparse.Namespace) -> int:
 def cmd_convert_llada(args: argparse.Namespace) -> int:
     """``decodekit convert-llada SRC DST``: LLaDA's checkpoint as a bidirectional Llama."""
     from .pipelines.convert_llada import convert_cli
+
+    return convert_cli(args.rest)
+
+
+def cmd_convert_llamagen(args: argparse.Namespace) -> int:
+    """``decodekit convert-llamagen SRC_GPT SRC_VQ DST``: LlamaGen c2i as an ar-image folder."""
+    from .pipelines.convert_llamagen import convert_cli
 
     return convert_cli(args.rest)
 

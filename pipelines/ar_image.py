@@ -68,6 +68,13 @@ class ARImageConfig:
         eoi_token_id: end-of-image token, or None (never generated here).
         null_prompt: the caption of the unconditional rows under guidance
             (what training put in place of dropped captions).
+        num_classes: C for a class-conditional model (LlamaGen c2i), else None. Its
+            prompts are class ids: each row is the single LM token
+            ``class_token_offset + class_id``, which plays BOI's part (it predicts
+            code 0); the unconditional rows under guidance take the null class ``C``.
+            ``boi_token_id``, ``pad_token_id``, ``max_prompt_tokens`` and ``null_prompt``
+            are then unused, and the pipeline needs no tokenizer.
+        class_token_offset: LM token id of class 0 (class-conditional models).
     """
 
     image_tokens: tuple[int, int]
@@ -78,6 +85,8 @@ class ARImageConfig:
     max_prompt_tokens: int
     eoi_token_id: int | None = None
     null_prompt: str = ""
+    num_classes: int | None = None
+    class_token_offset: int | None = None
 
     def __post_init__(self):
         h, w = self.image_tokens
@@ -95,6 +104,17 @@ class ARImageConfig:
                 f"boi_token_id ({self.boi_token_id}) and pad_token_id ({self.pad_token_id}) "
                 f"must lie outside the code range [{codes.start}, {codes.stop})."
             )
+        if (self.num_classes is None) != (self.class_token_offset is None):
+            raise ValueError("num_classes and class_token_offset are given together or not at all.")
+        if self.num_classes is not None:
+            classes = range(self.class_token_offset, self.class_token_offset + self.num_classes + 1)
+            overlap = classes.start < codes.stop and codes.start < classes.stop
+            if self.num_classes < 1 or classes.start < 0 or overlap:
+                raise ValueError(
+                    f"class tokens [{classes.start}, {classes.stop}) (num_classes {self.num_classes} "
+                    f"and the null class) must be >= 0 and lie outside the code range "
+                    f"[{codes.start}, {codes.stop})."
+                )
 
     @property
     def num_positions(self) -> int:
@@ -506,6 +526,7 @@ class ARImagePipeline:
         local_files_only: bool = True,
     ) -> ARImagePipeline:
         """Load ``folder``: ``ar_image.json``, ``lm/`` (transformers), ``vq/`` (diffusers ``VQModel``), ``tokenizer/``."""
+        from decodekit.pipelines import llamagen  # noqa: F401  (registers model_type "llamagen")
         from diffusers import VQModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -513,8 +534,8 @@ class ARImagePipeline:
         if not (folder / CONFIG_NAME).is_file():
             raise ValueError(
                 f"{folder} has no {CONFIG_NAME}; an ar-image folder holds {CONFIG_NAME}, lm/, vq/ "
-                "and tokenizer/ (see docs/pipelines/ar-image.md). Emu3, Janus and LlamaGen "
-                "checkpoints are not supported yet."
+                "and tokenizer/ (see docs/pipelines/ar-image.md). LlamaGen c2i checkpoints "
+                "convert with `decodekit convert-llamagen`; Emu3 and Janus are not supported yet."
             )
         config = ARImageConfig.from_json(folder / CONFIG_NAME)
         dtype = {"dtype": torch_dtype} if torch_dtype is not None else {}
@@ -523,9 +544,11 @@ class ARImagePipeline:
         ).eval()
         vq_dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         vq = VQModel.from_pretrained(folder / "vq", local_files_only=local_files_only, **vq_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder / "tokenizer", local_files_only=local_files_only
-        )
+        tokenizer = None  # a class-conditional model (LlamaGen c2i) reads class ids
+        if config.num_classes is None or (folder / "tokenizer").is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(
+                folder / "tokenizer", local_files_only=local_files_only
+            )
         return cls(lm, vq.eval(), tokenizer, config)
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -550,6 +573,16 @@ class ARImagePipeline:
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` ``(B, max_prompt_tokens + 1)``: left-padded captions, then BOI."""
         cfg = self.config
+        if cfg.num_classes is not None:  # class ids (the null class C allowed): one token each
+            ok = all(isinstance(c, int) and not isinstance(c, bool) for c in prompts)
+            classes = torch.tensor(prompts if ok else [-1], dtype=torch.long)
+            if not ok or bool(((classes < 0) | (classes > cfg.num_classes)).any()):
+                raise ValueError(
+                    f"this model is class-conditional: prompts are class ids in "
+                    f"[0, {cfg.num_classes}] ({cfg.num_classes}: the null class), "
+                    f"got {list(prompts)[:8]}."
+                )
+            return (cfg.class_token_offset + classes)[:, None], torch.ones_like(classes)[:, None]
         width = cfg.max_prompt_tokens
         ids = torch.full((len(prompts), width + 1), cfg.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width + 1), dtype=torch.long)
@@ -570,7 +603,7 @@ class ARImagePipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | int | list[str] | list[int],
         *,
         guidance_scale: float = 1.0,
         temperature: float = 1.0,
@@ -582,7 +615,8 @@ class ARImagePipeline:
         """Generate one image per prompt.
 
         Args:
-            prompt: a caption or a list of captions.
+            prompt: a caption or a list of captions; for a class-conditional model
+                (``config.num_classes``) a class id or a list of them.
             guidance_scale: classifier-free guidance scale; > 1 runs the doubled batch.
             temperature: 0 is greedy (argmax).
             top_k: keep the k most likely codes (None: all).
@@ -610,7 +644,7 @@ class ARImagePipeline:
     ) -> ARImageOutput:
         if output_type not in ("pil", "codes"):
             raise ValueError(f"output_type must be 'pil' or 'codes', got {output_type!r}.")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
         if not prompts:
             raise ValueError("no prompts given.")
         decoder = self.decoder_for(
@@ -642,7 +676,12 @@ class ARImagePipeline:
         sampler = sampler if sampler is not None else Sampler()
         ids, mask = self.encode_prompts(prompts)
         if guidance_scale > 1:
-            null_ids, null_mask = self.encode_prompts([self.config.null_prompt] * len(prompts))
+            null = (
+                self.config.null_prompt
+                if self.config.num_classes is None
+                else self.config.num_classes
+            )
+            null_ids, null_mask = self.encode_prompts([null] * len(prompts))
             ids, mask = torch.cat([ids, null_ids]), torch.cat([mask, null_mask])  # (2B, P+1)
         device = self.device
         generators = _row_generators(generator, len(prompts), sampler.greedy, device)
