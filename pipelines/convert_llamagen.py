@@ -29,7 +29,6 @@ safetensors, written to ``DST.partial`` and renamed at the end.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -401,6 +400,6 @@ def convert_cli(argv: list[str]) -> int:
         downsample=args.downsample,
     )
     cfg = json.loads((out / "lm" / "config.json").read_text())
-    side = int(math.isqrt(cfg["grid_size"] ** 2))
+    side = cfg["grid_size"]
     print(f"wrote {out} (LlamaGenForCausalLM, {cfg['num_classes']} classes, {side}x{side} codes)")
     return 0

@@ -178,14 +178,13 @@ class LlamaGenForCausalLM(PreTrainedModel):
         self.layers = nn.ModuleList(_Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = _RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.codebook_size, bias=False)
-        self.register_buffer("rope", rope_table(config), persistent=False)
+        # float32 in every dtype (LlamaGen's freqs_cis is no buffer: .to(bfloat16) keeps it)
+        self.rope = rope_table(config)
         self.post_init()
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight.data.normal_(0.0, 0.02)
-        if isinstance(module, LlamaGenForCausalLM):
-            module.rope = rope_table(module.config).to(module.rope.device)
 
     def get_input_embeddings(self):
         return self.tok_embeddings
@@ -216,6 +215,8 @@ class LlamaGenForCausalLM(PreTrainedModel):
             position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, -1)
         # a draft window may run past the last image position (sjd); what those slots compute
         # is never committed, so they reuse the last position's rotation
+        if self.rope.device != input_ids.device:  # moved, or built on the meta device
+            self.rope = rope_table(self.config).to(input_ids.device)
         table = self.rope[position_ids.clamp(max=self.rope.shape[0] - 1)]  # (B, T, D/2, 2)
         total = past + t
         slots = torch.arange(total, device=input_ids.device)

@@ -90,6 +90,12 @@ def test_oracle_fails_with_rows_and_columns_swapped(pipe):
         lm.rope.copy_(saved)
 
 
+def test_bfloat16_keeps_the_rotary_table_in_float32(folder):
+    lm = ARImagePipeline.from_pretrained(folder, torch_dtype=torch.bfloat16).lm
+    assert lm.output.weight.dtype == torch.bfloat16 and lm.rope.dtype == torch.float32
+    torch.testing.assert_close(teacher_forced(lm), REF["logits"], rtol=0.1, atol=0.1)
+
+
 def test_vq_decodes_as_llamagens(pipe):
     codes = torch.tensor(ORACLE["tokens"][str(float(ORACLE["cfg_scale"]))])
     vq, g = pipe.vq, pipe.config.image_tokens[0]
