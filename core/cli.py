@@ -37,6 +37,12 @@ def _add_set(p: argparse.ArgumentParser) -> None:
         help="print the traceback behind an error",
     )
     p.add_argument(
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="let transformers/diffusers logs, progress bars and warnings through",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -47,6 +53,17 @@ def _add_set(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch CPU threads (default: pipeline.threads, else 1 on a CPU)."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: pipeline.threads of the config, else 1 on a CPU "
+        "and torch's default on a GPU)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``decodekit`` command."""
     parser = argparse.ArgumentParser(
@@ -54,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Composable decoding strategies for diffusion and multimodal models.",
     )
     parser.add_argument("--debug", action="store_true", help="print the traceback behind an error")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="let transformers/diffusers logs, progress bars and warnings through",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -65,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="reuse a non-empty output folder: remove the files its previous run recorded in run.json",
     )
+    _add_threads(p)
     _add_set(p)
 
     p = sub.add_parser(
@@ -91,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also measure decodekit's own cost (hook dispatch per model call, attach + detach)",
     )
+    _add_threads(p)
     _add_set(p)
 
     p = sub.add_parser("plugins", help="list installed strategies, pipelines and quality metrics")
@@ -99,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="bench the embedded zoo configs (no download)")
     p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     p.add_argument("--repeat", type=int, help="baseline/strategy pairs per config")
+    _add_threads(p)
 
     p = sub.add_parser("zoo", help="the reference zoo of tiny models")
     zoo_sub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
@@ -145,8 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         "convert-llamagen": cmd_convert_llamagen,
     }[args.command]
     debug = getattr(args, "debug", False) or bool(os.environ.get("DECODEKIT_DEBUG"))
+    verbose = getattr(args, "verbose", False) or bool(os.environ.get("DECODEKIT_VERBOSE"))
     try:
-        return handler(args) or 0
+        if args.command not in _LOADING_COMMANDS:
+            return handler(args) or 0
+        from .runtime import kept_threads, quiet_libraries
+
+        with quiet_libraries(not verbose), kept_threads():
+            return handler(args) or 0
     except DecodekitError as e:
         if debug:
             traceback.print_exc()
@@ -161,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {stage_of(e, args.command)}: {_bounded(e)}", file=sys.stderr)
         return EXIT_USAGE
 
+
+# The commands that load models: library logs, bars and warnings stay quiet unless --verbose.
+_LOADING_COMMANDS = ("run", "bench", "demo")
 
 # The call a command was making when an exception left it, by function name.
 _STAGES = {
@@ -259,6 +293,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .manager import get_manager
     from .outputs import prepare_output_dir
+    from .runtime import configure_threads
     from .session import attach
 
     manager = get_manager()
@@ -266,6 +301,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"warning: plugin {line}", file=sys.stderr)
     cfg = load_config(args.config, args.overrides, trust_remote_code=args.trust_remote_code)
     cfg.resolve_strategies(manager)
+    threads = configure_threads(cfg, getattr(args, "threads", None))
     out_dir = Path(cfg.output.dir)
     existed = out_dir.exists()
     prepare_output_dir(out_dir, overwrite=getattr(args, "overwrite", False))
@@ -295,7 +331,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         _write_run_record(cfg, run, out_dir, kept, status, timings)
     stats = run.stats
     names = ", ".join(s.name for s in run.strategies) or "none (baseline)"
-    print(f"{cfg.adapter.name} on {cfg.device}, strategies: {names}")
+    shown_threads = f"{threads} torch thread{'s' if threads != 1 else ''}"
+    print(f"{cfg.adapter.name} on {cfg.device} ({shown_threads}), strategies: {names}")
     print(
         f"  model calls: {stats['nfe']}  served by strategies: {stats['served']}  time: {stats['time_s']:.3f} s"
     )
@@ -318,6 +355,8 @@ def _write_run_record(
     only: temporary files are never listed), so an interrupted run's record is
     right too and ``--overwrite`` can remove them later.
     """
+    import torch
+
     from .outputs import RUN_RECORD, TEMP_MARK, write_run_record
 
     files = sorted(
@@ -335,6 +374,7 @@ def _write_run_record(
             "stats": run.stats,
             "ideal_speedup": run.ideal_speedup(),
             "timings_s": timings,
+            "torch_threads": torch.get_num_threads(),
             "files": files,
         },
     )
@@ -373,11 +413,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench
     from .config import load_config
     from .manager import get_manager
+    from .runtime import configure_threads
 
     cfg = load_config(args.config, args.overrides, trust_remote_code=args.trust_remote_code)
     manager = get_manager()
     if args.repeat is not None and args.repeat < 1:
         raise ConfigError("--repeat", f"must be at least 1, got {args.repeat}")
+    configure_threads(cfg, getattr(args, "threads", None))
     out_dir = Path(cfg.output.dir)
     json_path = args.json_path or out_dir / "bench.json"
     png_path = args.png_path or out_dir / "bench.png"
@@ -403,7 +445,8 @@ def format_bench(r: dict[str, Any]) -> str:
     b, s = r["baseline"], r["strategy"]
     mem = r["peak_memory"]
     lines = [
-        f"strategies: {names}   device: {r['machine']['device']}   pairs: {r['repeat']}",
+        f"strategies: {names}   device: {r['machine']['device']}   "
+        f"torch threads: {r['machine'].get('torch_threads', '-')}   pairs: {r['repeat']}",
         f"{'':12}{'baseline':>14}{'strategy':>14}",
         f"{'time (med)':12}{b['time_s']['median']:>13.4f}s{s['time_s']['median']:>13.4f}s",
         f"{'model calls':12}{b['nfe']:>14}{s['nfe']:>14}",
@@ -558,7 +601,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.repeat is not None and args.repeat < 1:
         raise ConfigError("--repeat", f"must be at least 1, got {args.repeat}")
-    results = run_demo(args.out, repeat=args.repeat)
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ConfigError("--threads", f"must be at least 1, got {threads}")
+    results = run_demo(args.out, repeat=args.repeat, threads=threads)
     print(markdown_table(results), end="")
     print(f"wrote {Path(args.out) / 'README.md'} and one JSON and PNG per config")
     return 0

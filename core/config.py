@@ -9,6 +9,7 @@ attach to it, what inputs it runs and where outputs go::
       device: auto               # auto|cpu|cuda|cuda:N|mps; auto = cuda when available, else cpu
       dtype: float32             # float32|float16|bfloat16|float64
       options: {}                # adapter-specific, passed to adapter.load(options=...)
+      threads: 1                 # optional; torch CPU threads (default 1 on cpu, torch's on a GPU)
     strategies:
       - name: faster-diffusion
         params: {key_steps: paper-50}
@@ -87,6 +88,11 @@ class PipelineConfig(_Section):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     options: dict[str, Any] = Field(
         default_factory=dict, description="adapter-specific load options"
+    )
+    threads: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads (--threads wins); unset: 1 on a CPU, torch's default on a GPU",
     )
 
 

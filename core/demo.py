@@ -122,10 +122,16 @@ def run_demo(
     configs: dict[str, dict[str, Any]] | None = None,
     repeat: int | None = None,
     manager=None,
+    threads: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Bench every demo config; write ``<name>.json``, ``<name>.png`` and ``README.md`` into ``out_dir``."""
+    """Bench every demo config; write ``<name>.json``, ``<name>.png`` and ``README.md`` into ``out_dir``.
+
+    ``threads``: torch CPU threads for every config (default: each config's
+    ``pipeline.threads``, else one on a CPU; `decodekit.runtime.set_threads`).
+    """
     from .bench import bench
     from .config import load_config
+    from .runtime import configure_threads
 
     configs = demo_configs() if configs is None else configs
     out = Path(out_dir)
@@ -141,6 +147,7 @@ def run_demo(
             raise DecodekitError(f"demo config {name!r}: {e}") from e
     results = {}
     for name, cfg in loaded.items():
+        configure_threads(cfg, threads)
         results[name] = bench(
             cfg,
             repeat=repeat,
@@ -148,10 +155,13 @@ def run_demo(
             png_path=out / f"{name}.png",
             manager=manager,
         )
-    device = next(iter(results.values()))["machine"]["device"] if results else "–"
+    machine = next(iter(results.values()))["machine"] if results else {}
+    device = machine.get("device", "–")
+    n = machine.get("torch_threads", "–")
     text = (
         "# decodekit demo\n\n"
-        f"Baseline and strategies run alternately in one process on `{device}`; the speed-up is the median "
+        f"Baseline and strategies run alternately in one process on `{device}` with {n} torch "
+        f"thread{'' if n == 1 else 's'}; the speed-up is the median "
         "of per-pair time ratios. On CPU only ratios mean something.\n\n" + markdown_table(results)
     )
     out.mkdir(parents=True, exist_ok=True)

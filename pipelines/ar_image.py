@@ -542,7 +542,7 @@ class ARImagePipeline:
         lm = AutoModelForCausalLM.from_pretrained(
             folder / "lm", local_files_only=local_files_only, **dtype
         ).eval()
-        vq_dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        vq_dtype = {"dtype": torch_dtype} if torch_dtype is not None else {}
         vq = VQModel.from_pretrained(folder / "vq", local_files_only=local_files_only, **vq_dtype)
         tokenizer = None  # a class-conditional model (LlamaGen c2i) reads class ids
         if config.num_classes is None or (folder / "tokenizer").is_dir():

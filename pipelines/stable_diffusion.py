@@ -421,7 +421,7 @@ class StableDiffusionAdapter(DenoisingAdapter):
 
         opts = check_options(cls, options).model_dump(exclude_none=True)
         scheduler = opts.pop("scheduler", None)
-        kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype), "local_files_only": True}
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "local_files_only": True}
         kwargs.update(opts)
         if trust_remote_code:
             kwargs["trust_remote_code"] = True

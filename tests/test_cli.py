@@ -304,3 +304,58 @@ def test_ngram_subcommand_is_wired(tmp_path, capsys):
         )
     assert e.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _run_shapes_sd(tmp_path: Path, *extra: str, first: tuple = ()) -> subprocess.CompletedProcess:
+    cfg = {
+        "pipeline": {"type": "stable-diffusion", "model": "zoo:shapes-sd", "device": "cpu"},
+        "inputs": {"prompt": ["a small red circle on the left"], "num_inference_steps": 2},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    env = {**os.environ, "DECODEKIT_LOAD_PLUGINS": ""}
+    for name in ("DECODEKIT_DEBUG", "DECODEKIT_VERBOSE", "OMP_NUM_THREADS"):
+        env.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", "decodekit.cli", *first, "run"]
+        + [write_config(tmp_path / "c.yaml", cfg), "--overwrite", *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_run_keeps_library_chatter_out_unless_verbose(tmp_path):
+    """No torch_dtype deprecation, accelerate advice or loading bars; --verbose lets them through."""
+    proc = _run_shapes_sd(tmp_path, "--threads=3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert not [line for line in lines if "torch_dtype" in line or "accelerate" in line], lines
+    assert "Loading pipeline components" not in proc.stderr
+    assert "(3 torch threads)" in proc.stdout
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["torch_threads"] == 3
+    proc = _run_shapes_sd(tmp_path, first=("--verbose",))
+    assert proc.returncode == 0, proc.stderr
+    assert "Loading pipeline components" in proc.stderr  # diffusers' own loading bar
+    assert "torch_dtype" not in proc.stderr  # decodekit loads through the current API
+    assert "(1 torch thread)" in proc.stdout  # the CPU default
+
+
+def test_threads_flag_and_config_key(toy, tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    doc = toy_config(toy)
+    out = Path(doc["output"]["dir"])
+    cfg = write_config(tmp_path / "c.yaml", doc)
+    assert main(["run", cfg, "--threads", "0"]) == 2
+    assert one_error_line(capsys) == "error: --threads: must be at least 1, got 0"
+    assert main(["run", cfg, "--set", "pipeline.threads=2"]) == 0
+    assert "(2 torch threads)" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["torch_threads"] == 2
+    assert main(["run", cfg, "--overwrite", "--set", "pipeline.threads=2", "--threads", "1"]) == 0
+    assert "(1 torch thread)" in capsys.readouterr().out  # the flag wins over the config
+    assert torch.get_num_threads() == before  # restored after the command
+    assert main(["bench", cfg, "--repeat", "1", "--threads", "1"]) == 0
+    assert "torch threads: 1" in capsys.readouterr().out
+    assert json.loads((out / "bench.json").read_text())["machine"]["torch_threads"] == 1
