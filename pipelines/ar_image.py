@@ -196,6 +196,7 @@ class ImageTokenDecoder:
         generators: list[torch.Generator] | None = None,
         position_constraint: Callable[[torch.Tensor], torch.Tensor] | None = None,
         run: Any = None,
+        token_ids: torch.Tensor | None = None,
     ):
         from transformers import DynamicCache
 
@@ -218,6 +219,8 @@ class ImageTokenDecoder:
             )
         self.generators = list(generators) if generators is not None else None
         self.position_constraint = position_constraint
+        # LM id of each code (a model family's vocabulary); None: code_offset + code
+        self.token_ids = None if token_ids is None else token_ids.to(input_ids.device)
         self.forwards = 0
         self.stats: dict[str, Any] = {}
         self._run = run
@@ -391,7 +394,7 @@ class ImageTokenDecoder:
         fed = tokens.gather(1, j) if n else codes
         is_fed = (col >= pending[:, None]) & (col < pending[:, None] + n)
         codes = torch.where(is_fed, fed, codes)
-        ids = codes + self.config.code_offset
+        ids = self._lm_ids(codes)
         ids = torch.where(is_pending | is_fed, ids, torch.full_like(ids, self.config.pad_token_id))
         return ids, is_pending | is_fed
 
@@ -415,8 +418,15 @@ class ImageTokenDecoder:
             use_cache=True,
             **extra,
         )
+        if self.token_ids is not None:
+            return out.logits.index_select(-1, self.token_ids)  # (R, W, K)
         lo = self.config.code_offset
         return out.logits[..., lo : lo + self.vocab_size]  # (R, W, K)
+
+    def _lm_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.token_ids is not None:
+            return self.token_ids[codes]
+        return codes + self.config.code_offset
 
     def _keep(self, count: torch.Tensor) -> None:
         """``count[b]`` more image positions of row ``b`` hold K/V; move its frontier logits there."""
@@ -490,6 +500,11 @@ class ARImagePipeline:
         position_constraint: optional ``positions (B, n) -> allowed (B, n, K) bool``
             for models that forbid some codes at some positions (every code is
             allowed by default).
+        family: a model family of ``decodekit.pipelines.ar_image_families`` (a
+            transformers image-generation model run through its own modules; built by
+            ``ar_image_families.from_transformers``): it builds the prompts, maps codes
+            to LM ids, constrains positions and decodes pixels. None: the layout of
+            ``config`` and a diffusers ``VQModel``.
     """
 
     def __init__(
@@ -499,14 +514,20 @@ class ARImagePipeline:
         tokenizer: Any,
         config: ARImageConfig | dict,
         position_constraint: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        family: Any = None,
     ):
         self.lm = lm
         self.vq = vq
         self.tokenizer = tokenizer
         self.config = config if isinstance(config, ARImageConfig) else ARImageConfig(**config)
+        self.family = family
+        if position_constraint is None and family is not None:
+            position_constraint = family.position_constraint
         self.position_constraint = position_constraint
         self.decoder: ImageTokenDecoder | None = None
         """The decoder of the current (or last) call."""
+        if family is not None:
+            return
         vocab = getattr(lm.config, "vocab_size", None)
         top = self.config.code_offset + self.config.codebook_size
         if vocab is not None and top > vocab:
@@ -535,7 +556,8 @@ class ARImagePipeline:
             raise ValueError(
                 f"{folder} has no {CONFIG_NAME}; an ar-image folder holds {CONFIG_NAME}, lm/, vq/ "
                 "and tokenizer/ (see docs/pipelines/ar-image.md). LlamaGen c2i checkpoints "
-                "convert with `decodekit convert-llamagen`; Emu3 and Janus are not supported yet."
+                "convert with `decodekit convert-llamagen`; an Emu3ForConditionalGeneration runs through "
+                "decodekit.pipelines.ar_image_families.from_transformers; Janus is not supported yet."
             )
         config = ARImageConfig.from_json(folder / CONFIG_NAME)
         dtype = {"dtype": torch_dtype} if torch_dtype is not None else {}
@@ -562,7 +584,8 @@ class ARImagePipeline:
 
     def to(self, device: str | torch.device) -> ARImagePipeline:
         self.lm.to(device)
-        self.vq.to(device)
+        if self.vq is not None:
+            self.vq.to(device)
         return self
 
     @property
@@ -573,6 +596,8 @@ class ARImagePipeline:
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` ``(B, max_prompt_tokens + 1)``: left-padded captions, then BOI."""
         cfg = self.config
+        if self.family is not None:
+            return self.family.encode_prompts(prompts, cfg.max_prompt_tokens + 1)
         if cfg.num_classes is not None:  # class ids (the null class C allowed): one token each
             ok = all(isinstance(c, int) and not isinstance(c, bool) for c in prompts)
             classes = torch.tensor(prompts if ok else [-1], dtype=torch.long)
@@ -695,6 +720,7 @@ class ARImagePipeline:
             generators=generators,
             position_constraint=self.position_constraint,
             run=run,
+            token_ids=None if self.family is None else self.family.token_ids,
         )
         self.decoder = decoder
         return decoder
@@ -715,6 +741,8 @@ class ARImagePipeline:
         """PIL images from codes ``(B, H*W)`` through the VQModel."""
         from diffusers.image_processor import VaeImageProcessor
 
+        if self.family is not None:
+            return self.family.decode_codes(codes)
         h, w = self.config.image_tokens
         vq = self.vq
         dim = vq.config.vq_embed_dim or vq.config.latent_channels

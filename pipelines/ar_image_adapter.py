@@ -99,7 +99,9 @@ class ARImageAdapter(TokenAutoregressionAdapter):
             raise ConfigError(
                 "pipeline.model",
                 f"{source} is not an ar-image folder (no {CONFIG_NAME}; it holds {CONFIG_NAME}, "
-                "lm/, vq/ and tokenizer/). Emu3, Janus and LlamaGen checkpoints are not "
+                "lm/, vq/ and tokenizer/). LlamaGen c2i checkpoints convert with "
+                "`decodekit convert-llamagen`; Emu3 runs through the Python API "
+                "(decodekit.pipelines.ar_image_families.from_transformers); Janus is not "
                 "supported yet.",
             )
         try:
