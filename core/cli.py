@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="decodekit",
         description="Composable decoding strategies for diffusion and multimodal models.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     parser.add_argument("--debug", action="store_true", help="print the traceback behind an error")
     parser.add_argument(
         "--verbose",
@@ -128,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("zoo", help="the reference zoo of tiny models")
     zoo_sub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
     zoo_sub.add_parser("list", help="list the zoo models")
+    zp = zoo_sub.add_parser("path", help="print the folder of a zoo model")
+    zp.add_argument("name", help="a zoo model name (decodekit zoo list)")
+
+    sub.add_parser(
+        "schema", help="print the JSON Schema of the YAML config (for editors), with the plugins"
+    )
 
     p = sub.add_parser(
         "ngram", help="n-gram models for superposed decoding (ngram build ...)", add_help=False
@@ -165,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "plugins": cmd_plugins,
         "demo": cmd_demo,
         "zoo": cmd_zoo,
+        "schema": cmd_schema,
         "ngram": cmd_ngram,
         "convert-llada": cmd_convert_llada,
         "convert-llamagen": cmd_convert_llamagen,
@@ -173,11 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     verbose = getattr(args, "verbose", False) or bool(os.environ.get("DECODEKIT_VERBOSE"))
     try:
         if args.command not in _LOADING_COMMANDS:
-            return handler(args) or 0
+            status = handler(args) or 0
+            sys.stdout.flush()  # a closed pipe shows here, inside the try
+            return status
         from .runtime import kept_threads, quiet_libraries
 
         with quiet_libraries(not verbose), kept_threads():
             return handler(args) or 0
+    except BrokenPipeError:  # `decodekit plugins --json | head`: the reader left, end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail
+        return 1
     except DecodekitError as e:
         if debug:
             traceback.print_exc()
@@ -618,7 +632,12 @@ def zoo_rows() -> list[dict[str, Any]]:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    """``decodekit zoo list``: a table of the zoo models."""
+    """``decodekit zoo list``: a table of the zoo models; ``zoo path NAME``: its folder."""
+    if args.zoo_command == "path":
+        from .config import _resolve_zoo
+
+        print(_resolve_zoo(args.name, "NAME"))
+        return 0
     rows = zoo_rows()
     if not rows:
         print("the zoo is empty")
@@ -644,6 +663,26 @@ def _cell(v: Any) -> str:
     if isinstance(v, dict):
         return ", ".join(f"{k}={w}" for k, w in v.items()) or "-"
     return " ".join(str(v).split())
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """``decodekit schema``: the JSON Schema of the YAML config, with the installed plugins."""
+    from .schema import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
+    return 0
+
+
+def _package_version() -> str:
+    """decodekit's installed version, else the source tree's ``__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("decodekit")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Features stored per loop step index: :class:`StepFeatureMemo`.
+"""Features stored per loop step index: `StepFeatureMemo`.
 
 Encoder-reuse strategies (Faster-Diffusion, DeepCache) compute features at
 some steps of a denoising loop and read them back at later steps. The memo keys

@@ -243,11 +243,14 @@ class RuntimeSpecs:
         """
 
     @hookspec
-    def decodekit_logits_processors(self, run, generation_config):
+    def decodekit_logits_processors(self, run, generation_config, input_ids):
         """Return a list of transformers ``LogitsProcessor`` to append for this call, or None.
 
         Called once at the start of each ``generate`` call; the processors run
-        after the user's own ``logits_processor``.
+        after the user's own ``logits_processor``. ``input_ids`` is the call's
+        prompt tensor (given by name or positionally), or None when the call
+        passed none (``inputs_embeds``); ``generation_config`` is the call's own,
+        or None. An implementation may take any subset of the arguments.
 
         Called by: causal-lm.
         """

@@ -1,4 +1,4 @@
-"""K/V held by absolute position: :class:`PositionalKVCache` and its position specs.
+"""K/V held by absolute position: `PositionalKVCache` and its position specs.
 
 Layer ``i`` holds keys ``(B, H, L, D)`` and values ``(B, H, L, Dv)`` whose
 sequence index *is* the absolute position, with a per-row ``(B, L)`` validity
@@ -6,7 +6,7 @@ mask. One store serves delayed commit (dKV-Cache), crop to a length (the
 rejected tail of speculative decoding), row selection (beam search), and
 evict/admit that keep original positions (visual-token pruning). A transformers
 model reads and writes the same store through
-:class:`decodekit.transformers_cache.TransformersKVCache`.
+`decodekit.transformers_cache.TransformersKVCache`.
 
 Positions are given in one of three forms everywhere (a *position spec*):
 
@@ -18,8 +18,8 @@ Positions are given in one of three forms everywhere (a *position spec*):
 
 A spec is checked and flattened where it is used, which reads values back from
 the device. A strategy that stores the same positions in every layer of one
-forward checks them once with :meth:`PositionalKVCache.prepare` and passes the
-returned :class:`PreparedPositions` to :meth:`PositionalKVCache.store`: the
+forward checks them once with `PositionalKVCache.prepare` and passes the
+returned `PreparedPositions` to `PositionalKVCache.store`: the
 per-layer writes then never wait for the GPU.
 """
 
@@ -71,7 +71,7 @@ class KVView:
 
 @dataclass(frozen=True)
 class PreparedPositions:
-    """A position spec checked and flattened once (:meth:`PositionalKVCache.prepare`).
+    """A position spec checked and flattened once (`PositionalKVCache.prepare`).
 
     Attributes:
         rows: ``(N,)`` long, the row of each named slot.
@@ -91,7 +91,7 @@ class PreparedPositions:
 
 
 class _LayerKV:
-    """One layer's tensors in a :class:`PositionalKVCache` (internal)."""
+    """One layer's tensors in a `PositionalKVCache` (internal)."""
 
     __slots__ = ("keys", "values", "filled", "evicted", "stored_step")
 
@@ -132,22 +132,22 @@ class PositionalKVCache:
     """Per-layer K/V addressed by absolute position, with per-row validity and step records.
 
     Layout: layer ``i`` holds keys ``(B, H, L_i, D)`` and values ``(B, H, L_i, Dv)``
-    where sequence index ``p`` *is* absolute position ``p``. ``L_i`` (:meth:`length`)
+    where sequence index ``p`` *is* absolute position ``p``. ``L_i`` (`length`)
     is the number of position slots the layer holds: the highest position ever
-    stored plus one, until :meth:`crop` shortens it. A slot holds usable K/V for
-    row ``b`` only where the key mask (:meth:`key_mask`) is true: it was stored,
-    not cropped (:meth:`crop`), and not evicted. Rows may hold
+    stored plus one, until `crop` shortens it. A slot holds usable K/V for
+    row ``b`` only where the key mask (`key_mask`) is true: it was stored,
+    not cropped (`crop`), and not evicted. Rows may hold
     different positions (ragged batches, per-row cache sizes).
 
     Delayed commit (dKV-Cache, arXiv:2505.15781): a token decoded at step ``t`` was
     a mask token during step ``t``'s forward, so the K/V written then are stale.
     With ``commit_delay=d`` the position becomes *reusable* at step ``s`` when
 
-    - it was decoded at some step ``t`` (:meth:`mark_decoded`), and
+    - it was decoded at some step ``t`` (`mark_decoded`), and
     - its K/V were last stored at a step ``w >= t + d`` (recomputed with its
       identity), and
     - ``s > w`` (the K/V come from an earlier step's forward), and
-    - it holds valid K/V in the layer (:meth:`key_mask`).
+    - it holds valid K/V in the layer (`key_mask`).
 
     With the default ``d = 1``: decoded at ``t``, recomputed and stored at
     ``t + 1``, reusable from ``t + 2``. Prompt tokens are known before step 0:
@@ -216,7 +216,7 @@ class PositionalKVCache:
     ) -> PreparedPositions:
         """Check and flatten ``positions`` for keys with ``q_len`` columns, once.
 
-        The result can be passed to :meth:`store` for any number of layers; those
+        The result can be passed to `store` for any number of layers; those
         calls then do no checking that reads from the device (on a GPU: no
         synchronisation per layer). The batch size must match the cache's.
 
@@ -274,9 +274,9 @@ class PositionalKVCache:
                 positions ``0..P-1`` (``Q == P``) and only the masked ones are written.
             values: ``(B, H, Q, Dv)``, laid out like ``keys``.
             positions: a position spec (see the module docstring), or
-                :class:`PreparedPositions` from :meth:`prepare`.
+                `PreparedPositions` from `prepare`.
             step: the loop step whose forward computed these K/V; needed for
-                :meth:`reusable`. None for loops without steps (token autoregression).
+                `reusable`. None for loops without steps (token autoregression).
         """
         lay = self._layer(layer)
         if keys.dim() != 4 or values.dim() != 4 or keys.shape[:3] != values.shape[:3]:
@@ -388,7 +388,7 @@ class PositionalKVCache:
         """The keys ``(B, H, L, D)`` and values of ``layer``, every slot, as stored (no copy).
 
         For a caller that already knows which slots are valid (e.g. it stored the same
-        positions in every layer and took :meth:`key_mask` once); otherwise use :meth:`gather`.
+        positions in every layer and took `key_mask` once); otherwise use `gather`.
         """
         lay = self._layer(layer)
         if lay.keys is None:
@@ -525,7 +525,7 @@ class PositionalKVCache:
 
         Absolute positions never shift: the remaining keys keep the positions (and
         the rotary phases) they were stored with. Evicting a position that holds no
-        K/V is an error. Memory is not reclaimed; :meth:`gather` with
+        K/V is an error. Memory is not reclaimed; `gather` with
         ``compact=True`` skips evicted keys.
         """
         for index, lay in self._indexed_layers(layer):
@@ -533,10 +533,10 @@ class PositionalKVCache:
             lay.evicted.index_put_((rows, pos), self._scalar(True, lay.evicted))
 
     def admit(self, positions: PositionSpec, layer: int | None = None) -> None:
-        """Undo :meth:`evict`: ``positions`` take part in attention again with their stored K/V.
+        """Undo `evict`: ``positions`` take part in attention again with their stored K/V.
 
         Only positions that still hold K/V can be admitted (not ones dropped by
-        :meth:`crop`); to add new positions use :meth:`store`.
+        `crop`); to add new positions use `store`.
         """
         for index, lay in self._indexed_layers(layer):
             rows, pos = self._existing(index, lay, positions, "admit")

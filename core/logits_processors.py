@@ -1,9 +1,9 @@
 """Logits processors: temperature, top-k, top-p, their chain, and classifier-free guidance.
 
 Each processor maps logits ``(..., V)`` to processed logits of the same shape and
-leaves its input alone; :class:`ProcessorChain` applies several in order.
-:class:`decodekit.sampler.Sampler` builds its chain from these.
-:func:`classifier_free_guidance` combines conditional and unconditional logits in
+leaves its input alone; `ProcessorChain` applies several in order.
+`decodekit.sampler.Sampler` builds its chain from these.
+`classifier_free_guidance` combines conditional and unconditional logits in
 either of the two conventions in use (diffusers/transformers, LLaDA).
 """
 
@@ -105,7 +105,7 @@ class TopP:
 
 
 class ProcessorChain:
-    """Apply processors in order; itself a :class:`LogitsProcessor`."""
+    """Apply processors in order; itself a `LogitsProcessor`."""
 
     def __init__(self, processors: Iterable[Callable[[Tensor], Tensor]] = ()):
         self.processors = list(processors)
@@ -129,7 +129,7 @@ class ProcessorChain:
 
 
 CFG_CONVENTIONS = ("standard", "llada")
-"""Names accepted by :func:`classifier_free_guidance`'s ``convention``."""
+"""Names accepted by `classifier_free_guidance`'s ``convention``."""
 
 
 def classifier_free_guidance(

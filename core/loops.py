@@ -8,7 +8,7 @@ contract lists in ``contract`` and refuses every other name with a
 adapter of its loop — built-in or third-party — and an adapter's internals can
 change without breaking a strategy.
 
-The runtime hooks (:mod:`decodekit.hookspecs`) hand strategies the tensors of
+The runtime hooks (`decodekit.hookspecs`) hand strategies the tensors of
 each step; the contract is for what outlives one hook call (the pipeline
 object, the model to hook at attach time, the schedule of the current call).
 

@@ -1,11 +1,11 @@
 """Remasking policies for masked diffusion: which masked positions commit at each step.
 
 LLaDA semantics (Nie et al., "Large Language Diffusion Models", arXiv:2502.09992):
-a :class:`RemaskingPolicy` predicts a token for every masked position
-(Gumbel-max in float64, :func:`gumbel_max_tokens`) and commits the positions it
+a `RemaskingPolicy` predicts a token for every masked position
+(Gumbel-max in float64, `gumbel_max_tokens`) and commits the positions it
 ranks best. Policies are registered by name (``low-confidence``, ``random``,
 ``margin``, ``entropy``, and Fast-dLLM's ``threshold``, arXiv:2505.22618);
-:func:`get_remasking_policy` builds one. :func:`transfer_count_schedule` is
+`get_remasking_policy` builds one. `transfer_count_schedule` is
 LLaDA's per-step commit count.
 """
 
@@ -83,7 +83,7 @@ REMASKING_POLICIES: dict[str, type[RemaskingPolicy]] = {}
 
 
 def register_remasking_policy(cls: type[RemaskingPolicy]) -> type[RemaskingPolicy]:
-    """Class decorator: register a :class:`RemaskingPolicy` subclass under ``cls.name``."""
+    """Class decorator: register a `RemaskingPolicy` subclass under ``cls.name``."""
     if not (isinstance(cls, type) and issubclass(cls, RemaskingPolicy)):
         raise TypeError(f"register_remasking_policy takes a RemaskingPolicy subclass, got {cls!r}.")
     if not cls.name:
@@ -105,7 +105,7 @@ def get_remasking_policy(
 
     Args:
         policy: a registered name (``"low-confidence"``, ``"random"``, ``"margin"``,
-            ``"entropy"``, ``"threshold"``) or a :class:`RemaskingPolicy` instance.
+            ``"entropy"``, ``"threshold"``) or a `RemaskingPolicy` instance.
         path: the config key path named in errors.
         **params: the policy's parameters (``threshold=0.9`` for ``"threshold"``).
 
@@ -157,15 +157,15 @@ class RemaskingPolicy:
     """Base of remasking policies for masked diffusion (LLaDA semantics).
 
     A call predicts a token for every masked position (Gumbel-max, see
-    :func:`gumbel_max_tokens`), scores the eligible positions — masked and inside
-    ``allowed`` — with :meth:`confidence`, and commits the ones :meth:`select`
+    `gumbel_max_tokens`), scores the eligible positions — masked and inside
+    ``allowed`` — with `confidence`, and commits the ones `select`
     picks. Positions outside ``allowed`` are never chosen and committed tokens
     never change. The prediction may be the mask token itself if its logit wins:
     suppress it in ``logits`` (set it to ``-inf``) when the model can predict it.
 
-    Subclasses set ``name`` and override :meth:`confidence` (and :meth:`select`
+    Subclasses set ``name`` and override `confidence` (and `select`
     for rules other than "the ``num_transfer`` best"), then register with
-    :func:`register_remasking_policy`.
+    `register_remasking_policy`.
     """
 
     name: ClassVar[str] = ""
@@ -206,7 +206,7 @@ class RemaskingPolicy:
             x: the current tokens ``(B, L)``.
             mask_index: bool ``(B, L)``, True where ``x`` is still masked.
             num_transfer: how many positions each row commits: an int or a long
-                tensor ``(B,)`` (see :func:`transfer_count_schedule`). Ignored by
+                tensor ``(B,)`` (see `transfer_count_schedule`). Ignored by
                 the threshold policy.
             temperature: Gumbel-max temperature for the predicted tokens; 0 is argmax.
             generator: needed when ``temperature > 0`` and by the random policy.
@@ -214,7 +214,7 @@ class RemaskingPolicy:
                 inside it may commit (e.g. the current block).
 
         Returns:
-            A :class:`RemaskStep`; ``x`` is not modified.
+            A `RemaskStep`; ``x`` is not modified.
         """
         eligible, counts = self._check_inputs(logits, x, mask_index, num_transfer, allowed)
         predicted = gumbel_max_tokens(logits, temperature, generator)  # (B, L)

@@ -1,9 +1,9 @@
-"""Logits to tokens: :class:`Sampler` and :func:`sample_categorical`.
+"""Logits to tokens: `Sampler` and `sample_categorical`.
 
-:class:`Sampler` applies temperature, top-k and top-p (in transformers' order)
+`Sampler` applies temperature, top-k and top-p (in transformers' order)
 and draws one token per row, returning the tokens together with the
 distribution they were drawn from, which a speculative verifier needs
-(:mod:`decodekit.speculative`). Randomness always comes from an explicit
+(`decodekit.speculative`). Randomness always comes from an explicit
 ``torch.Generator``, never from torch's global RNG.
 """
 

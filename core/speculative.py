@@ -1,6 +1,6 @@
 """Speculative verification: accept draft tokens, resample the first rejection, exactly.
 
-:func:`accept_or_resample` accepts draft tokens left to right while
+`accept_or_resample` accepts draft tokens left to right while
 ``u < min(1, p(x)/q(x))`` and, at the first rejection, resamples from the
 normalised residual ``(p - q)+`` (Leviathan et al., "Fast Inference from
 Transformers via Speculative Decoding", arXiv:2211.17192; the same rule drives
@@ -72,7 +72,7 @@ def residual_distribution(target_probs: Tensor, draft_probs: Tensor) -> Tensor:
 
 
 class SpeculativeVerdict(NamedTuple):
-    """The outcome of verifying a window of draft tokens (see :func:`accept_or_resample`)."""
+    """The outcome of verifying a window of draft tokens (see `accept_or_resample`)."""
 
     accepted: Tensor
     """Bool ``(..., N)``: True on the accepted prefix, False from the first rejection on."""
@@ -114,7 +114,7 @@ def accept_or_resample(
             extra token). Without it those rows get ``next_token = -1``.
 
     Returns:
-        A :class:`SpeculativeVerdict`.
+        A `SpeculativeVerdict`.
     """
     _check_probs("target_probs", target_probs)
     _check_probs("draft_probs", draft_probs)
@@ -205,7 +205,7 @@ def accept_or_resample_rows(
         has_bonus: ``(B,)`` bool, default all True when ``bonus_probs`` is given.
 
     Returns:
-        A :class:`SpeculativeVerdict` with ``accepted`` ``(B, N)`` (False past a row's length).
+        A `SpeculativeVerdict` with ``accepted`` ``(B, N)`` (False past a row's length).
     """
     _check_probs("target_probs", target_probs)
     _check_probs("draft_probs", draft_probs)

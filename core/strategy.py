@@ -2,7 +2,7 @@
 
 A strategy is a class. Its declarations are class attributes the resolver reads
 before anything is attached; its behaviour is runtime hooks (methods named
-``decodekit_*`` and marked with :data:`decodekit.hookimpl`) called by the
+``decodekit_*`` and marked with `decodekit.hookimpl`) called by the
 pipeline loop it is attached to.
 """
 
@@ -28,7 +28,7 @@ class Strategy:
     """Base class of every decoding strategy.
 
     Subclasses set the class attributes below and implement runtime hooks from
-    :mod:`decodekit.hookspecs` as methods decorated with ``@hookimpl``.
+    `decodekit.hookspecs` as methods decorated with ``@hookimpl``.
 
     Attributes:
         name: the registry name, as written in YAML (``faster-diffusion``).
@@ -58,11 +58,35 @@ class Strategy:
     paper: ClassVar[str] = ""
     step_tensors: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, params: Params | dict[str, Any] | None = None, *, path: str = "params"):
+    def __init__(
+        self,
+        params: Params | dict[str, Any] | None = None,
+        *,
+        path: str = "params",
+        **kwargs: Any,
+    ):
+        """Take the params as a `Params` object, a mapping, or keyword arguments.
+
+        ``FasterDiffusion(key_steps="paper")`` equals
+        ``FasterDiffusion({"key_steps": "paper"})``; keywords are merged into a
+        mapping, and given beside a `Params` object they are a `ConfigError`.
+        """
         if isinstance(params, self.Params):
+            if kwargs:
+                raise ConfigError(
+                    path,
+                    f"give the params either as a {type(params).__name__} object or as keyword "
+                    f"arguments, not both (got {', '.join(sorted(kwargs))} beside the object)",
+                )
             self.params = params
         else:
-            self.params = parse_params(self.Params, params or {}, path)
+            if kwargs and params is not None and not isinstance(params, dict):
+                raise ConfigError(
+                    path,
+                    f"expected a mapping of parameters, got {type(params).__name__}",
+                )
+            data = {**(params or {}), **kwargs} if kwargs else (params or {})
+            self.params = parse_params(self.Params, data, path)
         self.run = None
 
     # Lifecycle. The run calls these; strategies override what they need.

@@ -1,8 +1,8 @@
-"""A transformers ``Cache`` over a :class:`~decodekit.kv_cache.PositionalKVCache`.
+"""A transformers ``Cache`` over a `PositionalKVCache`.
 
-:class:`TransformersKVCache` is passed to a transformers model (``generate`` or
+`TransformersKVCache` is passed to a transformers model (``generate`` or
 a forward) as its cache; its layers read and write a
-:class:`~decodekit.kv_cache.PositionalKVCache`, so the model and decodekit's own
+`PositionalKVCache`, so the model and decodekit's own
 crop, row selection and evict/admit act on the same tensors between forwards.
 """
 
@@ -19,7 +19,7 @@ __all__ = ["TransformersKVCache"]
 
 
 class _PositionalLayer(CacheLayerMixin):
-    """A transformers cache layer whose tensors live in a :class:`PositionalKVCache` (internal)."""
+    """A transformers cache layer whose tensors live in a `PositionalKVCache` (internal)."""
 
     is_compileable = False
     is_croppable = True
@@ -112,7 +112,7 @@ class _PositionalLayer(CacheLayerMixin):
 
 
 class TransformersKVCache(Cache):
-    """A transformers ``Cache`` backed by a :class:`PositionalKVCache`; pass it as the model's cache.
+    """A transformers ``Cache`` backed by a `PositionalKVCache`; pass it as the model's cache.
 
     Slot ``p`` of the store holds the K/V of the ``p``-th token the model has
     processed (left padding included), exactly where ``DynamicCache`` would put

@@ -13,6 +13,7 @@ counts model calls and lets strategies edit each forward's inputs
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any
 
@@ -204,11 +205,46 @@ class CausalLMAdapter(TokenAutoregressionAdapter):
         return None
 
     def call_generate(self, original_generate: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-        """The wrapped ``generate``: per-call reset, strategies' processors and loop, guarded run."""
+        """The wrapped ``generate``: per-call reset, strategies' processors and loop, guarded run.
+
+        Positional arguments are bound to their names first, so ``call_kwargs``
+        holds every argument: ``generate(ids)`` is seen as ``generate(input_ids=ids)``.
+        """
         self.step = 0
+        args, kwargs = self._named_arguments(original_generate, args, kwargs)
         return self.run.guarded_call(
             kwargs, lambda: self._generate_with_strategies(original_generate, args, kwargs)
         )
+
+    def _named_arguments(
+        self, original_generate: Any, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]]:
+        """``args`` bound to ``generate``'s parameter names; the prompt as ``input_ids``.
+
+        transformers names the first parameter ``inputs``; for a model whose
+        main input is ``input_ids`` it is passed on as ``input_ids=`` (which
+        ``generate`` accepts alike). Arguments that do not bind are left as they
+        are, for ``generate`` to refuse in its own words.
+        """
+        if not args:
+            return args, kwargs
+        try:
+            bound = inspect.signature(original_generate).bind_partial(*args, **kwargs)
+        except (TypeError, ValueError):
+            return args, kwargs
+        named: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = bound.signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                return args, kwargs  # a *args generate: positions have no names
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            else:
+                named[name] = value
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if "inputs" in named and main == "input_ids" and "input_ids" not in named:
+            named["input_ids"] = named.pop("inputs")
+        return (), named
 
     def _generate_with_strategies(
         self, original_generate: Any, args: tuple, kwargs: dict[str, Any]
@@ -221,6 +257,7 @@ class CausalLMAdapter(TokenAutoregressionAdapter):
                 "decodekit_logits_processors",
                 run=run,
                 generation_config=kwargs.get("generation_config"),
+                input_ids=kwargs.get("input_ids", kwargs.get("inputs")),
             )
             for p in ps
         ]

@@ -41,6 +41,8 @@ _GENERATE_KWARGS = (
     "num_return_sequences",
     "do_sample",
 )
+# generate() keyword arguments that only the params set: a different value in the call is an error
+_OWN_KWARGS = ("num_beam_groups", "diversity_penalty")
 
 
 class DiverseBeamParams(Params):
@@ -50,6 +52,9 @@ class DiverseBeamParams(Params):
     ``num_return_sequences`` and ``do_sample`` are ordinary ``generate`` arguments:
     pass them to ``generate`` as usual, or set them here (None: take them from the
     call / generation config). A value set here and a different one in the call is an error.
+    ``generate(num_beam_groups=..., diversity_penalty=...)`` while the strategy is
+    attached must equal ``num_beam_groups`` and ``diversity_penalty`` here (the
+    params decide them); a different value is an error naming both.
     """
 
     num_beam_groups: int = Field(
@@ -219,6 +224,18 @@ class DiverseBeam(Strategy):
                     "give it in one place only.",
                 )
             call_kwargs[key] = value
+        # transformers' own group beam search arguments: the strategy's params decide them
+        for key in _OWN_KWARGS:
+            if key not in call_kwargs:
+                continue
+            given, value = call_kwargs.pop(key), getattr(p, key)
+            if given is not None and given != value:
+                raise ConfigError(
+                    f"strategies.{self.name}.params.{key}",
+                    f"set to {value!r} here but generate() was called with {key}={given!r}; "
+                    "with diverse-beam attached the params decide it: change the params "
+                    "(or drop the argument from the call).",
+                )
 
     # -- the loop --------------------------------------------------------------------
     @hookimpl

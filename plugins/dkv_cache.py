@@ -25,7 +25,7 @@ it had; the name stays registered, as transformers cannot unregister one, and
 refuses to run outside an attached run). The model is then fed
 only the positions to recompute, with their own position ids; per layer the
 function receives their queries, keys and values after RoPE, stores the K/V in a
-:class:`decodekit.kv_cache.PositionalKVCache` at their absolute positions, and
+`decodekit.kv_cache.PositionalKVCache` at their absolute positions, and
 attends over every position of the sequence (fresh K/V where recomputed, cached
 elsewhere). Each row feeds the positions whose logits the pipeline reads
 (``logits_window``) first, so the LM head runs on those alone
@@ -167,8 +167,8 @@ class DKVCache(Strategy):
     slot = "kv-cache"
     paper = "dKV-Cache: The Cache for Diffusion Language Models, arXiv:2505.15781"
 
-    def __init__(self, params=None, *, path: str = "params"):
-        super().__init__(params, path=path)
+    def __init__(self, params=None, *, path: str = "params", **kwargs):
+        super().__init__(params, path=path, **kwargs)
         self._ctx: _Forward | None = None
         self._saved_impl: str | None = None  # the model's attention implementation before attach
         self._modules: list[torch.nn.Module] = []

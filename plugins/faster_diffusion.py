@@ -3,7 +3,7 @@
 Encoder propagation: the UNet's encoder features change little between
 adjacent steps, so at *key* steps the full UNet runs and the inputs of its
 decoder (mid-block output and down-block skip residuals, ControlNet residuals
-already added) are kept in a :class:`~decodekit.feature_memo.StepFeatureMemo`;
+already added) are kept in a `StepFeatureMemo`;
 at the other steps only the decoder runs, on those features with that step's
 own time embedding and text embedding.
 Parallel decoder: the decoder outputs for a key step's following non-key steps
@@ -235,8 +235,8 @@ class FasterDiffusion(Strategy):
     slot = "denoiser-cache"
     paper = "Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion Models, arXiv:2312.09608"
 
-    def __init__(self, params=None, *, path: str = "params"):
-        super().__init__(params, path=path)
+    def __init__(self, params=None, *, path: str = "params", **kwargs):
+        super().__init__(params, path=path, **kwargs)
         self.counts: dict[str, int] = {}  # per call, from reset()
         self._key: list[int] | None = None
 

@@ -46,8 +46,8 @@ class ParallelThreshold(Strategy):
         "Parallel Decoding, arXiv:2505.22618"
     )
 
-    def __init__(self, params=None, *, path: str = "params"):
-        super().__init__(params, path=path)
+    def __init__(self, params=None, *, path: str = "params", **kwargs):
+        super().__init__(params, path=path, **kwargs)
         self.policy = ThresholdRemasking(self.params.threshold)
         self.reset(None)
 

@@ -113,8 +113,8 @@ class Sjd(Strategy):
         "Jacobi Decoding, arXiv:2410.01699"
     )
 
-    def __init__(self, params=None, *, path: str = "params"):
-        super().__init__(params, path=path)
+    def __init__(self, params=None, *, path: str = "params", **kwargs):
+        super().__init__(params, path=path, **kwargs)
         self._last: dict[str, Any] = {}
 
     def reset(self, run) -> None:

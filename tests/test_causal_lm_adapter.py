@@ -180,3 +180,56 @@ def test_quality_compares_first_of_k_rows_per_prompt():
     assert CausalLMAdapter.quality(base, drafts) == {"token_agreement": 1.0, "exact_match": 1.0}
     drafts = [{"text": t, "tokens": [i]} for t, i in (("2", 5), ("4", 7), ("9", 9), ("4", 7))]
     assert CausalLMAdapter.quality(base, drafts) == {"token_agreement": 0.5, "exact_match": 0.5}
+
+
+class SeeCall(Strategy):
+    """Records what a strategy sees of a generate call: call_kwargs and the processors' inputs."""
+
+    name = "see-call"
+    loops = ("token-autoregression",)
+
+    @hookimpl
+    def decodekit_call_start(self, run, call_kwargs):
+        self.call_kwargs = dict(call_kwargs)
+
+    @hookimpl
+    def decodekit_logits_processors(self, run, generation_config, input_ids):
+        self.input_ids = input_ids
+        self.generation_config = generation_config
+
+
+@pytest.mark.parametrize("positional", [True, False])
+def test_call_kwargs_and_processors_hook_get_positional_inputs(model, positional):
+    ids = torch.tensor(PROMPTS)
+    base = gen(model)
+    see = SeeCall()
+    with decodekit.attach(model, [see]):
+        if positional:
+            out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        else:
+            out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, base)  # binding the arguments changes nothing in the output
+    assert see.call_kwargs["input_ids"] is ids and "inputs" not in see.call_kwargs
+    assert see.call_kwargs["max_new_tokens"] == 6
+    assert see.input_ids is ids and see.generation_config is None
+
+
+def test_positional_generation_config_is_named(model):
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    ids = torch.tensor(PROMPTS)
+    see = SeeCall()
+    with decodekit.attach(model, [see]):
+        out = model.generate(ids, cfg)
+    assert out.shape == (2, 4 + 3)
+    assert see.call_kwargs["generation_config"] is cfg and see.generation_config is cfg
+    assert see.input_ids is ids
+
+
+def test_processors_hook_without_input_ids_still_works(model):
+    ban = Ban()  # takes (run, generation_config) only: a subset of the hook's arguments
+    ban.banned = 3
+    with decodekit.attach(model, [ban]):
+        out = model.generate(torch.tensor(PROMPTS[:1]), max_new_tokens=4, do_sample=False)
+    assert 3 not in out[0, 4:].tolist()

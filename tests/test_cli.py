@@ -359,3 +359,63 @@ def test_threads_flag_and_config_key(toy, tmp_path, capsys):
     assert main(["bench", cfg, "--repeat", "1", "--threads", "1"]) == 0
     assert "torch threads: 1" in capsys.readouterr().out
     assert json.loads((out / "bench.json").read_text())["machine"]["torch_threads"] == 1
+
+
+# -- small things: --version, zoo path, schema, a closed pipe -----------------------------------
+def test_version(capsys):
+    import decodekit
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"decodekit {decodekit.__version__}"
+
+
+def test_zoo_path_prints_the_folder(capsys):
+    from decodekit.pipelines import zoo
+
+    assert main(["zoo", "path", "shapes-sd"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert Path(out) == Path(zoo.zoo_path("shapes-sd")) and Path(out).is_dir()
+
+
+def test_zoo_path_unknown_name_suggests(capsys):
+    assert main(["zoo", "path", "shapes-s"]) == 2
+    err = one_error_line(capsys)
+    assert "unknown zoo model 'shapes-s'" in err and "shapes-sd" in err
+
+
+def test_schema_prints_the_json_schema(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["$schema"].startswith("https://json-schema.org/")
+    assert schema["required"] == ["pipeline"]
+    assert "params_faster_diffusion" in schema["$defs"] and "inputs_causal_lm" in schema["$defs"]
+
+
+def test_plugins_json_into_a_closed_pipe_is_quiet():
+    """`decodekit plugins --json | head -1`: the reader leaves early, no BrokenPipe traceback."""
+    env = {**os.environ}
+    env.pop("DECODEKIT_DEBUG", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "decodekit.cli", "plugins", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    proc.stdout.close()  # closed before the command writes: its write meets a broken pipe
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    proc.stderr.close()
+    assert err == ""
+    assert proc.returncode == 1
+
+    shell = subprocess.run(
+        f"{sys.executable} -m decodekit.cli plugins --json | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert shell.stdout == "{\n" and shell.stderr == ""

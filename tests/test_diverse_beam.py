@@ -253,3 +253,21 @@ class TestDiverseBeamContract(StrategyTesterMixin):
 
     def broken_call(self, pipe):
         pipe.generate(torch.tensor([[1, 200]]), max_new_tokens=2, num_beams=4, pad_token_id=0)
+
+
+@pytest.mark.parametrize(("key", "given"), [("num_beam_groups", 4), ("diversity_penalty", 5.0)])
+def test_generate_group_arguments_different_from_params_are_an_error(llama, key, given):
+    kw = dict(max_new_tokens=4, num_beams=4)
+    with decodekit.attach(llama, [dbs(2, 0.5)]) as run:
+        with pytest.raises(decodekit.ConfigError, match=rf"{key}.*0?\.?[25].*{key}={given}") as e:
+            beam(llama, PROMPTS, **kw, **{key: given})
+        assert f"params.{key}" in e.value.path
+    assert not run.attached
+
+
+def test_generate_group_arguments_equal_to_params_work(llama):
+    kw = dict(max_new_tokens=4, num_beams=4, num_return_sequences=2)
+    with decodekit.attach(llama, [dbs(2, 0.5)]):
+        plain = beam(llama, PROMPTS, **kw)
+        same = beam(llama, PROMPTS, **kw, num_beam_groups=2, diversity_penalty=0.5)
+    assert torch.equal(plain.sequences, same.sequences)

@@ -72,3 +72,28 @@ def test_every_strategy_page_is_in_the_nav():
         assert f"strategies/{page.name}" in nav, (
             f"docs/strategies/{page.name} is not in mkdocs.yml nav"
         )
+
+
+SPHINX_ROLE = re.compile(r":(class|func|meth|data|mod|attr|obj|exc):`")
+
+
+def test_no_sphinx_roles_in_docstrings():
+    """mkdocstrings renders ``:class:`X``` literally: use `X` or [X][decodekit.module.X]."""
+    import decodekit
+    import decodekit.pipelines
+    import decodekit.plugins
+
+    files = {
+        f
+        for pkg in (decodekit, decodekit.plugins, decodekit.pipelines)
+        for folder in pkg.__path__
+        for f in Path(folder).rglob("*.py")
+    }
+    assert len(files) > 20
+    found = [
+        f"{f.name}:{i}: {line.strip()}"
+        for f in sorted(files)
+        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1)
+        if SPHINX_ROLE.search(line)
+    ]
+    assert not found, "\n".join(found)

@@ -84,3 +84,41 @@ def test_unsupported_loop_and_duplicates():
         resolve([make("a")], "continuous-denoising")
     with pytest.raises(CompositionError, match="listed twice"):
         resolve([make("a"), make("a")], LOOP)
+
+
+# -- keyword construction, like diffusers' config classes ---------------------------------------
+def test_params_as_keyword_arguments():
+    from decodekit.plugins.faster_diffusion import FasterDiffusion
+    from decodekit.plugins.sjd import Sjd
+
+    fd = FasterDiffusion(key_steps="paper")
+    assert fd.params == FasterDiffusion({"key_steps": "paper"}).params
+    assert fd.params.key_steps == "paper"
+    sjd = Sjd(window=8, coupling="coupled")
+    assert (sjd.params.window, sjd.params.coupling) == (8, "coupled")
+    assert sjd.params.init == Sjd().params.init  # the rest keep their defaults
+    assert Sjd({"window": 8}, init="horizontal-repeat").params.window == 8  # merged into a mapping
+    assert Windowed(window=7).params.window == 7
+
+
+def test_keyword_params_are_validated_with_the_key_path():
+    from decodekit.plugins.sjd import Sjd
+
+    with pytest.raises(ConfigError, match="unknown parameter") as e:
+        Sjd(windw=8)
+    assert e.value.path == "params.windw"
+    with pytest.raises(ConfigError) as e:
+        Sjd(window=0)
+    assert e.value.path == "params.window"
+
+
+def test_params_object_and_keywords_together_are_an_error():
+    from decodekit.plugins.faster_diffusion import FasterDiffusion
+    from decodekit.plugins.sjd import Sjd
+
+    with pytest.raises(ConfigError, match="not both.*window"):
+        Sjd(Sjd.Params(window=4), window=8)
+    with pytest.raises(ConfigError, match="not both"):
+        FasterDiffusion(FasterDiffusion.Params(), key_steps="paper")
+    with pytest.raises(ConfigError, match="not both"):
+        Windowed(WindowParams(), window=2)
