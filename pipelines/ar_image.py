@@ -521,7 +521,7 @@ class ARImagePipeline:
         self.tokenizer = tokenizer
         self.config = config if isinstance(config, ARImageConfig) else ARImageConfig(**config)
         self.family = family
-        if position_constraint is None and family is not None:
+        if position_constraint is None and getattr(family, "position_constraint", None):
             position_constraint = family.position_constraint
         self.position_constraint = position_constraint
         self.decoder: ImageTokenDecoder | None = None
@@ -556,8 +556,10 @@ class ARImagePipeline:
             raise ValueError(
                 f"{folder} has no {CONFIG_NAME}; an ar-image folder holds {CONFIG_NAME}, lm/, vq/ "
                 "and tokenizer/ (see docs/pipelines/ar-image.md). LlamaGen c2i checkpoints "
-                "convert with `decodekit convert-llamagen`; an Emu3ForConditionalGeneration runs through "
-                "decodekit.pipelines.ar_image_families.from_transformers; Janus is not supported yet."
+                "convert with `decodekit convert-llamagen`; Emu3ForConditionalGeneration and "
+                "JanusForConditionalGeneration run through "
+                "decodekit.pipelines.ar_image_families.from_transformers; other checkpoints are not "
+                "supported yet."
             )
         config = ARImageConfig.from_json(folder / CONFIG_NAME)
         dtype = {"dtype": torch_dtype} if torch_dtype is not None else {}
@@ -706,7 +708,10 @@ class ARImagePipeline:
                 if self.config.num_classes is None
                 else self.config.num_classes
             )
-            null_ids, null_mask = self.encode_prompts([null] * len(prompts))
+            if getattr(self.family, "unconditional", None) is not None:  # the family's own rows
+                null_ids, null_mask = self.family.unconditional(ids, mask)
+            else:
+                null_ids, null_mask = self.encode_prompts([null] * len(prompts))
             ids, mask = torch.cat([ids, null_ids]), torch.cat([mask, null_mask])  # (2B, P+1)
         device = self.device
         generators = _row_generators(generator, len(prompts), sampler.greedy, device)

@@ -100,9 +100,9 @@ class ARImageAdapter(TokenAutoregressionAdapter):
                 "pipeline.model",
                 f"{source} is not an ar-image folder (no {CONFIG_NAME}; it holds {CONFIG_NAME}, "
                 "lm/, vq/ and tokenizer/). LlamaGen c2i checkpoints convert with "
-                "`decodekit convert-llamagen`; Emu3 runs through the Python API "
-                "(decodekit.pipelines.ar_image_families.from_transformers); Janus is not "
-                "supported yet.",
+                "`decodekit convert-llamagen`; Emu3 and Janus run through the Python API "
+                "(decodekit.pipelines.ar_image_families.from_transformers); other checkpoints "
+                "are not supported yet.",
             )
         try:
             pipe = ARImagePipeline.from_pretrained(

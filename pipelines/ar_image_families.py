@@ -20,6 +20,18 @@ decoder's codes are the ``K`` VQ codes (LM ids through the model's
 constraint allows only visual tokens inside a row and only end-of-line at each
 row's end, as the prefix-constrained processor of Emu3's image generation
 does. Pixels come from the model's ``decode_image_tokens``.
+
+Janus (``JanusForConditionalGeneration``): its image mode is a loop of its own
+(``generate(generation_mode="image")``); the pipeline drives that loop's steps
+with the model's own modules instead. The prompt is what ``JanusProcessor``
+gives with ``generation_mode="image"`` (caption, begin-of-image); a prompt token
+is embedded by the text embeddings, an image code by
+``prepare_embeddings_for_image_generation``; the language model
+(``model.model.language_model``, with the decoder's cache) runs on those
+``inputs_embeds`` and ``generation_head`` turns its hidden states into code
+logits. Guidance is Janus's: the unconditional rows are the prompt with every
+token but BOS and BOI replaced by pad (attended, as Janus does), combined as
+``uncond + s * (cond - uncond)``. Pixels come from ``decode_image_tokens``.
 """
 
 from __future__ import annotations
@@ -28,15 +40,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["SUPPORTED", "Emu3Family", "from_transformers"]
+__all__ = ["SUPPORTED", "Emu3Family", "JanusFamily", "from_transformers"]
 
-SUPPORTED = {"emu3": "Emu3ForConditionalGeneration"}
+SUPPORTED = {"emu3": "Emu3ForConditionalGeneration", "janus": "JanusForConditionalGeneration"}
 """model_type -> the transformers class the pipeline runs through its own modules."""
 
 _CANNOT = {
     "chameleon": "transformers' Chameleon cannot generate images (its image-token logits are "
     "masked to -inf and its VQ has no decoder)",
-    "janus": "Janus's image mode (generation_head, its own loop) is not wired into the pipeline yet",
 }
 
 
@@ -69,8 +80,12 @@ class Emu3Family:
         self.eol_code = k
         ids = [img2bpe[c] for c in range(k)] + [mapping.eol_token_id]
         self.token_ids = torch.tensor(ids, dtype=torch.long)  # (K + 1,) LM id of each decoder code
+        self.num_codes = k + 1  # the decoder's codes: K visual tokens and end-of-line
+        self.code_offset = ids[0]  # informational: the decoder maps codes through token_ids
         tok = processor.tokenizer
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.boi_token_id = tok.convert_tokens_to_ids(tok.boi_token)
+        self.lm = model
 
     @property
     def image_tokens(self) -> tuple[int, int]:
@@ -116,6 +131,100 @@ class Emu3Family:
         return VaeImageProcessor(do_resize=False).postprocess(pixels.float(), output_type="pil")
 
 
+class _JanusImageLM(torch.nn.Module):
+    """Janus's image-generation step as a causal LM over ``[text ids, code_offset + codes]``.
+
+    Text ids go through the text embeddings, codes through the model's
+    ``prepare_embeddings_for_image_generation``; ``model.model.language_model``
+    runs on the embeddings with the given cache and ``generation_head`` gives the
+    code logits, placed at columns ``[code_offset, code_offset + K)``.
+    """
+
+    def __init__(self, model: Any, code_offset: int):
+        super().__init__()
+        self.janus = model
+        self.code_offset = code_offset
+        self.config = model.model.language_model.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
+                use_cache=True, logits_to_keep=0):  # fmt: skip
+        from types import SimpleNamespace
+
+        janus = self.janus
+        is_code = input_ids >= self.code_offset
+        text = janus.get_input_embeddings()(input_ids.masked_fill(is_code, 0))
+        codes = janus.prepare_embeddings_for_image_generation(
+            (input_ids - self.code_offset).clamp(min=0)
+        )
+        embeds = torch.where(is_code[..., None], codes.to(text.dtype), text)
+        out = janus.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        head = janus.model.generation_head(hidden)  # (R, W, K)
+        return SimpleNamespace(logits=torch.nn.functional.pad(head, (self.code_offset, 0)))
+
+
+class JanusFamily:
+    """Janus's image span: ``G x G`` codes of its VQ, scored by ``generation_head``.
+
+    Args:
+        model: a ``JanusForConditionalGeneration``.
+        processor: its ``JanusProcessor`` (builds the prompts).
+    """
+
+    name = "janus"
+    token_ids = None  # codes are LM ids code_offset + code of the wrapper `_JanusImageLM`
+
+    def __init__(self, model: Any, processor: Any):
+        self.model = model
+        self.processor = processor
+        vq = model.model.vqmodel
+        self.height, self.width = (int(x) for x in vq.quantize.quant_state_dims)
+        self.codebook_size = self.num_codes = int(vq.config.num_embeddings)
+        self.code_offset = int(model.get_input_embeddings().num_embeddings)
+        tok = processor.tokenizer
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.bos_token_id = tok.bos_token_id
+        self.boi_token_id = tok.convert_tokens_to_ids(tok.boi_token)
+        self.lm = _JanusImageLM(model, self.code_offset)
+
+    @property
+    def image_tokens(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of each prompt as ``JanusProcessor(generation_mode="image")`` builds them."""
+        out = self.processor(text=list(prompts), generation_mode="image")
+        return [list(map(int, row)) for row in out["input_ids"]]
+
+    encode_prompts = Emu3Family.encode_prompts
+
+    def unconditional(
+        self, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Janus's unconditional rows: every prompt token but BOS and BOI replaced by pad (attended)."""
+        keep = (ids == self.bos_token_id) | (ids == self.boi_token_id) | (mask == 0)
+        return ids.masked_fill(~keep, self.pad_token_id), mask.clone()
+
+    position_constraint = None
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> list[Any]:
+        """PIL images through the model's own ``decode_image_tokens``."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        device = next(self.model.parameters()).device
+        pixels = self.model.decode_image_tokens(codes.to(device)).permute(0, 3, 1, 2)
+        return VaeImageProcessor(do_resize=False).postprocess(pixels.float(), output_type="pil")
+
+
 def from_transformers(
     model: Any,
     processor: Any,
@@ -128,14 +237,15 @@ def from_transformers(
     """An `ARImagePipeline` around a transformers image-generation model and its processor.
 
     Supported: ``Emu3ForConditionalGeneration`` (``image_area``: pixels of the
-    image, as its processor takes it). Anything else is a ``ValueError`` that
+    image, as its processor takes it) and ``JanusForConditionalGeneration``
+    (the image size is its VQ's). Anything else is a ``ValueError`` that
     says why and what is supported.
     """
     from decodekit.pipelines.ar_image import ARImageConfig, ARImagePipeline
 
     kind = getattr(getattr(model, "config", None), "model_type", None)
     cls_name = type(model).__name__
-    if kind != "emu3" or cls_name != SUPPORTED["emu3"]:
+    if SUPPORTED.get(kind) != cls_name:
         why = _CANNOT.get(kind, f"{cls_name} (model_type {kind!r}) is not an image-token model "
                           "the pipeline knows")  # fmt: skip
         raise ValueError(
@@ -143,17 +253,19 @@ def from_transformers(
             f"{', '.join(SUPPORTED.values())}; other models load as an ar-image folder "
             "(ar_image.json, lm/, vq/, tokenizer/) or through `decodekit convert-llamagen`."
         )
-    if image_area is None:
+    if kind == "janus":
+        family = JanusFamily(model, processor)
+    elif image_area is None:
         raise ValueError("Emu3 needs image_area (pixels), as its processor takes it.")
-    family = Emu3Family(model, processor, image_area=image_area)
-    first = int(family.token_ids[0])
+    else:
+        family = Emu3Family(model, processor, image_area=image_area)
     config = ARImageConfig(
         image_tokens=family.image_tokens,
-        code_offset=first,  # informational: the decoder maps codes through family.token_ids
-        codebook_size=family.codebook_size + 1,
-        boi_token_id=processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.boi_token),
+        code_offset=family.code_offset,
+        codebook_size=family.num_codes,
+        boi_token_id=family.boi_token_id,
         pad_token_id=family.pad_token_id,
         max_prompt_tokens=max_prompt_tokens,
         null_prompt=null_prompt,
     )
-    return ARImagePipeline(model, None, processor.tokenizer, config, family=family, **kwargs)
+    return ARImagePipeline(family.lm, None, processor.tokenizer, config, family=family, **kwargs)
