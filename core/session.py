@@ -84,9 +84,32 @@ def find_adapter(obj: Any, manager: PluginManager, pipeline: str | None = None) 
 class Run:
     """One attachment of strategies to a pipeline or model.
 
-    Use as a context manager or call `detach`. ``run.stats`` holds model calls
-    (NFE), calls served by strategies (cache hits), wall time, and per
-    strategy the time spent in its hooks plus what it counted itself.
+    Use as a context manager or call `detach`. Strategies get the run in every
+    hook (``run=``) and in ``on_attach``; what they may read is below.
+
+    Attributes:
+        target: the pipeline or model the strategies are attached to.
+        strategies: the attached `Strategy` instances, in resolved hook order.
+        loop: the adapter's loop kind (``"denoise"``, ``"causal"``, ``"masked"``,
+            ...); the contract of `adapter` is the matching class of `decodekit.loops`.
+        adapter: the adapter as its loop's contract lets strategies see it
+            (attributes listed on each pipeline's docs page and on `decodekit.loops`).
+        attached: whether the hooks are in place (False after `detach`).
+        in_call: whether a pipeline call is running now.
+        calls: pipeline calls made since `attach` (whole run).
+        nfe: model calls actually computed since `attach` (whole run).
+        served: model calls a strategy answered instead of the model (whole run).
+        time_s: wall time inside pipeline calls since `attach` (whole run).
+        last: the last call's figures (``nfe``, ``served``, ``time_s``), the
+            same dict as ``stats["last_call"]`` without ``strategies``.
+        stats: every figure of the run, in one scope: the top level is the whole
+            run (``calls``, ``nfe``, ``served``, ``time_s``, and ``hook_time_s``
+            per strategy name); ``stats["last_call"]`` is the last call
+            (``nfe``, ``served``, ``time_s``, and ``strategies``: per strategy
+            its ``hook_time_s`` in that call plus its own ``stats()``, which
+            strategies reset at every call start). ``stats["strategies"]`` is
+            the same dict as ``stats["last_call"]["strategies"]``, kept as a
+            short name.
     """
 
     def __init__(self, target: Any, adapter_cls: type, strategies: list[Strategy]):
@@ -156,6 +179,7 @@ class Run:
         self.in_call = True
         self.calls += 1
         self._call_nfe0, self._call_served0 = self.nfe, self.served
+        self._call_hook0 = dict(self._hook_time)
         self._t0 = time.perf_counter()
         for s in self.strategies:
             s.reset(self)
@@ -298,16 +322,19 @@ class Run:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Counters of this run (see the class docstring)."""
+        """Counters of the whole run; ``["last_call"]`` holds the last call's (see the class docstring)."""
+        hook0 = getattr(self, "_call_hook0", None) or {}
         per = {}
         for s in self.strategies:
-            per[s.name] = {"hook_time_s": self._hook_time[s.name], **s.stats()}
+            in_call = self._hook_time[s.name] - hook0.get(s.name, 0.0)
+            per[s.name] = {"hook_time_s": in_call, **s.stats()}
         return {
             "calls": self.calls,
             "nfe": self.nfe,
             "served": self.served,
             "time_s": self.time_s,
-            "last_call": dict(self.last),
+            "hook_time_s": dict(self._hook_time),
+            "last_call": {**self.last, "strategies": per},
             "strategies": per,
         }
 
