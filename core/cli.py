@@ -306,7 +306,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .manager import get_manager
-    from .outputs import prepare_output_dir
+    from .outputs import prepare_output_dir, save_outputs
     from .runtime import configure_threads
     from .session import attach
 
@@ -338,11 +338,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     status = "interrupted"
     t0 = time.perf_counter()
     try:
-        files = cfg.adapter.save(outputs, out_dir) or []
+        files = save_outputs(cfg.adapter, outputs, out_dir, cfg.inputs)
         status = "complete"
     finally:
         timings["save_s"] = time.perf_counter() - t0
-        _write_run_record(cfg, run, out_dir, kept, status, timings)
+        _write_run_record(cfg, run, out_dir, kept, status, timings, outputs)
     stats = run.stats
     names = ", ".join(s.name for s in run.strategies) or "none (baseline)"
     shown_threads = f"{threads} torch thread{'s' if threads != 1 else ''}"
@@ -361,9 +361,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _write_run_record(
-    cfg: Any, run: Any, out_dir: Path, kept: set[str], status: str, timings: dict[str, float]
+    cfg: Any,
+    run: Any,
+    out_dir: Path,
+    kept: set[str],
+    status: str,
+    timings: dict[str, float],
+    outputs: Any = None,
 ) -> None:
     """``run.json``: the resolved config, versions, seed, stats, timings and the files written.
+
+    ``outputs`` has one row per output written (the adapter's ``records``: file,
+    prompt, row seed, and rank/score for ranked text rows).
 
     The files are those that appeared in the folder during the run (complete ones
     only: temporary files are never listed), so an interrupted run's record is
@@ -371,7 +380,7 @@ def _write_run_record(
     """
     import torch
 
-    from .outputs import RUN_RECORD, TEMP_MARK, write_run_record
+    from .outputs import RUN_RECORD, TEMP_MARK, output_records, write_run_record
 
     files = sorted(
         p.name
@@ -390,6 +399,9 @@ def _write_run_record(
             "timings_s": timings,
             "torch_threads": torch.get_num_threads(),
             "files": files,
+            "outputs": output_records(cfg.adapter, outputs, cfg.inputs, out_dir)
+            if outputs is not None
+            else [],
         },
     )
 

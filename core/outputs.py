@@ -32,7 +32,11 @@ __all__ = [
     "atomic_save_image",
     "atomic_write_bytes",
     "atomic_write_text",
+    "image_names",
+    "output_records",
     "prepare_output_dir",
+    "save_outputs",
+    "slug",
     "write_run_record",
 ]
 
@@ -153,6 +157,70 @@ def _saving_hook() -> None:
         import time
 
         time.sleep(float(delay))
+
+
+def slug(text: str, max_len: int = 40) -> str:
+    """A file-name-safe slug of ``text``: lowercase ASCII ``[a-z0-9-]``, at most ``max_len`` chars.
+
+    Accents are dropped (``"Crème"`` -> ``"creme"``), every other run of characters
+    becomes one ``-``, and a long slug is cut at the last ``-`` that fits (or at
+    ``max_len`` when a single word is longer). It may be empty (a prompt of
+    punctuation or of non-Latin script only).
+    """
+    import re
+    import unicodedata
+
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    s = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    if len(s) > max_len:
+        cut = s[: max_len + 1].rfind("-")
+        s = s[:cut] if cut > 0 else s[:max_len]
+    return s.strip("-")
+
+
+def image_names(prompts: list[str], per_prompt: int = 1, ext: str = "png") -> list[str]:
+    """File names of the images of ``prompts``, prompt-major (the order pipelines return them).
+
+    ``000-a-red-circle.png`` for prompt 0 (index, then `slug` of the prompt); with
+    ``per_prompt > 1`` each image of a prompt adds its number: ``000-a-red-circle-0.png``,
+    ``000-a-red-circle-1.png``. A prompt whose slug is empty gives ``000.png``.
+    """
+    names = []
+    for i, prompt in enumerate(prompts):
+        stem = f"{i:03d}" + (f"-{s}" if (s := slug(prompt)) else "")
+        names += (
+            [f"{stem}.{ext}"]
+            if per_prompt == 1
+            else [f"{stem}-{k}.{ext}" for k in range(per_prompt)]
+        )
+    return names
+
+
+def save_outputs(adapter: Any, outputs: Any, out_dir: Path, inputs: Any) -> list[Path]:
+    """``adapter.save(outputs, out_dir, inputs=inputs)``; an adapter whose ``save`` takes no
+    ``inputs`` (written before it existed) is called without them."""
+    import inspect
+
+    params = inspect.signature(adapter.save).parameters
+    if "inputs" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return list(adapter.save(outputs, out_dir, inputs=inputs) or [])
+    return list(adapter.save(outputs, out_dir) or [])
+
+
+def output_records(adapter: Any, outputs: Any, inputs: Any, out_dir: Path) -> list[dict[str, Any]]:
+    """The adapter's per-output rows for ``run.json`` (file, prompt, seed ...), for files present.
+
+    An interrupted run lists only the outputs whose file was written; an adapter
+    without ``records`` gives none.
+    """
+    records = getattr(adapter, "records", None)
+    if records is None:
+        return []
+    try:
+        rows = list(records(outputs, inputs))
+    except Exception:  # the record of the run is written anyway, without its per-output rows
+        return []
+    return [r for r in rows if (Path(out_dir) / str(r.get("file", ""))).is_file()]
 
 
 def write_run_record(out_dir: str | os.PathLike, record: dict[str, Any]) -> Path:

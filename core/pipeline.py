@@ -134,9 +134,20 @@ class PipelineAdapter:
         raise NotImplementedError
 
     @classmethod
-    def save(cls, outputs: Any, out_dir: Path) -> list[Path]:
-        """Write outputs under ``out_dir`` (PNG images, JSONL texts); returns the files written."""
+    def save(cls, outputs: Any, out_dir: Path, inputs: Inputs | None = None) -> list[Path]:
+        """Write outputs under ``out_dir`` (PNG images, JSONL texts); returns the files written.
+
+        ``inputs`` (the run's, when given) name the files after their prompts.
+        """
         raise NotImplementedError
+
+    @classmethod
+    def records(cls, outputs: Any, inputs: Inputs) -> list[dict[str, Any]]:
+        """One row per output for ``run.json``'s ``outputs``: ``file``, ``prompt``, ``seed`` ...
+
+        ``seed`` is the row's seed from `decodekit.seeds`. The default lists none.
+        """
+        return []
 
     @classmethod
     def quality(cls, baseline: Any, outputs: Any) -> dict[str, float]:
@@ -159,7 +170,11 @@ class TextAdapter(PipelineAdapter):
     """
 
     @classmethod
-    def save(cls, outputs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    def save(
+        cls, outputs: list[dict[str, Any]], out_dir: Path, inputs: Inputs | None = None
+    ) -> list[Path]:
+        """``outputs.jsonl``: one row per output (``prompt``, ``text``, ``tokens``, and
+        ``rank``/``score`` where the strategy returned several ranked rows per prompt)."""
         import json
 
         from .outputs import atomic_write_text
@@ -167,6 +182,26 @@ class TextAdapter(PipelineAdapter):
         out_dir.mkdir(parents=True, exist_ok=True)
         text = "".join(json.dumps(row) + "\n" for row in outputs)
         return [atomic_write_text(out_dir / "outputs.jsonl", text)]
+
+    @classmethod
+    def records(cls, outputs: list[dict[str, Any]], inputs: Inputs) -> list[dict[str, Any]]:
+        """Per row: ``file`` (``outputs.jsonl``), ``line``, ``prompt``, its row ``seed``, and
+        ``rank``/``score`` when the row has them."""
+        from .seeds import row_seeds
+
+        prompt = getattr(inputs, "prompt", None)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        if not prompts or not outputs or len(outputs) % len(prompts):
+            return []
+        per = len(outputs) // len(prompts)
+        seeds = row_seeds(inputs.seed, prompts)
+        rows = []
+        for i, row in enumerate(outputs):
+            rec = {"file": "outputs.jsonl", "line": i, "prompt": prompts[i // per]}
+            rec["seed"] = seeds[i // per]
+            rec.update({k: row[k] for k in ("rank", "score") if k in row})
+            rows.append(rec)
+        return rows
 
     @classmethod
     def quality(

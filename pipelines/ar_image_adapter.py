@@ -132,11 +132,18 @@ class ARImageAdapter(TokenAutoregressionAdapter):
         return images
 
     @classmethod
-    def save(cls, outputs: list, out_dir: Path) -> list[Path]:
-        """One PNG per image (``000.png`` ...), each written atomically, as stable-diffusion saves."""
+    def save(cls, outputs: list, out_dir: Path, inputs: Any = None) -> list[Path]:
+        """One PNG per image (``000-<prompt slug>.png`` ...), written atomically, as stable-diffusion saves."""
         from decodekit.pipelines import stable_diffusion
 
-        return stable_diffusion.StableDiffusionAdapter.save(outputs, out_dir)
+        return stable_diffusion.StableDiffusionAdapter.save(outputs, out_dir, inputs=inputs)
+
+    @classmethod
+    def records(cls, outputs: list, inputs: Any) -> list[dict[str, Any]]:
+        """Per image: ``file``, ``prompt`` and its row ``seed``, as stable-diffusion records them."""
+        from decodekit.pipelines import stable_diffusion
+
+        return stable_diffusion.StableDiffusionAdapter.records(outputs, inputs)
 
     @classmethod
     def quality(cls, baseline: list, outputs: list) -> dict[str, float]:

@@ -336,6 +336,10 @@ class CausalLMAdapter(TokenAutoregressionAdapter):
             "max_new_tokens": inputs.max_new_tokens,
             "do_sample": inputs.do_sample,
             "pad_token_id": tokenizer.pad_token_id,
+            # so that a strategy returning several rows per prompt (diverse-beam's beams,
+            # superposed's drafts) gives their sequences_scores: saved as rank and score
+            "return_dict_in_generate": True,
+            "output_scores": True,
             **inputs.extra,
         }
         if kwargs["do_sample"]:
@@ -352,16 +356,34 @@ class CausalLMAdapter(TokenAutoregressionAdapter):
             out = model.generate(**enc, **kwargs)
             sequences = out.sequences if hasattr(out, "sequences") else out
             new = sequences[:, enc["input_ids"].shape[1] :]  # (rows, new tokens): no prompt pads
+            rows = []
             for i, row in enumerate(new.tolist()):
                 tokens = _until_stop(row, stops)
-                results.append(
+                rows.append(
                     {
                         "prompt": group[i * len(group) // len(new)],
                         "text": tokenizer.decode(tokens, skip_special_tokens=True),
                         "tokens": tokens,
                     }
                 )
+            results += _ranked(rows, getattr(out, "sequences_scores", None), len(group))
         return results
+
+
+def _ranked(rows: list[dict[str, Any]], scores: Any, prompts: int) -> list[dict[str, Any]]:
+    """With several rows per prompt and their ``sequences_scores``: each prompt's rows best
+    first, with ``rank`` (0 = best) and ``score`` (the strategy's, e.g. a beam's length-normalised
+    log-probability). One row per prompt, or no scores: the rows unchanged."""
+    per = len(rows) // prompts if prompts else 0
+    if scores is None or per < 2 or per * prompts != len(rows) or len(scores) != len(rows):
+        return rows
+    values = [float(v) for v in scores.tolist()]
+    ranked = []
+    for p in range(prompts):
+        block = list(range(p * per, (p + 1) * per))
+        block.sort(key=lambda i: -values[i])  # stable: ties keep the strategy's order
+        ranked += [{**rows[i], "rank": r, "score": values[i]} for r, i in enumerate(block)]
+    return ranked
 
 
 def _stop_ids(model: Any, kwargs: dict[str, Any]) -> set[int]:

@@ -33,9 +33,9 @@ from decodekit.diffusers_hooks import PipelineHooks
 from decodekit.errors import AttachError, ConfigError
 from decodekit.hookspecs import hookimpl
 from decodekit.loops import CONTROLNET, DENOISER, DenoisingAdapter
-from decodekit.outputs import atomic_save_image
+from decodekit.outputs import atomic_save_image, image_names
 from decodekit.pipeline import Inputs, KeyValueError, Options, check_prompts, short_repr
-from decodekit.seeds import row_generators
+from decodekit.seeds import row_generators, row_seeds
 from diffusers.hooks import ModelHook
 from pydantic import Field, field_validator, model_validator
 
@@ -496,11 +496,41 @@ class StableDiffusionAdapter(DenoisingAdapter):
         return list(target(**kwargs).images)
 
     @classmethod
-    def save(cls, outputs: list, out_dir: Path) -> list[Path]:
+    def save(cls, outputs: list, out_dir: Path, inputs: Inputs | None = None) -> list[Path]:
+        """One PNG per image, written atomically, named by prompt index and prompt slug.
+
+        ``000-a-red-circle.png``, ``001-...``; with ``num_images_per_prompt > 1``,
+        ``000-a-red-circle-0.png``, ``000-a-red-circle-1.png`` ... (`decodekit.outputs.image_names`).
+        Without ``inputs``: ``000.png``, ``001.png`` ...
+        """
         out_dir.mkdir(parents=True, exist_ok=True)
-        return [
-            atomic_save_image(image, out_dir / f"{i:03d}.png") for i, image in enumerate(outputs)
-        ]
+        names = cls._names(outputs, inputs)
+        return [atomic_save_image(image, out_dir / n) for n, image in zip(names, outputs)]
+
+    @classmethod
+    def _rows(cls, inputs: Inputs | None) -> tuple[list[str], int]:
+        prompt = getattr(inputs, "prompt", None)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        return prompts, int(getattr(inputs, "num_images_per_prompt", 1) or 1)
+
+    @classmethod
+    def _names(cls, outputs: list, inputs: Inputs | None) -> list[str]:
+        prompts, per = cls._rows(inputs)
+        names = image_names(prompts, per)
+        if len(names) != len(outputs):  # no inputs, or outputs not one per prompt x image
+            names = [f"{i:03d}.png" for i in range(len(outputs))]
+        return names
+
+    @classmethod
+    def records(cls, outputs: list, inputs: Inputs) -> list[dict[str, Any]]:
+        """Per image: ``file``, ``prompt`` and its row ``seed`` (`decodekit.seeds`)."""
+        prompts, per = cls._rows(inputs)
+        names = cls._names(outputs, inputs)
+        if len(prompts) * per != len(outputs):
+            return [{"file": n} for n in names]
+        seeds = row_seeds(inputs.seed, prompts, per)
+        rows = [p for p in prompts for _ in range(per)]
+        return [{"file": n, "prompt": p, "seed": s} for n, p, s in zip(names, rows, seeds)]
 
     @classmethod
     def quality(cls, baseline: list, outputs: list) -> dict[str, float]:

@@ -25,9 +25,12 @@ from decodekit.outputs import (
     TEMP_MARK,
     atomic_save_image,
     atomic_write_text,
+    image_names,
     prepare_output_dir,
+    slug,
     write_run_record,
 )
+from decodekit.seeds import row_seeds
 from PIL import Image
 
 from tests.tiny import ToyAdapter, toy_config
@@ -183,7 +186,10 @@ def test_overwrite_does_not_mix_two_runs(tmp_path, manager, capsys):
     assert main(["run", shapes_config(tmp_path, SHAPES[:1])]) == 2
     assert len(list(out.glob("*.png"))) == 4  # refused: nothing touched
     assert main(["run", shapes_config(tmp_path, SHAPES[:1]), "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["000.png", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000-a-small-red-circle-on-the-left.png",
+        "run.json",
+    ]
 
 
 def test_sigint_while_saving_leaves_only_complete_pngs(tmp_path):
@@ -224,3 +230,99 @@ def test_sigint_while_saving_leaves_only_complete_pngs(tmp_path):
     assert not [p for p in out.iterdir() if TEMP_MARK in p.name]
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "interrupted" and rec["files"] == [p.name for p in pngs]
+
+
+# -- outputs that explain themselves (issue 23) --------------------------------------------
+
+
+def test_slug_is_short_lowercase_ascii():
+    assert slug("A Red Circle!") == "a-red-circle"
+    assert slug("  Crème brûlée, über   alles ") == "creme-brulee-uber-alles"
+    long = slug("a very long prompt about a small red circle on the left of a square")
+    assert long == "a-very-long-prompt-about-a-small-red" and len(long) <= 40
+    assert slug("x" * 50) == "x" * 40
+    assert slug("猫 ?!") == ""
+
+
+def test_image_names_index_slug_and_image_number():
+    assert image_names(["a red circle", "B"]) == ["000-a-red-circle.png", "001-b.png"]
+    assert image_names(["a red circle", "?"], per_prompt=2) == [
+        "000-a-red-circle-0.png",
+        "000-a-red-circle-1.png",
+        "001-0.png",
+        "001-1.png",
+    ]
+
+
+def test_image_run_names_files_by_prompt_and_records_each(tmp_path, manager, capsys):
+    assert main(["run", shapes_config(tmp_path, SHAPES)]) == 0
+    out = tmp_path / "out"
+    names = ["000-a-small-red-circle-on-the-left.png", "001-a-large-green-square-on-the-right.png"]
+    assert sorted(p.name for p in out.iterdir()) == [*names, "run.json"]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["files"] == names
+    assert rec["outputs"] == [
+        {"file": n, "prompt": p, "seed": s} for n, p, s in zip(names, SHAPES, row_seeds(0, SHAPES))
+    ]
+    # --overwrite removes the previous run's named files (recorded in run.json)
+    assert main(["run", shapes_config(tmp_path, SHAPES[1:]), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000-a-large-green-square-on-the-right.png",
+        "run.json",
+    ]
+
+
+def test_diverse_beam_run_writes_ranked_scored_rows(tmp_path, manager, capsys):
+    prompts = ["86-7=", "8+5="]
+    cfg = {
+        "pipeline": {"type": "causal-lm", "model": "zoo:arith-ar", "device": "cpu"},
+        "strategies": [
+            {"name": "diverse-beam", "params": {"num_beam_groups": 2, "diversity_penalty": 0.5}}
+        ],
+        "inputs": {
+            "prompt": prompts,
+            "max_new_tokens": 6,
+            "do_sample": False,
+            "extra": {"num_beams": 4, "num_return_sequences": 4},
+        },
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    path = tmp_path / "dbs.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "out"
+    rows = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    for i, prompt in enumerate(prompts):
+        block = rows[4 * i : 4 * i + 4]
+        assert [r["prompt"] for r in block] == [prompt] * 4
+        assert [r["rank"] for r in block] == [0, 1, 2, 3]
+        scores = [r["score"] for r in block]
+        assert scores == sorted(scores, reverse=True)
+        assert all(isinstance(r["text"], str) and r["tokens"] for r in block)
+    rec = json.loads((out / "run.json").read_text())
+    seeds = row_seeds(0, prompts)
+    assert rec["outputs"] == [
+        {
+            "file": "outputs.jsonl",
+            "line": j,
+            "prompt": r["prompt"],
+            "seed": seeds[j // 4],
+            "rank": r["rank"],
+            "score": r["score"],
+        }
+        for j, r in enumerate(rows)
+    ]
+
+
+def test_one_row_per_prompt_has_no_rank(tmp_path, manager, capsys):
+    cfg = {
+        "pipeline": {"type": "causal-lm", "model": "zoo:arith-ar", "device": "cpu"},
+        "inputs": {"prompt": ["8+5="], "max_new_tokens": 4, "do_sample": False},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path)]) == 0
+    (row,) = [json.loads(x) for x in (tmp_path / "out" / "outputs.jsonl").read_text().splitlines()]
+    assert set(row) == {"prompt", "text", "tokens"}

@@ -125,4 +125,8 @@ def test_yaml_run_uses_it(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "strategies: cfg-cutoff" in proc.stdout
     assert "steps_with_cfg=3, steps_without_cfg=2" in proc.stdout  # fraction 0.6 of 5 steps
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["000.png", "001.png", "run.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "000-a-small-red-circle-on-the-left.png",
+        "001-a-large-blue-square-on-the-right.png",
+        "run.json",
+    ]
