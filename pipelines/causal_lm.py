@@ -336,10 +336,7 @@ class CausalLMAdapter(TokenAutoregressionAdapter):
             "max_new_tokens": inputs.max_new_tokens,
             "do_sample": inputs.do_sample,
             "pad_token_id": tokenizer.pad_token_id,
-            # so that a strategy returning several rows per prompt (diverse-beam's beams,
-            # superposed's drafts) gives their sequences_scores: saved as rank and score
-            "return_dict_in_generate": True,
-            "output_scores": True,
+            **_ranking_kwargs(model, inputs),
             **inputs.extra,
         }
         if kwargs["do_sample"]:
@@ -368,6 +365,20 @@ class CausalLMAdapter(TokenAutoregressionAdapter):
                 )
             results += _ranked(rows, getattr(out, "sequences_scores", None), len(group))
         return results
+
+
+def _ranking_kwargs(model: Any, inputs: CausalLMInputs) -> dict[str, Any]:
+    """``generate`` arguments that return ``sequences_scores`` when a call may give several
+    rows per prompt (``num_return_sequences > 1``, or a strategy that drives decoding, such as
+    diverse-beam's beams or superposed's drafts): saved as each row's rank and score. Other
+    calls do not ask for scores, which would keep every step's logits in memory."""
+    from decodekit.session import attached_run
+
+    run = attached_run(model)
+    several = int(inputs.extra.get("num_return_sequences") or 1) > 1
+    if several or (run is not None and run.has("decodekit_generate")):
+        return {"return_dict_in_generate": True, "output_scores": True}
+    return {}
 
 
 def _ranked(rows: list[dict[str, Any]], scores: Any, prompts: int) -> list[dict[str, Any]]:
