@@ -1,6 +1,6 @@
 """Run `decodekit bench` on every examples/<strategy>.yaml and print the benchmark rows.
 
-    python benchmarks/examples_table.py [--repeat N] [--out benchmarks/results/examples/cpu-2core]
+    python benchmarks/examples_table.py [--repeat N] [--threads N] [--out benchmarks/results/examples/cpu-2core]
 
 Each row is exactly what `decodekit bench examples/<strategy>.yaml --repeat N`
 reports; the JSON of each run is kept under --out.
@@ -39,6 +39,7 @@ def row(name: str, r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (bench's default: 1)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/examples/cpu-2core")
     ap.add_argument("names", nargs="*", default=EXAMPLES)
     args = ap.parse_args()
@@ -58,7 +59,7 @@ def main() -> None:
             str(js),
             "--png",
             str(args.out / f"{name}.png"),
-        ]
+        ] + (["--threads", str(args.threads)] if args.threads else [])
         subprocess.run(
             cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
