@@ -5,6 +5,10 @@
 pipeline: exact restore, refusing a second attach, per-call state reset, seed
 determinism, batch invariance, and detach on an exception. A test class mixes
 it in and says how to build the pipeline and run it.
+
+Tiny pipelines to run it on, built from configs with nothing to download
+(`tiny_sd_pipeline`, `tiny_llama`, `tiny_mdm_pipeline` ... from
+`decodekit.tiny_models`), are importable from here.
 """
 
 from __future__ import annotations
@@ -16,6 +20,23 @@ import decodekit
 import torch
 from decodekit.hookspecs import hookimpl
 from decodekit.strategy import Strategy
+from decodekit.tiny_models import (  # noqa: F401  (re-exported for plugin tests)
+    MASK,
+    VOCAB,
+    run_sd,
+    sd_latents,
+    tiny_bidirectional_llama,
+    tiny_controlnet_pipeline,
+    tiny_llada2_pipeline,
+    tiny_llama,
+    tiny_mdm_pipeline,
+    tiny_sd_img2img_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+    tiny_text_encoder,
+    tiny_unet,
+    tiny_vae,
+)
 from torch.overrides import TorchFunctionMode
 
 
@@ -76,6 +97,23 @@ def assert_restored(before: dict[str, Any], after: dict[str, Any]) -> None:
 
 class StrategyTesterMixin:
     """Contract tests for one strategy on one pipeline; subclasses fill in the four hooks below.
+
+    A pytest class mixes it in (``class TestMine(StrategyTesterMixin): ...``) and
+    defines:
+
+    - ``strategies`` (class attribute): what to attach.
+    - ``make_pipeline(self)``: a fresh pipeline or model, e.g. `tiny_sd_pipeline`.
+    - ``run_pipeline(self, pipe, inputs, seed, row_offset=0)``: one call on a batch
+      of ``inputs``, returning a tensor with one row per input, row ``i`` seeded by
+      ``seed`` and ``row_offset + i`` only (`sd_latents` does this for SD).
+    - ``sample_inputs(self)``: two or more different inputs.
+    - ``broken_call(self, pipe)``: a call that raises inside generation (a step
+      callback that raises, a bad argument the model rejects mid-loop).
+
+    Optional: ``atol`` and ``attach(self, pipe)`` (to attach differently). The
+    tests then check: exact restore on detach, a second attach refused, per-call
+    state reset (same output, ``nfe``/``served`` and strategy ``stats()`` on two
+    identical calls), seed determinism, batch invariance, detach on an exception.
 
     Attributes:
         strategies: what to pass to `decodekit.attach` (names, dicts or instances).
@@ -146,6 +184,24 @@ class StrategyTesterMixin:
             )
         torch.testing.assert_close(first, second, rtol=0, atol=0)
 
+    def test_strategy_stats_reset_between_calls(self):
+        """Each strategy's own ``stats()`` describes one call: two identical calls report the same.
+
+        Figures in seconds (keys ending in ``_s``) are left out.
+        """
+        pipe = self.make_pipeline()
+        inputs = self.sample_inputs()[:1]
+        with self.attach(pipe) as run:
+            self.run_pipeline(pipe, inputs, seed=0)
+            first = {s.name: _untimed(s.stats()) for s in run.strategies}
+            self.run_pipeline(pipe, inputs, seed=0)
+            second = {s.name: _untimed(s.stats()) for s in run.strategies}
+        for name in first:
+            assert _same(first[name], second[name]), (
+                f"{name}: stats() differ between two identical calls ({first[name]!r} then "
+                f"{second[name]!r}); reset per-call counters in reset() or decodekit_call_start"
+            )
+
     def test_seed_deterministic(self):
         pipe = self.make_pipeline()
         inputs = self.sample_inputs()[:1]
@@ -177,6 +233,21 @@ class StrategyTesterMixin:
             raise AssertionError("broken_call did not raise")
         assert not run.attached
         assert_restored(before, fingerprint(pipe))
+
+
+def _untimed(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in stats.items() if not k.endswith("_s")}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that also compares tensors (exactly) inside dicts, lists and tuples."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 class HostReads(TorchFunctionMode):

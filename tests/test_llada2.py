@@ -7,42 +7,11 @@ import pytest
 import torch
 from decodekit.testing import StrategyTesterMixin
 
-from tests.tiny import MASK, tiny_bidirectional_llama
-
-IDS = torch.tensor([[5, 6, 7, 4], [0, 8, 9, 3]])
-ATTN = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
-
-
-def tiny_llada2():
-    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
-
-    pipe = LLaDA2Pipeline(
-        model=tiny_bidirectional_llama(),
-        scheduler=BlockRefinementScheduler(block_length=8),
-        tokenizer=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def run_llada2(pipe, ids=IDS, attn=ATTN, **kw):
-    args = dict(
-        mask_token_id=MASK,
-        eos_token_id=None,
-        gen_length=16,
-        block_length=8,
-        num_inference_steps=8,
-        output_type="seq",
-        sampling_method="greedy",
-        threshold=0.5,
-        editing_threshold=None,
-    )
-    args.update(kw)
-    return pipe(input_ids=ids, attention_mask=attn, **args).sequences
+from tests.tiny import MASK, run_llada2, tiny_llada2_pipeline
 
 
 def test_refreshed_every_step_matches_uncached_and_cache_computes_less():
-    pipe = tiny_llada2()
+    pipe = tiny_llada2_pipeline()
     base = run_llada2(pipe)
     with decodekit.attach(pipe, [{"name": "dkv-cache", "params": {"refresh_interval": 1}}]) as run:
         same = run_llada2(pipe)
@@ -60,7 +29,7 @@ def test_refreshed_every_step_matches_uncached_and_cache_computes_less():
 
 
 def test_selector_strategies_are_refused():
-    pipe = tiny_llada2()
+    pipe = tiny_llada2_pipeline()
     with pytest.raises(decodekit.AttachError, match="BlockRefinementScheduler"):
         decodekit.attach(pipe, ["parallel-threshold"])
 
@@ -70,7 +39,7 @@ class TestLLaDA2Contract(StrategyTesterMixin):
     atol = 0
 
     def make_pipeline(self):
-        return tiny_llada2()
+        return tiny_llada2_pipeline()
 
     def sample_inputs(self):
         return [[5, 6, 7, 4], [8, 9, 3, 2]]

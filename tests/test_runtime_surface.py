@@ -88,9 +88,9 @@ def test_run_attributes_documented_exist():
 
 
 def test_llada2_model_pre_hooks_fire_for_served_calls_and_for_the_strategys_own_forward():
-    from tests.test_llada2 import run_llada2, tiny_llada2
+    from tests.tiny import run_llada2, tiny_llada2_pipeline
 
-    pipe = tiny_llada2()
+    pipe = tiny_llada2_pipeline()
     pre = []
     h = pipe.model.register_forward_pre_hook(lambda m, a: pre.append(1))
     try:

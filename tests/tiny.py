@@ -1,9 +1,9 @@
-"""Tiny randomly initialised models and pipelines built from configs, shared by the tests.
+"""Tiny models, pipelines and a toy plugin shared by the tests; nothing here downloads.
 
-Nothing here downloads: Stable Diffusion, SDXL, ControlNet and img2img pipelines
-(32x32 images, 8x8 latents), Llamas (causal, and bidirectional for masked
-diffusion) and the seeded inputs the tests run them on; and a toy plugin (adapter,
-strategies, metrics) for the config, CLI and bench tests.
+The tiny Stable Diffusion (SDXL, ControlNet, img2img) pipelines, Llamas and the
+masked-diffusion pipeline are `decodekit.testing`'s (imported here for the tests);
+this file adds a toy plugin (adapter, strategies, metrics) for the config, CLI and
+bench tests, and a few fixed inputs.
 """
 
 from __future__ import annotations
@@ -16,210 +16,24 @@ from typing import Any
 import decodekit
 import torch
 from decodekit.pipeline import Options
+from decodekit.testing import (  # noqa: F401  (the tiny builders live in decodekit.testing)
+    MASK,
+    VOCAB,
+    run_sd,
+    sd_latents,
+    tiny_bidirectional_llama,
+    tiny_controlnet_pipeline,
+    tiny_llada2_pipeline,
+    tiny_llama,
+    tiny_mdm_pipeline,
+    tiny_sd_img2img_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+    tiny_text_encoder,
+    tiny_unet,
+    tiny_vae,
+)
 from pydantic import Field, StrictInt
-
-
-def tiny_unet(cross_attention_dim: int = 32, sample_size: int = 8, **overrides):
-    """A UNet2DConditionModel with SD's block layout, a few thousand parameters wide."""
-    from diffusers import UNet2DConditionModel
-
-    cfg = dict(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    cfg.update(overrides)
-    return UNet2DConditionModel(**cfg)
-
-
-def tiny_text_encoder(hidden: int = 32):
-    """A CLIPTextModel and a CLIPTokenizer over a tiny word vocabulary written here."""
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    words = "a an the red blue green circle square triangle small big on left right top bottom of".split()
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for w in words:
-        vocab[w + "</w>"] = len(vocab)
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    folder = Path(tempfile.mkdtemp(prefix="dk-tok-"))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32)
-    cfg = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=32,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return CLIPTextModel(cfg), tok
-
-
-def tiny_vae():
-    """An AutoencoderKL with 4x downsampling (32x32 images, 8x8 latents)."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-
-
-def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
-    """A StableDiffusionPipeline of random tiny parts (32x32 images)."""
-    import diffusers
-    from diffusers import StableDiffusionPipeline
-
-    torch.manual_seed(seed)
-    unet = tiny_unet()
-    vae = tiny_vae()
-    text_encoder, tokenizer = tiny_text_encoder()
-    sched_cls = {
-        "ddim": diffusers.DDIMScheduler,
-        "dpm": diffusers.DPMSolverMultistepScheduler,
-        "euler": diffusers.EulerDiscreteScheduler,
-        "heun": diffusers.HeunDiscreteScheduler,
-    }[scheduler]
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=sched_cls(
-            num_train_timesteps=1000, **({"clip_sample": False} if scheduler == "ddim" else {})
-        ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def tiny_sd_img2img_pipeline(seed: int = 0, scheduler: str = "ddim"):
-    """A StableDiffusionImg2ImgPipeline over the parts of `tiny_sd_pipeline`."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd_pipeline(seed, scheduler).components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def tiny_controlnet_pipeline(seed: int = 0):
-    """A StableDiffusionControlNetPipeline whose ControlNet mirrors the tiny UNet's encoder."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-    base = tiny_sd_pipeline(seed)
-    torch.manual_seed(seed + 1)
-    # Three conditioning channels: two stride-2 convs take the 32x32 image to the 8x8 latents.
-    controlnet = ControlNetModel.from_unet(
-        base.unet, conditioning_embedding_out_channels=(8, 16, 16)
-    )
-    # from_unet zero-initialises the output convs; random values make the residuals matter.
-    with torch.no_grad():
-        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
-            conv.weight.normal_(0, 0.05)
-    pipe = StableDiffusionControlNetPipeline(
-        **{k: v for k, v in base.components.items() if k != "image_encoder"},
-        controlnet=controlnet,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def tiny_sdxl_pipeline(seed: int = 0):
-    """A StableDiffusionXLPipeline: two text encoders, a UNet with SDXL's ``text_time`` added conditioning."""
-    import diffusers
-    from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    unet = tiny_unet(
-        cross_attention_dim=64,  # the two encoders' hidden states concatenated: 32 + 32
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text (32) + 6 time ids × 8
-        use_linear_projection=True,
-    )
-    vae = tiny_vae()
-    text_encoder, tokenizer = tiny_text_encoder()
-    cfg = text_encoder.config.to_dict()
-    cfg["projection_dim"] = 32
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=diffusers.EulerDiscreteScheduler(num_train_timesteps=1000),
-        force_zeros_for_empty_prompt=True,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def sd_latents(pipe, n: int, seed: int, row_offset: int = 0) -> torch.Tensor:
-    """Initial noise whose row i depends only on (seed, row_offset + i)."""
-    rows = [
-        torch.randn(
-            1, 4, 8, 8, generator=torch.Generator().manual_seed(seed * 1000 + row_offset + i)
-        )
-        for i in range(n)
-    ]
-    return torch.cat(rows)  # (n, 4, 8, 8)
-
-
-def run_sd(pipe, prompts, seed=0, row_offset=0, steps=6, **kw):
-    """A seeded SD call on ``prompts`` (rows seeded by `sd_latents`); returns the final latents."""
-    latents = sd_latents(pipe, len(prompts), seed, row_offset)
-    return pipe(
-        prompts, num_inference_steps=steps, latents=latents, output_type="latent", **kw
-    ).images
-
-
-def tiny_llama(seed: int = 0, dtype=torch.float32, vocab_size: int = 64):
-    """A LlamaForCausalLM with two layers and GQA, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 # -- a toy plugin: a loop over a tiny Linear; a strategy that serves every other call ------
@@ -442,39 +256,27 @@ def toy_config(model_dir: Path, **sections: Any) -> dict[str, Any]:
 
 
 # -- masked diffusion ------------------------------------------------------------------------
-MASK = 31
-VOCAB = 32
 MDM_PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]  # rows of different lengths
 
+IDS = torch.tensor([[5, 6, 7, 4], [0, 8, 9, 3]])
+ATTN = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
 
-def tiny_bidirectional_llama(seed: int = 0, layers: int = 2, dtype=torch.float64, **overrides):
-    """A LlamaForCausalLM with ``is_causal=False`` (bidirectional), GQA, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        is_causal=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+def run_llada2(pipe, ids=IDS, attn=ATTN, **kw):
+    """A greedy `tiny_llada2_pipeline` call on left-padded ``ids`` (16 new tokens, blocks of 8)."""
+    args = dict(
+        mask_token_id=MASK,
+        eos_token_id=None,
+        gen_length=16,
+        block_length=8,
+        num_inference_steps=8,
+        output_type="seq",
+        sampling_method="greedy",
+        threshold=0.5,
+        editing_threshold=None,
     )
-    cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype).eval()
-
-
-def tiny_mdm_pipeline(seed: int = 0, layers: int = 2, **overrides):
-    """A MaskedDiffusionLMPipeline over `tiny_bidirectional_llama` (mask 31, EOS 2, pad 0)."""
-    from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
-
-    model = tiny_bidirectional_llama(seed, layers, **overrides)
-    return MaskedDiffusionLMPipeline(model, mask_token_id=MASK, eos_token_id=2, pad_token_id=0)
+    args.update(kw)
+    return pipe(input_ids=ids, attention_mask=attn, **args).sequences
 
 
 class EchoModel(torch.nn.Module):

@@ -1,99 +1,25 @@
 """cfg-cutoff on a tiny random Stable Diffusion pipeline built from configs (no download).
 
-The builder below is copied from decodekit's own tests so that this package's
-tests stand alone: a plugin package depends on `decodekit`, not on its test folder.
+The pipeline and its seeded latents come from `decodekit.testing` (`tiny_sd_pipeline`,
+`sd_latents`): a plugin package depends on `decodekit`, not on its test folder.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
-
 import decodekit
 import pytest
 import torch
-from decodekit.testing import StrategyTesterMixin, assert_restored, fingerprint
+from decodekit.testing import (
+    StrategyTesterMixin,
+    assert_restored,
+    fingerprint,
+    sd_latents,
+    tiny_sd_pipeline,
+)
 from decodekit_cfg_cutoff import CfgCutoff
 
 torch.set_num_threads(2)
 STEPS = 6
-
-
-# -- a tiny SD pipeline (32x32 images, 8x8 latents) ------------------------------------
-def tiny_sd_pipeline(seed: int = 0):
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    words = "a the red blue green circle square triangle small big".split()
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for w in words:
-        vocab[w + "</w>"] = len(vocab)
-    folder = Path(tempfile.mkdtemp(prefix="cfg-cutoff-tok-"))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def latents_for(n: int, seed: int, row_offset: int = 0) -> torch.Tensor:
-    """Initial noise whose row i depends only on (seed, row_offset + i)."""
-    gens = [torch.Generator().manual_seed(seed * 1000 + row_offset + i) for i in range(n)]
-    return torch.cat([torch.randn(1, 4, 8, 8, generator=g) for g in gens])  # (n, 4, 8, 8)
 
 
 def generate(pipe, prompts, seed=0, row_offset=0, output_type="np", **kw):
@@ -101,7 +27,7 @@ def generate(pipe, prompts, seed=0, row_offset=0, output_type="np", **kw):
         prompts,
         num_inference_steps=STEPS,
         guidance_scale=7.5,
-        latents=latents_for(len(prompts), seed, row_offset),
+        latents=sd_latents(pipe, len(prompts), seed, row_offset),
         output_type=output_type,
         **kw,
     ).images
@@ -164,7 +90,7 @@ def test_cutoff_changes_the_output_and_matches_a_hand_written_loop(pipe):
     cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True)
     embeds = torch.cat([uncond, cond])
     pipe.scheduler.set_timesteps(STEPS)
-    latents = latents_for(1, 0) * pipe.scheduler.init_noise_sigma
+    latents = sd_latents(pipe, 1, 0) * pipe.scheduler.init_noise_sigma
     with torch.no_grad():
         for i, t in enumerate(pipe.scheduler.timesteps):
             if i < 3:
@@ -255,7 +181,7 @@ class TestCfgCutoffContract(StrategyTesterMixin):
         return pipe
 
     def run_pipeline(self, pipe, inputs, seed, row_offset=0):
-        latents = latents_for(len(inputs), seed, row_offset).double()
+        latents = sd_latents(pipe, len(inputs), seed, row_offset).double()
         return pipe(
             inputs,
             num_inference_steps=STEPS,
@@ -268,7 +194,7 @@ class TestCfgCutoffContract(StrategyTesterMixin):
         return ["a red circle", "a blue square"]
 
     def broken_call(self, pipe):
-        latents = latents_for(1, 0).double()
+        latents = sd_latents(pipe, 1, 0).double()
         pipe(
             ["a red circle"],
             num_inference_steps=STEPS,
