@@ -141,7 +141,7 @@ def test_cli(tmp_path, capsys):
     assert not list(tmp_path.glob("*.partial"))
 
 
-def _refused(tmp_path, gpt=None, vq=None, match="", **kw):
+def assert_refused(tmp_path, gpt=None, vq=None, match="", **kw):
     src_gpt, src_vq = FIXTURE / "gpt.pt", FIXTURE / "vq.pt"
     if gpt is not None:
         src_gpt = tmp_path / "gpt.pt"
@@ -158,22 +158,24 @@ def _refused(tmp_path, gpt=None, vq=None, match="", **kw):
 def test_t2i_checkpoints_are_refused(tmp_path):
     gpt = state("gpt.pt")
     gpt["cls_embedding.cap_proj.fc1.weight"] = torch.zeros(32, 8)
-    _refused(tmp_path, gpt=gpt, match="only class-conditional")
+    assert_refused(tmp_path, gpt=gpt, match="only class-conditional")
 
 
 def test_unknown_keys_and_bad_shapes_are_refused(tmp_path):
     gpt = state("gpt.pt")
-    _refused(tmp_path, gpt={**gpt, "extra.weight": torch.zeros(1)}, match="unknown keys")
-    _refused(tmp_path, gpt={**gpt, "norm.weight": torch.zeros(5)}, match="shape")
-    _refused(tmp_path, match="presets", num_heads=None)  # width 32: no preset, no --num-heads
-    _refused(tmp_path, match="multiple of 4", num_heads=16)
-    _refused(tmp_path, match="not divisible", num_heads=3)
+    assert_refused(tmp_path, gpt={**gpt, "extra.weight": torch.zeros(1)}, match="unknown keys")
+    assert_refused(tmp_path, gpt={**gpt, "norm.weight": torch.zeros(5)}, match="shape")
+    assert_refused(tmp_path, match="presets", num_heads=None)  # width 32: no preset, no --num-heads
+    assert_refused(tmp_path, match="multiple of 4", num_heads=16)
+    assert_refused(tmp_path, match="not divisible", num_heads=3)
     gqa = {k: v[:-4] if k.endswith("wqkv.weight") else v for k, v in gpt.items()}
-    _refused(tmp_path, gpt=gqa, match="wqkv")
+    assert_refused(tmp_path, gpt=gqa, match="wqkv")
     vq = state("vq.pt")
-    _refused(tmp_path, vq={**vq, "decoder.foo.weight": torch.zeros(1)}, match="unknown keys")
-    _refused(tmp_path, vq={**vq, "quantize.embedding.weight": torch.zeros(8, 4)}, match="codes")
-    _refused(tmp_path, match="downsamples by 2", downsample=4, image_size=16)
+    assert_refused(tmp_path, vq={**vq, "decoder.foo.weight": torch.zeros(1)}, match="unknown keys")
+    assert_refused(
+        tmp_path, vq={**vq, "quantize.embedding.weight": torch.zeros(8, 4)}, match="codes"
+    )
+    assert_refused(tmp_path, match="downsamples by 2", downsample=4, image_size=16)
 
 
 def test_unsafe_pickles_and_existing_targets_are_refused(tmp_path):
