@@ -6,10 +6,8 @@ import decodekit
 import pytest
 import torch
 from decodekit import Strategy, hookimpl
-from decodekit.testing import StrategyTesterMixin, assert_restored, fingerprint
+from decodekit.testing import StrategyTesterMixin, assert_restored, fingerprint, tiny_llama
 from transformers import SuppressTokensLogitsProcessor
-
-from tests.tiny import tiny_llama
 
 PROMPTS = [[1, 5, 6, 7], [1, 9, 3, 4]]
 
@@ -116,9 +114,8 @@ def test_user_custom_generate_conflicts_with_loop_strategy(model):
 
 
 def test_attach_to_text_generation_pipeline(model):
+    from decodekit.testing import tiny_text_encoder
     from transformers import pipeline
-
-    from tests.tiny import tiny_text_encoder
 
     _, tok = tiny_text_encoder()
     pipe = pipeline("text-generation", model=model, tokenizer=tok)

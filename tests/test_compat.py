@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from decodekit import compat
+from decodekit.testing import tiny_llama, tiny_sd_pipeline
 from diffusers.hooks import HookRegistry
 from packaging.requirements import Requirement
-
-from tests.tiny import tiny_llama, tiny_sd_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

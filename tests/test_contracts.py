@@ -28,8 +28,9 @@ from decodekit.errors import CompositionError
 from decodekit.hookspecs import hookimpl
 from decodekit.loops import LOOP_CONTRACTS, AdapterView, ContractError, contract_of
 from decodekit.strategy import Strategy
+from decodekit.testing import tiny_llama, tiny_sd_pipeline
 
-from tests.tiny import tiny_ar_image_pipeline, tiny_llama, tiny_sd_pipeline
+from tests.tiny import tiny_ar_image_pipeline
 
 BUILTIN = "decodekit"
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import decodekit
 import pytest
 import torch
+from decodekit.testing import sd_latents, tiny_llama, tiny_mdm_pipeline, tiny_sd_pipeline
 
-from tests.tiny import MDM_PROMPTS, sd_latents, tiny_llama, tiny_mdm_pipeline, tiny_sd_pipeline
+from tests.tiny import MDM_PROMPTS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

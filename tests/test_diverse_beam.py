@@ -5,10 +5,8 @@ from __future__ import annotations
 import decodekit
 import pytest
 import torch
-from decodekit.testing import StrategyTesterMixin
+from decodekit.testing import StrategyTesterMixin, tiny_llama
 from transformers import SuppressTokensLogitsProcessor
-
-from tests.tiny import tiny_llama
 
 PROMPTS = [[1, 5, 6, 7], [1, 9, 3, 4], [1, 30, 31, 8]]
 # A token the tiny random model picks often: used as EOS so that hypotheses finish early.

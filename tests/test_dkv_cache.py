@@ -7,10 +7,16 @@ import pytest
 import torch
 from decodekit.hookspecs import hookimpl
 from decodekit.strategy import Strategy
-from decodekit.testing import CommitRecorder, StrategyTesterMixin
+from decodekit.testing import (
+    MASK,
+    CommitRecorder,
+    StrategyTesterMixin,
+    tiny_bidirectional_llama,
+    tiny_mdm_pipeline,
+)
 
-from tests.tiny import MASK, EchoModel, tiny_bidirectional_llama, tiny_mdm_pipeline
 from tests.tiny import MDM_PROMPTS as PROMPTS
+from tests.tiny import EchoModel
 
 KW = dict(gen_length=16, block_length=8, steps=8)
 VARIANTS = ["decode", "greedy", "prefill", "pd"]

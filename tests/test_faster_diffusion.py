@@ -16,10 +16,8 @@ from decodekit.plugins.faster_diffusion import (
     key_steps_for,
 )
 from decodekit.strategy import Strategy
-from decodekit.testing import StrategyTesterMixin
-from PIL import Image
-
-from tests.tiny import (
+from decodekit.testing import (
+    StrategyTesterMixin,
     run_sd,
     sd_latents,
     tiny_controlnet_pipeline,
@@ -27,6 +25,7 @@ from tests.tiny import (
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
 )
+from PIL import Image
 
 PROMPTS = ["a red circle", "a blue square on the left"]
 

@@ -14,9 +14,7 @@ import pytest
 import torch
 from decodekit.hookspecs import hookimpl
 from decodekit.strategy import Strategy
-from decodekit.testing import assert_restored, fingerprint
-
-from tests.tiny import run_sd, tiny_llama, tiny_sd_pipeline
+from decodekit.testing import assert_restored, fingerprint, run_sd, tiny_llama, tiny_sd_pipeline
 
 PROMPTS = ["a red circle", "a blue square"]
 STEPS = 4

@@ -5,9 +5,9 @@ from __future__ import annotations
 import decodekit
 import pytest
 import torch
-from decodekit.testing import StrategyTesterMixin
+from decodekit.testing import MASK, StrategyTesterMixin, tiny_llada2_pipeline
 
-from tests.tiny import MASK, run_llada2, tiny_llada2_pipeline
+from tests.tiny import run_llada2
 
 
 def test_refreshed_every_step_matches_uncached_and_cache_computes_less():

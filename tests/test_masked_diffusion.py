@@ -12,10 +12,16 @@ from decodekit.pipelines.masked_diffusion import (
 )
 from decodekit.remasking import transfer_count_schedule
 from decodekit.strategy import Strategy
-from decodekit.testing import CommitRecorder
+from decodekit.testing import (
+    MASK,
+    VOCAB,
+    CommitRecorder,
+    tiny_bidirectional_llama,
+    tiny_mdm_pipeline,
+)
 
-from tests.tiny import MASK, VOCAB, EchoModel, tiny_bidirectional_llama, tiny_mdm_pipeline
 from tests.tiny import MDM_PROMPTS as PROMPTS
+from tests.tiny import EchoModel
 
 Recorder = CommitRecorder  # records x after and the commits of every step
 

@@ -9,8 +9,7 @@ import decodekit
 import pytest
 import torch
 from decodekit.pipelines.masked_diffusion import MaskedDiffusionLMPipeline
-
-from tests.tiny import tiny_llama, tiny_sd_pipeline
+from decodekit.testing import tiny_llama, tiny_sd_pipeline
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "writing-a-plugin.md"
 

@@ -16,8 +16,7 @@ from importlib import metadata
 import decodekit
 import pytest
 import torch
-
-from tests.tiny import tiny_sd_pipeline
+from decodekit.testing import tiny_sd_pipeline
 
 DIST = "decodekit-cfg-cutoff"
 

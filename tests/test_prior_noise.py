@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import decodekit
 import torch
-from decodekit.testing import StrategyTesterMixin
-
-from tests.tiny import run_sd, sd_latents, tiny_sd_pipeline
+from decodekit.testing import StrategyTesterMixin, run_sd, sd_latents, tiny_sd_pipeline
 
 
 def test_zero_noise_is_exact():

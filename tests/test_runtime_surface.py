@@ -5,8 +5,7 @@ from __future__ import annotations
 import decodekit
 import torch
 from decodekit import Strategy, hookimpl
-
-from tests.tiny import run_sd, tiny_sd_pipeline
+from decodekit.testing import run_sd, tiny_sd_pipeline
 
 
 class CountingServe(Strategy):
@@ -88,7 +87,9 @@ def test_run_attributes_documented_exist():
 
 
 def test_llada2_model_pre_hooks_fire_for_served_calls_and_for_the_strategys_own_forward():
-    from tests.tiny import run_llada2, tiny_llada2_pipeline
+    from decodekit.testing import tiny_llada2_pipeline
+
+    from tests.tiny import run_llada2
 
     pipe = tiny_llada2_pipeline()
     pre = []
@@ -105,7 +106,7 @@ def test_llada2_model_pre_hooks_fire_for_served_calls_and_for_the_strategys_own_
 
 
 def test_causal_lm_forward_pre_hooks_of_others_fire_every_forward():
-    from tests.tiny import tiny_llama
+    from decodekit.testing import tiny_llama
 
     model = tiny_llama()
     pre = []

@@ -6,9 +6,10 @@ import decodekit
 import pytest
 import torch
 from decodekit import Strategy, hookimpl
-from decodekit.testing import StrategyTesterMixin, assert_restored, fingerprint
-
-from tests.tiny import (
+from decodekit.testing import (
+    StrategyTesterMixin,
+    assert_restored,
+    fingerprint,
     run_sd,
     sd_latents,
     tiny_controlnet_pipeline,

@@ -10,10 +10,8 @@ import pytest
 import torch
 from decodekit.plugins.ngram import NGramModel
 from decodekit.plugins.superposed import draft_weights, superposed_embedding
-from decodekit.testing import StrategyTesterMixin
+from decodekit.testing import StrategyTesterMixin, tiny_llama
 from transformers import DynamicCache, LogitsProcessorList, SuppressTokensLogitsProcessor
-
-from tests.tiny import tiny_llama
 
 PROMPTS = [[1, 5, 6, 7], [1, 9, 3, 4], [1, 30, 31, 8]]
 EOS_OFTEN = 18  # a token the tiny random model picks often, used as EOS

@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from decodekit.kv_cache import CacheError, PositionalKVCache
+from decodekit.testing import tiny_llama
 from decodekit.transformers_cache import TransformersKVCache
-
-from tests.tiny import tiny_llama
 
 torch.set_num_threads(1)
 

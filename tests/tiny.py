@@ -16,23 +16,7 @@ from typing import Any
 import decodekit
 import torch
 from decodekit.pipeline import Options
-from decodekit.testing import (  # noqa: F401  (the tiny builders live in decodekit.testing)
-    MASK,
-    VOCAB,
-    run_sd,
-    sd_latents,
-    tiny_bidirectional_llama,
-    tiny_controlnet_pipeline,
-    tiny_llada2_pipeline,
-    tiny_llama,
-    tiny_mdm_pipeline,
-    tiny_sd_img2img_pipeline,
-    tiny_sd_pipeline,
-    tiny_sdxl_pipeline,
-    tiny_text_encoder,
-    tiny_unet,
-    tiny_vae,
-)
+from decodekit.testing import MASK, VOCAB, tiny_text_encoder
 from pydantic import Field, StrictInt
 
 
