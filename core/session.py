@@ -137,6 +137,7 @@ class Run:
                 ]
                 self._firstresult[hook_name] = bool(caller.spec.opts.get("firstresult"))
         self._hook_time = {s.name: 0.0 for s in self.strategies}
+        self._call_hook0: dict[str, float] = {}  # hook times when the last call began
         self.calls = 0
         self.nfe = 0
         self.served = 0
@@ -323,7 +324,7 @@ class Run:
     @property
     def stats(self) -> dict[str, Any]:
         """Counters of the whole run; ``["last_call"]`` holds the last call's (see the class docstring)."""
-        hook0 = getattr(self, "_call_hook0", None) or {}
+        hook0 = self._call_hook0
         per = {}
         for s in self.strategies:
             in_call = self._hook_time[s.name] - hook0.get(s.name, 0.0)

@@ -183,6 +183,7 @@ def accept_or_resample_rows(
     *,
     bonus_probs: Tensor | None = None,
     has_bonus: Tensor | None = None,
+    validate: bool = True,
 ) -> SpeculativeVerdict:
     """`accept_or_resample` for a batch whose rows each have their own generator and window length.
 
@@ -203,12 +204,16 @@ def accept_or_resample_rows(
         bonus_probs: optional ``(B, V)``, the target after each row's window (position
             ``lengths[b]``), sampled when all its drafts pass and ``has_bonus[b]``.
         has_bonus: ``(B,)`` bool, default all True when ``bonus_probs`` is given.
+        validate: check that the probabilities are non-negative and the tokens and
+            lengths in range. Each check reads a value back from the device; a caller
+            whose inputs are valid by construction (a per-step loop) passes False.
 
     Returns:
         A `SpeculativeVerdict` with ``accepted`` ``(B, N)`` (False past a row's length).
     """
-    _check_probs("target_probs", target_probs)
-    _check_probs("draft_probs", draft_probs)
+    if validate:
+        _check_probs("target_probs", target_probs)
+        _check_probs("draft_probs", draft_probs)
     if target_probs.dim() != 3 or draft_probs.shape != target_probs.shape:
         raise ValueError(
             "target_probs and draft_probs must both be (B, N, V), got "
@@ -224,10 +229,11 @@ def accept_or_resample_rows(
     for g in generators:
         check_generator(g, target_probs, "accept_or_resample_rows")
     lengths = lengths.to(device=target_probs.device, dtype=torch.long)
-    if lengths.shape != (B,) or bool(((lengths < 0) | (lengths > window)).any()):
+    if lengths.shape != (B,) or (validate and bool(((lengths < 0) | (lengths > window)).any())):
         raise ValueError(f"lengths must be (B,) = ({B},) with values in [0, {window}].")
     if bonus_probs is not None:
-        _check_probs("bonus_probs", bonus_probs)
+        if validate:
+            _check_probs("bonus_probs", bonus_probs)
         if bonus_probs.shape != (B, vocab):
             raise ValueError(
                 f"bonus_probs must be (B, V) = {(B, vocab)}, got {tuple(bonus_probs.shape)}."
@@ -235,7 +241,11 @@ def accept_or_resample_rows(
         if has_bonus is None:
             has_bonus = torch.ones(B, dtype=torch.bool, device=target_probs.device)
     draft_tokens = draft_tokens.long()
-    if draft_tokens.numel() and (draft_tokens.min() < 0 or draft_tokens.max() >= vocab):
+    if (
+        validate
+        and draft_tokens.numel()
+        and (draft_tokens.min() < 0 or draft_tokens.max() >= vocab)
+    ):
         raise ValueError(f"draft_tokens must lie in [0, {vocab}); got ids outside it.")
 
     accept_prob = acceptance_probability(target_probs, draft_probs, draft_tokens)  # (B, N)
@@ -266,8 +276,10 @@ def accept_or_resample_rows(
             else bonus_probs
         )
     next_token = torch.full((B,), -1, dtype=torch.long, device=target_probs.device)  # (B,)
-    all_passed = (num_accepted == lengths).tolist()
-    bonus_rows = has_bonus.tolist() if bonus_probs is not None else [False] * B
+    with_bonus = (
+        has_bonus if bonus_probs is not None else torch.zeros_like(lengths, dtype=torch.bool)
+    )
+    all_passed, bonus_rows = torch.stack([num_accepted == lengths, with_bonus]).tolist()  # one read
     for b, m in enumerate(lens):
         if not m:
             continue

@@ -714,7 +714,7 @@ class ARImagePipeline:
                 null_ids, null_mask = self.encode_prompts([null] * len(prompts))
             ids, mask = torch.cat([ids, null_ids]), torch.cat([mask, null_mask])  # (2B, P+1)
         device = self.device
-        generators = _row_generators(generator, len(prompts), sampler.greedy, device)
+        generators = _row_generators(generator, len(prompts), device)
         decoder = ImageTokenDecoder(
             self.lm,
             self.config,
@@ -768,7 +768,7 @@ class ARImagePipeline:
         return indices.reshape(pixels.shape[0], -1)
 
 
-def _row_generators(generator, batch: int, greedy: bool, device) -> list[torch.Generator] | None:
+def _row_generators(generator, batch: int, device) -> list[torch.Generator] | None:
     if generator is None:
         return None
     gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * batch

@@ -123,7 +123,8 @@ class _Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         group = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        if group > 1:  # grouped K/V heads; repeat_interleave copies even at group 1
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 

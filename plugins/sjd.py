@@ -71,10 +71,6 @@ from decodekit.speculative import (
 from decodekit.strategy import Params, Strategy
 from pydantic import Field
 
-INITS = ("random", "horizontal-repeat", "vertical-repeat")
-"""Draft initialisations: uniform random codes, or a copy of the left (same image row) /
-upper neighbour, random where there is none (first column / first row)."""
-
 
 class SjdParams(Params):
     """Parameters of `sjd` (defaults: the paper's Lumina-mGPT settings)."""
@@ -179,8 +175,17 @@ class Sjd(Strategy):
 
     def verify(self, p, q, drafts, generators, lengths, bonus, has_bonus) -> SpeculativeVerdict:
         """Verify each row's first ``lengths[b]`` drafts ``(B, n)`` against ``p`` / ``q`` ``(B, n, K)``."""
+        # p, q and the drafts come from the decoder and this loop: valid by construction,
+        # so the per-step call skips the checks that read values back from the device
         return accept_or_resample_rows(
-            p, q, drafts, generators, lengths, bonus_probs=bonus, has_bonus=has_bonus
+            p,
+            q,
+            drafts,
+            generators,
+            lengths,
+            bonus_probs=bonus,
+            has_bonus=has_bonus,
+            validate=False,
         )
 
     # -- drafts ------------------------------------------------------------------------
