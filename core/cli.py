@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser(
+        "convert-var",
+        help="write VAR's released VQ-VAE (and transformer) checkpoints as a var folder",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -176,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "ngram": cmd_ngram,
         "convert-llada": cmd_convert_llada,
         "convert-llamagen": cmd_convert_llamagen,
+        "convert-var": cmd_convert_var,
     }[args.command]
     debug = getattr(args, "debug", False) or bool(os.environ.get("DECODEKIT_DEBUG"))
     verbose = getattr(args, "verbose", False) or bool(os.environ.get("DECODEKIT_VERBOSE"))
@@ -275,6 +283,13 @@ def cmd_convert_llamagen(args: argparse.Namespace) -> int:
     from .pipelines.convert_llamagen import convert_cli
 
     return convert_cli(args.rest)
+
+
+def cmd_convert_var(args: argparse.Namespace) -> int:
+    """``decodekit convert-var [--vae PTH] [--var PTH] --out DIR``: VAR as a var folder."""
+    from .pipelines.convert_var import convert_var_cli
+
+    return convert_var_cli(args.rest)
 
 
 def one_line(e: DecodekitError) -> str:

@@ -1,0 +1,240 @@
+"""``decodekit convert-var``: VAR's released checkpoints as a var folder (safetensors).
+
+FoundationVision/VAR releases ``vae_ch160v4096z32.pth`` (the multi-scale VQ-VAE) and
+``var_d16.pth`` .. ``var_d30.pth`` (the transformers) as flat state dicts without a
+config. `convert_var_vae` reads the VQ-VAE's shape off its weights (codebook size and
+``Cvae`` from ``quantize.embedding``, ``ch`` / ``ch_mult`` / residual blocks from the
+encoder, the ``quant_conv`` kernel, and the ``phi`` sharing from the ``quant_resi`` keys);
+what the weights do not say has VAR's release values unless given: the scale sides
+``v_patch_nums`` (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), ``quant_resi`` 0.5 and squared-distance
+codes (``using_znorm`` off). The training statistic ``quantize.ema_vocab_hit_SV`` is
+dropped; any other unknown key, missing key or wrong shape is refused. Every file is read
+with ``torch.load(weights_only=True)``; the output is written to ``DST.partial`` and renamed
+at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from decodekit.pipelines.convert_llada import CheckpointError
+
+__all__ = ["convert_var_cli", "convert_var_vae", "vae_config"]
+
+_VAE_NEED = (
+    "encoder.conv_in.weight",
+    "decoder.conv_in.weight",
+    "quantize.embedding.weight",
+    "quant_conv.weight",
+    "post_quant_conv.weight",
+)
+_VAE_DROPPED = ("quantize.ema_vocab_hit_SV",)  # a training statistic, not a weight
+_TRANSFORMER_KEYS = ("word_embed.weight", "class_emb.weight", "head.weight", "pos_start")
+
+
+def _load_state(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` checkpoint, read with ``weights_only=True``."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file; give VAR's {what} checkpoint (.pth).")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling refusal is reported the same way
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(
+            f"{path} does not load with torch.load(weights_only=True) ({type(e).__name__}: "
+            f"{first}); only plain tensor checkpoints are read."
+        ) from None
+    if (
+        not isinstance(data, dict)
+        or not data
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items())
+    ):
+        raise CheckpointError(
+            f"{path} holds no flat state dict ({{name: tensor}}, as VAR releases its {what})."
+        )
+    return {k.removeprefix("_orig_mod."): v for k, v in data.items()}
+
+
+def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
+    """How many consecutive indices ``0, 1, ...`` the regex ``pattern`` (one group) finds."""
+    found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    n = 0
+    while n in found:
+        n += 1
+    return n
+
+
+def vae_config(
+    state: dict[str, torch.Tensor],
+    *,
+    v_patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+    quant_resi: float = 0.5,
+    using_znorm: bool = False,
+) -> dict[str, Any]:
+    """The `MultiScaleVQConfig` fields of a VAR VQ-VAE state dict."""
+    if any(k in state for k in _TRANSFORMER_KEYS):
+        raise CheckpointError(
+            "this is a VAR transformer checkpoint (var_d*.pth: word_embed, blocks, head), not "
+            "the VQ-VAE; give it as --var and vae_ch160v4096z32.pth as --vae."
+        )
+    missing = [k for k in _VAE_NEED if k not in state]
+    if missing:
+        raise CheckpointError(f"not a VAR VQ-VAE (models/vqvae.py): it lacks {', '.join(missing)}.")
+    vocab, cvae = state["quantize.embedding.weight"].shape
+    ch = state["encoder.conv_in.weight"].shape[0]
+    levels = _count(state, r"encoder\.down\.(\d+)\.")
+    blocks = _count(state, r"encoder\.down\.0\.block\.(\d+)\.")
+    if levels < 1 or blocks < 1:
+        raise CheckpointError("the encoder has no down.0.block.0: not a VAR VQ-VAE encoder.")
+    ch_mult = []
+    for i in range(levels):
+        key = f"encoder.down.{i}.block.0.conv1.weight"
+        if key not in state:
+            raise CheckpointError(f"the VQ-VAE checkpoint lacks {key}.")
+        width = state[key].shape[0]
+        if width % ch:
+            raise CheckpointError(f"{key} has {width} channels, not a multiple of ch = {ch}.")
+        ch_mult.append(width // ch)
+    ks = state["quant_conv.weight"].shape[-1]
+    phi = sorted(k for k in state if k.startswith("quantize.quant_resi."))
+    if not phi:  # |quant_resi| < 1e-6: identities without weights
+        share, counts, quant_resi = 4, 0, 0.0
+    elif all(k.startswith("quantize.quant_resi.qresi_ls.") for k in phi):
+        share, counts = _count(state, r"quantize\.quant_resi\.qresi_ls\.(\d+)\."), 0
+    elif all(k.startswith("quantize.quant_resi.qresi.") for k in phi):
+        share, counts = 1, 0
+    elif all(re.match(r"quantize\.quant_resi\.\d+\.", k) for k in phi):
+        share, counts = 0, _count(state, r"quantize\.quant_resi\.(\d+)\.")
+        if counts == len(v_patch_nums):
+            counts = 0
+    else:
+        raise CheckpointError(f"unrecognised quant_resi layout in the VQ-VAE: {phi[:3]}.")
+    return {
+        "vocab_size": int(vocab),
+        "z_channels": int(cvae),
+        "ch": int(ch),
+        "ch_mult": tuple(ch_mult),
+        "num_res_blocks": blocks,
+        "using_znorm": bool(using_znorm),
+        "quant_conv_ks": int(ks),
+        "quant_resi": float(quant_resi),
+        "share_quant_resi": share,
+        "default_qresi_counts": counts,
+        "v_patch_nums": tuple(v_patch_nums),
+    }
+
+
+@contextmanager
+def _writing(dst: Path) -> Iterator[Path]:
+    """Yield ``dst.partial`` to write into; renamed to ``dst`` on success, removed on failure."""
+    partial = dst.with_name(dst.name + ".partial")
+    for path, why in (
+        (dst, "give a new folder to write the converted model to"),
+        (partial, "left by a conversion that was killed; remove it and run again"),
+    ):
+        if path.exists():
+            raise CheckpointError(f"{path} exists, {why}.")
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        partial.rename(dst)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def convert_var_vae(
+    src_pth: str | os.PathLike,
+    dst_folder: str | os.PathLike,
+    *,
+    v_patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+    quant_resi: float = 0.5,
+    using_znorm: bool = False,
+) -> Path:
+    """Write VAR's VQ-VAE checkpoint as a `MultiScaleVQVAE` folder (config.json, model.safetensors).
+
+    ``dst_folder`` must not exist; it is written as ``dst_folder.partial`` and renamed.
+    """
+    from decodekit.errors import ConfigError
+    from decodekit.pipelines.var_vq import MultiScaleVQConfig, MultiScaleVQVAE
+
+    src, dst = Path(src_pth).expanduser(), Path(dst_folder).expanduser()
+    if dst.exists():
+        raise CheckpointError(f"{dst} exists; give a new folder to write the converted model to.")
+    state = _load_state(src, "VQ-VAE")
+    fields = vae_config(
+        state, v_patch_nums=v_patch_nums, quant_resi=quant_resi, using_znorm=using_znorm
+    )
+    try:
+        config = MultiScaleVQConfig(**fields)
+    except ConfigError as e:
+        raise CheckpointError(f"{src}: the VQ-VAE's shape is not supported: {e}") from None
+    model = MultiScaleVQVAE(config)
+    weights = {k: v for k, v in state.items() if k not in _VAE_DROPPED}
+    model.load_weights({k: v.float() for k, v in weights.items()}, source=str(src))
+    with _writing(dst) as partial:
+        model.save_pretrained(partial)
+    return dst
+
+
+def _patch_nums(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 1,2,3,4,5,6,8,10,13,16; got {text!r}"
+        ) from None
+
+
+def convert_var_cli(argv: list[str]) -> int:
+    """``decodekit convert-var [--vae PTH] [--var PTH] --out DIR``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="decodekit convert-var",
+        description="Write VAR's released checkpoints (flat .pth state dicts) as a var folder: "
+        "the VQ-VAE under DIR/vq (config.json, model.safetensors).",
+    )
+    ap.add_argument("--vae", help="the VQ-VAE checkpoint, e.g. vae_ch160v4096z32.pth")
+    ap.add_argument("--var", help="the transformer checkpoint, e.g. var_d16.pth")
+    ap.add_argument("--out", required=True, help="new folder to write")
+    ap.add_argument(
+        "--patch-nums",
+        type=_patch_nums,
+        default=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        help="side of each scale's token map (default 1,2,3,4,5,6,8,10,13,16)",
+    )
+    ap.add_argument(
+        "--quant-resi", type=float, default=0.5, help="the VQ-VAE's phi ratio (default 0.5)"
+    )
+    ap.add_argument(
+        "--znorm", action="store_true", help="the VQ-VAE chooses codes by cosine (using_znorm)"
+    )
+    args = ap.parse_args(argv)
+    if not args.vae and not args.var:
+        ap.error("give --vae, --var or both")
+    if args.var:
+        raise CheckpointError(
+            "converting the VAR transformer (--var) is not supported yet; convert the VQ-VAE "
+            "alone with --vae."
+        )
+    out = Path(args.out).expanduser()
+    with _writing(out) as partial:
+        convert_var_vae(
+            args.vae,
+            partial / "vq",
+            v_patch_nums=args.patch_nums,
+            quant_resi=args.quant_resi,
+            using_znorm=args.znorm,
+        )
+    print(f"wrote {out} (vq/: VAR VQ-VAE)")
+    return 0
