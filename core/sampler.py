@@ -80,7 +80,7 @@ class Sampled(NamedTuple):
 
 @dataclass(frozen=True)
 class Sampler:
-    """Logits to tokens: temperature, then top-k, then top-p, then a draw.
+    """Logits to tokens: temperature, then top-k, then top-p (or temperature last), then a draw.
 
     The order matches transformers' sampling warpers. ``temperature = 0`` is
     greedy: the argmax of the logits, with a one-hot distribution, so a
@@ -91,12 +91,16 @@ class Sampler:
         top_k: int >= 1 or None (default: no top-k filtering).
         top_p: float in (0, 1] or None (default: no nucleus filtering).
         processors: extra logits processors applied after top-p, in order.
+        temperature_last: bool, default False. True applies the temperature after
+            top-k and top-p instead of before them, so the nucleus is taken on the
+            untempered distribution (as VAR's sampler, which has no temperature, takes it).
     """
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     processors: tuple[Callable[[Tensor], Tensor], ...] = field(default=())
+    temperature_last: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
@@ -114,12 +118,13 @@ class Sampler:
     def chain(self) -> ProcessorChain:
         """The processors this sampler applies to logits, in order, as one chain."""
         processors: list[Callable[[Tensor], Tensor]] = []
-        if self.temperature not in (0, 1):
-            processors.append(Temperature(self.temperature))
         if self.top_k is not None:
             processors.append(TopK(self.top_k))
         if self.top_p is not None:
             processors.append(TopP(self.top_p))
+        if self.temperature not in (0, 1):
+            at = len(processors) if self.temperature_last else 0
+            processors.insert(at, Temperature(self.temperature))
         processors.extend(self.processors)
         return ProcessorChain(processors)
 
