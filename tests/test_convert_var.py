@@ -67,6 +67,17 @@ def test_layouts_are_read_off_the_weights(tmp_path, fields):
     assert MultiScaleVQVAE.from_pretrained(out).config == cfg
 
 
+def test_release_layout_is_read_and_built_exactly():
+    # the names and shapes of vae_ch160v4096z32.pth, from VAR's own VQVAE (make.py)
+    layout = json.loads((FIXTURE / "release_vae_layout.json").read_text())
+    shapes = {k: torch.empty(v, device="meta") for k, v in layout.items()}
+    assert MultiScaleVQConfig(**vae_config(shapes)) == MultiScaleVQConfig()
+    with torch.device("meta"):
+        own = MultiScaleVQVAE().state_dict()
+    del layout["quantize.ema_vocab_hit_SV"]
+    assert {k: list(v.shape) for k, v in own.items()} == layout
+
+
 def test_identity_phi_is_read_as_quant_resi_zero():
     cfg = MultiScaleVQConfig(ch=32, ch_mult=(1,), num_res_blocks=1, quant_resi=0.0)
     fields = vae_config(MultiScaleVQVAE(cfg).state_dict())
