@@ -543,6 +543,7 @@ class MultiScaleVQVAE(nn.Module):
                     f"with one B for all scales; got {_describe(t)}."
                 )
             batch = t.shape[0]
+            self._check_device(t, f"token map {si}")
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.vocab_size):
                 raise VQInputError(
                     f"token map {si} holds ids outside [0, {self.vocab_size}) (the codebook)."
@@ -553,6 +554,14 @@ class MultiScaleVQVAE(nn.Module):
     def _check_fhat(self, f_hat: Any, what: str = "f_hat") -> None:
         side = self.patch_nums[-1]
         _require_maps(f_hat, (self.embed_dim, side, side), what)
+        self._check_device(f_hat, what)
+
+    def _check_device(self, x: torch.Tensor, what: str) -> None:
+        device = self.quantize.embedding.weight.device
+        if x.device != device:
+            raise VQInputError(
+                f"{what} is on {x.device}, the VQ-VAE on {device}; move one with .to(device)."
+            )
 
     # ---------------------------------------------------------------- the quantiser
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
@@ -590,6 +599,7 @@ class MultiScaleVQVAE(nn.Module):
         pn = self.patch_nums[si]
         what = f"h_BChw of scale {si}"
         _require_maps(h_BChw, (self.embed_dim, pn, pn), what, batch=f_hat.shape[0])
+        self._check_device(h_BChw, what)
         f_hat = f_hat + self._scale_contribution(si, h_BChw)
         if si == k - 1:
             return f_hat, f_hat
@@ -637,6 +647,7 @@ class MultiScaleVQVAE(nn.Module):
             f" in [-1, 1] (v_patch_nums[-1] {self.patch_nums[-1]} x downsample {self.downsample})"
         )
         _require_maps(img, (3, side, side), "images", hint)
+        self._check_device(img, "images")
         return self.features_to_idx(
             self.quant_conv(self.encoder(img.to(self.quant_conv.weight.dtype)))
         )

@@ -250,3 +250,7 @@ def test_bad_inputs_get_clear_errors(vq):
         vq.next_scale_input(K, f_hat, torch.zeros(B, C, PNS[-1], PNS[-1]))
     with pytest.raises(VQInputError, match="f_hat should be a float tensor"):
         vq.fhat_to_img(torch.zeros(B, C, PNS[-2], PNS[-2]))
+    with pytest.raises(VQInputError, match="token map 0 is on meta, the VQ-VAE on cpu"):
+        vq.idx_to_fhat([t.to("meta") for t in idx])
+    with pytest.raises(VQInputError, match="images is on meta"):
+        vq.img_to_idx(torch.zeros(1, 3, side, side, device="meta"))
