@@ -57,6 +57,12 @@ class VQInputError(DecodekitError, ValueError):
     """Images or token maps that do not fit the VQ-VAE (wrong shape, size, range or ids)."""
 
 
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive" if minimum == 1 else "a non-negative"
+        raise ConfigError(name, f"must be {kind} integer, got {value!r}.")
+
+
 @dataclass
 class MultiScaleVQConfig:
     """The shape of a VAR VQ-VAE (the arguments of VAR's ``VQVAE``).
@@ -99,20 +105,36 @@ class MultiScaleVQConfig:
     test_mode: bool = True
 
     def __post_init__(self) -> None:
-        self.ch_mult = tuple(self.ch_mult)
-        self.v_patch_nums = tuple(self.v_patch_nums)
-        for name in ("vocab_size", "z_channels", "ch", "num_res_blocks", "quant_conv_ks"):
+        for name in ("ch_mult", "v_patch_nums"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(name, f"must be a positive integer, got {value!r}.")
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(name, f"must be a list of integers, got {value!r}.")
+            setattr(self, name, tuple(value))
+        for name in ("vocab_size", "z_channels", "ch", "num_res_blocks", "quant_conv_ks"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("share_quant_resi", "default_qresi_counts"):
+            _check_int(name, getattr(self, name), 0)
+        for i, m in enumerate(self.ch_mult):
+            _check_int(f"ch_mult.{i}", m, 1)
+        for i, p in enumerate(self.v_patch_nums):
+            _check_int(f"v_patch_nums.{i}", p, 1)
+        for name in ("quant_resi", "dropout", "beta"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise ConfigError(name, f"must be a number, got {value!r}.")
+        for name in ("using_znorm", "test_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}.")
         if self.quant_conv_ks % 2 == 0:
             raise ConfigError(
                 "quant_conv_ks", f"must be odd (same padding), got {self.quant_conv_ks}."
             )
-        if not self.ch_mult or any(
-            isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.ch_mult
-        ):
-            raise ConfigError("ch_mult", f"must be positive integers, got {self.ch_mult!r}.")
+        if not self.ch_mult:
+            raise ConfigError("ch_mult", "needs at least one resolution, e.g. (1, 1, 2, 2, 4).")
         widths = [self.ch * m for m in self.ch_mult]
         if any(w % 32 for w in widths):
             raise ConfigError(
@@ -120,20 +142,12 @@ class MultiScaleVQConfig:
                 f"the widths {widths} (ch x ch_mult) must be multiples of 32 (GroupNorm 32 groups).",
             )
         pns = self.v_patch_nums
-        if (
-            len(pns) < 2
-            or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in pns)
-            or any(a >= b for a, b in zip(pns, pns[1:]))
-        ):
+        if len(pns) < 2 or any(a >= b for a, b in zip(pns, pns[1:])):
             raise ConfigError(
                 "v_patch_nums",
                 f"must be at least two increasing positive sides, e.g. (1, 2, 3, 4); got {pns!r}.",
             )
-        for name in ("share_quant_resi", "default_qresi_counts"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(name, f"must be a non-negative integer, got {value!r}.")
-        if not math.isfinite(self.quant_resi) or abs(self.quant_resi) > 1:
+        if abs(self.quant_resi) > 1:
             raise ConfigError("quant_resi", f"must lie in [-1, 1], got {self.quant_resi!r}.")
 
     @property

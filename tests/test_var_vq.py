@@ -225,6 +225,11 @@ def test_from_pretrained_refuses_bad_folders(vq, tmp_path):
         ({"quant_conv_ks": 2}, "odd"),
         ({"quant_resi": 1.5}, r"\[-1, 1\]"),
         ({"share_quant_resi": -1}, "non-negative"),
+        ({"ch_mult": 2}, "list of integers"),
+        ({"v_patch_nums": (1, 2.5, 4)}, "v_patch_nums.1: must be a positive integer"),
+        ({"quant_resi": "half"}, "number"),
+        ({"using_znorm": "yes"}, "true or false"),
+        ({"ch_mult": ()}, "at least one resolution"),
     ],
 )
 def test_config_refuses_bad_values(fields, match):
