@@ -509,7 +509,14 @@ class MultiScaleVQVAE(nn.Module):
         if not isinstance(data, dict):
             raise CheckpointError(f"{folder / CONFIG_NAME} holds no JSON object.")
         model = cls(MultiScaleVQConfig.from_dict(data))
-        model.load_weights(load_file(folder / WEIGHTS_NAME), source=str(folder / WEIGHTS_NAME))
+        try:
+            state = load_file(folder / WEIGHTS_NAME)
+        except Exception as e:  # noqa: BLE001 - a damaged file is reported the same way
+            raise CheckpointError(
+                f"{folder / WEIGHTS_NAME} is not a readable safetensors file ({type(e).__name__}: "
+                f"{e}); write it again with save_pretrained or convert-var."
+            ) from None
+        model.load_weights(state, source=str(folder / WEIGHTS_NAME))
         if dtype is not None:
             model.to(dtype)
         return model

@@ -214,6 +214,13 @@ def test_from_pretrained_refuses_bad_folders(vq, tmp_path):
     (tmp_path / "a" / "config.json").write_text(json.dumps({**cfg, "model_type": "vqgan"}))
     with pytest.raises(ConfigError, match="model_type"):
         MultiScaleVQVAE.from_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        MultiScaleVQVAE.from_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        MultiScaleVQVAE.from_pretrained(tmp_path / "a")
 
 
 @pytest.mark.parametrize(
