@@ -87,6 +87,12 @@ def vae_config(
     missing = [k for k in _VAE_NEED if k not in state]
     if missing:
         raise CheckpointError(f"not a VAR VQ-VAE (models/vqvae.py): it lacks {', '.join(missing)}.")
+    for key in _VAE_NEED:
+        want = 2 if key == "quantize.embedding.weight" else 4
+        if state[key].dim() != want:
+            raise CheckpointError(
+                f"{key} has shape {tuple(state[key].shape)}; a VAR VQ-VAE's is {want}-dimensional."
+            )
     vocab, cvae = state["quantize.embedding.weight"].shape
     ch = state["encoder.conv_in.weight"].shape[0]
     levels = _count(state, r"encoder\.down\.(\d+)\.")
@@ -116,6 +122,11 @@ def vae_config(
             counts = 0
     else:
         raise CheckpointError(f"unrecognised quant_resi layout in the VQ-VAE: {phi[:3]}.")
+    if phi and abs(quant_resi) <= 1e-6:
+        raise CheckpointError(
+            "the checkpoint has phi convolutions (quantize.quant_resi.*), which a quant_resi of "
+            f"{quant_resi} turns off; give the ratio it was trained with (VAR's release: 0.5)."
+        )
     return {
         "vocab_size": int(vocab),
         "z_channels": int(cvae),

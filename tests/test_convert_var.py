@@ -140,6 +140,9 @@ def test_foreign_or_damaged_checkpoints_are_refused(tmp_path):
     assert_refused(tmp_path, {"model": raw}, "flat state dict")
     assert_refused(tmp_path, [1, 2], "flat state dict")
     assert_refused(tmp_path, raw, "v_patch_nums", v_patch_nums=(2, 1))
+    assert_refused(tmp_path, raw, "turns off", quant_resi=0.0)
+    flat = {**raw, "quantize.embedding.weight": torch.zeros(32 * 8)}
+    assert_refused(tmp_path, flat, "2-dimensional")
 
 
 def test_unsafe_pickles_missing_files_and_existing_targets_are_refused(tmp_path):
