@@ -21,6 +21,7 @@ from decodekit.hookspecs import hookimpl
 from decodekit.loops import TokenAutoregressionAdapter
 from decodekit.pipeline import MAX_PROMPTS, Inputs, Options, check_prompts
 from decodekit.pipelines.ar_image import CONFIG_NAME, ARImagePipeline
+from decodekit.pipelines.ar_image_families import SUPPORTED, from_transformers
 from decodekit.seeds import row_generators
 from pydantic import Field, field_validator
 
@@ -30,7 +31,10 @@ __all__ = ["ARImageAdapter", "ARImageInputs", "ARImageOptions"]
 class ARImageInputs(Inputs):
     """YAML ``inputs`` of an ar-image pipeline (the arguments of its ``__call__``)."""
 
-    prompt: str | list[str] = Field(description="a caption or a non-empty list of captions")
+    prompt: str | int | list[str] | list[int] = Field(
+        description="a caption or a non-empty list of captions; for a class-conditional model "
+        "(a converted LlamaGen c2i checkpoint) a class id or a list of them"
+    )
     guidance_scale: float = Field(
         1.0, ge=1.0, le=100.0, description="classifier-free guidance, 1 (off) .. 100"
     )
@@ -42,12 +46,23 @@ class ARImageInputs(Inputs):
 
     @field_validator("prompt")
     @classmethod
-    def _prompts(cls, v: str | list[str]) -> str | list[str]:
+    def _prompts(cls, v: str | int | list[str] | list[int]) -> str | int | list[str] | list[int]:
         return check_prompts(v)  # an empty caption is the unconditional prompt: allowed
 
 
 class ARImageOptions(Options):
-    """``pipeline.options`` of ar-image: nothing beyond ``pipeline.dtype`` is taken from a config."""
+    """``pipeline.options`` of ar-image (the transformers families' load settings)."""
+
+    image_area: int | None = Field(
+        None,
+        ge=64,
+        le=4096 * 4096,
+        description="Emu3 only: the image's area in pixels, as Emu3Processor takes it "
+        "(e.g. 262144 for 512x512); required for an Emu3 folder",
+    )
+    max_prompt_tokens: int = Field(
+        64, ge=1, le=4096, description="Emu3 and Janus: the longest prompt in tokens"
+    )
 
 
 class ARImageAdapter(TokenAutoregressionAdapter):
@@ -94,15 +109,23 @@ class ARImageAdapter(TokenAutoregressionAdapter):
     def load(cls, source: str, *, device: str, dtype: str, options: dict[str, Any]) -> Any:
         from decodekit.config import check_options
 
-        check_options(cls, options)
+        opts = check_options(cls, options)
         if not (Path(source) / CONFIG_NAME).is_file():
+            family = _transformers_family(Path(source))
+            if family is not None:
+                return _load_transformers(source, family, opts, dtype).to(device)
             raise ConfigError(
                 "pipeline.model",
-                f"{source} is not an ar-image folder (no {CONFIG_NAME}; it holds {CONFIG_NAME}, "
-                "lm/, vq/ and tokenizer/). LlamaGen c2i checkpoints convert with "
-                "`decodekit convert-llamagen`; Emu3 and Janus run through the Python API "
-                "(decodekit.pipelines.ar_image_families.from_transformers); other checkpoints "
-                "are not supported yet.",
+                f"{source} is neither an ar-image folder ({CONFIG_NAME}, lm/, vq/, tokenizer/) "
+                "nor an Emu3 or Janus transformers folder (config.json with model_type "
+                f"{' or '.join(repr(k) for k in SUPPORTED)}, and its processor). LlamaGen c2i "
+                "checkpoints convert with `decodekit convert-llamagen`; other checkpoints are "
+                "not supported yet.",
+            )
+        if opts.image_area is not None:
+            raise ConfigError(
+                "pipeline.options.image_area",
+                "applies to Emu3 folders only; an ar-image folder's image size is its config's",
             )
         try:
             pipe = ARImagePipeline.from_pretrained(
@@ -114,10 +137,10 @@ class ARImageAdapter(TokenAutoregressionAdapter):
 
     @classmethod
     def generate(cls, target: Any, inputs: ARImageInputs, progress: bool = False) -> list:
-        prompts = [inputs.prompt] if isinstance(inputs.prompt, str) else list(inputs.prompt)
+        prompts = [inputs.prompt] if isinstance(inputs.prompt, (str, int)) else list(inputs.prompt)
         size = inputs.batch_size or len(prompts)
         # one generator per row, seeded from its prompt (decodekit.seeds), not from its index
-        generators = row_generators(inputs.seed, prompts, device=target.device.type)
+        generators = row_generators(inputs.seed, _labels(prompts), device=target.device.type)
         images = []
         for first in range(0, len(prompts), size):
             out = target(
@@ -136,14 +159,14 @@ class ARImageAdapter(TokenAutoregressionAdapter):
         """One PNG per image (``000-<prompt slug>.png`` ...), written atomically, as stable-diffusion saves."""
         from decodekit.pipelines import stable_diffusion
 
-        return stable_diffusion.StableDiffusionAdapter.save(outputs, out_dir, inputs=inputs)
+        return stable_diffusion.StableDiffusionAdapter.save(outputs, out_dir, inputs=_named(inputs))
 
     @classmethod
     def records(cls, outputs: list, inputs: Any) -> list[dict[str, Any]]:
         """Per image: ``file``, ``prompt`` and its row ``seed``, as stable-diffusion records them."""
         from decodekit.pipelines import stable_diffusion
 
-        return stable_diffusion.StableDiffusionAdapter.records(outputs, inputs)
+        return stable_diffusion.StableDiffusionAdapter.records(outputs, _named(inputs))
 
     @classmethod
     def quality(cls, baseline: list, outputs: list) -> dict[str, float]:
@@ -157,6 +180,63 @@ class ARImageAdapter(TokenAutoregressionAdapter):
         from decodekit.pipelines import stable_diffusion
 
         return stable_diffusion.StableDiffusionAdapter.picture(baseline, outputs, path)
+
+
+def _labels(prompts: list) -> list[str]:
+    """Captions as they are; class ids as ``"class 3"`` (row seeds and file names)."""
+    return [p if isinstance(p, str) else f"class {p}" for p in prompts]
+
+
+def _named(inputs: Any) -> Any:
+    """``inputs`` with class-id prompts as their labels, for the names and records of outputs."""
+    prompt = getattr(inputs, "prompt", None)
+    if prompt is None or isinstance(prompt, str):
+        return inputs
+    rows = [prompt] if isinstance(prompt, int) else list(prompt)
+    return inputs.model_copy(update={"prompt": _labels(rows)})
+
+
+def _transformers_family(folder: Path) -> str | None:
+    """``model_type`` of a transformers folder whose class `from_transformers` runs, else None."""
+    import json
+
+    try:
+        kind = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if kind in SUPPORTED else None
+
+
+def _load_transformers(source: str, kind: str, opts: ARImageOptions, dtype: str) -> Any:
+    """An Emu3 or Janus folder (model and processor, as ``save_pretrained`` writes them) as a pipeline."""
+    import transformers
+
+    if kind == "emu3" and opts.image_area is None:
+        raise ConfigError(
+            "pipeline.options.image_area",
+            "an Emu3 folder needs the image's area in pixels (Emu3Processor's image_area), "
+            "e.g. `options: {image_area: 262144}` for 512x512",
+        )
+    if kind != "emu3" and opts.image_area is not None:
+        raise ConfigError(
+            "pipeline.options.image_area",
+            f"applies to Emu3 folders only; a {SUPPORTED[kind]}'s image size is its VQ's",
+        )
+    model_cls = getattr(transformers, SUPPORTED[kind])
+    try:
+        model = model_cls.from_pretrained(
+            source, dtype=getattr(torch, dtype), local_files_only=True
+        ).eval()
+        processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            "pipeline.model",
+            f"could not load {SUPPORTED[kind]} and its processor from {source}: {e}",
+        ) from None
+    kwargs = {"max_prompt_tokens": opts.max_prompt_tokens}
+    if kind == "emu3":
+        kwargs["image_area"] = opts.image_area
+    return from_transformers(model, processor, **kwargs)
 
 
 @hookimpl

@@ -203,3 +203,22 @@ def test_unsupported_models_are_refused_with_what_is_supported():
         from_transformers(model, None)
     with pytest.raises(ValueError, match="not an image-token model.*Supported"):
         from_transformers(torch.nn.Linear(1, 1), None)
+
+
+def test_an_emu3_folder_loads_from_yaml(emu3, pipe, tmp_path):
+    """A saved Emu3 model + processor is an ar-image model in YAML (options.image_area)."""
+    from decodekit.errors import ConfigError
+    from decodekit.pipelines.ar_image_adapter import ARImageAdapter, ARImageInputs
+
+    model, processor = emu3
+    model.save_pretrained(tmp_path / "emu3")
+    processor.save_pretrained(tmp_path / "emu3")
+    opts = {"image_area": IMAGE_AREA, "max_prompt_tokens": pipe.config.max_prompt_tokens}
+    loaded = ARImageAdapter.load(
+        str(tmp_path / "emu3"), device="cpu", dtype="float32", options=opts
+    )
+    inputs = ARImageInputs(prompt=PROMPTS[:2], temperature=0)
+    want = pipe(PROMPTS[:2], temperature=0).images
+    assert ARImageAdapter.quality(ARImageAdapter.generate(loaded, inputs), want)["identical"] == 1.0
+    with pytest.raises(ConfigError, match="image_area"):
+        ARImageAdapter.load(str(tmp_path / "emu3"), device="cpu", dtype="float32", options={})

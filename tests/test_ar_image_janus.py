@@ -140,3 +140,23 @@ def test_images_come_from_decode_image_tokens(janus, pipe):
         pixels = model.decode_image_tokens(out.codes)  # (B, H, W, 3) in [-1, 1]
     want = ((pixels[0].clamp(-1, 1) + 1) / 2 * 255).round().numpy()
     assert np.abs(np.asarray(out.images[0]).astype(float) - want).max() <= 1
+
+
+def test_a_janus_folder_loads_from_yaml(janus, pipe, tmp_path):
+    """A saved Janus model + processor is an ar-image model in YAML; Emu3's option is refused."""
+    from decodekit.errors import ConfigError
+    from decodekit.pipelines.ar_image_adapter import ARImageAdapter, ARImageInputs
+
+    model, processor = janus
+    model.save_pretrained(tmp_path / "janus")
+    processor.save_pretrained(tmp_path / "janus")
+    opts = {"max_prompt_tokens": 16}
+    loaded = ARImageAdapter.load(
+        str(tmp_path / "janus"), device="cpu", dtype="float32", options=opts
+    )
+    inputs = ARImageInputs(prompt=PROMPTS[:2], temperature=0, guidance_scale=2.0)
+    want = pipe(PROMPTS[:2], temperature=0, guidance_scale=2.0).images
+    assert ARImageAdapter.quality(ARImageAdapter.generate(loaded, inputs), want)["identical"] == 1.0
+    with pytest.raises(ConfigError, match="Emu3 folders only"):
+        bad = {**opts, "image_area": 1024}
+        ARImageAdapter.load(str(tmp_path / "janus"), device="cpu", dtype="float32", options=bad)

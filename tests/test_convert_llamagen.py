@@ -186,3 +186,28 @@ def test_unsafe_pickles_and_existing_targets_are_refused(tmp_path):
     (tmp_path / "b").mkdir()
     with pytest.raises(CheckpointError, match="exists"):
         convert(FIXTURE / "gpt.pt", FIXTURE / "vq.pt", tmp_path / "b", **SHAPE)
+
+
+def test_class_ids_run_from_a_yaml_config(folder, tmp_path):
+    """`decodekit run` of a converted c2i folder takes class ids as prompts: the oracle's tokens."""
+    import yaml
+
+    config = {
+        "pipeline": {"type": "ar-image", "model": str(folder), "dtype": "float32"},
+        "inputs": {"prompt": ORACLE["classes"], "guidance_scale": 1.0, "temperature": 0},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    (tmp_path / "c2i.yaml").write_text(yaml.safe_dump(config))
+    assert cli_main(["run", str(tmp_path / "c2i.yaml")]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert names == [f"{i:03d}-class-{c}.png" for i, c in enumerate(ORACLE["classes"])]
+    from decodekit.pipelines.ar_image_adapter import ARImageAdapter, ARImageInputs
+
+    pipe = ARImageAdapter.load(str(folder), device="cpu", dtype="float32", options={})
+    images = ARImageAdapter.generate(
+        pipe, ARImageInputs(prompt=ORACLE["classes"], guidance_scale=1.0, temperature=0)
+    )
+    direct = pipe(ORACLE["classes"], temperature=0)
+    assert ARImageAdapter.quality(images, direct.images)["identical"] == 1.0
+    with pytest.raises(ValueError, match="valid integer"):  # all captions or all class ids
+        ARImageInputs(prompt=["a caption", 3])
