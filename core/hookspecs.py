@@ -110,7 +110,7 @@ class RuntimeSpecs:
         ``generate(...)`` (transformers). Called after every strategy's
         ``reset(run)``, once per call.
 
-        Called by: stable-diffusion, masked-diffusion-lm, llada2, causal-lm, ar-image.
+        Called by: stable-diffusion, masked-diffusion-lm, llada2, causal-lm, ar-image, var.
         """
 
     @hookspec
@@ -120,7 +120,7 @@ class RuntimeSpecs:
         Called once per call that did not raise, before ``run.last`` is filled.
         Undo per-call changes to the pipeline here.
 
-        Called by: stable-diffusion, masked-diffusion-lm, llada2, causal-lm, ar-image.
+        Called by: stable-diffusion, masked-diffusion-lm, llada2, causal-lm, ar-image, var.
         """
 
     # -- continuous denoising (diffusers UNet / DiT pipelines) ----------------
@@ -279,4 +279,32 @@ class RuntimeSpecs:
         token (``decoder.decode_plain()``).
 
         Called by: ar-image.
+        """
+
+    # -- scale autoregression (VAR) ------------------------------------------------
+    @hookspec
+    def decodekit_scale_models(self, run, plan):
+        """Before the first scale of a call: choose which model runs which scale by editing ``plan.models`` in place.
+
+        ``plan`` is a ``ScalePlan`` (``decodekit.pipelines.var``); its ``models``
+        list has one ``VARTransformer`` per scale, the pipeline's at first. A
+        model that did not run the scale before its first one is prefilled over
+        every earlier scale in one block-causal forward (the previous model's K/V
+        freed first) and samples from its entry scale on with the same per-row
+        generators; a drafter/refiner split is ``plan.models[n:] = [refiner] * (K - n)``.
+        Every model must fit the pipeline's VQ (``patch_nums``, ``vocab_size``,
+        ``vae_embed_dim``) and ``num_classes``.
+
+        Called by: var.
+        """
+
+    @hookspec
+    def decodekit_scale_end(self, run, scale, model, tokens):
+        """Scale ``scale`` was sampled by ``model``: ``tokens`` ``(B, pn*pn)`` long.
+
+        Where a strategy measures each model's share (time, memory);
+        ``run.adapter.decoder`` holds the call's state (token maps, ``f_hat``,
+        the live model and its cache).
+
+        Called by: var.
         """

@@ -17,6 +17,7 @@ object, the model to hook at attach time, the schedule of the current call).
 | ``continuous-denoising`` | `DenoisingAdapter` |
 | ``masked-diffusion`` | `MaskedDiffusionAdapter` |
 | ``token-autoregression`` | `TokenAutoregressionAdapter` |
+| ``scale-autoregression`` | `ScaleAutoregressionAdapter` |
 """
 
 from __future__ import annotations
@@ -153,10 +154,51 @@ class TokenAutoregressionAdapter(TextAdapter):
     step: int
 
 
+class ScaleAutoregressionAdapter(PipelineAdapter):
+    """Contract of the ``scale-autoregression`` loop (VAR next-scale prediction).
+
+    decodekit owns the loop (``decodekit.pipelines.var``): before the first scale
+    of a call it asks ``decodekit_scale_models(run, plan)`` which model runs which
+    scale, then samples the scales in order through a ``ScaleDecoder`` and calls
+    ``decodekit_scale_end`` after each one.
+
+    Attributes:
+        pipe: the ``VARPipeline``.
+        transformer: the pipeline's ``VARTransformer``, the model of every scale
+            unless a strategy plans otherwise.
+        vq: the pipeline's multi-scale VQ-VAE (``MultiScaleVQVAE``).
+        patch_nums: side of each scale's token map, first to last.
+        num_scales: K, the number of scales.
+        decoder: the ``ScaleDecoder`` of the current (or last) call: token maps,
+            ``f_hat``, the live model and its K/V cache; None before the first call.
+        step: transformer forwards in the current (or last) call (a prefill is one).
+    """
+
+    loop = "scale-autoregression"
+    contract: ClassVar[tuple[str, ...]] = PipelineAdapter.contract + (
+        "pipe",
+        "transformer",
+        "vq",
+        "patch_nums",
+        "num_scales",
+        "decoder",
+        "step",
+    )
+
+    pipe: Any
+    transformer: torch.nn.Module
+    vq: torch.nn.Module
+    patch_nums: tuple[int, ...]
+    num_scales: int
+    decoder: Any
+    step: int
+
+
 LOOP_CONTRACTS: dict[str, type[PipelineAdapter]] = {
     DenoisingAdapter.loop: DenoisingAdapter,
     MaskedDiffusionAdapter.loop: MaskedDiffusionAdapter,
     TokenAutoregressionAdapter.loop: TokenAutoregressionAdapter,
+    ScaleAutoregressionAdapter.loop: ScaleAutoregressionAdapter,
 }
 """The contract class of each loop shape that has built-in adapters."""
 
@@ -213,6 +255,7 @@ __all__ = [
     "DenoisingAdapter",
     "LOOP_CONTRACTS",
     "MaskedDiffusionAdapter",
+    "ScaleAutoregressionAdapter",
     "TokenAutoregressionAdapter",
     "contract_of",
 ]

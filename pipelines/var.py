@@ -530,6 +530,7 @@ class ScaleDecoder:
         scale: the next scale to run (scales done).
         model: the model whose cache is live, or None; ``cache`` its `ScaleKVCache`.
         forwards: transformer forwards so far; ``stats`` per model.
+        run: the attached run, whose ``nfe`` counts the forwards too, or None.
     """
 
     def __init__(
@@ -541,8 +542,10 @@ class ScaleDecoder:
         samplers: list[Sampler],
         generators: list[torch.Generator] | None,
         more_smooth: bool = False,
+        run: Any = None,
     ):
         self.pipe = pipe
+        self.run = run
         self.class_labels = class_labels
         self.cfg = float(cfg)
         self.samplers = samplers
@@ -614,6 +617,8 @@ class ScaleDecoder:
         per["scales"] += 1
         per["seconds"] += time.perf_counter() - start
         self.forwards += 1
+        if self.run is not None:
+            self.run.nfe += 1
         if not self.guided:
             return logits
         t = guidance_ramp(self.cfg, si, self.num_scales)
@@ -895,8 +900,9 @@ class VARPipeline:
         temperature_last: bool = True,
         generator: torch.Generator | list[torch.Generator] | None = None,
         more_smooth: bool = False,
+        run: Any = None,
     ) -> ScaleDecoder:
-        """The `ScaleDecoder` of a call (nothing run yet)."""
+        """The `ScaleDecoder` of a call (nothing run yet); ``run`` counts its forwards in ``run.nfe``."""
         labels = self.class_ids(class_labels).to(self.device)
         K = len(self.patch_nums)
         if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not math.isfinite(cfg):
@@ -923,6 +929,7 @@ class VARPipeline:
             samplers=samplers,
             generators=generators,
             more_smooth=more_smooth,
+            run=run,
         )
         self.decoder = decoder
         return decoder
@@ -933,7 +940,7 @@ class VARPipeline:
         """The loop: plan the models (``decodekit_scale_models``), run every scale, decode."""
         if output_type not in ("pil", "tokens"):
             raise ValueError(f"output_type must be 'pil' or 'tokens', got {output_type!r}.")
-        decoder = self.decoder_for(class_labels, **kwargs)
+        decoder = self.decoder_for(class_labels, run=run, **kwargs)
         plan = ScalePlan([self.transformer] * decoder.num_scales)
         if run is not None and run.has("decodekit_scale_models"):
             run.call("decodekit_scale_models", run=run, plan=plan)

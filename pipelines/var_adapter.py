@@ -1,0 +1,180 @@
+"""Adapter `var`: decodekit's `VARPipeline` (next-scale prediction) in YAML runs and sessions.
+
+The pipeline (``decodekit.pipelines.var``) owns its loop: at every call it
+looks up the run attached to it, runs the whole call inside
+``run.guarded_call``, asks ``decodekit_scale_models(run, plan)`` which model
+runs which scale and calls ``decodekit_scale_end`` after each scale, so
+attaching only checks that it has a transformer. The adapter's other work is
+loading a var folder (``transformer/``, ``vq/``, optional ``var.json`` with
+class names), running a YAML ``inputs`` section with one generator per row
+(`decodekit.seeds`), and saving and comparing images.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from decodekit.errors import AttachError, ConfigError, DecodekitError
+from decodekit.hookspecs import hookimpl
+from decodekit.loops import ScaleAutoregressionAdapter
+from decodekit.pipeline import MAX_PROMPTS, Inputs, Options, check_prompts
+from decodekit.pipelines.stable_diffusion import StableDiffusionAdapter
+from decodekit.pipelines.var import VARPipeline, VARTransformer
+from decodekit.seeds import row_generators
+from pydantic import Field, field_validator
+
+__all__ = ["VARAdapter", "VARInputs", "VAROptions"]
+
+MAX_SCALES = 64
+"""More per-scale values than this is surely a mistake."""
+
+
+class VARInputs(Inputs):
+    """YAML ``inputs`` of a var pipeline (the arguments of its ``__call__``)."""
+
+    prompt: int | str | list[int | str] = Field(
+        description="class ids, or class names of a folder with class_names (var.json)"
+    )
+    cfg: float = Field(1.5, ge=0.0, le=100.0, description="VAR's guidance ratio, 0 (off) .. 100")
+    temperature: float | list[float] = Field(
+        1.0, description="0 is greedy; one value or one per scale, each in [0, 100]"
+    )
+    top_k: int | None | list[int | None] = Field(
+        None, description="keep the k likeliest tokens; one value or one per scale"
+    )
+    top_p: float | None | list[float | None] = Field(
+        None, description="nucleus filtering in (0, 1]; one value or one per scale"
+    )
+    temperature_last: bool = Field(
+        True, description="temperature after top-k/top-p (VAR's order) instead of before"
+    )
+    more_smooth: bool = Field(False, description="VAR's visualisation mode (Gumbel-softmax codes)")
+    batch_size: int | None = Field(None, ge=1, le=MAX_PROMPTS)
+    """Run the prompts in batches of this many rows (None: all at once)."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v: Any) -> list[str]:
+        rows = [v] if isinstance(v, (int, str)) else list(v)
+        check_prompts(rows)
+        return [str(r) for r in rows]  # class ids as text: seeds and file names read text
+
+    @field_validator("temperature", "top_k", "top_p")
+    @classmethod
+    def _per_scale(cls, v: Any, info) -> Any:
+        values = v if isinstance(v, list) else [v]
+        if isinstance(v, list) and not 1 <= len(v) <= MAX_SCALES:
+            raise ValueError(f"one value per scale: 1 .. {MAX_SCALES} values, got {len(v)}")
+        for x in values:
+            if x is None:
+                if info.field_name == "temperature":
+                    raise ValueError("temperature must be a number >= 0 (0 is greedy)")
+                continue
+            if info.field_name == "temperature" and not 0 <= x <= 100:
+                raise ValueError(f"temperature must lie in [0, 100], got {x}")
+            if info.field_name == "top_k" and not 1 <= x <= 1_000_000:
+                raise ValueError(f"top_k must lie in [1, 1000000], got {x}")
+            if info.field_name == "top_p" and not 0 < x <= 1:
+                raise ValueError(f"top_p must lie in (0, 1], got {x}")
+        return v
+
+
+class VAROptions(Options):
+    """``pipeline.options`` of var: nothing beyond ``pipeline.dtype`` is taken from a config."""
+
+
+class VARAdapter(ScaleAutoregressionAdapter):
+    """Attach to a `VARPipeline`: its loop calls the runtime hooks itself."""
+
+    name = "var"
+    loop = "scale-autoregression"
+    Inputs = VARInputs
+    Options = VAROptions
+    description = "decodekit's VAR: class-conditional next-scale prediction over a multi-scale VQ"
+
+    def __init__(self, target: Any, run):
+        super().__init__(target, run)
+        self.pipe = target
+        self.transformer = getattr(target, "transformer", None)
+        self.vq = getattr(target, "vq", None)
+
+    @property
+    def patch_nums(self) -> tuple[int, ...]:
+        return self.pipe.patch_nums
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.pipe.patch_nums)
+
+    @property
+    def decoder(self) -> Any:
+        return self.pipe.decoder
+
+    @property
+    def step(self) -> int:
+        decoder = self.pipe.decoder
+        return decoder.forwards if decoder is not None else 0
+
+    @classmethod
+    def matches(cls, obj: Any) -> bool:
+        return isinstance(obj, VARPipeline)
+
+    def touched(self) -> list[Any]:
+        return [self.target, self.transformer]
+
+    def attach(self) -> None:
+        if not isinstance(self.transformer, VARTransformer):
+            raise AttachError(
+                "the pipeline has no transformer (pipe.transformer must be a VARTransformer)."
+            )
+
+    def detach(self) -> None:
+        """Nothing to undo: the pipeline looks up its run at every call."""
+
+    # -- YAML runs and bench -----------------------------------------------------------------
+    @classmethod
+    def load(cls, source: str, *, device: str, dtype: str, options: dict[str, Any]) -> Any:
+        from decodekit.config import check_options
+
+        check_options(cls, options)
+        try:
+            pipe = VARPipeline.from_pretrained(source, torch_dtype=getattr(torch, dtype))
+        except (ValueError, DecodekitError) as e:
+            raise ConfigError("pipeline.model", str(e)) from None
+        return pipe.to(device)
+
+    @classmethod
+    def generate(cls, target: Any, inputs: VARInputs, progress: bool = False) -> list:
+        prompts = list(inputs.prompt)
+        names = target.class_names or []
+        classes = [p if p in names or not p.isdigit() else int(p) for p in prompts]
+        size = inputs.batch_size or len(prompts)
+        # one generator per row, seeded from its prompt (decodekit.seeds), not from its index
+        generators = row_generators(inputs.seed, prompts, device=target.device.type)
+        images = []
+        for first in range(0, len(prompts), size):
+            out = target(
+                classes[first : first + size],
+                cfg=inputs.cfg,
+                top_k=inputs.top_k,
+                top_p=inputs.top_p,
+                temperature=inputs.temperature,
+                temperature_last=inputs.temperature_last,
+                more_smooth=inputs.more_smooth,
+                generator=generators[first : first + size],
+            )
+            images += out.images
+        return images
+
+    # images are saved (000-<prompt slug>.png), recorded (file, prompt, row seed) and
+    # compared (PSNR, identity, side-by-side picture) as stable-diffusion does it
+    save = StableDiffusionAdapter.save
+    records = StableDiffusionAdapter.records
+    quality = StableDiffusionAdapter.quality
+    picture = StableDiffusionAdapter.picture
+
+
+@hookimpl
+def decodekit_register_pipelines(register):
+    register(VARAdapter)
