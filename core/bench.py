@@ -21,8 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
+from .figures import (
+    draw_image_figure,
+    draw_spread,
+    draw_text_figure,
+    is_image_list,
+    is_text_rows,
+    speedup_spread,
+    spread_text,
+    strategy_label,
+)
 from .manager import PluginManager, get_manager
 from .outputs import atomic_save_image, atomic_write_text
+from .progress import Bar, Eta, bench_label
 from .session import attach
 
 
@@ -115,6 +126,7 @@ def bench(
     clock: Callable[[], float] = time.perf_counter,
     progress: bool | None = None,
     overhead: bool = False,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """Measure ``config``'s strategies against the baseline; optionally write JSON and a PNG.
 
@@ -125,28 +137,33 @@ def bench(
         png_path: where to write a picture (the adapter's side-by-side, else a bar chart).
         manager: plugin manager (default: the global one).
         clock: the timer, injectable for tests.
-        progress: show a tqdm bar (None: only on a terminal).
+        progress: show a progress bar on stderr (None: only on a terminal), labelled
+            with the config, arm and pair, with an ETA from the measured runs only.
         overhead: also measure decodekit's own cost on this pipeline
             (`decodekit.overhead.measure_overhead`), under ``overhead``.
+        label: the config's name on the bar and the picture (default: the
+            config file's name, else the model).
 
     Returns:
         A dict with ``speedup`` (median per-pair ratio), ``pair_ratios``,
-        ``ideal_speedup``, ``nfe``, ``peak_memory``, ``quality``, per-arm
-        ``baseline``/``strategy`` figures, ``strategies``, ``config`` and ``machine``.
+        ``speedup_spread`` (`decodekit.figures.speedup_spread`: median, range,
+        interval of the median and whether it contains ×1), ``ideal_speedup``, ``nfe``, ``peak_memory``, ``quality``, per-arm
+        ``baseline``/``strategy`` figures, ``strategies``, ``label``, ``config`` and ``machine``.
     """
     manager = manager or get_manager()
     repeat = config.bench.repeat if repeat is None else repeat
     if repeat < 1:
         raise ValueError(f"repeat must be at least 1, got {repeat}")
-    adapter = config.adapter
     specs = config.strategy_specs()
     config.resolve_strategies(manager)  # composition errors before the model loads
+    if label is None:
+        label = config.file.name if config.file else str(config.pipeline.model)
     target = config.load_pipeline()
 
     def run_arm(arm_specs: list[dict[str, Any]]) -> dict[str, Any]:
         return _run_arm(config, target, arm_specs, manager, clock)
 
-    arms = _alternate(run_arm, specs, config.bench.warmup, repeat, progress)
+    arms = _alternate(run_arm, specs, config.bench.warmup, repeat, Bar(0, progress), label)
     ratios = pair_ratios(
         [r["time_s"] for r in arms["baseline"]], [r["time_s"] for r in arms["strategy"]]
     )
@@ -156,6 +173,7 @@ def bench(
     result: dict[str, Any] = {
         "speedup": statistics.median(ratios),
         "pair_ratios": ratios,
+        "speedup_spread": speedup_spread(ratios),
         "ideal_speedup": strat_last["ideal"],
         "nfe": {
             "baseline": baseline["nfe"],
@@ -173,6 +191,7 @@ def bench(
         "strategies": specs,
         "repeat": repeat,
         "warmup": config.bench.warmup,
+        "label": label,
         "config": config.summary(),
         "machine": machine_info(config.device),
     }
@@ -180,7 +199,7 @@ def bench(
         from .overhead import measure_overhead
 
         result["overhead"] = measure_overhead(target)
-    _write(result, adapter, base_out, strat_out, json_path, png_path)
+    _write(result, config, base_out, strat_out, json_path, png_path)
     return result
 
 
@@ -218,26 +237,31 @@ def _alternate(
     specs: list[dict[str, Any]],
     warmup: int,
     repeat: int,
-    progress: bool | None,
+    bar: Bar,
+    label: str = "bench",
 ) -> dict[str, list[dict[str, Any]]]:
-    """Warm both arms up, then measure ``repeat`` baseline/strategy pairs in alternating order."""
-    from tqdm.auto import tqdm
+    """Warm both arms up, then measure ``repeat`` baseline/strategy pairs in alternating order.
 
+    ``bar`` shows which config, arm and pair runs; its ETA counts measured runs only.
+    """
     arms: dict[str, list[dict[str, Any]]] = {"baseline": [], "strategy": []}
     arm_specs = {"baseline": [], "strategy": specs}
-    total = warmup * 2 + repeat * 2
-    disable = None if progress is None else not progress  # None: tqdm shows it only on a terminal
-    with tqdm(total=total, desc="bench", disable=disable, leave=False) as bar:
-        for _ in range(warmup):
+    bar.total = warmup * 2 + repeat * 2
+    eta = Eta({"baseline": repeat, "strategy": repeat})
+    with bar:
+        for i in range(warmup):
             for arm in ("baseline", "strategy"):
-                run_arm(arm_specs[arm])
-                bar.update()
+                bar.show(bench_label(label, arm, i + 1, warmup, warmup=True))
+                run_arm(arm_specs[arm])  # not timed into the ETA
+                bar.advance()
         for i in range(repeat):
             # Swap the order in every other pair so neither arm always runs second.
             order = ("baseline", "strategy") if i % 2 == 0 else ("strategy", "baseline")
             for arm in order:
+                bar.show(bench_label(label, arm, i + 1, repeat))
                 arms[arm].append(run_arm(arm_specs[arm]))
-                bar.update()
+                eta.record(arm, arms[arm][-1]["time_s"])
+                bar.advance(eta=eta.seconds())
     return arms
 
 
@@ -275,23 +299,51 @@ def _quality(
 
 def _write(
     result: dict[str, Any],
-    adapter: Any,
+    config: RunConfig,
     base_out: Any,
     strat_out: Any,
     json_path: str | os.PathLike | None,
     png_path: str | os.PathLike | None,
 ) -> None:
-    """Write the JSON and the picture (the adapter's side-by-side, else a bar chart)."""
+    """Write the JSON and the picture (`draw_picture`)."""
     if json_path is not None:
         write_json(result, json_path)
     if png_path is not None:
-        Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-        drawn = bool(adapter.picture(base_out, strat_out, Path(png_path)))
-        if not drawn:
-            bar_chart(result, png_path)
-        result["picture"] = {"path": str(png_path), "kind": "adapter" if drawn else "bar-chart"}
+        kind = draw_picture(result, config, base_out, strat_out, png_path)
+        result["picture"] = {"path": str(png_path), "kind": kind}
         if json_path is not None:
             write_json(result, json_path)
+
+
+def draw_picture(
+    result: dict[str, Any],
+    config: RunConfig,
+    base_out: Any,
+    strat_out: Any,
+    path: str | os.PathLike,
+) -> str:
+    """Draw the bench picture at ``path``; returns its kind.
+
+    Images: ``image-grid``, a column per prompt and a row per arm
+    (`decodekit.figures.draw_image_figure`); text rows: ``text-samples``, the
+    texts side by side with their differences marked (`draw_text_figure`); both
+    with the strategies, speed-up, quality and the spread over pairs. Other
+    outputs: the adapter's own picture (``adapter``), else ``bar-chart``.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if is_image_list(base_out) and is_image_list(strat_out):
+        prompt = getattr(config.inputs, "prompt", None)
+        prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt or [])
+        per = int(getattr(config.inputs, "num_images_per_prompt", 1) or 1)
+        draw_image_figure(result, base_out, strat_out, [str(p) for p in prompts], path, per)
+        return "image-grid"
+    if is_text_rows(base_out) and is_text_rows(strat_out):
+        draw_text_figure(result, base_out, strat_out, path)
+        return "text-samples"
+    if config.adapter.picture(base_out, strat_out, Path(path)):
+        return "adapter"
+    bar_chart(result, path)
+    return "bar-chart"
 
 
 def machine_info(device: str) -> dict[str, Any]:
@@ -348,8 +400,14 @@ def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def bar_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Draw wall time and NFE of both arms as a PNG bar chart (PIL only)."""
+    """Draw wall time and NFE of both arms as a PNG bar chart (PIL only).
+
+    The title names the strategies with their params and the speed-up; with
+    ``pair_ratios`` in ``result`` the spread over pairs is drawn below the bars.
+    """
     from PIL import Image, ImageDraw, ImageFont
+
+    from .figures import SPREAD_H
 
     groups = [
         (
@@ -360,16 +418,15 @@ def bar_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
         ("model calls (NFE)", result["baseline"]["nfe"], result["strategy"]["nfe"]),
     ]
     w, h, margin, top = 560, 300, 30, 50
-    img = Image.new("RGB", (w, h), "white")
+    ratios = result.get("pair_ratios")
+    spread = result.get("speedup_spread") or (speedup_spread(ratios) if ratios else None)
+    img = Image.new("RGB", (w, h + (SPREAD_H if spread else 0)), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    names = ", ".join(s["name"] for s in result["strategies"]) or "no strategy"
-    draw.text(
-        (margin, 10),
-        f"baseline vs {names}: speed-up x{result['speedup']:.2f}",
-        fill="black",
-        font=font,
-    )
+    speed = spread_text(spread) if spread else f"×{result['speedup']:.2f}"
+    title = f"{result.get('label') or 'bench'}: baseline vs {strategy_label(result['strategies'])}"
+    draw.text((margin, 6), title[:90], fill="black", font=font)
+    draw.text((margin, 22), f"speed-up {speed}"[:90], fill="black", font=font)
     colors = {"baseline": (120, 120, 120), "strategy": (40, 110, 200)}
     group_w = (w - 2 * margin) // len(groups)
     bar_w = group_w // 4
@@ -390,6 +447,8 @@ def bar_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
     draw.text((margin + 14, h - 21), "baseline", fill="black", font=font)
     draw.rectangle([margin + 90, h - 20, margin + 100, h - 10], fill=colors["strategy"])
     draw.text((margin + 104, h - 21), "strategy", fill="black", font=font)
+    if spread:
+        draw_spread(draw, (margin, h, w - margin, h + SPREAD_H), ratios, spread)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_save_image(img, path)
 

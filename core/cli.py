@@ -64,6 +64,16 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress``: the bar on stderr (default: only on a terminal)."""
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show the progress bar on stderr (default: only when stderr is a terminal)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``decodekit`` command."""
     parser = argparse.ArgumentParser(
@@ -88,7 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="reuse a non-empty output folder: remove the files its previous run recorded in run.json",
     )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="prompts per pipeline call, with a progress bar over prompts (default: "
+        "inputs.batch_size where the pipeline has it, else all prompts in one call)",
+    )
     _add_threads(p)
+    _add_progress(p)
     _add_set(p)
 
     p = sub.add_parser(
@@ -116,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure decodekit's own cost (hook dispatch per model call, attach + detach)",
     )
     _add_threads(p)
+    _add_progress(p)
     _add_set(p)
 
     p = sub.add_parser("plugins", help="list installed strategies, pipelines and quality metrics")
@@ -125,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     p.add_argument("--repeat", type=int, help="baseline/strategy pairs per config")
     _add_threads(p)
+    _add_progress(p)
 
     p = sub.add_parser("zoo", help="the reference zoo of tiny models")
     zoo_sub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
@@ -226,6 +246,8 @@ _STAGES = {
     "resolve_strategies": "checking strategies",
     "build_strategies": "checking strategies",
     "prepare_output_dir": "preparing the output folder",
+    "prepare": "preparing the output folder",
+    "finish": "saving",
     "load_pipeline": "loading model",
     "load": "loading model",
     "attach": "attaching",
@@ -233,7 +255,6 @@ _STAGES = {
     "__exit__": "detaching",
     "generate": "generating",
     "save": "saving",
-    "_write_run_record": "saving",
     "bench": "benchmarking",
     "run_demo": "benchmarking",
 }
@@ -318,10 +339,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     records the config, versions, stats, timings and the files written.
     """
     import time
+    from dataclasses import replace
 
     from .config import load_config
+    from .distributed import Job, world_for
     from .manager import get_manager
-    from .outputs import prepare_output_dir, save_outputs
     from .runtime import configure_threads
     from .session import attach
 
@@ -330,95 +352,57 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"warning: plugin {line}", file=sys.stderr)
     cfg = load_config(args.config, args.overrides, trust_remote_code=args.trust_remote_code)
     cfg.resolve_strategies(manager)
+    batch_size = getattr(args, "batch_size", None)
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError("--batch-size", f"must be at least 1, got {batch_size}")
+    world = world_for(cfg.device)  # one process, or one of those accelerate/torchrun started
+    cfg = replace(cfg, device=world.device(cfg.device))
     threads = configure_threads(cfg, getattr(args, "threads", None))
     out_dir = Path(cfg.output.dir)
-    existed = out_dir.exists()
-    prepare_output_dir(out_dir, overwrite=getattr(args, "overwrite", False))
-    kept = {p.name for p in out_dir.iterdir()}  # files decodekit did not write stay untouched
-    timings: dict[str, float] = {}
+    job = Job(
+        cfg,
+        world,
+        overwrite=getattr(args, "overwrite", False),
+        batch_size=batch_size,
+        progress=getattr(args, "progress", None),
+        label=Path(args.config).name,
+    )
+    job.prepare()  # before the model loads: the folder is checked, or the run resumes
+    if job.finished:
+        return 0
+    run, load_s = None, 0.0
     try:
         t0 = time.perf_counter()
         target = cfg.load_pipeline()
-        timings["load_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        load_s = time.perf_counter() - t0
         with attach(
             target, cfg.strategy_specs(), pipeline=cfg.adapter.name, manager=manager
         ) as run:
-            outputs = cfg.adapter.generate(target, cfg.inputs, progress=sys.stderr.isatty())
-        timings["generate_s"] = time.perf_counter() - t0
+            job.generate(target, run)
     except BaseException:
-        if not existed and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # nothing was written: leave no empty folder behind
+        job.interrupted(run, load_s)
         raise
-    status = "interrupted"
-    t0 = time.perf_counter()
-    try:
-        files = save_outputs(cfg.adapter, outputs, out_dir, cfg.inputs)
-        status = "complete"
-    finally:
-        timings["save_s"] = time.perf_counter() - t0
-        _write_run_record(cfg, run, out_dir, kept, status, timings, outputs)
-    stats = run.stats
+    record = job.finish(run, load_s)
+    if record is None:
+        return 0  # not rank 0: rank 0 prints the whole run's figures
+    stats = record["stats"]
     names = ", ".join(s.name for s in run.strategies) or "none (baseline)"
     shown_threads = f"{threads} torch thread{'s' if threads != 1 else ''}"
+    if world.size > 1:
+        shown_threads += f" per process, {world.size} processes"
     print(f"{cfg.adapter.name} on {cfg.device} ({shown_threads}), strategies: {names}")
     print(
         f"  model calls: {stats['nfe']}  served by strategies: {stats['served']}  time: {stats['time_s']:.3f} s"
     )
+    last = f" (last call of {stats['calls']})" if stats.get("calls", 1) > 1 else ""
     for name, figures in stats["strategies"].items():
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in figures.items())
-        print(f"  {name}: {shown}")
+        print(f"  {name}{last}: {shown}")
     ideal = run.ideal_speedup()
     if ideal is not None:
         print(f"  FLOP-ideal speed-up: x{ideal:.2f}")
-    print(f"  wrote {len(files)} file(s) and run.json to {out_dir}")
+    print(f"  wrote {len(record['files'])} file(s) and run.json to {out_dir}")
     return 0
-
-
-def _write_run_record(
-    cfg: Any,
-    run: Any,
-    out_dir: Path,
-    kept: set[str],
-    status: str,
-    timings: dict[str, float],
-    outputs: Any = None,
-) -> None:
-    """``run.json``: the resolved config, versions, seed, stats, timings and the files written.
-
-    ``outputs`` has one row per output written (the adapter's ``records``: file,
-    prompt, row seed, and rank/score for ranked text rows).
-
-    The files are those that appeared in the folder during the run (complete ones
-    only: temporary files are never listed), so an interrupted run's record is
-    right too and ``--overwrite`` can remove them later.
-    """
-    import torch
-
-    from .outputs import RUN_RECORD, TEMP_MARK, output_records, write_run_record
-
-    files = sorted(
-        p.name
-        for p in out_dir.iterdir()
-        if p.name not in kept and p.name != RUN_RECORD and TEMP_MARK not in p.name
-    )
-    write_run_record(
-        out_dir,
-        {
-            "status": status,
-            "config": cfg.summary(),
-            "seed": cfg.inputs.seed,
-            "versions": _versions(),
-            "stats": run.stats,
-            "ideal_speedup": run.ideal_speedup(),
-            "timings_s": timings,
-            "torch_threads": torch.get_num_threads(),
-            "files": files,
-            "outputs": output_records(cfg.adapter, outputs, cfg.inputs, out_dir)
-            if outputs is not None
-            else [],
-        },
-    )
 
 
 def _versions() -> dict[str, str | None]:
@@ -471,6 +455,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         png_path=png_path,
         manager=manager,
         overhead=args.overhead,
+        progress=getattr(args, "progress", None),
+        label=Path(args.config).name,
     )
     print(format_bench(r))
     if "overhead" in r:
@@ -495,6 +481,11 @@ def format_bench(r: dict[str, Any]) -> str:
         f"speed-up: x{r['speedup']:.3f} (median of per-pair ratios)"
         + (f"   FLOP-ideal: x{r['ideal_speedup']:.3f}" if r["ideal_speedup"] else ""),
     ]
+    if r.get("speedup_spread"):
+        from .figures import spread_text
+
+        pairs = " ".join(f"x{v:.3f}" for v in r["pair_ratios"])
+        lines.append(f"per pair: {pairs}; {spread_text(r['speedup_spread'])}")
     for source, figures in r["quality"].items():
         if figures:
             lines.append(
@@ -645,7 +636,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
         raise ConfigError("--threads", f"must be at least 1, got {threads}")
-    results = run_demo(args.out, repeat=args.repeat, threads=threads)
+    results = run_demo(
+        args.out, repeat=args.repeat, threads=threads, progress=getattr(args, "progress", None)
+    )
     print(markdown_table(results), end="")
     print(f"wrote {Path(args.out) / 'README.md'} and one JSON and PNG per config")
     return 0

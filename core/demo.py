@@ -92,12 +92,21 @@ def _bytes(v: int | None) -> str:
     return f"{v / 2**20:.1f} MiB"
 
 
+def _spread(r: dict[str, Any]) -> str:
+    """``×1.61–×1.90 (75%, 3 pairs)``, with ``within noise`` when the interval holds ×1."""
+    s = r.get("speedup_spread")
+    if not s:
+        return "–"
+    noise = ", within noise" if s["within_noise"] else ""
+    return f"×{_fmt(s['low'])}–×{_fmt(s['high'])} ({s['coverage']:.0%}, {s['n']} pairs{noise})"
+
+
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     """A markdown table of bench results, one row per demo config."""
     lines = [
-        "| config | strategies | speed-up (median of pairs) | FLOP-ideal | model calls (baseline → strategy) "
-        "| peak memory (baseline / strategy) | quality |",
-        "|---|---|---|---|---|---|---|",
+        "| config | strategies | speed-up (median of pairs) | spread over pairs | FLOP-ideal "
+        "| model calls (baseline → strategy) | peak memory (baseline / strategy) | quality |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         strategies = ", ".join(s["name"] for s in r["strategies"]) or "none"
@@ -110,7 +119,8 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
             or "–"
         )
         lines.append(
-            f"| {name} | {strategies} | ×{_fmt(r['speedup'])} | {'×' + _fmt(r['ideal_speedup']) if r['ideal_speedup'] else '–'} "
+            f"| {name} | {strategies} | ×{_fmt(r['speedup'])} | {_spread(r)} "
+            f"| {'×' + _fmt(r['ideal_speedup']) if r['ideal_speedup'] else '–'} "
             f"| {nfe['baseline']} → {nfe['strategy']} | {_bytes(mem['baseline'])} / {_bytes(mem['strategy'])} "
             f"({mem['kind']}) | {quality} |"
         )
@@ -123,11 +133,14 @@ def run_demo(
     repeat: int | None = None,
     manager=None,
     threads: int | None = None,
+    progress: bool | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Bench every demo config; write ``<name>.json``, ``<name>.png`` and ``README.md`` into ``out_dir``.
 
     ``threads``: torch CPU threads for every config (default: each config's
     ``pipeline.threads``, else one on a CPU; `decodekit.runtime.set_threads`).
+    ``progress``: a bar per config on stderr, labelled with its name (None: only
+    on a terminal).
     """
     from .bench import bench
     from .config import load_config
@@ -154,6 +167,8 @@ def run_demo(
             json_path=out / f"{name}.json",
             png_path=out / f"{name}.png",
             manager=manager,
+            progress=progress,
+            label=name,
         )
     machine = next(iter(results.values()))["machine"] if results else {}
     device = machine.get("device", "–")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from decodekit.bench import PeakMemory, bar_chart, bench, pair_ratios
 from decodekit.config import load_config
+from decodekit.figures import SPREAD_H
 from PIL import Image
 
 from tests.tiny import ToyAdapter, ToyPipe, toy_config
@@ -80,7 +81,7 @@ def test_bench_reports_exact_nfe_quality_and_structure(toy, manager, tmp_path):
     assert saved["nfe"] == r["nfe"] and saved["speedup"] == r["speedup"]
     assert saved["config"]["pipeline"]["type"] == "toy" and saved["picture"]["kind"] == "bar-chart"
     with Image.open(tmp_path / "b.png") as img:
-        assert img.format == "PNG" and img.size == (560, 300)
+        assert img.format == "PNG" and img.size == (560, 300 + SPREAD_H)  # bars, then the spread
 
 
 def test_speedup_is_the_median_of_per_pair_ratios_with_an_injected_clock(toy, manager):
