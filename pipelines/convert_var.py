@@ -8,8 +8,12 @@ encoder, the ``quant_conv`` kernel, and the ``phi`` sharing from the ``quant_res
 what the weights do not say has VAR's release values unless given: the scale sides
 ``v_patch_nums`` (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), ``quant_resi`` 0.5 and squared-distance
 codes (``using_znorm`` off). The training statistic ``quantize.ema_vocab_hit_SV`` is
-dropped; any other unknown key, missing key or wrong shape is refused. Every file is read
-with ``torch.load(weights_only=True)``; the output is written to ``DST.partial`` and renamed
+dropped; any other unknown key, missing key or wrong shape is refused.
+`convert_var_transformer` reads a transformer's depth, width, classes, codebook size,
+``Cvae``, MLP ratio, ``shared_aln`` and ``attn_l2_norm`` (and then its heads) off its
+weights, checks the scale sides against its position table, drops VAR's three buffers
+and writes a `VARTransformer` folder. Every file is read with
+``torch.load(weights_only=True)``; the output is written to ``DST.partial`` and renamed
 at the end.
 """
 
@@ -26,7 +30,13 @@ from typing import Any
 import torch
 from decodekit.pipelines.convert_llada import CheckpointError
 
-__all__ = ["convert_var_cli", "convert_var_vae", "vae_config"]
+__all__ = [
+    "convert_var_cli",
+    "convert_var_transformer",
+    "convert_var_vae",
+    "vae_config",
+    "var_transformer_config",
+]
 
 _VAE_NEED = (
     "encoder.conv_in.weight",
@@ -195,6 +205,94 @@ def convert_var_vae(
     return dst
 
 
+RELEASE_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+"""The scale sides of VAR's released models."""
+
+
+def var_transformer_config(
+    state: dict[str, torch.Tensor],
+    *,
+    patch_nums: tuple[int, ...] = RELEASE_PATCH_NUMS,
+    num_heads: int | None = None,
+) -> dict[str, Any]:
+    """The `VARTransformer` arguments of a VAR transformer state dict (``var_d*.pth``).
+
+    Depth, width, classes, codebook size, ``Cvae``, MLP ratio, ``shared_aln`` and
+    ``attn_l2_norm`` are read off the weights; the heads too when ``attn_l2_norm``
+    is on (its per-head scale), else ``num_heads`` or VAR's rule (``heads = depth``).
+    ``patch_nums`` must agree with the position table and the level embedding.
+    """
+    if "quantize.embedding.weight" in state:
+        raise CheckpointError(
+            "this is the VAR VQ-VAE checkpoint (vae_ch160v4096z32.pth), not a transformer; give "
+            "it as --vae and var_d*.pth as --var."
+        )
+    missing = [k for k in (*_TRANSFORMER_KEYS, "pos_1LC", "lvl_embed.weight") if k not in state]
+    depth = _count(state, r"blocks\.(\d+)\.")
+    if missing or depth < 1:
+        raise CheckpointError(
+            "not a VAR transformer (models/var.py): it lacks "
+            + (", ".join(missing) if missing else "blocks.0")
+            + "."
+        )
+    C, cvae = state["word_embed.weight"].shape
+    hidden = state["blocks.0.ffn.fc1.weight"].shape[0] if "blocks.0.ffn.fc1.weight" in state else 0
+    scale_mul = state.get("blocks.0.attn.scale_mul_1H11")
+    heads = int(scale_mul.shape[1]) if scale_mul is not None else (num_heads or depth)
+    L, levels = state["pos_1LC"].shape[1], state["lvl_embed.weight"].shape[0]
+    if sum(p * p for p in patch_nums) != L or len(patch_nums) != levels:
+        raise CheckpointError(
+            f"the checkpoint has {levels} scales and {L} positions; patch_nums {tuple(patch_nums)} "
+            f"give {len(patch_nums)} and {sum(p * p for p in patch_nums)}: pass the sides it was "
+            "trained with (--patch-nums)."
+        )
+    return {
+        "num_classes": int(state["class_emb.weight"].shape[0]) - 1,
+        "depth": depth,
+        "embed_dim": int(C),
+        "num_heads": heads,
+        "mlp_ratio": hidden / C if hidden else 4.0,
+        "shared_aln": "blocks.0.ada_gss" in state,
+        "attn_l2_norm": scale_mul is not None,
+        "patch_nums": tuple(patch_nums),
+        "vocab_size": int(state["head.weight"].shape[0]),
+        "vae_embed_dim": int(cvae),
+    }
+
+
+def convert_var_transformer(
+    src_pth: str | os.PathLike,
+    dst_folder: str | os.PathLike,
+    *,
+    patch_nums: tuple[int, ...] = RELEASE_PATCH_NUMS,
+    num_heads: int | None = None,
+) -> Path:
+    """Write VAR's transformer checkpoint (``var_d16.pth`` ..) as a `VARTransformer` folder.
+
+    The folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors`` (float32);
+    VAR's buffers (``lvl_1L``, ``attn_bias_for_masking``, ``zero_k_bias``) are dropped,
+    anything else that does not fit is refused by name. ``dst_folder`` must not exist;
+    it is written as ``dst_folder.partial`` and renamed.
+    """
+    from decodekit.pipelines.var import VARTransformer
+
+    src, dst = Path(src_pth).expanduser(), Path(dst_folder).expanduser()
+    if dst.exists():
+        raise CheckpointError(f"{dst} exists; give a new folder to write the converted model to.")
+    state = _load_state(src, "transformer")
+    config = var_transformer_config(state, patch_nums=patch_nums, num_heads=num_heads)
+    try:
+        with torch.device("meta"):
+            model = VARTransformer(**config)
+        model = model.to_empty(device="cpu")
+        model.load_official_state_dict({k: v.float() for k, v in state.items()})
+    except ValueError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    with _writing(dst) as partial:
+        model.save_pretrained(partial)
+    return dst
+
+
 def _patch_nums(text: str) -> tuple[int, ...]:
     import argparse
 
@@ -213,7 +311,8 @@ def convert_var_cli(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="decodekit convert-var",
         description="Write VAR's released checkpoints (flat .pth state dicts) as a var folder: "
-        "the VQ-VAE under DIR/vq (config.json, model.safetensors).",
+        "the VQ-VAE under DIR/vq (config.json, model.safetensors), the transformer under "
+        "DIR/transformer (config.json, diffusion_pytorch_model.safetensors).",
     )
     ap.add_argument("--vae", help="the VQ-VAE checkpoint, e.g. vae_ch160v4096z32.pth")
     ap.add_argument("--var", help="the transformer checkpoint, e.g. var_d16.pth")
@@ -233,19 +332,34 @@ def convert_var_cli(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if not args.vae and not args.var:
         ap.error("give --vae, --var or both")
-    if args.var:
-        raise CheckpointError(
-            "converting the VAR transformer (--var) is not supported yet; convert the VQ-VAE "
-            "alone with --vae."
-        )
     out = Path(args.out).expanduser()
     with _writing(out) as partial:
-        convert_var_vae(
-            args.vae,
-            partial / "vq",
-            v_patch_nums=args.patch_nums,
-            quant_resi=args.quant_resi,
-            using_znorm=args.znorm,
-        )
-    print(f"wrote {out} (vq/: VAR VQ-VAE)")
+        if args.vae:
+            convert_var_vae(
+                args.vae,
+                partial / "vq",
+                v_patch_nums=args.patch_nums,
+                quant_resi=args.quant_resi,
+                using_znorm=args.znorm,
+            )
+        if args.var:
+            convert_var_transformer(args.var, partial / "transformer", patch_nums=args.patch_nums)
+        if args.vae and args.var:
+            _check_pair(partial)
+    parts = [("vq/: VAR VQ-VAE", args.vae), ("transformer/: VAR transformer", args.var)]
+    print(f"wrote {out} ({', '.join(p for p, given in parts if given)})")
     return 0
+
+
+def _check_pair(folder: Path) -> None:
+    """Refuse a transformer whose codebook size or ``Cvae`` is not the VQ-VAE's."""
+    import json
+
+    vq = json.loads((folder / "vq" / "config.json").read_text())
+    var = json.loads((folder / "transformer" / "config.json").read_text())
+    pairs = (("vocab_size", "vocab_size"), ("vae_embed_dim", "z_channels"))
+    wrong = [f"{a} {var[a]} vs {vq[b]}" for a, b in pairs if var[a] != vq[b]]
+    if wrong:
+        raise CheckpointError(
+            "the transformer and the VQ-VAE do not belong together: " + ", ".join(wrong) + "."
+        )

@@ -105,7 +105,7 @@ def test_cli(tmp_path, capsys):
 def test_cli_refusals(tmp_path, capsys):
     dst = tmp_path / "out"
     assert cli_main(["convert-var", "--var", str(FIXTURE / "vae.pt"), "--out", str(dst)]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+    assert "not a transformer; give it as --vae" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["convert-var", "--out", str(dst)])
     assert "give --vae, --var or both" in capsys.readouterr().err

@@ -320,3 +320,56 @@ def test_official_state_dicts_that_do_not_fit_are_named(vq):
         model.load_official_state_dict({**state, "blocks.0.ada_gss": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"embed_dim \(30\) must be divisible by num_heads \(4\)"):
         VARTransformer(embed_dim=30, num_heads=4)
+
+
+# -- decodekit convert-var: the transformer half ---------------------------------------------------
+
+
+def test_converted_transformer_folder_samples_as_var(vq, oracle, tmp_path):
+    from decodekit.pipelines.convert_var import convert_var_transformer
+
+    folder = convert_var_transformer(FIXTURE / "var.pt", tmp_path / "t", patch_nums=vq.patch_nums)
+    model = VARTransformer.from_pretrained(folder)
+    args = META["var"]["args"]
+    assert (model.config.depth, model.config.num_heads, model.config.mlp_ratio) == (
+        args["depth"],
+        args["num_heads"],
+        args["mlp_ratio"],
+    )
+    assert model.config.attn_l2_norm and not model.config.shared_aln
+    out = VARPipeline(model, vq)(META["var"]["labels"], cfg=3.0, temperature=0)
+    for si, tokens in enumerate(out.token_maps):
+        assert torch.equal(tokens, oracle[f"var.cfg3.tokens.{si}"])
+
+
+def test_convert_var_cli_writes_a_var_folder(vq, oracle, tmp_path, capsys):
+    from decodekit.cli import main
+
+    pns = ",".join(str(p) for p in vq.patch_nums)
+    argv = ["convert-var", "--vae", str(FIXTURE / "vae.pt"), "--var", str(FIXTURE / "var.pt")]
+    assert main([*argv, "--out", str(tmp_path / "m"), "--patch-nums", pns]) == 0
+    assert "transformer/: VAR transformer" in capsys.readouterr().out
+    pipe = VARPipeline.from_pretrained(tmp_path / "m")
+    out = pipe(META["var"]["labels"], cfg=0.0, temperature=0, output_type="tokens")
+    for si, tokens in enumerate(out.token_maps):
+        assert torch.equal(tokens, oracle[f"var.cfg0.tokens.{si}"])
+
+
+def test_convert_var_transformer_refusals(tmp_path):
+    from decodekit.pipelines.convert_llada import CheckpointError
+    from decodekit.pipelines.convert_var import convert_var_transformer, var_transformer_config
+
+    state = torch.load(FIXTURE / "var_shared.pt", weights_only=True)
+    with pytest.raises(CheckpointError, match=r"4 scales and 39 positions; patch_nums \(1, 2\)"):
+        var_transformer_config(state, patch_nums=(1, 2))
+    config = var_transformer_config(state, patch_nums=(1, 2, 3, 5), num_heads=4)
+    assert config["shared_aln"] and not config["attn_l2_norm"] and config["num_heads"] == 4
+    assert var_transformer_config(state, patch_nums=(1, 2, 3, 5))["num_heads"] == 2  # VAR's rule
+    with pytest.raises(CheckpointError, match=r"lacks pos_start"):
+        var_transformer_config({k: v for k, v in state.items() if k != "pos_start"})
+    bad = dict(state)
+    bad["blocks.1.ffn.fc2.bias"] = torch.zeros(5)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"shape: blocks.1.ffn.fc2.bias \(5,\)"):
+        convert_var_transformer(tmp_path / "bad.pt", tmp_path / "out", patch_nums=(1, 2, 3, 5))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
