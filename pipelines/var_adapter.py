@@ -12,6 +12,7 @@ class names), running a YAML ``inputs`` section with one generator per row
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -28,6 +29,9 @@ __all__ = ["VARAdapter", "VARInputs", "VAROptions"]
 
 MAX_SCALES = 64
 """More per-scale values than this is surely a mistake."""
+
+CLASS_ID = re.compile(r"class \d+")
+"""How a class id given in YAML is labelled (row seeds, file names), as ar-image labels it."""
 
 
 class VARInputs(Inputs):
@@ -53,12 +57,21 @@ class VARInputs(Inputs):
     batch_size: int | None = Field(None, ge=1, le=MAX_PROMPTS)
     """Run the prompts in batches of this many rows (None: all at once)."""
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompts(cls, v: Any) -> Any:
+        rows = [v] if not isinstance(v, list) else v
+        if any(isinstance(r, bool) for r in rows):
+            raise ValueError("a class is an int id or a class name, not a boolean")
+        return v
+
     @field_validator("prompt")
     @classmethod
-    def _prompts(cls, v: Any) -> list[str]:
+    def _labels(cls, v: Any) -> list[str]:
         rows = [v] if isinstance(v, (int, str)) else list(v)
         check_prompts(rows)
-        return [str(r) for r in rows]  # class ids as text: seeds and file names read text
+        # class ids as "class N", as ar-image labels them: row seeds and file names read text
+        return [r if isinstance(r, str) else f"class {r}" for r in rows]
 
     @field_validator("temperature", "top_k", "top_p")
     @classmethod
@@ -148,7 +161,7 @@ class VARAdapter(ScaleAutoregressionAdapter):
     def generate(cls, target: Any, inputs: VARInputs, progress: bool = False) -> list:
         prompts = list(inputs.prompt)
         names = target.class_names or []
-        classes = [p if p in names or not p.isdigit() else int(p) for p in prompts]
+        classes = [int(p[6:]) if p not in names and CLASS_ID.fullmatch(p) else p for p in prompts]
         size = inputs.batch_size or len(prompts)
         # one generator per row, seeded from its prompt (decodekit.seeds), not from its index
         generators = row_generators(inputs.seed, prompts, device=target.device.type)

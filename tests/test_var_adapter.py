@@ -153,7 +153,7 @@ def test_adapter_loads_runs_saves_and_compares(pipe, tmp_path):
     inputs = VARInputs(
         prompt=[CLASSES[0], 2, "a blue square"], cfg=1.5, top_k=5, seed=3, batch_size=2
     )
-    assert inputs.prompt == [CLASSES[0], "2", CLASSES[1]]
+    assert inputs.prompt == [CLASSES[0], "class 2", CLASSES[1]]
     images = VARAdapter.generate(loaded, inputs)
     assert len(images) == 3 and images[0].size == (6, 6)
     # rows seeded from their prompt: the same prompt gives the same image anywhere in the list
@@ -179,6 +179,7 @@ def test_adapter_loads_runs_saves_and_compares(pipe, tmp_path):
         {"prompt": []},
         {"batch_size": 0},
         {"guidance_scale": 3},
+        {"prompt": [True]},
     ],
 )
 def test_inputs_out_of_range_are_refused(bad):
