@@ -373,3 +373,21 @@ def test_convert_var_transformer_refusals(tmp_path):
     with pytest.raises(CheckpointError, match=r"shape: blocks.1.ffn.fc2.bias \(5,\)"):
         convert_var_transformer(tmp_path / "bad.pt", tmp_path / "out", patch_nums=(1, 2, 3, 5))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_convert_var_cli_var_alone_and_a_mismatched_pair(vq, tmp_path, capsys):
+    from decodekit.cli import main
+
+    pns = ",".join(str(p) for p in vq.patch_nums)
+    var = str(FIXTURE / "var.pt")
+    assert (
+        main(["convert-var", "--var", var, "--out", str(tmp_path / "t"), "--patch-nums", pns]) == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["transformer"]
+    state = torch.load(FIXTURE / "var.pt", weights_only=True)
+    state["head.weight"], state["head.bias"] = state["head.weight"][:-1], state["head.bias"][:-1]
+    torch.save(state, tmp_path / "v31.pt")
+    argv = ["convert-var", "--vae", str(FIXTURE / "vae.pt"), "--var", str(tmp_path / "v31.pt")]
+    assert main([*argv, "--out", str(tmp_path / "m"), "--patch-nums", pns]) == 2
+    assert "do not belong together: vocab_size 31 vs 32" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
