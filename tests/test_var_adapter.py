@@ -185,3 +185,24 @@ def test_adapter_loads_runs_saves_and_compares(pipe, tmp_path):
 def test_inputs_out_of_range_are_refused(bad):
     with pytest.raises(ValidationError):
         VARInputs(**{"prompt": [0], **bad})
+
+
+def test_decodekit_run_and_bench_from_yaml(pipe, tmp_path, capsys):
+    import json
+
+    import yaml
+    from decodekit.cli import main
+
+    pipe.save_pretrained(tmp_path / "m")
+    config = {
+        "pipeline": {"type": "var", "model": str(tmp_path / "m"), "dtype": "float64"},
+        "inputs": {"prompt": ["a blue square", 0], "cfg": 2.0, "top_k": [4, 6, 8], "seed": 1},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "c.yaml")]) == 0
+    assert "model calls: 3" in capsys.readouterr().out  # one forward per scale, both rows at once
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert [o["file"] for o in run["outputs"]] == ["000-a-blue-square.png", "001-class-0.png"]
+    assert main(["bench", str(tmp_path / "c.yaml"), "--repeat", "1"]) == 0
+    assert "identical" in capsys.readouterr().out  # no strategy: the baseline's images again
