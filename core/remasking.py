@@ -105,7 +105,7 @@ def get_remasking_policy(
 
     Args:
         policy: a registered name (``"low-confidence"``, ``"random"``, ``"margin"``,
-            ``"entropy"``, ``"threshold"``) or a `RemaskingPolicy` instance.
+            ``"entropy"``, ``"threshold"``, ``"factor"``) or a `RemaskingPolicy` instance.
         path: the config key path named in errors.
         **params: the policy's parameters (``threshold=0.9`` for ``"threshold"``).
 
@@ -384,6 +384,47 @@ class ThresholdRemasking(RemaskingPolicy):
 
     def __repr__(self) -> str:
         return f"ThresholdRemasking(threshold={self.threshold})"
+
+
+@register_remasking_policy
+class FactorRemasking(ThresholdRemasking):
+    """Factor-based parallel decoding (Fast-dLLM, arXiv:2505.22618, its ``factor`` rule).
+
+    Each row sorts its eligible positions by the predicted token's probability,
+    ``c_1 >= c_2 >= ...``, and commits the first ``n`` of them, where ``n`` is
+    how many lead the order with ``c_i >= 1 - factor / (i + 1)`` (the first
+    always counts): a step commits more tokens the more confident they are.
+    As in the reference code (``get_transfer_index_dynamic``), when only the
+    last eligible position fails the rule it is committed too, so a row with
+    two masks left commits both. ``num_transfer`` is ignored.
+
+    Attributes:
+        factor: float > 0 (the paper's runs use 1).
+    """
+
+    name = "factor"
+    needs_num_transfer = False
+
+    def __init__(self, factor: float = 1.0):
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(f"factor must be a number > 0, got {factor!r}.")
+        self.factor = float(factor)
+
+    def select(self, confidence, eligible, num_transfer):
+        """The leading positions of each row's confidence order that pass the factor rule."""
+        scores = confidence.masked_fill(~eligible, -math.inf)
+        values, order = scores.sort(dim=-1, descending=True, stable=True)  # (B, L)
+        rank = torch.arange(1, scores.shape[-1] + 1, device=scores.device, dtype=values.dtype)
+        passes = values >= 1 - self.factor / (rank + 1)  # (B, L)
+        passes[:, 0] = True
+        count = passes.long().cumprod(dim=-1).sum(dim=-1)  # (B,) leading passes
+        masked = eligible.sum(dim=-1)  # (B,)
+        count = torch.where(count == masked - 1, masked, torch.minimum(count, masked))
+        chosen = rank[None, :] <= count[:, None]  # (B, L) in sorted order
+        return torch.zeros_like(eligible).scatter(-1, order, chosen) & eligible
+
+    def __repr__(self) -> str:
+        return f"FactorRemasking(factor={self.factor})"
 
 
 def transfer_count_schedule(num_masked: int | Sequence[int] | Tensor, steps: int) -> Tensor:

@@ -74,7 +74,8 @@ def _dkv_attention(module, query, key, value, attention_mask, scaling=None, drop
     owner = _OWNERS.get(id(module))
     if owner is None or owner._ctx is None:
         raise RuntimeError(
-            "this model's attention is driven by the dkv-cache strategy while it is attached; "
+            f"this model's attention is driven by decodekit's {ATTN_NAME} cache (dkv-cache or "
+            "block-cache) while it is attached; "
             "call the model through its pipeline, or detach the strategy (leave the `with` "
             "block) to call it directly."
         )
@@ -179,25 +180,25 @@ class DKVCache(Strategy):
     def on_attach(self, run) -> None:
         model = run.adapter.model
         if not isinstance(model, torch.nn.Module):
-            raise AttachError("dkv-cache needs the pipeline's model (adapter.model) to hook.")
+            raise AttachError(f"{self.name} needs the pipeline's model (adapter.model) to hook.")
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
         if model_type == "llada":
             raise AttachError(
-                f"dkv-cache cannot hook LLaDA's own modeling code ({type(model).__name__}, "
+                f"{self.name} cannot hook LLaDA's own modeling code ({type(model).__name__}, "
                 "trust_remote_code). Its block is a Llama block: convert the checkpoint once "
                 "with `decodekit convert-llada SRC DST` and load DST with "
                 "AutoModelForCausalLM.from_pretrained(DST)."
             )
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise AttachError(
-                f"dkv-cache hooks the attention of {', '.join(SUPPORTED_MODEL_TYPES)} models "
+                f"{self.name} hooks the attention of {', '.join(SUPPORTED_MODEL_TYPES)} models "
                 f"(transformers); {type(model).__name__} (model_type={model_type!r}) is not "
-                "supported. Use one of those families, or run without dkv-cache."
+                f"supported. Use one of those families, or run without {self.name}."
             )
         if getattr(config, "is_causal", True):
             raise AttachError(
-                f"dkv-cache needs a bidirectional model, but {type(model).__name__} has "
+                f"{self.name} needs a bidirectional model, but {type(model).__name__} has "
                 "config.is_causal=True (causal attention); masked diffusion LMs set "
                 "config.is_causal = False."
             )
@@ -205,7 +206,7 @@ class DKVCache(Strategy):
             model_type == "mistral" and getattr(config, "sliding_window", None)
         ):
             raise AttachError(
-                "dkv-cache does not support sliding-window attention; set sliding_window=None."
+                f"{self.name} does not support sliding-window attention; set sliding_window=None."
             )
         modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
         if not modules:
@@ -215,11 +216,12 @@ class DKVCache(Strategy):
         for m in modules:
             if id(m) in _OWNERS:
                 raise AttachError(
-                    "this model's attention is already hooked by another dkv-cache run."
+                    f"this model's attention is already hooked by another "
+                    f"{_OWNERS[id(m)].name} run."
                 )
         if not hasattr(model, "set_attn_implementation"):
             raise AttachError(
-                "dkv-cache switches the attention of a transformers PreTrainedModel; "
+                f"{self.name} switches the attention of a transformers PreTrainedModel; "
                 f"{type(model).__name__} has no set_attn_implementation."
             )
         _register_attention()
@@ -231,7 +233,7 @@ class DKVCache(Strategy):
             raise AttachError(
                 f"{type(model).__name__} did not switch its attention implementation "
                 f"({type(unswitched[0]).__name__} still uses "
-                f"{compat.attn_implementation(unswitched[0])!r}); dkv-cache cannot hook it."
+                f"{compat.attn_implementation(unswitched[0])!r}); {self.name} cannot hook it."
             )
         for m in modules:
             _OWNERS[id(m)] = self
@@ -259,6 +261,11 @@ class DKVCache(Strategy):
 
     def stats(self) -> dict[str, Any]:
         return dict(self._stats)
+
+    @property
+    def _commit_delay(self) -> int:
+        """Steps between decoding a token and reusing its K/V (`PositionalKVCache`)."""
+        return self.params.commit_delay
 
     def ideal_speedup(self, run) -> float | None:
         """Ratio of the tokens a full forward computes to the tokens this cache computed."""
@@ -290,22 +297,7 @@ class DKVCache(Strategy):
         stored = (
             _pad_cols(cache.key_mask(0), length) if cache.length(0) else torch.zeros_like(valid)
         )
-        p = self.params
-        refresh = p.variant != "prefill" and (
-            block_step % p.refresh_interval == 0 or block_step < p.block_refresh_steps
-        )
-        prompt = _pad_cols(self._prompt, length)
-        if p.variant == "prefill":
-            fed = ~prompt
-        elif refresh:
-            fed = ~prompt if p.variant == "pd" else torch.ones_like(valid)
-        elif p.variant == "greedy":
-            near = _dilate(self._just_decoded, p.window) & mask_index
-            fed = self._just_decoded | near
-        else:  # decode, pd
-            # Every forward stores the same positions in every layer, so layer 0 speaks for all.
-            reusable = cache.reusable(step, layer=0) if cache.length(0) else None
-            fed = ~_pad_cols(reusable, length) if reusable is not None else torch.ones_like(valid)
+        fed, refresh = self._positions(step, block_step, mask_index, valid, logits_window)
         fed = (fed | need_logits.bool() | ~stored) & valid  # (B, L)
         self._stats["steps"] += 1
         self._stats["refreshes"] += int(refresh)
@@ -316,6 +308,38 @@ class DKVCache(Strategy):
         self._stats["tokens_full"] += batch * length
         return logits, computed
 
+    def _positions(
+        self,
+        step: int,
+        block_step: int,
+        mask_index: torch.Tensor,
+        valid: torch.Tensor,
+        logits_window: tuple[int, int],
+    ) -> tuple[torch.Tensor, bool]:
+        """The positions to recompute this step ``(B, L)`` bool, and whether it is a refresh.
+
+        The positions whose logits are read and those never computed are added by the caller.
+        """
+        p = self.params
+        length = valid.shape[1]
+        refresh = p.variant != "prefill" and (
+            block_step % p.refresh_interval == 0 or block_step < p.block_refresh_steps
+        )
+        prompt = _pad_cols(self._prompt, length)
+        if p.variant == "prefill":
+            return ~prompt, False
+        if refresh:
+            return (~prompt if p.variant == "pd" else torch.ones_like(valid)), True
+        if p.variant == "greedy":
+            near = _dilate(self._just_decoded, p.window) & mask_index
+            return self._just_decoded | near, False
+        # decode, pd: every forward stores the same positions in every layer, so layer 0
+        # speaks for all
+        cache = self.cache
+        reusable = cache.reusable(step, layer=0) if cache.length(0) else None
+        fed = ~_pad_cols(reusable, length) if reusable is not None else torch.ones_like(valid)
+        return fed, False
+
     # ------------------------------------------------------------------ internals
     def _track(
         self, x: torch.Tensor, mask_index: torch.Tensor, valid: torch.Tensor, step: int
@@ -323,7 +347,7 @@ class DKVCache(Strategy):
         """Record which positions got (new) tokens since the last forward, and when."""
         prev = self._prev_x
         if prev is None or prev.shape[0] != x.shape[0]:
-            self.cache = PositionalKVCache(self.num_layers, commit_delay=self.params.commit_delay)
+            self.cache = PositionalKVCache(self.num_layers, commit_delay=self._commit_delay)
             self._prompt = ~mask_index & valid  # (B, L)
             self.cache.mark_decoded(self._prompt, -1)
             self._just_decoded = torch.zeros_like(mask_index)

@@ -9,6 +9,10 @@ sampler's ``threshold`` remasking policy; this strategy installs it through
 strategy such as ``dkv-cache`` in one strategies list. The same rule is
 available without a strategy as the pipeline's ``remasking="threshold"``.
 
+``factor`` switches to the paper's factor-based rule (`decodekit.remasking.FactorRemasking`,
+also the pipeline's ``remasking="factor"``): the more confident the leading
+positions, the more of them commit in one step.
+
 Measured results: docs/benchmarks.md (section dkv-cache, "dkv-cache + threshold").
 """
 
@@ -17,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from decodekit.hookspecs import hookimpl
-from decodekit.remasking import ThresholdRemasking
+from decodekit.remasking import FactorRemasking, ThresholdRemasking
 from decodekit.strategy import Params, Strategy
 from pydantic import Field
 
@@ -31,6 +35,14 @@ class ParallelThresholdParams(Params):
         description="Commit every masked position of the current block whose predicted-token "
         "probability is >= threshold, and always the most confident one (Fast-dLLM: 0.9); "
         "above 1 commits exactly one token per step.",
+    )
+    factor: float | None = Field(
+        None,
+        gt=0.0,
+        le=1000.0,
+        description="Use Fast-dLLM's factor rule instead of the threshold: commit the n most "
+        "confident masked positions of the block, n the longest lead of the confidence order "
+        "with c_i >= 1 - factor / (i + 1) (the paper's runs: 1). None: the threshold rule.",
     )
 
 
@@ -48,7 +60,10 @@ class ParallelThreshold(Strategy):
 
     def __init__(self, params=None, *, path: str = "params", **kwargs):
         super().__init__(params, path=path, **kwargs)
-        self.policy = ThresholdRemasking(self.params.threshold)
+        p = self.params
+        self.policy = (
+            ThresholdRemasking(p.threshold) if p.factor is None else FactorRemasking(p.factor)
+        )
         self.reset(None)
 
     def reset(self, run) -> None:

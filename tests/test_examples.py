@@ -33,3 +33,10 @@ def test_dkv_cache_fewshot_prompts_are_the_documented_ones(manager):
     assert config.inputs.batch_size == 8
     # the bench's accuracy metric reads every prompt's expected answer
     assert all(a in arith_answer_forms(p) for p, a in problems)
+
+
+def test_block_cache_prompts_are_the_documented_ones(manager):
+    from decodekit.pipelines.zoo.arith_data import held_out_few_shot
+
+    config = load_config(EXAMPLES / "block-cache.yaml", manager=manager)
+    assert config.inputs.prompt == [p for p, _ in held_out_few_shot(16, 32, padded=True)]

@@ -8,6 +8,7 @@ from decodekit.errors import ConfigError, UnknownNameError
 from decodekit.remasking import (
     REMASKING_POLICIES,
     EntropyRemasking,
+    FactorRemasking,
     LowConfidenceRemasking,
     MarginRemasking,
     RemaskingPolicy,
@@ -112,7 +113,7 @@ def test_every_policy_respects_counts_region_and_committed_tokens(name, temperat
     assert torch.equal(step.x[~step.committed], x[~step.committed])
     assert torch.equal(step.x[step.committed], step.predicted[step.committed])
     assert bool((step.x[step.committed] != MASK_ID).all())
-    if name == "threshold":
+    if not policy.needs_num_transfer:  # threshold, factor: at least the top one per row
         assert bool((step.committed.sum(-1) >= 1).all())
     else:
         assert step.committed.sum(-1).tolist() == counts.tolist()
@@ -124,6 +125,51 @@ def test_threshold_above_one_commits_exactly_one_per_row():
     assert step.committed.sum(-1).tolist() == [1] * 6
     chosen = step.confidence.argmax(-1)
     assert bool(step.committed[torch.arange(6), chosen].all())
+
+
+def reference_factor_count(confidences: list[float], factor: float) -> int:
+    """How many positions Fast-dLLM's get_transfer_index_dynamic commits, as its loop decides."""
+    ordered = sorted(confidences, reverse=True)
+    bars = [-1.0] + [1 - factor / (n + 1) for n in range(2, len(ordered) + 1)]
+    stop = 0
+    for stop in range(len(bars)):
+        if ordered[stop] < bars[stop]:
+            break
+    return stop + 1 if stop in (0, len(bars) - 1) else stop
+
+
+@pytest.mark.parametrize(
+    ("confidences", "factor", "expected"),
+    [
+        ([0.99, 0.98, 0.97, 0.2, 0.1], 1.0, 3),  # 0.97 >= 1 - 1/4; 0.2 < 1 - 1/5
+        ([0.99, 0.6, 0.5, 0.4], 1.0, 1),  # 0.6 < 1 - 1/3
+        ([0.99, 0.6, 0.45, 0.4], 2.0, 2),  # 0.6 >= 1 - 2/3, 0.45 < 1 - 2/4
+        ([0.3, 0.2], 1.0, 2),  # the reference commits the last one when only it fails
+        ([0.3], 1.0, 1),
+        ([0.99, 0.99, 0.99], 1.0, 3),
+    ],
+)
+def test_factor_rule_counts_as_fast_dllm_does(confidences, factor, expected):
+    assert reference_factor_count(confidences, factor) == expected
+    conf = torch.tensor([confidences + [0.0] * (6 - len(confidences))], dtype=torch.float64)
+    eligible = torch.arange(6)[None] < len(confidences)
+    chosen = FactorRemasking(factor).select(conf, eligible, None)
+    assert int(chosen.sum()) == expected
+    top = conf[0, : len(confidences)].argsort(descending=True)[:expected]
+    assert bool(chosen[0, top].all())
+
+
+def test_factor_rule_matches_the_reference_loop_on_random_rows():
+    gen = seeded(11)
+    for _ in range(200):
+        n = int(torch.randint(1, 10, (1,), generator=gen))
+        conf = (torch.rand(n, generator=gen, dtype=torch.float64) ** 0.3).tolist()
+        factor = float(torch.rand(1, generator=gen)) * 3 + 0.1
+        row = torch.tensor([conf + [0.5] * (10 - n)], dtype=torch.float64)
+        eligible = torch.arange(10)[None] < n
+        chosen = FactorRemasking(factor).select(row, eligible, None)
+        assert int(chosen.sum()) == reference_factor_count(conf, factor)
+        assert not bool((chosen & ~eligible).any())
 
 
 def test_random_policy_is_uniform_over_eligible_positions():
@@ -194,7 +240,8 @@ def test_remasking_errors_are_clear():
 
 
 def test_registry_has_the_five_policies_and_accepts_new_ones():
-    assert {"low-confidence", "random", "margin", "entropy", "threshold"} <= set(REMASKING_POLICIES)
+    names = {"low-confidence", "random", "margin", "entropy", "threshold", "factor"}
+    assert names <= set(REMASKING_POLICIES)
     assert isinstance(get_remasking_policy("margin"), MarginRemasking)
     instance = EntropyRemasking()
     assert get_remasking_policy(instance) is instance
