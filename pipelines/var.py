@@ -934,6 +934,7 @@ class VARPipeline:
         self.decoder = decoder
         return decoder
 
+    @torch.no_grad()
     def generate(
         self, class_labels: Any, *, run: Any = None, output_type: str = "pil", **kwargs: Any
     ) -> VAROutput:

@@ -391,3 +391,22 @@ def test_convert_var_cli_var_alone_and_a_mismatched_pair(vq, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "m"), "--patch-nums", pns]) == 2
     assert "do not belong together: vocab_size 31 vs 32" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
+
+
+def test_generate_keeps_no_autograd_graph_and_teacher_forcing_does(pipes, oracle):
+    pipe = pipes["var"]
+    model, grad_modes = pipe.transformer, []
+    forward = model.logits_for_scales
+
+    def recording(*args, **kwargs):
+        grad_modes.append(torch.is_grad_enabled())
+        return forward(*args, **kwargs)
+
+    model.logits_for_scales = recording
+    try:
+        pipe.generate(META["var"]["labels"], cfg=3.0, temperature=0, output_type="tokens")
+    finally:
+        del model.logits_for_scales
+    assert grad_modes == [False] * 4
+    logits, _ = pipe.teacher_forced(oracle["var.tf_labels"], rnd_maps(oracle))
+    assert logits.requires_grad  # a trainer's loss backpropagates into the transformer
