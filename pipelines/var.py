@@ -217,7 +217,10 @@ class AdaLNBeforeHead(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.C).unbind(2)  # (B, 1, C) each
+        # in x's dtype (float32 at least, as VAR runs its head) whatever the weights' dtype
+        lin, dtype = self.ada_lin[1], x.dtype
+        mod = F.linear(F.silu(cond.to(dtype)), lin.weight.to(dtype), lin.bias.to(dtype))
+        scale, shift = mod.view(-1, 1, 2, self.C).unbind(2)  # (B, 1, C) each
         return self.ln_wo_grad(x).mul(scale.add(1)).add(shift)
 
 
@@ -390,7 +393,7 @@ class VARTransformer(ModelMixin, ConfigMixin):
         if cache is not None:
             cache.lengths += [p * p for p in self.patch_nums[first:last]]
         work = torch.promote_types(x.dtype, torch.float32)  # VAR computes the head in float32
-        h = self.head_nm(x.to(work), class_emb.to(work))
+        h = self.head_nm(x.to(work), class_emb)
         return F.linear(h, self.head.weight.to(work), self.head.bias.to(work))  # (B, l, V)
 
     def forward(self, class_labels: Tensor, teacher_inputs: Tensor | None) -> Tensor:
@@ -740,7 +743,8 @@ class VARPipeline:
                 **config,
             )
         dtype = next(vq.parameters()).dtype
-        return cls(transformer.to(dtype), vq, class_names)
+        nn.Module.to(transformer, dtype)  # ModelMixin.to warns about float32 modules it has none of
+        return cls(transformer, vq, class_names)
 
     @classmethod
     def from_pretrained(
@@ -755,16 +759,13 @@ class VARPipeline:
                 f"{folder} is not a var folder: it needs transformer/ and vq/ "
                 "(`decodekit convert-var` writes one from VAR's released checkpoints)."
             )
-        transformer = VARTransformer.from_pretrained(folder / "transformer")
-        vq = MultiScaleVQVAE.from_pretrained(folder / "vq")
+        dtype = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        transformer = VARTransformer.from_pretrained(folder / "transformer", **dtype)
+        vq = MultiScaleVQVAE.from_pretrained(folder / "vq", dtype=torch_dtype)
         names = None
         if (folder / CONFIG_NAME).is_file():
             names = json.loads((folder / CONFIG_NAME).read_text()).get("class_names")
-        pipe = cls(transformer, vq, names)
-        if torch_dtype is not None:
-            pipe.transformer.to(torch_dtype)
-            pipe.vq.to(torch_dtype)
-        return pipe
+        return cls(transformer, vq, names)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the folder `from_pretrained` reads."""

@@ -410,3 +410,18 @@ def test_generate_keeps_no_autograd_graph_and_teacher_forcing_does(pipes, oracle
     assert grad_modes == [False] * 4
     logits, _ = pipe.teacher_forced(oracle["var.tf_labels"], rnd_maps(oracle))
     assert logits.requires_grad  # a trainer's loss backpropagates into the transformer
+
+
+def test_a_bfloat16_folder_samples_with_a_float32_head(pipes, tmp_path):
+    pipes["var"].save_pretrained(tmp_path / "m")
+    pipe = VARPipeline.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16)
+    assert next(pipe.transformer.parameters()).dtype == torch.bfloat16
+    assert next(pipe.vq.parameters()).dtype == torch.bfloat16
+    out = pipe([0, 3], cfg=2.0, top_k=5, generator=[torch.Generator().manual_seed(0)] * 2)
+    assert out.f_hat.dtype == torch.bfloat16 and len(out.images) == 2
+    labels = torch.tensor([1, 2])
+    inputs = pipe.vq.teacher_inputs([m[:2] for m in out.token_maps])
+    logits = pipe.transformer(labels, inputs)
+    want = pipes["var"].transformer(labels, inputs.float())
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, want, rtol=0, atol=0.1)  # bfloat16 weights and blocks
