@@ -133,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also measure decodekit's own cost (hook dispatch per model call, attach + detach)",
     )
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="bench every value of a strategy param against one baseline (a Pareto bench: "
+        "speed-up against fidelity); KEY is a --set path under strategies. Repeatable: "
+        "every combination. Writes OUTPUT_DIR/sweep.json, .md and .png unless --json/--png say.",
+    )
     _add_threads(p)
     _add_progress(p)
     _add_set(p)
@@ -492,6 +501,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     manager = get_manager()
     if args.repeat is not None and args.repeat < 1:
         raise ConfigError("--repeat", f"must be at least 1, got {args.repeat}")
+    if getattr(args, "sweep", None):
+        return cmd_sweep(args, cfg, manager)
     configure_threads(cfg, getattr(args, "threads", None))
     out_dir = Path(cfg.output.dir)
     json_path = args.json_path or out_dir / "bench.json"
@@ -511,6 +522,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in r["overhead"].items())
         print(f"decodekit overhead: {shown}")
     print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, cfg: Any, manager: Any) -> int:
+    """``bench --sweep``: every sweep point against one baseline; JSON, markdown table and PNG."""
+    from .runtime import configure_threads
+    from .sweep import sweep_bench, sweep_table
+
+    if args.overhead:
+        raise ConfigError("--overhead", "cannot be combined with --sweep; bench one point for it")
+    configure_threads(cfg, getattr(args, "threads", None))
+    out_dir = Path(cfg.output.dir)
+    json_path = Path(args.json_path or out_dir / "sweep.json")
+    png_path = args.png_path or out_dir / "sweep.png"
+    r = sweep_bench(
+        cfg,
+        args.sweep,
+        repeat=args.repeat,
+        manager=manager,
+        json_path=json_path,
+        png_path=png_path,
+        markdown_path=json_path.with_suffix(".md"),
+        progress=getattr(args, "progress", None),
+        label=Path(args.config).name,
+    )
+    print(sweep_table(r), end="")
+    print(f"wrote {json_path}, {json_path.with_suffix('.md')} and {png_path}")
     return 0
 
 

@@ -1,0 +1,360 @@
+"""A Pareto bench: every point of a strategy-param sweep against one baseline, in one run.
+
+``decodekit bench CONFIG --sweep strategies.0.params.X=a,b,c`` (repeatable: the
+points are every combination) loads the pipeline once, and in each pair runs the
+baseline once and every point once, in an order that rotates from pair to pair.
+Each point gets the median of its per-pair ratios to that pair's baseline time,
+its spread, its model calls and its quality against the baseline; its
+*fidelity* is the judge's Fréchet distance to the baseline where the config's
+outputs have a judge (lower is better), else the PSNR to the baseline for images,
+else the token agreement for text (higher is better). A point is *dominated*
+when another is at least as fast and at least as faithful, and better in one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .bench import _quality, _run_arm, machine_info, write_json
+from .config import RunConfig, load_config
+from .demo import _fmt
+from .errors import ConfigError
+from .figures import speedup_spread
+from .manager import PluginManager, get_manager
+from .outputs import atomic_save_image, atomic_write_text
+from .progress import Bar, Eta, bench_label
+
+# (key in the quality figures, what it is called, whether higher is better), in order of preference
+FIDELITY = [
+    ("judge_frechet_to_baseline", "judge Fréchet to the baseline", False),
+    ("psnr", "PSNR to the baseline (dB)", True),
+    ("token_agreement", "token agreement with the baseline", True),
+]
+
+
+def parse_sweep(text: str) -> tuple[str, list[Any]]:
+    """``strategies.0.params.X=a,b,c`` → ``("strategies.0.params.X", [a, b, c])`` (values as YAML).
+
+    Only strategy paths can be swept: the baseline (pipeline, inputs) is the same
+    for every point.
+    """
+    import yaml
+
+    key, sep, values = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not values.strip():
+        raise ConfigError("--sweep", f"expected KEY=V1,V2,... got {text!r}")
+    if not key.startswith("strategies."):
+        raise ConfigError(
+            "--sweep",
+            f"{key!r}: only strategy paths can be swept (strategies.N.params.NAME); the "
+            "baseline must stay the same for every point. Use --set for other keys.",
+        )
+    parsed = []
+    for v in values.split(","):
+        try:
+            parsed.append(yaml.safe_load(v.strip()))
+        except yaml.YAMLError as e:
+            raise ConfigError("--sweep", f"{key}: cannot read value {v!r}: {e}") from None
+    return key, parsed
+
+
+def sweep_points(sweeps: list[str]) -> list[dict[str, Any]]:
+    """Every combination of the sweeps' values, as ``{path: value}`` (first sweep varies slowest)."""
+    parsed = [parse_sweep(s) for s in sweeps]
+    keys = [k for k, _ in parsed]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("--sweep", "the same key is swept twice; give its values once")
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in parsed))]
+
+
+def point_label(point: dict[str, Any]) -> str:
+    """``key_steps=paper, prior_noise=0.003`` (the last part of each path)."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
+
+
+def fidelity(quality: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The point's fidelity figure from its quality figures: ``key``, ``name``, ``value``,
+    ``higher_is_better``; None when it has none of them."""
+    for key, name, higher in FIDELITY:
+        for figures in quality.values():
+            if key in figures and figures[key] is not None:
+                return {"key": key, "name": name, "value": figures[key], "higher_is_better": higher}
+    return None
+
+
+def mark_dominated(points: list[dict[str, Any]]) -> None:
+    """Set ``dominated`` on each point (``speedup`` and ``fidelity.value``; see the module doc).
+
+    Points without a fidelity figure are compared on speed alone.
+    """
+
+    def score(p: dict[str, Any]) -> tuple[float, float]:
+        f = p.get("fidelity")
+        if f is None or not isinstance(f["value"], (int, float)) or math.isnan(f["value"]):
+            return p["speedup"], 0.0
+        return p["speedup"], f["value"] if f["higher_is_better"] else -f["value"]
+
+    for p in points:
+        s = score(p)
+        p["dominated"] = any(
+            q is not p and score(q)[0] >= s[0] and score(q)[1] >= s[1] and score(q) != s
+            for q in points
+        )
+
+
+def sweep_bench(
+    config: RunConfig,
+    sweeps: list[str],
+    repeat: int | None = None,
+    manager: PluginManager | None = None,
+    *,
+    json_path: str | os.PathLike | None = None,
+    png_path: str | os.PathLike | None = None,
+    markdown_path: str | os.PathLike | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    progress: bool | None = None,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """Bench every sweep point of ``config`` against one baseline; optionally write JSON, markdown, PNG.
+
+    Returns a dict with ``points`` (each: ``params`` swept, ``strategies``,
+    ``speedup``, ``pair_ratios``, ``speedup_spread``, ``nfe``, ``quality``,
+    ``fidelity``, ``dominated``), ``baseline`` (times, model calls), ``sweeps``,
+    ``repeat``, ``warmup``, ``label``, ``config`` and ``machine``.
+    """
+    manager = manager or get_manager()
+    repeat = config.bench.repeat if repeat is None else repeat
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, got {repeat}")
+    points = sweep_points(sweeps)
+    configs = []
+    for point in points:  # every point is checked before the model loads
+        overrides = [f"{k}={_yaml(v)}" for k, v in point.items()]
+        cfg = load_config(
+            config.raw, overrides, manager, trust_remote_code=config.trust_remote_code
+        )
+        cfg.resolve_strategies(manager)
+        configs.append(cfg)
+    label = label or (config.file.name if config.file else str(config.pipeline.model))
+    target = config.load_pipeline()
+    arms = ["baseline"] + [f"point {i + 1}" for i in range(len(points))]
+    specs = {"baseline": []} | {a: c.strategy_specs() for a, c in zip(arms[1:], configs)}
+    runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+    warmup = config.bench.warmup
+    eta = Eta({a: repeat for a in arms})
+    with Bar(len(arms) * (warmup + repeat), progress) as bar:
+        for i in range(warmup):
+            for arm in arms:
+                bar.show(bench_label(label, arm, i + 1, warmup, warmup=True))
+                _run_arm(config, target, specs[arm], manager, clock)
+                bar.advance()
+        for i in range(repeat):
+            order = arms[i % len(arms) :] + arms[: i % len(arms)]  # rotate: no arm always first
+            for arm in order:
+                bar.show(bench_label(label, arm, i + 1, repeat))
+                runs[arm].append(_run_arm(config, target, specs[arm], manager, clock))
+                eta.record(arm, runs[arm][-1]["time_s"])
+                bar.advance(eta=eta.seconds())
+    base_times = [r["time_s"] for r in runs["baseline"]]
+    base_out = runs["baseline"][-1]["outputs"]
+    results = []
+    for arm, point, cfg in zip(arms[1:], points, configs):
+        times = [r["time_s"] for r in runs[arm]]
+        ratios = [b / s if s > 0 else float("inf") for b, s in zip(base_times, times)]
+        quality = _quality(config, manager, base_out, runs[arm][-1]["outputs"])
+        results.append(
+            {
+                "params": point,
+                "label": point_label(point),
+                "strategies": cfg.strategy_specs(),
+                "speedup": statistics.median(ratios),
+                "pair_ratios": ratios,
+                "speedup_spread": speedup_spread(ratios),
+                "time_s": {"median": statistics.median(times), "all": times},
+                "nfe": runs[arm][-1]["stats"]["nfe"],
+                "ideal_speedup": runs[arm][-1]["ideal"],
+                "quality": quality,
+                "fidelity": fidelity(quality),
+            }
+        )
+    mark_dominated(results)
+    result = {
+        "points": results,
+        "baseline": {
+            "time_s": {"median": statistics.median(base_times), "all": base_times},
+            "nfe": runs["baseline"][-1]["stats"]["nfe"],
+        },
+        "sweeps": list(sweeps),
+        "repeat": repeat,
+        "warmup": warmup,
+        "label": label,
+        "config": config.summary(),
+        "machine": machine_info(config.device),
+    }
+    if markdown_path is not None:
+        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(markdown_path), sweep_table(result))
+    if png_path is not None:
+        pareto_chart(result, png_path)
+        result["picture"] = {"path": str(png_path), "kind": "pareto"}
+    if json_path is not None:
+        write_json(result, json_path)
+    return result
+
+
+def _yaml(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def sweep_table(result: dict[str, Any]) -> str:
+    """A markdown table of the sweep: one row per point, dominated points marked."""
+    fid = next((p["fidelity"]["name"] for p in result["points"] if p["fidelity"]), "fidelity")
+    lines = [
+        f"Sweep of `{result['label']}` ({', '.join(f'`{s}`' for s in result['sweeps'])}): "
+        f"{result['repeat']} pairs, baseline {_fmt(result['baseline']['time_s']['median'])} s "
+        f"and {result['baseline']['nfe']} model calls (median), "
+        f"{result['machine']['device']} with {result['machine'].get('torch_threads', '–')} torch thread(s).",
+        "",
+        f"| point | speed-up (median of pairs) | spread over pairs | model calls | {fid} | Pareto |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in result["points"]:
+        s = p["speedup_spread"]
+        spread = f"×{_fmt(s['low'])}–×{_fmt(s['high'])} ({s['coverage']:.0%})"
+        value = _fmt(p["fidelity"]["value"]) if p["fidelity"] else "–"
+        mark = "dominated" if p["dominated"] else "**front**"
+        lines.append(
+            f"| {p['label']} | ×{_fmt(p['speedup'])} | {spread} | {p['nfe']} | {value} | {mark} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def pareto_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """Speed-up against fidelity, one dot per point (hollow grey when dominated), the front joined."""
+    from PIL import Image, ImageDraw
+
+    from .figures import BLUE, GREY, LIGHT_BLUE, _font, _num
+
+    points = result["points"]
+    have = [p for p in points if p["fidelity"] and _drawable(p["fidelity"]["value"])]
+    finite = [p["fidelity"]["value"] for p in have if _finite(p["fidelity"]["value"])]
+    # identical outputs have an infinite PSNR: drawn past the largest finite one
+    edge = (max(finite) + 5.0) if finite else 50.0
+
+    def fx(p: dict[str, Any]) -> float:
+        v = p["fidelity"]["value"]
+        return v if _finite(v) else edge
+
+    name = next((p["fidelity"]["name"] for p in points if p["fidelity"]), "fidelity (none)")
+    w, h, left, top, bottom = 640, 420, 70, 56, 50
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    font, bold = _font(11), _font(13)
+    machine = result["machine"]
+    draw.text(
+        (8, 6),
+        f"{result['label']}: sweep of {', '.join(result['sweeps'])}"[:90],
+        fill="black",
+        font=bold,
+    )
+    draw.text(
+        (8, 24),
+        f"{result['repeat']} pairs; speed-up: median of per-pair ratios to the baseline, bar: "
+        f"its interval; {machine['device']}, {machine.get('torch_threads', '?')} thread(s)"[:110],
+        fill=GREY,
+        font=font,
+    )
+    xs = [fx(p) for p in have] or [0.0, 1.0]
+    ys = [
+        v
+        for p in points
+        for v in (p["speedup"], p["speedup_spread"]["low"], p["speedup_spread"]["high"])
+        if _finite(v)
+    ] + [1.0]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    xpad, ypad = (x1 - x0) * 0.1 or 0.5, (y1 - y0) * 0.1 or 0.1
+    x0, x1, y0, y1 = x0 - xpad, x1 + xpad, max(0.0, y0 - ypad), y1 + ypad
+    pw, ph = w - left - 20, h - top - bottom
+
+    def px(x: float, y: float) -> tuple[int, int]:
+        return (
+            int(left + pw * (x - x0) / (x1 - x0)),
+            int(top + ph - ph * (min(max(y, y0), y1) - y0) / (y1 - y0)),
+        )
+
+    draw.rectangle([left, top, left + pw, top + ph], outline=GREY)
+    ly = px(x0, 1.0)[1]
+    for x in range(left, left + pw, 6):
+        draw.line([x, ly, x + 3, ly], fill=GREY)
+    draw.text((left + 4, ly - 14), "x1 (baseline)", fill=GREY, font=font)
+    draw.text((left - 60, top - 2), f"x{y1:.2f}", fill=GREY, font=font)
+    draw.text((left - 60, top + ph - 12), f"x{y0:.2f}", fill=GREY, font=font)
+    draw.text((left, top + ph + 4), _num(x0), fill=GREY, font=font)
+    right = _num(x1)
+    draw.text((left + pw - font.getlength(right), top + ph + 4), right, fill=GREY, font=font)
+    better = "higher" if (have and have[0]["fidelity"]["higher_is_better"]) else "lower"
+    draw.text(
+        (left + pw // 4, top + ph + 20), f"{name} ({better} is better)", fill="black", font=font
+    )
+    draw.text((8, top + ph // 2), "speed-up", fill="black", font=font)
+    front = sorted((p for p in have if not p["dominated"]), key=fx)
+    if len(front) > 1:
+        draw.line([px(fx(p), p["speedup"]) for p in front], fill=LIGHT_BLUE, width=2)
+    taken: list[tuple[int, int]] = []  # label positions drawn, so close points do not overprint
+    for p in sorted(have, key=lambda p: -p["speedup"]):
+        x, y = px(fx(p), p["speedup"])
+        spread = p["speedup_spread"]
+        if _finite(spread["low"]) and _finite(spread["high"]):
+            top_y, low_y = px(0, spread["high"])[1], px(0, spread["low"])[1]
+            draw.line([x, top_y, x, low_y], fill=GREY)
+            draw.line([x - 3, top_y, x + 3, top_y], fill=GREY)
+            draw.line([x - 3, low_y, x + 3, low_y], fill=GREY)
+        if p["dominated"]:
+            draw.ellipse([x - 5, y - 5, x + 5, y + 5], outline=GREY, width=2)
+        else:
+            draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=BLUE)
+        text = p["label"][:40] + ("" if _finite(p["fidelity"]["value"]) else " (identical)")
+        ty = y - 7
+        while any(abs(tx - x) < 120 and abs(ty - t) < 13 for tx, t in taken):
+            ty += 13
+        taken.append((x, ty))
+        draw.text((x + 8, ty), text, fill=GREY if p["dominated"] else "black", font=font)
+    missing = len(points) - len(have)
+    note = "filled: on the front; hollow: dominated" + (
+        f"; {missing} point(s) without a fidelity figure not drawn" if missing else ""
+    )
+    draw.text((8, h - 16), note, fill=GREY, font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_image(img, path)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _drawable(v: Any) -> bool:
+    """A finite figure, or an infinite PSNR (identical outputs); not NaN."""
+    return isinstance(v, (int, float)) and (math.isfinite(v) or v == float("inf"))
+
+
+__all__ = [
+    "parse_sweep",
+    "sweep_points",
+    "point_label",
+    "fidelity",
+    "mark_dominated",
+    "sweep_bench",
+    "sweep_table",
+    "pareto_chart",
+]
