@@ -508,7 +508,9 @@ class VAROutput:
     forwards: int = 0
     """Transformer forwards of the call (a guided batch's is one; a prefill is one)."""
     stats: dict[str, Any] = field(default_factory=dict)
-    """Per-model forwards and prefills, and the seconds each model ran."""
+    """``stats["models"][name]``: each model's ``forwards``, ``prefills``, ``scales`` and
+    ``seconds`` (its forwards' wall time, synchronised on CUDA); names from
+    `ScaleDecoder.model_name`."""
 
 
 class ScaleDecoder:
@@ -569,6 +571,7 @@ class ScaleDecoder:
         self.cache: ScaleKVCache | None = None
         self.forwards = 0
         self.stats: dict[str, Any] = {"models": {}}
+        self._names: dict[int, str] = {}
 
     @property
     def num_scales(self) -> int:
@@ -578,6 +581,12 @@ class ScaleDecoder:
     def guided(self) -> bool:
         """Whether the null-class rows run (``cfg != 0``)."""
         return self.cfg != 0
+
+    def model_name(self, model: Any) -> str:
+        """``"transformer"`` for the pipeline's model, else ``"model-1"``, ``"model-2"`` … in order of first use."""
+        if model is self.pipe.transformer:
+            return "transformer"
+        return self._names.setdefault(id(model), f"model-{len(self._names) + 1}")
 
     def _class_emb(self, model: Any) -> Tensor:
         labels = self.class_labels
@@ -607,13 +616,10 @@ class ScaleDecoder:
         start = time.perf_counter()
         logits = model.logits_for_scales(self._class_emb(model), inputs, first, si + 1, self.cache)
         logits = logits[:, -(self.patch_nums[si] ** 2) :]  # this scale's tokens
-        name = (
-            "transformer"
-            if model is self.pipe.transformer
-            else f"{type(model).__name__}@{id(model):x}"
-        )
+        if logits.is_cuda:  # the seconds are the model's, not its kernel launches'
+            torch.cuda.synchronize(logits.device)
         per = self.stats["models"].setdefault(
-            name, {"forwards": 0, "prefills": 0, "scales": 0, "seconds": 0.0}
+            self.model_name(model), {"forwards": 0, "prefills": 0, "scales": 0, "seconds": 0.0}
         )
         per["forwards"] += 1
         per["prefills"] += int(entry and si > 0)
