@@ -243,7 +243,7 @@ def pareto_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
     """Speed-up against fidelity, one dot per point (hollow grey when dominated), the front joined."""
     from PIL import Image, ImageDraw
 
-    from .figures import BLUE, GREY, LIGHT_BLUE, _font, _num
+    from .figures import BLUE, GREY, LIGHT_BLUE, _font, _num, _wrap
 
     points = result["points"]
     have = [p for p in points if p["fidelity"] and _drawable(p["fidelity"]["value"])]
@@ -256,19 +256,17 @@ def pareto_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
         return v if _finite(v) else edge
 
     name = next((p["fidelity"]["name"] for p in points if p["fidelity"]), "fidelity (none)")
-    w, h, left, top, bottom = 640, 420, 70, 56, 50
+    w, h, left, top, bottom = 640, 436, 70, 56, 50
     img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
     font, bold = _font(11), _font(13)
     machine = result["machine"]
+    title = _wrap(f"{result['label']}: sweep of {'; '.join(result['sweeps'])}", bold, w - 16)
+    for k, line in enumerate(title[:2]):
+        draw.text((8, 6 + 16 * k), line, fill="black", font=bold)
+    top += 16 * (min(2, len(title)) - 1)
     draw.text(
-        (8, 6),
-        f"{result['label']}: sweep of {', '.join(result['sweeps'])}"[:90],
-        fill="black",
-        font=bold,
-    )
-    draw.text(
-        (8, 24),
+        (8, top - 32),
         f"{result['repeat']} pairs; speed-up: median of per-pair ratios to the baseline, bar: "
         f"its interval; {machine['device']}, {machine.get('torch_threads', '?')} thread(s)"[:110],
         fill=GREY,
@@ -284,12 +282,15 @@ def pareto_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     xpad, ypad = (x1 - x0) * 0.1 or 0.5, (y1 - y0) * 0.1 or 0.1
-    x0, x1, y0, y1 = x0 - xpad, x1 + xpad, max(0.0, y0 - ypad), y1 + ypad
+    x0 = max(0.0, x0 - xpad) if x0 >= 0 else x0 - xpad
+    x1, y0, y1 = x1 + xpad, max(0.0, y0 - ypad), y1 + ypad
     pw, ph = w - left - 20, h - top - bottom
+    higher = not have or have[0]["fidelity"]["higher_is_better"]
 
     def px(x: float, y: float) -> tuple[int, int]:
+        along = (x - x0) / (x1 - x0)
         return (
-            int(left + pw * (x - x0) / (x1 - x0)),
+            int(left + pw * (along if higher else 1 - along)),  # better is always to the right
             int(top + ph - ph * (min(max(y, y0), y1) - y0) / (y1 - y0)),
         )
 
@@ -300,13 +301,12 @@ def pareto_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
     draw.text((left + 4, ly - 14), "x1 (baseline)", fill=GREY, font=font)
     draw.text((left - 60, top - 2), f"x{y1:.2f}", fill=GREY, font=font)
     draw.text((left - 60, top + ph - 12), f"x{y0:.2f}", fill=GREY, font=font)
-    draw.text((left, top + ph + 4), _num(x0), fill=GREY, font=font)
-    right = _num(x1)
-    draw.text((left + pw - font.getlength(right), top + ph + 4), right, fill=GREY, font=font)
-    better = "higher" if (have and have[0]["fidelity"]["higher_is_better"]) else "lower"
-    draw.text(
-        (left + pw // 4, top + ph + 20), f"{name} ({better} is better)", fill="black", font=font
-    )
+    lo_text, hi_text = (_num(x0), _num(x1)) if higher else (_num(x1), _num(x0))
+    draw.text((left, top + ph + 4), lo_text, fill=GREY, font=font)
+    draw.text((left + pw - font.getlength(hi_text), top + ph + 4), hi_text, fill=GREY, font=font)
+    better = "higher" if higher else "lower"
+    axis = f"{name} ({better} is better, drawn to the right)"
+    draw.text((left + pw // 6, top + ph + 20), axis, fill="black", font=font)
     draw.text((8, top + ph // 2), "speed-up", fill="black", font=font)
     front = sorted((p for p in have if not p["dominated"]), key=fx)
     if len(front) > 1:
@@ -329,7 +329,8 @@ def pareto_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
         while any(abs(tx - x) < 120 and abs(ty - t) < 13 for tx, t in taken):
             ty += 13
         taken.append((x, ty))
-        draw.text((x + 8, ty), text, fill=GREY if p["dominated"] else "black", font=font)
+        tx = x + 8 if x + 8 + font.getlength(text) < left + pw else x - 8 - font.getlength(text)
+        draw.text((tx, ty), text, fill=GREY if p["dominated"] else "black", font=font)
     missing = len(points) - len(have)
     note = "filled: on the front; hollow: dominated" + (
         f"; {missing} point(s) without a fidelity figure not drawn" if missing else ""
