@@ -269,3 +269,157 @@ def tiny_llada2_pipeline(seed: int = 0, block_length: int = 8):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# -- diffusion transformers ------------------------------------------------------------------
+_WORDS = "a an the red blue green circle square triangle small big on left right top bottom of"
+
+
+def t5_word_tokenizer(words: list[str], max_length: int):
+    """A T5 tokenizer (Unigram) with one piece per word of ``words``, letters as fallback.
+
+    Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then the words; built in memory, no download.
+    """
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -1.0) for w in words]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"] + [("\u2581", -3.0)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def t5_encoder(vocab_size: int, d_model: int, layers: int, heads: int, **overrides):
+    """A T5EncoderModel of width ``d_model`` (heads of ``d_model / heads``, MLP ``2 d_model``)."""
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = dict(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model)
+    cfg.update(num_layers=layers, num_heads=heads, relative_attention_num_buckets=8)
+    cfg.update(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **overrides)
+    return T5EncoderModel(T5Config(**cfg))
+
+
+def tiny_t5(d_model: int = 32, max_length: int = 16):
+    """A one-layer T5EncoderModel (no dropout, eval mode) and a word-level `t5_word_tokenizer`."""
+    tokenizer = t5_word_tokenizer(_WORDS.split(), max_length)
+    model = t5_encoder(len(tokenizer), d_model, layers=1, heads=4, dropout_rate=0.0)
+    return model.eval(), tokenizer
+
+
+def flux_transformer(
+    heads: int, double: int, single: int, text_width: int, guidance_embeds: bool = False
+):
+    """A FluxTransformer2DModel on 4-channel latents (16 channels packed), heads of width 16.
+
+    ``double``/``single``: the numbers of double- and single-stream blocks; ``text_width``:
+    the T5 width and the CLIP pooled width.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=double,
+        num_single_layers=single,
+        attention_head_dim=16,
+        num_attention_heads=heads,
+        joint_attention_dim=text_width,
+        pooled_projection_dim=text_width,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _flow_vae():
+    """`tiny_vae` with ``shift_factor`` 0 (SD3 and Flux decode ``latents / scale + shift``)."""
+    vae = tiny_vae()
+    vae.register_to_config(shift_factor=0.0)
+    return vae
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A FluxPipeline: CLIP (pooled) and T5 text encoders, one double and one single block.
+
+    32x32 images are 8x8x4 latents packed into 16 tokens of 16 channels; call it with
+    ``height=32, width=32`` (Flux's default is 512). ``guidance_embeds``: a FLUX.1-dev
+    style guidance embedding (``guidance_scale``); classifier-free guidance is
+    ``true_cfg_scale`` with a ``negative_prompt`` either way.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    torch.manual_seed(seed)
+    text_encoder, tokenizer = tiny_text_encoder()
+    text_encoder_2, tokenizer_2 = tiny_t5()
+    transformer = flux_transformer(2, 1, 1, text_width=32, guidance_embeds=guidance_embeds)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    parts = dict(scheduler=scheduler, vae=_flow_vae(), transformer=transformer)
+    parts.update(text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+    return _quiet(FluxPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2))
+
+
+def _quiet(pipe):
+    """``pipe`` with its progress bar off."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline(seed: int = 0, scheduler: str = "euler"):
+    """A StableDiffusion3Pipeline: two CLIP encoders with projections, a T5, one joint block.
+
+    ``scheduler``: ``"euler"`` (FlowMatchEulerDiscreteScheduler, shift 3) or ``"heun"``
+    (FlowMatchHeunDiscreteScheduler: two transformer calls per step). 32x32 images by
+    default (transformer ``sample_size`` 8, patch 2: 16 image tokens).
+    """
+    import diffusers
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    clip, tokenizer = tiny_text_encoder()
+    cfg = {**clip.config.to_dict(), "projection_dim": 32}
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    text_encoder_3, tokenizer_3 = tiny_t5(d_model=64)  # >= the two CLIP widths together
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # the two projections together
+        out_channels=4,
+        pos_embed_max_size=8,
+    )
+    sched_cls = {
+        "euler": diffusers.FlowMatchEulerDiscreteScheduler,
+        "heun": diffusers.FlowMatchHeunDiscreteScheduler,
+    }[scheduler]
+    parts = dict(transformer=transformer, scheduler=sched_cls(num_train_timesteps=1000, shift=3.0))
+    parts.update(text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+    parts.update(text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    return _quiet(
+        StableDiffusion3Pipeline(
+            **parts, vae=_flow_vae(), tokenizer=tokenizer, tokenizer_2=tokenizer
+        )
+    )
+
+
+def run_dit(pipe, prompts, seed=0, row_offset=0, steps=4, **kw):
+    """A seeded DiT call on ``prompts`` at 32x32, row i's noise seeded by (seed, row_offset + i).
+
+    Returns the final latents in the pipeline's layout (Flux: packed tokens).
+    """
+    generators = [
+        torch.Generator().manual_seed(seed * 1000 + row_offset + i) for i in range(len(prompts))
+    ]
+    return pipe(
+        prompts,
+        num_inference_steps=steps,
+        height=32,
+        width=32,
+        generator=generators,
+        output_type="latent",
+        **kw,
+    ).images

@@ -40,6 +40,7 @@ from diffusers.hooks import ModelHook
 from pydantic import Field, field_validator, model_validator
 
 HOOK_NAME = "decodekit"
+_ABSENT = object()
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -193,6 +194,12 @@ class StableDiffusionOptions(Options):
     )
     variant: str | None = Field(None, description="weights variant to load (fp16 ...)")
     use_safetensors: bool | None = Field(None, description="load only .safetensors weights")
+    device_map: str | None = Field(
+        None,
+        description="spread the pipeline's components (text encoder, UNet, VAE) over the GPUs "
+        "(diffusers' device_map: balanced; or one device, cuda or cpu); the pipeline is then "
+        "placed by it, not moved to pipeline.device",
+    )
 
 
 class _DenoiserHook(ModelHook):
@@ -224,19 +231,30 @@ class StableDiffusionAdapter(DenoisingAdapter):
         "diffusers pipelines with a UNet2DConditionModel (SD 1.x/2.x, SDXL, ControlNet, img2img)"
     )
 
+    SCHEDULERS: dict[str, str] = SCHEDULERS
+    """``pipeline.options.scheduler`` names and the diffusers scheduler class each loads."""
+    steps_by_iteration: bool = False
+    """Whether a hook's ``step`` is the loop iteration (counted by the step callback, so that
+    several denoiser calls of one iteration share it) rather than the denoiser call index."""
+
     def __init__(self, target: Any, run):
         super().__init__(target, run)
         self.pipe = target
-        self.unet = target.unet
-        self.denoiser = self.unet
+        self.denoiser = self.denoiser_of(target)
         controlnet = getattr(target, "controlnet", None)
         self.controlnet = controlnet if isinstance(controlnet, torch.nn.Module) else None
         self.step = 0  # denoiser calls in the current pipeline call
+        self.iteration = 0  # loop iterations finished in the current call (steps_by_iteration)
         self.aux_nfe = 0  # ControlNet calls run in the current pipeline call
         self.aux_served = 0  # ControlNet calls served by a strategy
         self.initial_latents: torch.Tensor | None = None  # z_T of the current call
         self.call_kwargs: dict[str, Any] = {}
         self._hooks = PipelineHooks(target, HOOK_NAME)
+
+    @classmethod
+    def denoiser_of(cls, pipe: Any) -> torch.nn.Module:
+        """The module whose calls have role ``"denoiser"``: the pipeline's UNet."""
+        return pipe.unet
 
     @classmethod
     def matches(cls, obj: Any) -> bool:
@@ -247,7 +265,8 @@ class StableDiffusionAdapter(DenoisingAdapter):
         )
 
     def touched(self) -> list[Any]:
-        return [self.pipe, self.unet] + ([self.controlnet] if self.controlnet is not None else [])
+        extra = [self.controlnet] if self.controlnet is not None else []
+        return [self.pipe, self.denoiser] + extra
 
     @property
     def num_calls(self) -> int | None:
@@ -284,7 +303,7 @@ class StableDiffusionAdapter(DenoisingAdapter):
     def attach(self) -> None:
         pipe = self.pipe
         cls = type(pipe)
-        if self.run.has("decodekit_step_end"):
+        if self.run.has("decodekit_step_end") or self.steps_by_iteration:
             if "callback_on_step_end" not in inspect.signature(cls.__call__).parameters:
                 raise AttachError(
                     f"{cls.__name__}.__call__ has no callback_on_step_end, which "
@@ -297,7 +316,7 @@ class StableDiffusionAdapter(DenoisingAdapter):
                     f"{cls.__name__} does not expose {missing} to step callbacks (it exposes {allowed}); "
                     "the strategies that need them cannot run on this pipeline."
                 )
-        hooked: list[tuple[torch.nn.Module, ModelHook]] = [(self.unet, _DenoiserHook(self))]
+        hooked: list[tuple[torch.nn.Module, ModelHook]] = [(self.denoiser, _DenoiserHook(self))]
         if self.controlnet is not None:
             hooked.append((self.controlnet, _ControlNetHook(self)))
         adapter = self
@@ -313,19 +332,31 @@ class StableDiffusionAdapter(DenoisingAdapter):
         methods: dict[str, Any] = {"__call__": __call__}
         if hasattr(cls, "prepare_latents"):
             methods["prepare_latents"] = prepare_latents
+        # A module's own ``forward`` attribute, for modules whose empty registry stays (below)
+        self._own_forward = [(m, m.__dict__.get("forward", _ABSENT)) for m, _ in hooked]
         self._hooks.attach(hooked, methods)
 
     def detach(self) -> None:
         self._hooks.restore()
+        # diffusers' ``cache_context`` (DiT pipelines) gives a module an empty hook registry
+        # on its first call; that registry stays, and so would the ``forward`` it bound.
+        for module, forward in getattr(self, "_own_forward", []):
+            registry = compat.hook_registry(module)
+            if registry is not None and not registry.hooks:
+                if forward is _ABSENT:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.__dict__["forward"] = forward
+        self._own_forward = []
 
     # -- the loop ---------------------------------------------------------------------------
     def call_pipeline(self, pipe: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         """The wrapped pipeline ``__call__``: per-call reset, step callback, guarded run."""
         run = self.run
         original_call = self._hooks.original_class.__call__
-        if run.has("decodekit_step_end"):
+        if run.has("decodekit_step_end") or self.steps_by_iteration:
             self._chain_callback(kwargs)
-        self.step = 0
+        self.step = self.iteration = 0
         self.aux_nfe = self.aux_served = 0
         self.initial_latents = None
         self.call_kwargs = kwargs
@@ -340,10 +371,12 @@ class StableDiffusionAdapter(DenoisingAdapter):
         )
         wanted = list(dict.fromkeys(user_inputs + self._step_tensors()))
         run = self.run
+        adapter = self
 
         def on_step_end(
             pipe: Any, i: int, t: Any, callback_kwargs: dict[str, Any]
         ) -> dict[str, Any]:
+            adapter.iteration = i + 1
             run.call(
                 "decodekit_step_end", run=run, step=i, timestep=t, callback_kwargs=callback_kwargs
             )
@@ -359,7 +392,7 @@ class StableDiffusionAdapter(DenoisingAdapter):
         self, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]
     ) -> Any:
         """One denoiser call: served by a strategy, or run for real and shown to the strategies."""
-        step = self.step
+        step = self.iteration if self.steps_by_iteration else self.step
         self.step += 1
         out, served = self._serve_or_run(step, DENOISER, module, forward, args, kwargs)
         if served:
@@ -371,8 +404,9 @@ class StableDiffusionAdapter(DenoisingAdapter):
     def control(
         self, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]
     ) -> Any:
-        """One ControlNet call, for the UNet call at ``self.step`` that follows it."""
-        out, served = self._serve_or_run(self.step, CONTROLNET, module, forward, args, kwargs)
+        """One ControlNet call, for the denoiser call of the same step that follows it."""
+        step = self.iteration if self.steps_by_iteration else self.step
+        out, served = self._serve_or_run(step, CONTROLNET, module, forward, args, kwargs)
         if served:
             self.aux_served += 1
         else:
@@ -429,29 +463,27 @@ class StableDiffusionAdapter(DenoisingAdapter):
         if not cls.matches(pipe):
             raise ConfigError(
                 "pipeline.type",
-                f"{source} loads a {type(pipe).__name__}, which has no UNet2DConditionModel; pick another pipeline type.",
+                f"{source} loads a {type(pipe).__name__}, which the {cls.name} adapter does not "
+                f"drive (it takes {cls.description}); pick another pipeline type.",
             )
         if scheduler is not None:
             import diffusers
 
-            if scheduler not in SCHEDULERS:
+            if scheduler not in cls.SCHEDULERS:
                 raise ConfigError(
                     "pipeline.options.scheduler",
-                    f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}",
+                    f"unknown scheduler {scheduler!r}; choose one of {sorted(cls.SCHEDULERS)}",
                 )
-            sched_cls = getattr(diffusers, SCHEDULERS[scheduler])
+            sched_cls = getattr(diffusers, cls.SCHEDULERS[scheduler])
             pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
+        if opts.get("device_map") is not None:  # placed by the device_map, which refuses .to()
+            return pipe
         return pipe.to(device)
 
     @classmethod
     def check_call(cls, target: Any, inputs: StableDiffusionInputs) -> None:
         """Refuse ``inputs.extra`` keys the loaded pipeline's ``__call__`` does not take."""
-        call = type(target).__call__
-        for klass in type(target).__mro__:  # past the wrapper an attached pipeline is given
-            own = klass.__dict__.get("__call__")
-            if own is not None and "<locals>" not in getattr(own, "__qualname__", ""):
-                call = own
-                break
+        call = pipeline_call(target)
         # Named parameters only: diffusers' **kwargs takes deprecated arguments and
         # ignores the rest, which is the silent drop this check is for.
         params = {
@@ -476,6 +508,11 @@ class StableDiffusionAdapter(DenoisingAdapter):
     def generate(cls, target: Any, inputs: StableDiffusionInputs, progress: bool = False) -> list:
         cls.check_call(target, inputs)
         target.set_progress_bar_config(disable=not progress)
+        return list(target(**cls.call_kwargs(target, inputs)).images)
+
+    @classmethod
+    def call_kwargs(cls, target: Any, inputs: StableDiffusionInputs) -> dict[str, Any]:
+        """The keyword arguments `generate` calls the pipeline with (PIL images out)."""
         prompts = [inputs.prompt] if isinstance(inputs.prompt, str) else list(inputs.prompt)
         # one generator per image, seeded from its prompt (decodekit.seeds), not from its index
         generator = row_generators(inputs.seed, prompts, inputs.num_images_per_prompt)
@@ -493,7 +530,7 @@ class StableDiffusionAdapter(DenoisingAdapter):
         if inputs.width:
             kwargs["width"] = inputs.width
         kwargs.update(inputs.extra)
-        return list(target(**kwargs).images)
+        return kwargs
 
     @classmethod
     def save(cls, outputs: list, out_dir: Path, inputs: Inputs | None = None) -> list[Path]:
@@ -545,6 +582,15 @@ class StableDiffusionAdapter(DenoisingAdapter):
     def picture(cls, baseline: list, outputs: list, path: Path) -> bool:
         atomic_save_image(image_grid([baseline, outputs], ["baseline", "strategy"]), path)
         return True
+
+
+def pipeline_call(target: Any) -> Any:
+    """The pipeline class's own ``__call__``, past the wrapper an attached pipeline is given."""
+    for klass in type(target).__mro__:
+        own = klass.__dict__.get("__call__")
+        if own is not None and "<locals>" not in getattr(own, "__qualname__", ""):
+            return own
+    return type(target).__call__
 
 
 def psnr(a: list, b: list) -> float:

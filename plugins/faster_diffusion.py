@@ -248,7 +248,9 @@ class FasterDiffusion(Strategy):
         if not isinstance(unet, UNet2DConditionModel):
             raise AttachError(
                 f"faster-diffusion needs a pipeline whose denoiser is a UNet2DConditionModel, "
-                f"got {type(unet).__name__}; use it on a stable-diffusion pipeline."
+                f"got {type(unet).__name__}: it reuses the UNet encoder's features in the "
+                "decoder's skip connections, and a diffusion transformer has no encoder/decoder "
+                "split. Use it on a stable-diffusion pipeline."
             )
         self.unet = unet
         self.controlnet: torch.nn.Module | None = None  # seen in the first role="controlnet" call
