@@ -145,7 +145,9 @@ def sweep_bench(
         configs.append(cfg)
     label = label or (config.file.name if config.file else str(config.pipeline.model))
     target = config.load_pipeline()
-    arms = ["baseline"] + [f"point {i + 1}" for i in range(len(points))]
+    arms = ["baseline"] + [point_label(p) for p in points]  # names on the bar: every=2 ...
+    if len(set(arms)) < len(arms):  # labels that only the full paths tell apart
+        arms = ["baseline"] + [f"point {i + 1}" for i in range(len(points))]
     specs = {"baseline": []} | {a: c.strategy_specs() for a, c in zip(arms[1:], configs)}
     runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
     warmup = config.bench.warmup

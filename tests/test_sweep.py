@@ -66,7 +66,7 @@ def test_dominated_points_are_slower_and_no_more_faithful():
     assert [p["dominated"] for p in inf] == [False, True]
 
 
-def test_sweep_runs_one_baseline_per_pair_and_every_point(toy, manager, tmp_path):
+def test_sweep_runs_one_baseline_per_pair_and_every_point(toy, manager, tmp_path, capsys):
     cfg = load_config(toy_config(toy, bench={"repeat": 2, "warmup": 0}), manager=manager)
     # pair 1 in order baseline, point 1, point 2; pair 2 rotated: point 1, point 2, baseline
     clock = ScriptedClock([6.0, 3.0, 2.0, 4.0, 1.0, 8.0])
@@ -79,7 +79,10 @@ def test_sweep_runs_one_baseline_per_pair_and_every_point(toy, manager, tmp_path
         png_path=tmp_path / "s.png",
         markdown_path=tmp_path / "s.md",
         label="toy.yaml",
+        progress=True,
     )
+    shown = [f.split("  ")[0] for f in capsys.readouterr().err.split("\r") if f.strip()]
+    assert shown[0] == "toy.yaml · baseline · pair 1/2" and "toy.yaml · every=4 · pair 2/2" in shown
     assert r["baseline"]["time_s"]["all"] == [6.0, 8.0] and r["baseline"]["nfe"] == 8
     first, second = r["points"]
     assert first["params"] == {"strategies.0.params.every": 2} and first["label"] == "every=2"
