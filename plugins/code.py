@@ -196,6 +196,7 @@ class CoDe(Strategy):
         self._last = {}
         self._roles: dict[str, dict[str, Any]] = {}
         self._seconds: dict[str, float] = {}
+        self._previous: Any = None  # the model of the last scale run
         self._mark = time.perf_counter()
 
     def stats(self) -> dict[str, Any]:
@@ -223,12 +224,14 @@ class CoDe(Strategy):
         decoder = run.adapter.decoder
         n, K = self.params.draft_steps, len(decoder.patch_nums)
         role = "drafter" if scale < n else "refiner"
+        entered = model is not self._previous and scale > 0  # its entry forward prefilled
+        self._previous = model
         per = self._roles.get(role)
         if per is None:
             per = self._roles[role] = {
                 "scales": 0,
                 "forwards": 0,
-                "prefill_tokens": model.begin_ends[scale - 1][1] if scale > 0 else 0,
+                "prefill_tokens": model.begin_ends[scale - 1][1] if entered else 0,
                 "kv_bytes": 0,
                 "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             }

@@ -203,6 +203,11 @@ def test_stats_give_each_models_share(pipe, small):
     assert set(stats["seconds_s"]) == {"drafter", "refiner"}
     assert all(s > 0 for s in stats["seconds_s"].values())
     assert "cuda_allocated_bytes" not in drafter  # measured on CUDA only
+    # the pipeline's own model as the refiner: nothing to hand over, no prefill
+    with decodekit.attach(pipe, [code(pipe.transformer, n)]) as run:
+        pipe([0, 1, 2], cfg=2.0, temperature=0, output_type="tokens")
+        assert run.strategies[0].stats()["models"]["refiner"]["prefill_tokens"] == 0
+        assert run.ideal_speedup() == 1.0
 
 
 # -- the strategy contract ---------------------------------------------------------------------
