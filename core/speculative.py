@@ -10,6 +10,7 @@ exactly as the target ``p``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -179,10 +180,10 @@ def accept_or_resample_rows(
     draft_probs: Tensor,
     draft_tokens: Tensor,
     generators: list[torch.Generator],
-    lengths: Tensor,
+    lengths: Tensor | Sequence[int],
     *,
     bonus_probs: Tensor | None = None,
-    has_bonus: Tensor | None = None,
+    has_bonus: Tensor | Sequence[bool] | None = None,
     validate: bool = True,
 ) -> SpeculativeVerdict:
     """`accept_or_resample` for a batch whose rows each have their own generator and window length.
@@ -200,13 +201,15 @@ def accept_or_resample_rows(
         draft_probs: ``q``, ``(B, N, V)``.
         draft_tokens: ``(B, N)`` long.
         generators: ``B`` generators, one per row.
-        lengths: ``(B,)`` long in ``[0, N]``, the window positions each row verifies.
+        lengths: ``(B,)`` long in ``[0, N]``, the window positions each row verifies; a
+            list of ints costs no read from the device (a tensor is read once).
         bonus_probs: optional ``(B, V)``, the target after each row's window (position
             ``lengths[b]``), sampled when all its drafts pass and ``has_bonus[b]``.
-        has_bonus: ``(B,)`` bool, default all True when ``bonus_probs`` is given.
-        validate: check that the probabilities are non-negative and the tokens and
-            lengths in range. Each check reads a value back from the device; a caller
-            whose inputs are valid by construction (a per-step loop) passes False.
+        has_bonus: ``(B,)`` bool (tensor or list), default all True when ``bonus_probs`` is given.
+        validate: check that the probabilities are non-negative and the tokens in range.
+            Each check reads a value back from the device; a caller whose inputs are
+            valid by construction (a per-step loop) passes False, and with lists for
+            ``lengths`` and ``has_bonus`` the call reads nothing back.
 
     Returns:
         A `SpeculativeVerdict` with ``accepted`` ``(B, N)`` (False past a row's length).
@@ -228,9 +231,10 @@ def accept_or_resample_rows(
         raise ValueError(f"need one generator per row: {B} rows, {len(generators)} generators.")
     for g in generators:
         check_generator(g, target_probs, "accept_or_resample_rows")
-    lengths = lengths.to(device=target_probs.device, dtype=torch.long)
-    if lengths.shape != (B,) or (validate and bool(((lengths < 0) | (lengths > window)).any())):
+    lens = lengths.tolist() if isinstance(lengths, Tensor) else [int(m) for m in lengths]
+    if len(lens) != B or any(m < 0 or m > window for m in lens):
         raise ValueError(f"lengths must be (B,) = ({B},) with values in [0, {window}].")
+    lengths = torch.tensor(lens, dtype=torch.long, device=target_probs.device)
     if bonus_probs is not None:
         if validate:
             _check_probs("bonus_probs", bonus_probs)
@@ -238,8 +242,14 @@ def accept_or_resample_rows(
             raise ValueError(
                 f"bonus_probs must be (B, V) = {(B, vocab)}, got {tuple(bonus_probs.shape)}."
             )
-        if has_bonus is None:
-            has_bonus = torch.ones(B, dtype=torch.bool, device=target_probs.device)
+    if bonus_probs is None:
+        bonus_rows = [False] * B
+    elif has_bonus is None:
+        bonus_rows = [True] * B
+    else:
+        bonus_rows = has_bonus.tolist() if isinstance(has_bonus, Tensor) else list(has_bonus)
+        if len(bonus_rows) != B:
+            raise ValueError(f"has_bonus must have one flag per row ({B}).")
     draft_tokens = draft_tokens.long()
     if (
         validate
@@ -251,7 +261,6 @@ def accept_or_resample_rows(
     accept_prob = acceptance_probability(target_probs, draft_probs, draft_tokens)  # (B, N)
     inside = torch.arange(window, device=lengths.device) < lengths[:, None]  # (B, N)
     uniforms = torch.ones_like(accept_prob)  # (B, N); 1 never passes
-    lens = lengths.tolist()
     for b, m in enumerate(lens):
         if m:
             uniforms[b, :m] = torch.rand(
@@ -275,20 +284,16 @@ def accept_or_resample_rows(
             if bonus_probs.dtype in (torch.float16, torch.bfloat16)
             else bonus_probs
         )
-    next_token = torch.full((B,), -1, dtype=torch.long, device=target_probs.device)  # (B,)
-    with_bonus = (
-        has_bonus if bonus_probs is not None else torch.zeros_like(lengths, dtype=torch.bool)
-    )
-    all_passed, bonus_rows = torch.stack([num_accepted == lengths, with_bonus]).tolist()  # one read
+    # The draws do not depend on the outcome (a row draws its residual, then its bonus if
+    # it has one), so the choice between them is made on the device: nothing is read back.
+    resampled = torch.full((B,), -1, dtype=torch.long, device=target_probs.device)  # (B,)
+    bonus = torch.full_like(resampled, -1)  # (B,)
     for b, m in enumerate(lens):
         if not m:
             continue
-        resampled = torch.multinomial(residual[b : b + 1], 1, generator=generators[b])[0, 0]
-        bonus = None
+        resampled[b] = torch.multinomial(residual[b : b + 1], 1, generator=generators[b])[0, 0]
         if bonus_rows[b]:
-            bonus = torch.multinomial(bonus_draw[b : b + 1], 1, generator=generators[b])[0, 0]
-        if not all_passed[b]:
-            next_token[b] = resampled
-        elif bonus is not None:
-            next_token[b] = bonus
+            bonus[b] = torch.multinomial(bonus_draw[b : b + 1], 1, generator=generators[b])[0, 0]
+    next_token = torch.where(num_accepted == lengths, bonus, resampled)
+    next_token = torch.where(lengths > 0, next_token, -1)  # (B,)
     return SpeculativeVerdict(accepted, num_accepted, next_token)

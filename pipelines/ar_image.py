@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 from decodekit.logits_processors import classifier_free_guidance
-from decodekit.sampler import Sampler, check_generator, sample_categorical
+from decodekit.sampler import Sampler, check_generator
 from decodekit.session import attached_run
 
 __all__ = [
@@ -234,12 +234,23 @@ class ImageTokenDecoder:
         self._base = attention_mask.sum(dim=1)  # (R,) position id of image position 0
         self._cache = DynamicCache(config=model.config)
         self._slots = attention_mask.bool()  # (R, S) slots each row attends to
+        # Host copies of the per-row counts, updated from the one read `commit` makes, so a
+        # step reads nothing else back from the device (a GPU waits at every read).
+        self._committed_n = [0] * self.batch
+        self._kv_done_n = [0] * self.batch
+        held = self._slots.sum(dim=1)  # (R,) slots each row holds
+        last = (
+            self._slots.any(dim=0) * torch.arange(1, self._slots.shape[1] + 1, device=device)
+        ).max()
+        *self._held_n, last_n = torch.cat([held, last[None]]).tolist()
+        self._last_held = int(last_n) - 1  # the last slot any row holds
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (R, P)
         logits = self._forward(input_ids, attention_mask, position_ids, keep_last=True)
         self._frontier = logits[:, -1]  # (R, K) code logits predicting image position kv_done
         self._fed: torch.Tensor | None = None  # (B, n) tokens of the last probs_after
         self._fed_logits: torch.Tensor | None = None  # (R, W + 1, K)
         self._fed_pending: torch.Tensor | None = None  # (B,) pending tokens fed before them
+        self._fed_pending_n: list[int] = []
         self._fed_start = 0  # first slot of the last feed
 
     # ----------------------------------------------------------------- reading
@@ -254,13 +265,18 @@ class ImageTokenDecoder:
         return self._codes.clone()
 
     @property
+    def committed_counts(self) -> list[int]:
+        """`committed` as a Python list, kept on the host: reading it never waits for the device."""
+        return list(self._committed_n)
+
+    @property
     def done(self) -> bool:
-        """Whether every row has committed all N positions."""
-        return bool((self._committed >= self.length).all())
+        """Whether every row has committed all N positions (a host check)."""
+        return all(c >= self.length for c in self._committed_n)
 
     # ----------------------------------------------------------------- the contract
     @torch.no_grad()
-    def probs_after(self, tokens: torch.Tensor) -> torch.Tensor:
+    def probs_after(self, tokens: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
         """Target distributions after feeding ``tokens`` ``(B, n)`` (codes, 0-based) past each committed prefix.
 
         Returns ``p`` ``(B, n + 1, K)``: ``p[b, i]`` is the distribution of image
@@ -268,14 +284,17 @@ class ImageTokenDecoder:
         ``tokens[b, :i]`` (guided, processed, constrained; one-hot when greedy);
         zeros for positions ``>= N``. One LM forward (none when ``n == 0`` and
         nothing is pending). Feeding again without `commit` first rolls the
-        previous feed back.
+        previous feed back. ``validate=False`` skips the check that the tokens are
+        codes (a read from the device), for callers whose tokens are codes by
+        construction.
         """
-        tokens = self._check_tokens(tokens)
+        tokens = self._check_tokens(tokens, validate)
         if self._fed is not None:
             self.commit(torch.zeros_like(self._committed))
         batch, n = tokens.shape
         pending = self._committed - self._kv_done  # (B,)
-        width = int((pending + n).max()) if batch else 0
+        pending_n = [c - k for c, k in zip(self._committed_n, self._kv_done_n, strict=True)]
+        width = max(pending_n) + n if batch else 0
         if width == 0:
             full = self._frontier[:, None]  # (R, 1, K)
         else:
@@ -291,49 +310,63 @@ class ImageTokenDecoder:
         index = self._both(pending)[:, None] + torch.arange(n + 1, device=self._device)  # (R, n+1)
         logits = full.gather(1, index[..., None].expand(-1, -1, full.shape[-1]))  # (R, n+1, K)
         self._fed, self._fed_logits, self._fed_pending = tokens, full, pending
+        self._fed_pending_n = pending_n
         if width:  # pending tokens now have K/V: they join the prefix for good
-            self._keep(pending)
+            self._keep(pending, pending_n)
         positions = self._committed[:, None] + torch.arange(n + 1, device=self._device)  # (B, n+1)
         return self._target(logits, positions)
 
     @torch.no_grad()
-    def commit(self, num: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+    def commit(
+        self, num: torch.Tensor, tokens: torch.Tensor | None = None, *, validate: bool = True
+    ) -> None:
         """Row ``b`` commits ``num[b]`` more positions: ``tokens[b, :num[b]]`` (default: the last fed tokens).
 
         Fed tokens that agree with the committed ones keep their K/V; the rest
         of the row's feed is rolled back. A committed token that differs from
         the one fed there (a resampled token) has no K/V yet: it is fed first at
         the next `probs_after`, whose ``p[:, 0]`` is right either way.
+
+        ``num`` and the agreement are read back in one transfer (the only read of
+        a decoding step); ``validate=False`` skips the check that ``tokens`` are
+        codes, a second read.
         """
         num = torch.as_tensor(num, dtype=torch.long, device=self._device).reshape(-1)
         fed = self._fed if self._fed is not None else self._committed.new_zeros(self.batch, 0)
-        tokens = fed if tokens is None else self._check_tokens(tokens)
-        if (
-            num.shape != (self.batch,)
-            or bool((num < 0).any())
-            or bool((num > tokens.shape[1]).any())
-        ):
+        tokens = fed if tokens is None else self._check_tokens(tokens, validate)
+        if num.shape != (self.batch,):
             raise ValueError(
-                f"commit takes num (B,) = ({self.batch},) with 0 <= num[b] <= {tokens.shape[1]} "
-                f"(the tokens given or last fed), got {num.tolist()}."
-            )
-        if bool((self._committed + num > self.length).any()):
-            raise ValueError(
-                f"commit of {num.tolist()} goes past the {self.length} image positions "
-                f"(committed: {self._committed.tolist()})."
+                f"commit takes num (B,) = ({self.batch},), got shape {tuple(num.shape)}."
             )
         # agreement: the first a[b] committed tokens equal what was fed there
         m = min(fed.shape[1], tokens.shape[1])
         same = (fed[:, :m] == tokens[:, :m]).long()  # (B, m)
         agree = same.cumprod(dim=1).sum(dim=1) if m else num.new_zeros(self.batch)
         agree = torch.minimum(agree, num)  # (B,)
-        columns = torch.arange(tokens.shape[1], device=self._device)  # (n,)
-        write = columns[None] < num[:, None]  # (B, n)
-        rows, cols = write.nonzero(as_tuple=True)
-        self._codes[rows, self._committed[rows] + cols] = tokens[rows, cols]
+        num_n, agree_n = torch.stack([num, agree]).tolist()  # the step's one read
+        n = tokens.shape[1]
+        if any(k < 0 or k > n for k in num_n):
+            raise ValueError(
+                f"commit takes num (B,) = ({self.batch},) with 0 <= num[b] <= {n} "
+                f"(the tokens given or last fed), got {num_n}."
+            )
+        if any(c + k > self.length for c, k in zip(self._committed_n, num_n, strict=True)):
+            raise ValueError(
+                f"commit of {num_n} goes past the {self.length} image positions "
+                f"(committed: {self._committed_n})."
+            )
+        if n:  # row b writes tokens[b, :num[b]] at its positions committed[b] ..
+            columns = torch.arange(n, device=self._device)  # (n,)
+            write = columns[None] < num[:, None]  # (B, n)
+            spill = self._codes.new_full((self.batch, n), -1)  # room past position N
+            codes = torch.cat([self._codes, spill], dim=1)  # (B, N + n)
+            at = self._committed[:, None] + columns[None]  # (B, n), distinct per row
+            codes.scatter_(1, at, torch.where(write, tokens, codes.gather(1, at)))
+            self._codes = codes[:, : self.length].contiguous()
         self._committed += num
+        self._committed_n = [c + k for c, k in zip(self._committed_n, num_n, strict=True)]
         if self._fed is not None:
-            self._roll_back(agree)
+            self._roll_back(agree, agree_n)
         self._fed = self._fed_logits = self._fed_pending = None
         self._tidy()
 
@@ -345,33 +378,45 @@ class ImageTokenDecoder:
         code of each unfinished row from ``p[b, 0]`` with that row's generator
         (the argmax when greedy), and commits it.
         """
+        nothing = self._committed.new_zeros(self.batch, 0)
         while not self.done:
-            p = self.probs_after(self._committed.new_zeros(self.batch, 0))[:, 0]  # (B, K)
-            active = self._committed < self.length  # (B,)
+            p = self.probs_after(nothing, validate=False)[:, 0]  # (B, K)
+            active = [c < self.length for c in self._committed_n]
             nxt = self.draw(p, active)  # (B,)
-            self.commit(active.long(), nxt.clamp(min=0)[:, None])
+            num = torch.tensor(active, dtype=torch.long, device=self._device)
+            self.commit(num, nxt.clamp(min=0)[:, None], validate=False)
         return self.codes
 
-    def draw(self, probs: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """One code per row from ``probs`` ``(B, K)``, each row with its own generator; -1 outside ``rows``."""
-        out = torch.full((probs.shape[0],), -1, dtype=torch.long, device=probs.device)
-        for b in range(probs.shape[0]):
-            if rows is not None and not bool(rows[b]):
-                continue
-            if self.greedy:
-                out[b] = probs[b].argmax()
-            else:
-                out[b] = sample_categorical(probs[b], self.generators[b])
+    def draw(
+        self, probs: torch.Tensor, rows: torch.Tensor | list[bool] | None = None
+    ) -> torch.Tensor:
+        """One code per row from ``probs`` ``(B, K)``, each row with its own generator; -1 outside ``rows``.
+
+        ``probs`` are the decoder's own distributions (`probs_after`), so they are not
+        checked again; ``rows`` given as a list of bools costs no read from the device.
+        """
+        batch = probs.shape[0]
+        if rows is None:
+            active = [True] * batch
+        else:
+            active = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        if self.greedy:
+            keep = torch.tensor(active, dtype=torch.bool, device=probs.device)
+            return torch.where(keep, probs.argmax(dim=-1), -1)
+        out = torch.full((batch,), -1, dtype=torch.long, device=probs.device)
+        for b in range(batch):
+            if active[b]:  # the draw sample_categorical makes, without its checks
+                out[b] = torch.multinomial(probs[b : b + 1], 1, generator=self.generators[b])[0, 0]
         return out
 
     # ----------------------------------------------------------------- internals
-    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _check_tokens(self, tokens: torch.Tensor, validate: bool = True) -> torch.Tensor:
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self._device)
         if tokens.dim() != 2 or tokens.shape[0] != self.batch:
             raise ValueError(
                 f"tokens must be (B, n) = ({self.batch}, n), got {tuple(tokens.shape)}."
             )
-        if tokens.numel() and bool(((tokens < 0) | (tokens >= self.vocab_size)).any()):
+        if validate and tokens.numel() and bool(((tokens < 0) | (tokens >= self.vocab_size)).any()):
             raise ValueError(f"tokens must be codes in [0, {self.vocab_size}).")
         return tokens
 
@@ -428,14 +473,15 @@ class ImageTokenDecoder:
             return self.token_ids[codes]
         return codes + self.config.code_offset
 
-    def _keep(self, count: torch.Tensor) -> None:
+    def _keep(self, count: torch.Tensor, count_n: list[int]) -> None:
         """``count[b]`` more image positions of row ``b`` hold K/V; move its frontier logits there."""
         full = self._fed_logits  # (R, W + 1, K)
         self._kv_done = self._kv_done + count
+        self._kv_done_n = [k + c for k, c in zip(self._kv_done_n, count_n, strict=True)]
         index = self._both(count)  # (R,)
         self._frontier = full[torch.arange(full.shape[0], device=self._device), index]  # (R, K)
 
-    def _roll_back(self, agree: torch.Tensor) -> None:
+    def _roll_back(self, agree: torch.Tensor, agree_n: list[int]) -> None:
         """Keep the first ``agree[b]`` fed tokens' K/V of each row, mask the rest of the last feed."""
         pending, full = self._fed_pending, self._fed_logits  # (B,), (R, W + 1, K)
         width = full.shape[1] - 1
@@ -444,20 +490,27 @@ class ImageTokenDecoder:
         col = torch.arange(width, device=self._device)[None]  # (1, W)
         keep = self._both(col < (pending + agree)[:, None])  # (R, W)
         self._slots[:, self._fed_start :] &= keep
+        kept = [p + a for p, a in zip(self._fed_pending_n, agree_n, strict=True)]  # per row
+        kept = kept + kept if self.guided else kept  # (R,)
+        self._held_n = [h + k for h, k in zip(self._held_n, kept, strict=True)]
+        if max(kept) > 0:
+            self._last_held = self._fed_start + max(kept) - 1
         self._kv_done = self._kv_done + agree
+        self._kv_done_n = [k + a for k, a in zip(self._kv_done_n, agree_n, strict=True)]
         index = self._both(pending + agree)  # (R,)
         self._frontier = full[torch.arange(full.shape[0], device=self._device), index]
 
     def _tidy(self) -> None:
-        """Crop slots masked in every row at the end; pack the cache when holes dominate."""
-        held = self._slots.any(dim=0)  # (S,)
-        length = int(held.nonzero().max()) + 1 if bool(held.any()) else 0
+        """Crop slots masked in every row at the end; pack the cache when holes dominate.
+
+        Decided from the host's counts (no read from the device).
+        """
+        length = self._last_held + 1
         drop = self._slots.shape[1] - length
         if drop > 0:
             self._cache.crop(-drop)
             self._slots = self._slots[:, :length]
-        counts = self._slots.sum(dim=1)  # (R,)
-        most = int(counts.max())
+        most = max(self._held_n)
         if self._slots.shape[1] - most > most:
             # valid slots first, in their order; attention ignores slot order otherwise
             order = torch.sort((~self._slots).to(torch.int8), dim=1, stable=True).indices
@@ -474,6 +527,7 @@ class ImageTokenDecoder:
                 layer.keys = layer.keys.gather(2, k_idx)  # (R, H, S', D)
                 layer.values = layer.values.gather(2, v_idx)
             self._slots = self._slots.gather(1, order)
+            self._last_held = most - 1
 
     def _target(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Guided, constrained, processed distributions ``(B, n+1, K)`` from code logits ``(R, n+1, K)``."""

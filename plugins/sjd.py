@@ -140,36 +140,39 @@ class Sjd(Strategy):
         width = int(decoder.config.image_tokens[1])
         drafts = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L) codes after the prefix
         q = torch.zeros(B, L, K, dtype=torch.float64, device=device)  # (B, L, K) their q
-        held = torch.zeros(B, dtype=torch.long, device=device)  # (B,) drafts held, a prefix of L
-        row_steps = torch.zeros(B, dtype=torch.long, device=device)
+        held = [0] * B  # drafts each row holds, a prefix of its window
+        row_steps = [0] * B
         accepted_total = torch.zeros(B, dtype=torch.long, device=device)
         steps = 0
         columns = torch.arange(L, device=device)  # (L,)
+        # Per-row counts live on the host (the decoder keeps its committed counts there):
+        # a step reads back from the device once, in decoder.commit.
         while True:
-            committed = decoder.committed  # (B,)
-            remaining = (N - committed).clamp(min=0)  # (B,)
-            if not bool((remaining > 0).any()):
+            committed = decoder.committed_counts
+            want_n = [min(max(N - c, 0), L) for c in committed]  # drafts each row verifies
+            if not any(want_n):
                 break
-            want = remaining.clamp(max=L)  # (B,) drafts each row verifies this step
-            self._fill(decoder, drafts, q, held, want, generators, width)
-            held = want.clone()
-            n = int(want.max())
+            want = torch.tensor(want_n, dtype=torch.long, device=device)  # (B,)
+            self._fill(decoder, drafts, q, held, want_n, generators, width)
+            n = max(want_n)
             tokens = drafts[:, :n]  # (B, n)
-            p = decoder.probs_after(tokens).to(torch.float64)  # (B, n + 1, K)
+            p = decoder.probs_after(tokens, validate=False).to(torch.float64)  # (B, n + 1, K)
             steps += 1
-            active = want > 0  # (B,)
             bonus = p.gather(1, want[:, None, None].expand(B, 1, K)).squeeze(1)  # (B, K)
-            verdict = self.verify(
-                p[:, :n], q[:, :n], tokens, generators, want, bonus, committed + want < N
-            )
+            has_bonus = [c + w < N for c, w in zip(committed, want_n, strict=True)]
+            verdict = self.verify(p[:, :n], q[:, :n], tokens, generators, want_n, bonus, has_bonus)
             a, nxt = verdict.num_accepted, verdict.next_token  # (B,), (B,)
             # keep the accepted drafts and the code the target drew after them
             keep = torch.cat([tokens, tokens.new_zeros(B, 1)], dim=1)  # (B, n + 1)
             keep.scatter_(1, a[:, None], nxt.clamp(min=0)[:, None])
-            decoder.commit(a + (nxt >= 0).long(), keep)
-            row_steps += active.long()
+            decoder.commit(a + (nxt >= 0).long(), keep, validate=False)
+            kept = [x - c for x, c in zip(decoder.committed_counts, committed, strict=True)]
+            row_steps = [r + (w > 0) for r, w in zip(row_steps, want_n, strict=True)]
             accepted_total += a
-            self._refresh(drafts, q, held, p[:, :n], a, want, generators, columns)
+            # a row kept a + 1 codes (a when all passed without a bonus): the window
+            # positions after them still hold the target's samples
+            held = [max(w - k, 0) for w, k in zip(want_n, kept, strict=True)]
+            self._refresh(drafts, q, held, p[:, :n], a, generators, columns)
         self._record(decoder, N, steps, row_steps, accepted_total)
         return decoder.codes
 
@@ -190,23 +193,28 @@ class Sjd(Strategy):
 
     # -- drafts ------------------------------------------------------------------------
     def _fill(self, decoder, drafts, q, held, want, generators, width) -> None:
-        """Draft positions ``held[b] .. want[b] - 1`` of each row's window (``init``); q one-hot."""
+        """Draft positions ``held[b] .. want[b] - 1`` of each row's window (``init``); q one-hot.
+
+        ``held`` and ``want`` are per-row lists (host values).
+        """
         B, L = drafts.shape
         K = q.shape[-1]
-        missing = (want - held).clamp(min=0)  # (B,)
-        if not bool((missing > 0).any()):
+        if not any(w > h for h, w in zip(held, want, strict=True)):
             return
-        columns = torch.arange(L, device=drafts.device)  # (L,)
-        new = (columns >= held[:, None]) & (columns < want[:, None])  # (B, L)
+        device = drafts.device
+        columns = torch.arange(L, device=device)  # (L,)
+        lo = torch.tensor(held, dtype=torch.long, device=device)[:, None]  # (B, 1)
+        hi = torch.tensor(want, dtype=torch.long, device=device)[:, None]  # (B, 1)
+        new = (columns >= lo) & (columns < hi)  # (B, L)
         random = torch.zeros_like(drafts)  # (B, L) one draw per new position, the row's generator
-        for b, (h, w) in enumerate(zip(held.tolist(), want.tolist(), strict=True)):
+        for b, (h, w) in enumerate(zip(held, want, strict=True)):
             if w > h:
                 random[b, h:w] = torch.randint(
                     K, (w - h,), generator=generators[b], device=drafts.device
                 )
         init = self.params.init
         if init == "random":
-            drafts[new] = random[new]
+            drafts.copy_(torch.where(new, random, drafts))  # no boolean indexing: no read
         else:
             N = decoder.length
             committed = decoder.committed  # (B,)
@@ -225,20 +233,20 @@ class Sjd(Strategy):
                 known[rows, pos.clamp(max=N + L - 1)] = drafts[:, j]
         one_hot = torch.zeros(B, L, K, dtype=q.dtype, device=q.device)
         one_hot.scatter_(-1, drafts[..., None], 1.0)
-        q[new] = one_hot[new]
+        q.copy_(torch.where(new[..., None], one_hot, q))
 
-    def _refresh(self, drafts, q, held, p, a, want, generators, columns) -> None:
+    def _refresh(self, drafts, q, held, p, a, generators, columns) -> None:
         """Shift each row's window past what it committed; the target's samples after it become drafts.
 
         Row ``b`` committed ``a[b] + 1`` positions; window column ``j`` of the next step is
         column ``j + a[b] + 1`` of this one, drafted from ``p`` there (``q = p``) while it
-        lies before ``want[b]``, otherwise empty (``held[b]`` counts the drafted ones).
+        lies before the row's window end, otherwise empty: ``held[b]`` (a host list)
+        counts the drafted ones.
         """
         B, L = drafts.shape
         n = p.shape[1]
         src = (columns[None] + a[:, None] + 1).clamp(max=n - 1)  # (B, L)
-        held.copy_((want - a - 1).clamp(min=0))
-        if not bool((held > 0).any()):
+        if not any(held):
             return
         K = p.shape[-1]
         p_next = p.gather(1, src[..., None].expand(B, L, K))  # (B, L, K)
@@ -249,7 +257,7 @@ class Sjd(Strategy):
             keep_prob = acceptance_probability(p_next, q_old, old)  # (B, L)
             residual = residual_distribution(p_next, q_old)  # (B, L, K)
         new = torch.zeros_like(drafts)
-        for b, h in enumerate(held.tolist()):
+        for b, h in enumerate(held):
             if not h:
                 continue
             if coupled:
@@ -263,7 +271,7 @@ class Sjd(Strategy):
 
     def _record(self, decoder, N, steps, row_steps, accepted) -> None:
         forwards = int(decoder.forwards)
-        rs = row_steps.tolist()
+        rs = list(row_steps)
         total_steps = sum(rs)
         self._last = {
             "steps": steps,

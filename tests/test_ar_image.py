@@ -342,3 +342,24 @@ def test_inputs_out_of_range_are_refused(bad):
 
     with pytest.raises(ValidationError):
         ARImageInputs(**{"prompt": ["a red circle"], **bad})
+
+
+@pytest.mark.parametrize("strategy", [None, "sjd"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_decoding_step_reads_back_from_the_device_once(pipe, strategy, batch):
+    # Every read back to the host stalls a GPU. A step of the decoder reads once (the
+    # committed counts, in commit); transformers' own mask code reads once per forward;
+    # the call adds a constant few. Before the counts were kept on the host, plain
+    # decoding read 36 times per step at batch 8 (one per row and check).
+    from decodekit.testing import HostReads
+
+    prompts = (PROMPTS * 2)[:batch]
+    specs = [] if strategy is None else [{"name": "sjd", "params": {"window": 4}}]
+    with decodekit.attach(pipe, specs):
+        with HostReads() as reads:
+            out = pipe(
+                prompts, guidance_scale=2.0, top_k=5, generator=gens(range(batch)),
+                output_type="codes",
+            )  # fmt: skip
+    steps = out.stats.get("steps", pipe.config.num_positions)
+    assert reads.total <= steps + out.forwards + 4, dict(reads.counts)

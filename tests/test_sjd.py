@@ -56,6 +56,10 @@ class TableDecoder:
         return self._committed.clone()
 
     @property
+    def committed_counts(self):
+        return self._committed.tolist()
+
+    @property
     def codes(self):
         return self._codes.clone()
 
@@ -71,7 +75,7 @@ class TableDecoder:
         index = (prefixes * self.vocab_size ** torch.arange(t - 1, -1, -1)).sum(-1)
         return self._probs(torch.full_like(index, t), index)
 
-    def probs_after(self, tokens: torch.Tensor) -> torch.Tensor:
+    def probs_after(self, tokens: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
         B, n = tokens.shape
         assert n <= self.length - int(self._committed.min())
         V = self.vocab_size
@@ -90,7 +94,9 @@ class TableDecoder:
         self.forwards += 1
         return out
 
-    def commit(self, num: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+    def commit(
+        self, num: torch.Tensor, tokens: torch.Tensor | None = None, *, validate: bool = True
+    ) -> None:
         tokens = self._fed if tokens is None else tokens
         for b in range(self.batch):
             k, c = int(num[b]), int(self._committed[b])

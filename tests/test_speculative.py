@@ -350,3 +350,33 @@ def test_rows_helper_equals_accept_or_resample_row_by_row():
             assert torch.equal(v.accepted[b, :m], one.accepted[0]) and not v.accepted[b, m:].any()
             # the row's generator advanced exactly as the one-row call's did
             assert torch.equal(torch.rand(3, generator=gens[b]), torch.rand(3, generator=alone))
+
+
+def test_rows_helper_with_host_lengths_reads_nothing_back_and_agrees():
+    # lengths and has_bonus as lists: the same verdict as tensors, without a read to the host
+    from decodekit.testing import HostReads
+
+    B, N, V = 5, 4, 6
+    g = torch.Generator().manual_seed(3)
+    p = torch.rand(B, N, V, generator=g, dtype=torch.float64).pow(3).softmax(-1)
+    q = torch.rand(B, N, V, generator=g, dtype=torch.float64).softmax(-1)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=g).reshape(B, N)
+    bonus = torch.rand(B, V, generator=g, dtype=torch.float64).softmax(-1)
+    lengths, has_bonus = [4, 2, 0, 1, 4], [True, False, True, True, False]
+
+    def verdict(as_lists):
+        gens = [torch.Generator().manual_seed(b) for b in range(B)]
+        lens = lengths if as_lists else torch.tensor(lengths)
+        flags = has_bonus if as_lists else torch.tensor(has_bonus)
+        return accept_or_resample_rows(
+            p, q, drafts, gens, lens, bonus_probs=bonus, has_bonus=flags, validate=False
+        )
+
+    with HostReads() as reads:
+        listed = verdict(True)
+    assert reads.total == 0, dict(reads.counts)
+    tensors = verdict(False)
+    assert torch.equal(listed.next_token, tensors.next_token)
+    assert torch.equal(listed.accepted, tensors.accepted)
+    with pytest.raises(ValueError, match="lengths"):
+        accept_or_resample_rows(p, q, drafts, [torch.Generator()] * B, [5, 0, 0, 0, 0])
