@@ -222,3 +222,46 @@ class TestBlockCacheContract(StrategyTesterMixin):
 
     def broken_call(self, pipe):
         pipe(input_ids=PROMPTS, gen_length=8, block_length=4, steps=4, temperature=1.0)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_host_reads_per_step_do_not_grow_with_depth(mode):
+    # A GPU waits at every read back; none per layer, at most two a step beyond the
+    # uncached loop's own (the fed widths, the fed slots), as for dkv-cache.
+    from decodekit.testing import HostReads
+
+    per_depth = {}
+    for layers in (1, 4):
+        pipe = tiny_mdm_pipeline(layers=layers)
+        with decodekit.attach(pipe, [block(mode)]):
+            with HostReads() as reads:
+                pipe(input_ids=PROMPTS, **KW)
+        per_depth[layers] = reads.total
+    with HostReads() as base:
+        tiny_mdm_pipeline(layers=4)(input_ids=PROMPTS, **KW)
+    assert per_depth[1] == per_depth[4]
+    assert per_depth[4] <= base.total + 2 * KW["steps"]
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_one_query_width_per_block(mode):
+    # The shapes a GPU sees: after a block's full first step, every step of the block
+    # feeds the same number of positions (the block, or the block and the suffix).
+    widths = []
+
+    class Widths(Recording):
+        def _partial_forward(self, model, x, position_ids, fed, valid, step, window):
+            logits, computed = super()._partial_forward(
+                model, x, position_ids, fed, valid, step, window
+            )
+            widths.append(computed // x.shape[0])
+            return logits, computed
+
+    pipe = tiny_mdm_pipeline()
+    with decodekit.attach(pipe, [Widths(mode=mode)]):
+        pipe(input_ids=PROMPTS, **KW)
+    per_block = KW["steps"] // (KW["gen_length"] // KW["block_length"])
+    blocks = [widths[i : i + per_block] for i in range(0, len(widths), per_block)]
+    assert all(len(set(b[1:])) == 1 for b in blocks), widths
+    if mode == "dual":
+        assert all(b[1] == KW["block_length"] for b in blocks), widths
