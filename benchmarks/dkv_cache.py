@@ -1,4 +1,4 @@
-"""Benchmark dkv-cache variants (and + threshold decoding) against the uncached pipeline.
+"""Benchmark dkv-cache variants, block-cache (prefix, dual) and threshold decoding against the uncached pipeline.
 
 Runs the masked-diffusion-lm pipeline on a randomly initialised LLaDA-shaped
 (bidirectional Llama, GQA) model (``--model random``, the default) or on
@@ -243,10 +243,16 @@ def rows_to_run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[s
         {"name": "dkv-cache", "params": {"variant": "decode"}},
         {"name": "parallel-threshold", "params": {"threshold": 0.9}},
     ]
+    for mode in ("prefix", "dual"):  # Fast-dLLM's block caches, alone and with threshold
+        configs[f"block-{mode}"] = [{"name": "block-cache", "params": {"mode": mode}}]
+        configs[f"block-{mode}+threshold"] = [
+            {"name": "block-cache", "params": {"mode": mode}},
+            {"name": "parallel-threshold", "params": {"threshold": 0.9}},
+        ]
     if args.query_bucket:
         for strategies in configs.values():
             for spec in strategies:
-                if spec["name"] == "dkv-cache":
+                if spec["name"] in ("dkv-cache", "block-cache"):
                     spec["params"]["query_bucket"] = args.query_bucket
     if args.configs:
         unknown = set(args.configs) - set(configs)

@@ -69,6 +69,16 @@ step dkv-p512 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 512 \
 step dkv-p64-bucket1 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 64 \
     --gen-length 256 --block 32 --steps 256 --batches 8 --repeats 2 --query-bucket 1 \
     --configs decode pd --out "$RES/dkv_cache_llada_gpu_p64_bucket1.json"
+# 3c. Fast-dLLM's block caches beside dkv-cache (issue 21's table): batch 1 and 8, prompts of
+#     64 and 512, each cache alone and with threshold decoding.
+step dllm-caches-p64 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 64 \
+    --gen-length 256 --block 32 --steps 256 --batches 1 8 --repeats 2 \
+    --configs decode pd block-prefix block-dual threshold decode+threshold \
+    block-prefix+threshold block-dual+threshold --out "$RES/dllm_caches_llada_gpu_p64.json"
+step dllm-caches-p512 python3 benchmarks/dkv_cache.py "${DKV_LLADA[@]}" --prompt 512 \
+    --gen-length 256 --block 32 --steps 256 --batches 1 8 --repeats 2 \
+    --configs pd block-prefix block-dual decode+threshold block-dual+threshold \
+    --out "$RES/dllm_caches_llada_gpu_p512.json"
 # 4. Faster-Diffusion vs DeepCache on SD 1.5's UNet at full width, fp16, 512x512 latents
 #    (SKIP_FD=1 leaves it out, for a session whose Faster-Diffusion code is already measured).
 [ "${SKIP_FD:-0}" = 1 ] || step fd-sd15 python3 benchmarks/faster_diffusion_vs_deepcache.py --steps 50 --rounds 3 \
