@@ -100,8 +100,17 @@ class Bar:
     def line(self) -> str:
         """The text of the line as it would be drawn now."""
         filled = self.width * self.done // max(1, self.total)
-        bar = "█" * filled + "·" * (self.width - filled)
+        full, empty = ("█", "·") if self._unicode() else ("#", "-")
+        bar = full * filled + empty * (self.width - filled)
         return f"{self.label}  {bar} {self.done}/{self.total}  {format_eta(self.eta)}"
+
+    def _unicode(self) -> bool:
+        """Whether the stream's encoding can write the block characters (not cp1252, ascii)."""
+        try:
+            "█·".encode(getattr(self.stream, "encoding", None) or "utf-8")
+        except (LookupError, UnicodeEncodeError):
+            return False
+        return True
 
     def show(self, label: str | None = None, eta: float | None | bool = False) -> None:
         """Redraw, with a new ``label`` and ``eta`` (seconds or None) where given."""

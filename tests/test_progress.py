@@ -78,6 +78,14 @@ def test_bar_erases_itself_and_draws_only_when_enabled():
     assert stream.getvalue() == ""
 
 
+def test_bar_falls_back_to_ascii_where_the_stream_cannot_encode_blocks():
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    bar = Bar(4, enabled=True, stream=stream)
+    bar.show("x")
+    bar.advance(2)
+    assert "##########----------" in bar.line()  # and writing it raised no UnicodeEncodeError
+
+
 class ListAdapter:
     """Records each generate call; outputs one row per prompt."""
 

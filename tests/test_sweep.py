@@ -8,7 +8,14 @@ import pytest
 from decodekit.cli import main
 from decodekit.config import load_config
 from decodekit.errors import ConfigError
-from decodekit.sweep import fidelity, mark_dominated, parse_sweep, sweep_bench, sweep_points
+from decodekit.sweep import (
+    fidelity,
+    mark_dominated,
+    pareto_chart,
+    parse_sweep,
+    sweep_bench,
+    sweep_points,
+)
 from PIL import Image
 
 from tests.test_bench import ScriptedClock
@@ -124,3 +131,24 @@ def test_bench_sweep_on_a_zoo_config_draws_token_agreement(tmp_path, capsys):
     assert (tmp_path / "out" / "sweep.md").exists() and (tmp_path / "out" / "sweep.png").exists()
     assert main(["bench", str(path), "--sweep", sweep, "--overhead"]) == 2
     assert "--overhead" in capsys.readouterr().err
+
+
+def test_pareto_chart_draws_identical_outputs_and_skips_points_without_fidelity(tmp_path):
+    def point(label, speedup, value):
+        spread = {"low": speedup * 0.9, "high": speedup * 1.1}
+        fid = None if value is None else {"name": "PSNR", "value": value, "higher_is_better": True}
+        return {"label": label, "speedup": speedup, "speedup_spread": spread, "fidelity": fid}
+
+    points = [point("a=1", 1.5, 30.0), point("a=2", 1.2, float("inf")), point("a=3", 2.0, None)]
+    mark_dominated(points)
+    result = {
+        "points": points,
+        "label": "x.yaml",
+        "sweeps": ["strategies.0.params.a=1,2,3"],
+        "repeat": 3,
+        "machine": {"device": "cpu", "torch_threads": 1},
+    }
+    pareto_chart(result, tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as img:
+        colours = {c for _, c in img.convert("RGB").getcolors(maxcolors=1 << 20)}
+    assert (40, 110, 200) in colours  # front points are drawn filled
