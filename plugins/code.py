@@ -81,13 +81,19 @@ class CoDeParams(Params):
         return v
 
 
-def load_refiner(source: str, path: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """The `VARTransformer` of ``source`` (zoo:<name>, a var folder or a transformer folder)."""
+def load_refiner(source: str, path: str, pipe: Any) -> Any:
+    """The `VARTransformer` of ``source`` (zoo:<name>, a var folder or a transformer folder).
+
+    Loaded on the device and in the dtype of ``pipe``'s transformer. A var folder's
+    ``vq/`` must hold the pipeline's VQ-VAE: a refiner learnt another one's tokens.
+    """
     from decodekit.config import resolve_model
     from decodekit.pipelines.var import VARTransformer
 
+    weight = next(pipe.transformer.parameters())
     folder = Path(resolve_model(source, path=path))
     if (folder / "transformer" / "config.json").is_file():
+        check_same_vq(folder / "vq", pipe.vq, path)
         folder = folder / "transformer"
     elif not (folder / "config.json").is_file():
         raise ConfigError(
@@ -97,10 +103,32 @@ def load_refiner(source: str, path: str, device: torch.device, dtype: torch.dtyp
             "as VARPipeline.save_pretrained or `decodekit convert-var` write them",
         )
     try:
-        model = VARTransformer.from_pretrained(folder, torch_dtype=dtype)
+        model = VARTransformer.from_pretrained(folder, torch_dtype=weight.dtype)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ConfigError(path, f"cannot load a VARTransformer from {str(folder)!r}: {e}") from None
-    return model.to(device).eval()
+    return model.to(weight.device).eval()
+
+
+def check_same_vq(folder: Path, vq: Any, path: str) -> None:
+    """Refuse a var folder whose ``vq/`` weights are not ``vq``'s (to float16 precision)."""
+    from safetensors.torch import load_file
+
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        return  # a folder without its own VQ-VAE: nothing to compare
+    theirs, ours = load_file(weights), vq.state_dict()
+    same = theirs.keys() == ours.keys() and all(
+        theirs[k].shape == ours[k].shape
+        and torch.allclose(theirs[k].float(), ours[k].detach().float().cpu(), rtol=1e-3, atol=1e-3)
+        for k in ours
+    )
+    if not same:
+        raise ConfigError(
+            path,
+            f"the refiner's folder holds another VQ-VAE ({str(folder)!r}) than the pipeline's; "
+            "a refiner predicts the tokens of the VQ-VAE it was trained on, so it must share "
+            "the pipeline's (the same vq/ weights)",
+        )
 
 
 def forward_flops(model: Any, first: int, last: int) -> int:
@@ -172,7 +200,7 @@ class CoDe(Strategy):
         weight = next(drafter.parameters())
         refiner = self.params.refiner
         if isinstance(refiner, str):
-            refiner = load_refiner(refiner, f"{self.path}.refiner", weight.device, weight.dtype)
+            refiner = load_refiner(refiner, f"{self.path}.refiner", pipe)
         else:
             got = next(refiner.parameters())
             if (got.device, got.dtype) != (weight.device, weight.dtype):

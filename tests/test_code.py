@@ -277,6 +277,9 @@ def test_bad_params_are_refused_with_the_key(pipe, small, tmp_path):
         decodekit.attach(pipe, [code(str(tmp_path), 2)])
     with pytest.raises(ConfigError, match=r"refiner: model folder .* does not exist"):
         decodekit.attach(pipe, [code(str(tmp_path / "missing"), 2)])
+    VARPipeline(small, tiny_vq(seed=1)).save_pretrained(tmp_path / "other-vq")
+    with pytest.raises(ConfigError, match=r"refiner: the refiner's folder holds another VQ-VAE"):
+        decodekit.attach(pipe, [code(str(tmp_path / "other-vq"), 2)])
     with pytest.raises(ConfigError, match=r"draft_steps: Field required"):
         decodekit.attach(pipe, [{"name": "code", "params": {"refiner": small}}])
     assert attached_run(pipe) is None
