@@ -1,5 +1,12 @@
 """Faster-Diffusion against DeepCache on one pipeline, in one process: speed-up against fidelity.
 
+Three kinds of arm: decodekit's ``faster-diffusion`` schedules, the DeepCache
+package's ``DeepCacheSDHelper`` at several intervals, and decodekit's ``deep-cache``
+at the same intervals (the package's algorithm through decodekit's hooks; its
+outputs equal the package's, so its PSNR must match the package arm's) plus
+``deep-cache`` with ``parallel: true`` (Faster-Diffusion's parallel decoder on the
+shallow steps). ``--arms fd,deepcache,dk`` picks kinds (default: all).
+
 The pipeline is a StableDiffusionPipeline whose UNet has Stable Diffusion 1.5's
 block layout (3 cross-attention down blocks + 1 plain, mirrored up blocks, 2
 resnets per block) at a smaller width, randomly initialised, with 32x32
@@ -13,8 +20,8 @@ speed-up (UNet FLOPs of the baseline call over the arm's, counted with
 ``torch.utils.flop_counter.FlopCounterMode``), the ratio measured / ideal,
 UNet calls run in full, and PSNR of the decoded images to the baseline's.
 
-DeepCache (``pip install DeepCache==0.1.1 --no-deps``) is imported lazily; without
-it the DeepCache arms are skipped with a note.
+DeepCache (``pip install DeepCache==0.1.1``, in decodekit's ``test`` extra) is
+imported lazily; without it the package's arms are skipped with a note.
 
 With ``--model zoo`` the pipeline is instead the trained reference-zoo model
 ``zoo:shapes-sd`` (32x32 images) at its operating point, guidance 3.0, DDIM,
@@ -53,6 +60,8 @@ sys.path.insert(0, str(ROOT))  # tests.tiny: the tiny text encoder and VAE
 
 FD_SCHEDULES = ["paper", "uniform-2", "uniform-3", "uniform-4", "uniform-5"]
 DEEPCACHE_INTERVALS = [2, 3, 5]
+DK_PARALLEL_INTERVALS = [3, 5]  # decodekit deep-cache with parallel: true
+ARM_KINDS = ("fd", "deepcache", "dk")
 ZOO_EXAMPLE = ROOT / "examples/faster-diffusion.yaml"
 
 
@@ -170,9 +179,11 @@ class UNetFlops:
             h.remove()
 
 
-def arms(has_deepcache: bool, sequential: bool = True) -> list[dict[str, Any]]:
+def arms(
+    has_deepcache: bool, sequential: bool = True, kinds: tuple[str, ...] = ARM_KINDS
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [{"name": "baseline", "kind": "baseline"}]
-    if sequential:
+    if sequential and "fd" in kinds:
         out.append(
             {
                 "name": "fd paper (sequential)",
@@ -180,7 +191,7 @@ def arms(has_deepcache: bool, sequential: bool = True) -> list[dict[str, Any]]:
                 "params": {"key_steps": "paper", "parallel_decoder": False},
             }
         )
-    for sched in FD_SCHEDULES:
+    for sched in FD_SCHEDULES if "fd" in kinds else []:
         out.append(
             {
                 "name": f"fd {sched}",
@@ -188,9 +199,20 @@ def arms(has_deepcache: bool, sequential: bool = True) -> list[dict[str, Any]]:
                 "params": {"key_steps": sched, "parallel_decoder": True},
             }
         )
-    if has_deepcache:
+    if has_deepcache and "deepcache" in kinds:
         for n in DEEPCACHE_INTERVALS:
             out.append({"name": f"deepcache {n}", "kind": "deepcache", "interval": n})
+    if "dk" in kinds:
+        for n in DEEPCACHE_INTERVALS:
+            out.append({"name": f"dk deep-cache {n}", "kind": "dk", "params": {"interval": n}})
+        for n in DK_PARALLEL_INTERVALS:
+            out.append(
+                {
+                    "name": f"dk deep-cache {n} parallel",
+                    "kind": "dk",
+                    "params": {"interval": n, "parallel": True},
+                }
+            )
     return out
 
 
@@ -239,6 +261,10 @@ def run_arm(
             if prior_noise > 0:
                 specs.append({"name": "prior-noise", "params": {"prior_noise": prior_noise}})
             with decodekit.attach(pipe, specs) as run:
+                images, wall = timed_call(pipe, prompts, kwargs)
+            extra = {"full_calls": run.last["nfe"], "ideal_own": run.ideal_speedup()}
+        elif arm["kind"] == "dk":
+            with decodekit.attach(pipe, [{"name": "deep-cache", "params": arm["params"]}]) as run:
                 images, wall = timed_call(pipe, prompts, kwargs)
             extra = {"full_calls": run.last["nfe"], "ideal_own": run.ideal_speedup()}
         elif arm["kind"] == "deepcache":
@@ -314,10 +340,12 @@ def _panel(rows: list[dict[str, Any]], key: str, label: str, pad: float):
         d.text((w - m - 60, yb - 12), "baseline", fill=(150, 150, 150))
     for r in pts:
         x, y = at(r["wall_speedup"], r[key])
-        color = (200, 60, 40) if r["name"].startswith("deepcache") else (40, 110, 200)
+        color = {"deepcache": (200, 60, 40), "dk": (30, 150, 60)}.get(
+            r["name"].split(" ")[0], (40, 110, 200)
+        )
         d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
         d.text((x + 6, y - 6), r["name"].replace("fd ", ""), fill=color)
-    d.text((w - 230, 10), "blue: faster-diffusion  red: DeepCache", fill="black")
+    d.text((w - 330, 10), "blue: faster-diffusion  red: DeepCache  green: deep-cache", fill="black")
     return img
 
 
@@ -349,7 +377,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cross-dim", type=int, default=64, help="random UNet: text width (SD 1.5: 768)"
     )
     ap.add_argument("--batch", type=int, default=1, help="random UNet: prompts per call")
+    ap.add_argument(
+        "--arms",
+        default=",".join(ARM_KINDS),
+        help="comma-separated kinds of arm: fd (faster-diffusion), deepcache (the package), "
+        "dk (decodekit's deep-cache); the baseline always runs",
+    )
     args = ap.parse_args(argv)
+    args.arms = tuple(a for a in args.arms.split(",") if a)
+    if not args.arms or set(args.arms) - set(ARM_KINDS):
+        ap.error(f"--arms takes a comma-separated subset of {','.join(ARM_KINDS)}")
     if args.out is None:
         stem = "faster_diffusion_vs_deepcache" + ("_zoo" if args.model == "zoo" else "")
         args.out = str(ROOT / "benchmarks/results/faster-diffusion/cpu-2core" / stem)
@@ -362,7 +399,7 @@ def deepcache_installed() -> bool:
     except ImportError:
         print(
             "DeepCache is not installed; its arms are skipped. "
-            "Install it with: .venv/bin/pip install DeepCache==0.1.1 --no-deps"
+            "Install it with: .venv/bin/pip install DeepCache==0.1.1 (in the test extra)"
         )
         return False
     return True
@@ -480,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     guidance = 3.0 if zoo else 7.5
     has_deepcache = deepcache_installed()
     pipe, prompts = load(args)
-    todo = arms(has_deepcache, sequential=not zoo)
+    todo = arms(has_deepcache, sequential=not zoo, kinds=args.arms)
     run_kw = {"guidance": guidance, "prior_noise": prior_noise}
 
     # Outputs and FLOPs, once per arm (not timed).

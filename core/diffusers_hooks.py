@@ -6,7 +6,8 @@ ControlNet, an LLM) get a named diffusers ``ModelHook`` through their
 (``__call__``, ``prepare_latents`` ...) wrap the originals. `PipelineHooks`
 does both and undoes both: diffusers' ``remove_hook`` leaves an empty registry
 and a bound ``forward`` on the module, so a module that had neither before gets
-neither back.
+neither back. `ModuleHooks` is the module half alone, for strategies that hook
+a model's submodules (DeepCache's blocks).
 """
 
 from __future__ import annotations
@@ -20,6 +21,53 @@ from decodekit.errors import AttachError
 from diffusers.hooks import HookRegistry, ModelHook
 
 _ABSENT = object()
+
+
+class ModuleHooks:
+    """Named diffusers ``ModelHook``s on modules, removed so that each module ends exactly as before.
+
+    Attributes:
+        name: the name every hook is registered under in its module's ``HookRegistry``.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        # (module, registry existed before, the module's own ``forward`` instance attribute)
+        self._hooked: list[tuple[torch.nn.Module, bool, Any]] = []
+
+    def attach(self, hooks: Sequence[tuple[torch.nn.Module, ModelHook]], owner: str) -> None:
+        """Register each ``(module, hook)`` under ``name``.
+
+        Refuses (`AttachError`, nothing changed) a module that already carries a hook
+        under ``name``: another run is attached to it. ``owner`` names the attached
+        thing in that message.
+        """
+        for module, _ in hooks:
+            registry = compat.hook_registry(module)
+            if registry is not None and registry.get_hook(self.name) is not None:
+                raise AttachError(
+                    f"the {type(module).__name__} already carries a {self.name!r} hook; "
+                    f"detach the other run from {owner} first."
+                )
+        for module, hook in hooks:
+            existed = compat.hook_registry(module) is not None
+            self._hooked.append((module, existed, module.__dict__.get("forward", _ABSENT)))
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, self.name)
+
+    def restore(self) -> None:
+        """Remove the hooks; a module that had no registry or own ``forward`` gets neither back."""
+        for module, existed, forward in self._hooked:
+            registry = compat.hook_registry(module)
+            if registry is None:
+                continue
+            registry.remove_hook(self.name, recurse=False)
+            if not registry.hooks and not existed:
+                compat.remove_hook_registry(module)
+                if forward is _ABSENT:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.__dict__["forward"] = forward
+        self._hooked = []
 
 
 class PipelineHooks:
@@ -36,8 +84,7 @@ class PipelineHooks:
         self.pipe = pipe
         self.name = name
         self.original_class: type | None = None
-        # (module, registry existed before, the module's own ``forward`` instance attribute)
-        self._hooked: list[tuple[torch.nn.Module, bool, Any]] = []
+        self._modules = ModuleHooks(name)
 
     @property
     def attached(self) -> bool:
@@ -55,17 +102,7 @@ class PipelineHooks:
         """
         if self.attached:
             raise AttachError(f"{type(self.pipe).__name__} is already attached; restore it first.")
-        for module, _ in hooks:
-            registry = compat.hook_registry(module)
-            if registry is not None and registry.get_hook(self.name) is not None:
-                raise AttachError(
-                    f"the {type(module).__name__} already carries a {self.name!r} hook; "
-                    "detach the other run first."
-                )
-        for module, hook in hooks:
-            existed = compat.hook_registry(module) is not None
-            self._hooked.append((module, existed, module.__dict__.get("forward", _ABSENT)))
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, self.name)
+        self._modules.attach(hooks, owner=f"the {type(self.pipe).__name__}")
         cls = type(self.pipe)
         self.original_class = cls
         self.pipe.__class__ = type(cls.__name__, (cls,), {**methods, "__module__": cls.__module__})
@@ -75,15 +112,4 @@ class PipelineHooks:
         if self.original_class is not None:
             self.pipe.__class__ = self.original_class
             self.original_class = None
-        for module, existed, forward in self._hooked:
-            registry = compat.hook_registry(module)
-            if registry is None:
-                continue
-            registry.remove_hook(self.name, recurse=False)
-            if not registry.hooks and not existed:
-                compat.remove_hook_registry(module)
-                if forward is _ABSENT:
-                    module.__dict__.pop("forward", None)
-                else:
-                    module.__dict__["forward"] = forward
-        self._hooked = []
+        self._modules.restore()

@@ -25,18 +25,22 @@ Faster-Diffusion; benchmarks/faster_diffusion_vs_deepcache.py).
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from decodekit.errors import AttachError, DecodekitError
+from decodekit.errors import AttachError
 from decodekit.feature_memo import StepFeatureMemo
 from decodekit.hookspecs import hookimpl
-from decodekit.loops import CONTROLNET, DENOISER
-from decodekit.strategy import Params, Strategy
+from decodekit.strategy import Params
+from decodekit.unet_reuse import (
+    UNetReuseStrategy,
+    count_flops,
+    refuse_steps_past_end,
+    solver_steps,
+)
 from pydantic import Field, field_validator
 
 PAPER_KEY_STEPS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
@@ -218,15 +222,7 @@ def decoder_forward(
     return unet.conv_out(sample)  # (G·B, C_out, H, W)
 
 
-def _flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-class FasterDiffusion(Strategy):
+class FasterDiffusion(UNetReuseStrategy):
     """Run the UNet's encoder only at key steps; decode the other steps from its cached features."""
 
     name = "faster-diffusion"
@@ -234,6 +230,8 @@ class FasterDiffusion(Strategy):
     Params = FasterDiffusionParams
     slot = "denoiser-cache"
     paper = "Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion Models, arXiv:2312.09608"
+    served_count = "decoder_calls"
+    batch_count = "decoder_batches"
 
     def __init__(self, params=None, *, path: str = "params", **kwargs):
         super().__init__(params, path=path, **kwargs)
@@ -252,16 +250,13 @@ class FasterDiffusion(Strategy):
                 "decoder's skip connections, and a diffusion transformer has no encoder/decoder "
                 "split. Use it on a stable-diffusion pipeline."
             )
-        self.unet = unet
-        self.controlnet: torch.nn.Module | None = None  # seen in the first role="controlnet" call
-        self._signature = inspect.signature(type(unet).forward)
+        self._attach_unet(unet)
         self._capturing = False
         self._captured: list[dict[str, Any] | None] = []
         self._handles = [
             block.register_forward_pre_hook(self._capture_hook(i), with_kwargs=True)
             for i, block in enumerate(unet.up_blocks)
         ]
-        self._flop_cache: dict[Any, tuple[int, int, int]] = {}
         self.reset(run)
 
     def on_detach(self, run) -> None:
@@ -277,18 +272,7 @@ class FasterDiffusion(Strategy):
         self._key: list[int] | None = None  # key solver steps of this call
         # The decoder inputs of the last full UNet call, under its call index.
         self.features = StepFeatureMemo(max_steps=1)
-        self._served: dict[int, torch.Tensor] = {}  # call index -> (B, C, H, W) precomputed output
-        self._last_control: Any = None
-        self._last_full: tuple[tuple, dict[str, Any]] | None = None
-        self._last_control_args: tuple[tuple, dict[str, Any]] | None = None
-        self.counts = {
-            "full_calls": 0,
-            "decoder_calls": 0,
-            "decoder_batches": 0,
-            "controlnet_run": 0,
-            "controlnet_skipped": 0,
-            "sequential_fallbacks": 0,
-        }
+        self._reset_serving()
 
     def stats(self) -> dict[str, Any]:
         return {**self.counts, "key_steps": list(self._key or [])}
@@ -296,22 +280,10 @@ class FasterDiffusion(Strategy):
     # -- the key-step schedule ----------------------------------------------------------
     def _key_steps(self, run) -> list[int]:
         if self._key is None:
-            n = run.adapter.num_calls
-            if n is None:
-                raise DecodekitError(
-                    f"faster-diffusion cannot tell how many steps {type(run.adapter.pipe).__name__} "
-                    "runs (it sets no _num_timesteps); use a diffusers SD/SDXL/ControlNet pipeline."
-                )
-            order = run.adapter.scheduler_order
-            num_steps = (n + order - 1) // order
+            num_steps = solver_steps(run, "faster-diffusion")
             spec = self.params.key_steps
-            past = sorted(s for s in spec if s >= num_steps) if isinstance(spec, list) else []
-            if past:  # would be dropped silently: the user asked for steps that never run
-                raise DecodekitError(
-                    f"faster-diffusion params.key_steps: {past} past the last step of this call; "
-                    f"valid steps are 0..{num_steps - 1} ({num_steps} solver steps). Drop them, "
-                    "or raise num_inference_steps."
-                )
+            if isinstance(spec, list):
+                refuse_steps_past_end("faster-diffusion params.key_steps", spec, num_steps)
             self._key = key_steps_for(spec, num_steps)
         return self._key
 
@@ -337,64 +309,36 @@ class FasterDiffusion(Strategy):
 
         return hook
 
-    # -- the denoiser hooks -------------------------------------------------------------
-    @hookimpl
-    def decodekit_denoiser_forward(self, run, step, role, args, kwargs):
-        if role != DENOISER:
-            if (
-                role == CONTROLNET
-                and self._key_inputs(step) is not None
-                and self._last_control is not None
-                and not self.is_key(run, step)
-            ):
-                self.counts["controlnet_skipped"] += 1
-                return self._last_control  # ignored: this step's UNet call is served
-            return None
-        call = self._bind(args, kwargs)
-        if self.is_key(run, step) or not self._can_serve(call, step):
-            self._capturing = True
-            self._captured = [None] * len(self.unet.up_blocks)
-            return None
-        if step not in self._served:
-            self._decode_group(run, step, call)
-        out = self._served.pop(step)  # (B, C, H, W)
-        self.counts["decoder_calls"] += 1
-        if call.get("return_dict", True):
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+    # -- what UNetReuseStrategy's denoiser hooks ask ----------------------------------------
+    def _is_full(self, run, step: int) -> bool:
+        return self.is_key(run, step)
 
-            return UNet2DConditionOutput(sample=out)
-        return (out,)
+    def _skips_controlnet(self, run, step: int) -> bool:
+        return self._key_inputs(step) is not None and not self.is_key(run, step)
 
-    @hookimpl
-    def decodekit_denoiser_output(self, run, step, role, module, args, kwargs, output):
-        if role == CONTROLNET:
-            self.controlnet = module
-            self._last_control = output
-            self.counts["controlnet_run"] += 1
-            self._last_control_args = (args, kwargs)
-            return
-        if role != DENOISER:
-            return
+    def _start_full(self) -> None:
+        self._capturing = True
+        self._captured = [None] * len(self.unet.up_blocks)
+
+    def _end_full(self, step: int, args: tuple, kwargs: dict[str, Any]) -> None:
         self._capturing = False
         captured, self._captured = self._captured, []
-        self.counts["full_calls"] += 1
-        self._last_full = (args, kwargs)
-        self._served = {}
         if captured and all(c is not None for c in captured):
             feats = DecoderInputs(hidden=captured[0]["hidden"], blocks=captured)
             self.features.put(step, "decoder_inputs", feats)
         else:
             self.features.clear()  # nothing to serve the next calls from
 
+    def _serve(self, run, step: int, call: dict[str, Any]) -> None:
+        self._decode_group(run, step, call)
+
+    def _has_features(self) -> bool:
+        return self._key_inputs() is not None
+
     # -- serving non-key steps ----------------------------------------------------------
     def _key_inputs(self, step: int | None = None) -> DecoderInputs | None:
         """The decoder inputs of the last full UNet call at or before call ``step`` (or at all)."""
         return self.features.latest("decoder_inputs", at_or_before=step, default=None)
-
-    def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-        bound = self._signature.bind(self.unet, *args, **kwargs)
-        bound.apply_defaults()
-        return dict(bound.arguments)
 
     def _can_serve(self, call: dict[str, Any], step: int) -> bool:
         feats = self._key_inputs(step)
@@ -409,24 +353,11 @@ class FasterDiffusion(Strategy):
         assert feats is not None
         b = feats.batch
         t_now = torch.as_tensor(call["timestep"], device=feats.hidden.device)
-        steps = [step]
-        if self.params.parallel_decoder and t_now.ndim == 0:
-            known = run.adapter.loop_timestep(step)
-            if known is not None and torch.equal(known.to(t_now), t_now):
-                n = run.adapter.num_calls
-                nxt = step + 1
-                while nxt < n and len(steps) < self.params.max_group and not self.is_key(run, nxt):
-                    steps.append(nxt)
-                    nxt += 1
-            else:
-                self.counts["sequential_fallbacks"] += 1
-        if len(steps) == 1:
-            timesteps = t_now.expand(b) if t_now.ndim == 0 else t_now  # (B,)
+        if self.params.parallel_decoder:
+            steps = self._group(run, step, t_now, self.params.max_group)
         else:
-            per_step = torch.stack(
-                [t_now] + [run.adapter.loop_timestep(s).to(t_now) for s in steps[1:]]
-            )  # (G,)
-            timesteps = per_step.repeat_interleave(b)  # (G·B,), step-major
+            steps = [step]
+        timesteps = self._group_timesteps(run, steps, t_now, b)  # (G·B,), step-major
         out = decoder_forward(
             self.unet,
             feats,
@@ -437,24 +368,9 @@ class FasterDiffusion(Strategy):
             class_labels=call.get("class_labels"),
             cross_attention_kwargs=call.get("cross_attention_kwargs"),
         )  # (G·B, C, H, W)
-        self.counts["decoder_batches"] += 1
-        for s, chunk in zip(steps, out.split(b)):
-            self._served[s] = chunk
+        self._served_group(steps, out, b)
 
     # -- the FLOP-ideal speed-up --------------------------------------------------------
-    def ideal_speedup(self, run) -> float | None:
-        """Baseline FLOPs over ours for the last call, from counted FLOPs of one full and one decoder call."""
-        c = self.counts
-        if not c or self._last_full is None or self._key_inputs() is None:
-            return None
-        f_full, f_dec, f_cn = self._measure_flops()
-        full, dec = c["full_calls"], c["decoder_calls"]
-        cn_run = c["controlnet_run"]
-        cn_base = cn_run + c["controlnet_skipped"]
-        base = (full + dec) * f_full + cn_base * f_cn
-        ours = full * f_full + dec * f_dec + cn_run * f_cn
-        return base / ours if ours else None
-
     def _measure_flops(self) -> tuple[int, int, int]:
         args, kwargs = self._last_full
         call = self._bind(args, kwargs)
@@ -464,9 +380,9 @@ class FasterDiffusion(Strategy):
         unet, feats = self.unet, self._key_inputs()
         saved_capturing, self._capturing = self._capturing, False
         try:
-            f_full = _flops(lambda: type(unet).forward(unet, *args, **kwargs))
+            f_full = count_flops(lambda: type(unet).forward(unet, *args, **kwargs))
             t = torch.as_tensor(call["timestep"], device=feats.hidden.device)
-            f_dec = _flops(
+            f_dec = count_flops(
                 lambda: decoder_forward(
                     unet,
                     feats,
@@ -478,11 +394,7 @@ class FasterDiffusion(Strategy):
                     cross_attention_kwargs=call.get("cross_attention_kwargs"),
                 )
             )
-            f_cn = 0
-            if self.controlnet is not None and self._last_control_args is not None:
-                cargs, ckwargs = self._last_control_args
-                cn = self.controlnet
-                f_cn = _flops(lambda: type(cn).forward(cn, *cargs, **ckwargs))
+            f_cn = self.control.flops()
         finally:
             self._capturing = saved_capturing
         self._flop_cache[key] = (f_full, f_dec, f_cn)
