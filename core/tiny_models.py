@@ -5,8 +5,10 @@ For strategy tests, decodekit's and third-party ones: a Stable Diffusion pipelin
 seeded initial latents and a seeded call (`sd_latents`, `run_sd`), a causal Llama
 (`tiny_llama`), and a bidirectional Llama with a masked-diffusion pipeline over it
 (`tiny_bidirectional_llama`, `tiny_mdm_pipeline`, and diffusers' LLaDA2Pipeline:
-`tiny_llada2_pipeline`; mask token `MASK`, vocabulary `VOCAB`). Each builds in well under a second on a CPU. Import them from
-`decodekit.testing`.
+`tiny_llada2_pipeline`; mask token `MASK`, vocabulary `VOCAB`), and diffusion-transformer
+pipelines of four families (`tiny_sd3_pipeline`, `tiny_flux_pipeline`,
+`tiny_pixart_pipeline`, `tiny_sana_pipeline`, seeded calls `run_dit`). Each builds in
+well under a second on a CPU. Import them from `decodekit.testing`.
 """
 
 from __future__ import annotations
@@ -404,6 +406,68 @@ def tiny_sd3_pipeline(seed: int = 0, scheduler: str = "euler"):
             **parts, vae=_flow_vae(), tokenizer=tokenizer, tokenizer_2=tokenizer
         )
     )
+
+
+def tiny_pixart_pipeline(seed: int = 0, sigma: bool = False):
+    """A PixArtAlphaPipeline (``sigma=True``: PixArtSigmaPipeline): T5, two adaLN-single blocks, DDIM.
+
+    32x32 images (transformer ``sample_size`` 8, patch 2). PixArt resizes to its resolution
+    bins by default, which a tiny ``sample_size`` has none of: call it with
+    ``use_resolution_binning=False``.
+    """
+    import diffusers
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    text_encoder, tokenizer = tiny_t5()
+    cfg = dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, in_channels=4)
+    cfg.update(num_attention_heads=3, caption_channels=32, cross_attention_dim=24)
+    cfg.update(out_channels=8, attention_bias=True, activation_fn="gelu-approximate")  # + variance
+    cfg.update(num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_eps=1e-6)
+    transformer = PixArtTransformer2DModel(**cfg, norm_elementwise_affine=False)
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    pipe_cls = diffusers.PixArtSigmaPipeline if sigma else diffusers.PixArtAlphaPipeline
+    parts = dict(transformer=transformer, scheduler=scheduler, vae=tiny_vae())
+    return _quiet(pipe_cls(**parts, text_encoder=text_encoder, tokenizer=tokenizer))
+
+
+def tiny_sana_pipeline(seed: int = 0):
+    """A SanaPipeline: a Gemma2 text encoder over letters, a DC-AE (downsample 4), one linear-attention block.
+
+    32x32 images (8x8 latents, patch 1). Call it with ``use_resolution_binning=False``
+    (no bins for a tiny ``sample_size``) and, to keep the prompt short,
+    ``complex_human_instruction=None``.
+    """
+    from diffusers import (
+        AutoencoderDC,
+        FlowMatchEulerDiscreteScheduler,
+        SanaPipeline,
+        SanaTransformer2DModel,
+    )
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+
+    torch.manual_seed(seed)
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "\u2581": 4}
+    vocab.update({c: 5 + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[], model_max_length=32)
+    gemma = Gemma2Config(vocab_size=len(vocab), hidden_size=8, intermediate_size=16)
+    gemma.update(dict(head_dim=4, num_attention_heads=2, num_key_value_heads=2))
+    gemma.update(dict(num_hidden_layers=1, max_position_embeddings=512))
+    text_encoder = Gemma2Model(gemma).eval()
+    blocks = ("ResBlock", "ResBlock", "EfficientViTBlock")  # three levels: downsample 4
+    dc = dict(in_channels=3, latent_channels=4, attention_head_dim=2, scaling_factor=0.41407)
+    for side in ("encoder", "decoder"):
+        dc.update({f"{side}_block_types": blocks, f"{side}_block_out_channels": (8, 8, 8)})
+        dc.update({f"{side}_qkv_multiscales": ((), (), (5,)), f"{side}_layers_per_block": (1,) * 3})
+    dc.update(downsample_block_type="conv", upsample_block_type="interpolate")
+    vae = AutoencoderDC(**dc, decoder_norm_types="rms_norm", decoder_act_fns="silu")
+    cfg = dict(patch_size=1, in_channels=4, out_channels=4, num_layers=1, sample_size=8)
+    cfg.update(num_attention_heads=2, attention_head_dim=4, caption_channels=8)
+    cfg.update(num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8)
+    transformer = SanaTransformer2DModel(**cfg)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    parts = dict(transformer=transformer, scheduler=scheduler, vae=vae)
+    return _quiet(SanaPipeline(**parts, text_encoder=text_encoder, tokenizer=tokenizer))
 
 
 def run_dit(pipe, prompts, seed=0, row_offset=0, steps=4, **kw):

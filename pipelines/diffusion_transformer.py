@@ -15,7 +15,9 @@ on Flux is ``extra.true_cfg_scale`` with a ``negative_prompt``), and it caps
 ``max_sequence_length`` at the long-text tokenizer's ``model_max_length`` when that
 is shorter than the pipeline's default (tiny tokenizers).
 
-A hook's ``step`` is the loop iteration: Flux with ``true_cfg_scale > 1`` calls the
+A hook's ``step`` is the loop iteration (PixArt's pipelines, which have no
+``callback_on_step_end``, count calls, one per iteration, and cannot run strategies
+that need ``decodekit_step_end``): Flux with ``true_cfg_scale > 1`` calls the
 transformer twice per iteration (conditional, then unconditional, inside diffusers'
 ``cache_context("cond")`` / ``("uncond")``) and both calls get the same ``step``;
 ``run.nfe`` counts both. Everywhere else one iteration is one call, as on the UNet
@@ -109,10 +111,31 @@ class DiffusionTransformerAdapter(StableDiffusionAdapter):
         "diffusers pipelines with a diffusion transformer (SD3, Flux, PixArt-alpha/sigma, Sana)"
     )
 
+    def __init__(self, target: Any, run):
+        super().__init__(target, run)
+        # PixArt's pipelines predate callback_on_step_end: count their (one a step) calls
+        call = inspect.signature(pipeline_call(target)).parameters
+        self.steps_by_iteration = "callback_on_step_end" in call
+
     @classmethod
     def denoiser_of(cls, pipe: Any) -> torch.nn.Module:
         """The module whose calls have role ``"denoiser"``: the pipeline's transformer."""
         return pipe.transformer
+
+    @property
+    def num_calls(self) -> int | None:
+        """Loop iterations of the current call, once known.
+
+        ``pipe.num_timesteps`` where the pipeline sets it; else (PixArt) the length of
+        ``scheduler.timesteps`` once the call's first denoiser call has started (the
+        pipeline has set them by then).
+        """
+        n = super().num_calls
+        if n is None and self.run.in_call and self.step > 0:
+            if not hasattr(type(self.pipe), "num_timesteps"):
+                timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+                return len(timesteps) if timesteps is not None else None
+        return n
 
     @classmethod
     def matches(cls, obj: Any) -> bool:

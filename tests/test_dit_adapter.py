@@ -14,6 +14,8 @@ from decodekit.testing import (
     StrategyTesterMixin,
     run_dit,
     tiny_flux_pipeline,
+    tiny_pixart_pipeline,
+    tiny_sana_pipeline,
     tiny_sd3_pipeline,
     tiny_sd_pipeline,
 )
@@ -42,6 +44,10 @@ class Timeline(Strategy):
     @hookimpl
     def decodekit_denoiser_output(self, run, step, role):
         self.events.append(("output", role, step))
+
+
+class StepTimeline(Timeline):
+    """Timeline that also records the loop's step ends."""
 
     @hookimpl
     def decodekit_step_end(self, run, step, callback_kwargs):
@@ -80,7 +86,7 @@ def test_adapter_is_chosen_and_denoiser_is_the_transformer(pipe):
 
 
 def test_hooks_fire_in_loop_order_with_role_and_step(pipe):
-    rec = Timeline()
+    rec = StepTimeline()
     with decodekit.attach(pipe, [rec]) as run:
         run_dit(pipe, ["a red circle"], steps=3)
     assert rec.events == [
@@ -122,6 +128,34 @@ def test_loop_timestep_and_num_calls_on_flow_matching(family, scheduler, calls):
     # flow matching: timesteps are sigma * 1000, from pure noise downwards
     assert rec.calls[0][1] == pytest.approx(1000.0)
     assert all(a[1] >= b[1] for a, b in zip(rec.calls, rec.calls[1:]))
+
+
+OTHER_FAMILIES = {  # builder, the call's extra keywords
+    "pixart-alpha": (tiny_pixart_pipeline, {"clean_caption": False}),
+    "pixart-sigma": (lambda: tiny_pixart_pipeline(sigma=True), {"clean_caption": False}),
+    "sana": (tiny_sana_pipeline, {"complex_human_instruction": None}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
+def test_pixart_and_sana_hooks_and_schedule(family):
+    build, kw = OTHER_FAMILIES[family]
+    pipe = build()
+    rec = Timeline()
+    kw = dict(kw, use_resolution_binning=False, max_sequence_length=16)
+    base = run_dit(pipe, ["a red circle"], steps=3, **kw)
+    with decodekit.attach(pipe, [rec]) as run:
+        assert run.adapter.name == "diffusion-transformer"
+        out = run_dit(pipe, ["a red circle"], steps=3, **kw)
+    assert torch.equal(out, base)
+    assert rec.events == [
+        (event, "denoiser", s) for s in range(3) for event in ("forward", "output")
+    ]
+    assert [n for _, _, n in rec.calls] == [3, 3, 3]
+    assert all(got == pytest.approx(loop_t) for got, loop_t, _ in rec.calls)
+    if family.startswith("pixart"):  # no callback_on_step_end: step-end strategies refused
+        with pytest.raises(AttachError, match="callback_on_step_end"):
+            decodekit.attach(pipe, ["prior-noise"])
 
 
 def test_initial_latents_are_in_the_loop_layout():
