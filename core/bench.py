@@ -159,6 +159,9 @@ def bench(
     if label is None:
         label = config.file.name if config.file else str(config.pipeline.model)
     target = config.load_pipeline()
+    from .distributed import check_placement
+
+    check_placement(target, config.build_strategies(manager))  # a device_map's split model
 
     def run_arm(arm_specs: list[dict[str, Any]]) -> dict[str, Any]:
         return _run_arm(config, target, arm_specs, manager, clock)

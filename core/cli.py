@@ -255,6 +255,8 @@ _STAGES = {
     "resolve_strategies": "checking strategies",
     "build_strategies": "checking strategies",
     "prepare_output_dir": "preparing the output folder",
+    "prepare": "preparing the output folder",
+    "finish": "saving",
     "load_pipeline": "loading model",
     "load": "loading model",
     "attach": "attaching",
@@ -262,7 +264,6 @@ _STAGES = {
     "__exit__": "detaching",
     "generate": "generating",
     "save": "saving",
-    "_write_run_record": "saving",
     "bench": "benchmarking",
     "run_demo": "benchmarking",
 }
@@ -347,11 +348,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     records the config, versions, stats, timings and the files written.
     """
     import time
+    from dataclasses import replace
 
     from .config import load_config
+    from .distributed import Job, check_placement, world_for
     from .manager import get_manager
-    from .outputs import prepare_output_dir, save_outputs
-    from .progress import generate_with_progress
     from .runtime import configure_threads
     from .session import attach
 
@@ -363,44 +364,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     batch_size = getattr(args, "batch_size", None)
     if batch_size is not None and batch_size < 1:
         raise ConfigError("--batch-size", f"must be at least 1, got {batch_size}")
+    world = world_for(cfg.device)  # one process, or one of those accelerate/torchrun started
+    cfg = replace(cfg, device=world.device(cfg.device))
     threads = configure_threads(cfg, getattr(args, "threads", None))
     out_dir = Path(cfg.output.dir)
-    existed = out_dir.exists()
-    prepare_output_dir(out_dir, overwrite=getattr(args, "overwrite", False))
-    kept = {p.name for p in out_dir.iterdir()}  # files decodekit did not write stay untouched
-    timings: dict[str, float] = {}
+    job = Job(
+        cfg,
+        world,
+        overwrite=getattr(args, "overwrite", False),
+        batch_size=batch_size,
+        progress=getattr(args, "progress", None),
+        label=Path(args.config).name,
+    )
+    job.prepare()  # before the model loads: the folder is checked, or the run resumes
+    if job.finished:
+        return 0
+    run, load_s = None, 0.0
     try:
         t0 = time.perf_counter()
         target = cfg.load_pipeline()
-        timings["load_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        load_s = time.perf_counter() - t0
+        check_placement(target, cfg.build_strategies(manager))  # device_map: one device each?
         with attach(
             target, cfg.strategy_specs(), pipeline=cfg.adapter.name, manager=manager
         ) as run:
-            outputs = generate_with_progress(
-                cfg.adapter,
-                target,
-                cfg.inputs,
-                Path(args.config).name,
-                getattr(args, "progress", None),
-                batch_size,
-            )
-        timings["generate_s"] = time.perf_counter() - t0
+            job.generate(target, run)
     except BaseException:
-        if not existed and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # nothing was written: leave no empty folder behind
+        job.interrupted(run, load_s)
         raise
-    status = "interrupted"
-    t0 = time.perf_counter()
-    try:
-        files = save_outputs(cfg.adapter, outputs, out_dir, cfg.inputs)
-        status = "complete"
-    finally:
-        timings["save_s"] = time.perf_counter() - t0
-        _write_run_record(cfg, run, out_dir, kept, status, timings, outputs)
-    stats = run.stats
+    record = job.finish(run, load_s)
+    if record is None:
+        return 0  # not rank 0: rank 0 prints the whole run's figures
+    stats = record["stats"]
     names = ", ".join(s.name for s in run.strategies) or "none (baseline)"
     shown_threads = f"{threads} torch thread{'s' if threads != 1 else ''}"
+    if world.size > 1:
+        shown_threads += f" per process, {world.size} processes"
     print(f"{cfg.adapter.name} on {cfg.device} ({shown_threads}), strategies: {names}")
     print(
         f"  model calls: {stats['nfe']}  served by strategies: {stats['served']}  time: {stats['time_s']:.3f} s"
@@ -412,54 +411,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     ideal = run.ideal_speedup()
     if ideal is not None:
         print(f"  FLOP-ideal speed-up: x{ideal:.2f}")
-    print(f"  wrote {len(files)} file(s) and run.json to {out_dir}")
+    print(f"  wrote {len(record['files'])} file(s) and run.json to {out_dir}")
     return 0
-
-
-def _write_run_record(
-    cfg: Any,
-    run: Any,
-    out_dir: Path,
-    kept: set[str],
-    status: str,
-    timings: dict[str, float],
-    outputs: Any = None,
-) -> None:
-    """``run.json``: the resolved config, versions, seed, stats, timings and the files written.
-
-    ``outputs`` has one row per output written (the adapter's ``records``: file,
-    prompt, row seed, and rank/score for ranked text rows).
-
-    The files are those that appeared in the folder during the run (complete ones
-    only: temporary files are never listed), so an interrupted run's record is
-    right too and ``--overwrite`` can remove them later.
-    """
-    import torch
-
-    from .outputs import RUN_RECORD, TEMP_MARK, output_records, write_run_record
-
-    files = sorted(
-        p.name
-        for p in out_dir.iterdir()
-        if p.name not in kept and p.name != RUN_RECORD and TEMP_MARK not in p.name
-    )
-    write_run_record(
-        out_dir,
-        {
-            "status": status,
-            "config": cfg.summary(),
-            "seed": cfg.inputs.seed,
-            "versions": _versions(),
-            "stats": run.stats,
-            "ideal_speedup": run.ideal_speedup(),
-            "timings_s": timings,
-            "torch_threads": torch.get_num_threads(),
-            "files": files,
-            "outputs": output_records(cfg.adapter, outputs, cfg.inputs, out_dir)
-            if outputs is not None
-            else [],
-        },
-    )
 
 
 def _versions() -> dict[str, str | None]:
@@ -492,8 +445,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Bench the config's strategies against the baseline and write JSON and PNG."""
+    from dataclasses import replace
+
     from .bench import bench
     from .config import load_config
+    from .distributed import bench_across, world_for
     from .manager import get_manager
     from .runtime import configure_threads
 
@@ -503,20 +459,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--repeat", f"must be at least 1, got {args.repeat}")
     if getattr(args, "sweep", None):
         return cmd_sweep(args, cfg, manager)
+    world = world_for(cfg.device)  # one process, or one of those accelerate/torchrun started
+    cfg = replace(cfg, device=world.device(cfg.device))
     configure_threads(cfg, getattr(args, "threads", None))
     out_dir = Path(cfg.output.dir)
     json_path = args.json_path or out_dir / "bench.json"
     png_path = args.png_path or out_dir / "bench.png"
-    r = bench(
-        cfg,
+    progress = getattr(args, "progress", None)
+    kw = dict(
         repeat=args.repeat,
-        json_path=json_path,
-        png_path=png_path,
         manager=manager,
         overhead=args.overhead,
-        progress=getattr(args, "progress", None),
+        progress=False if progress is None and not world.is_main else progress,
         label=Path(args.config).name,
     )
+    if world.size > 1:  # each process benches its shard of the prompts; rank 0 joins them
+        r = bench_across(cfg, world, json_path, png_path, **kw)
+        if r is None:
+            return 0
+        print(f"processes: {world.size} (each one's figures under 'ranks' in the JSON)")
+    else:
+        r = bench(cfg, json_path=json_path, png_path=png_path, **kw)
     print(format_bench(r))
     if "overhead" in r:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in r["overhead"].items())

@@ -11,13 +11,15 @@ A non-empty output folder is refused unless ``overwrite`` is set. With
 ``overwrite``, the files the previous run recorded in its ``run.json`` are
 removed, together with that ``run.json`` and any temporary file an earlier
 crash left behind; files decodekit did not record are kept (decodekit never
-deletes a file it did not write).
+deletes a file it did not write). A rerun of the same config in its folder
+resumes instead (`decodekit.distributed.Job`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +29,7 @@ from typing import IO, Any
 from .errors import ConfigError
 
 __all__ = [
+    "PARTS",
     "RUN_RECORD",
     "TEMP_MARK",
     "atomic_save_image",
@@ -45,6 +48,9 @@ RUN_RECORD = "run.json"
 
 TEMP_MARK = ".decodekit-tmp-"
 """Part of every temporary file's name; such files are removed on error and by ``--overwrite``."""
+
+PARTS = ".decodekit-parts"
+"""The folder of a run's saved batches whose outputs share one file, until they are joined."""
 
 
 def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -67,12 +73,9 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path
     else:
         entries = sorted(p.name for p in out.iterdir())
         if entries:
-            shown = ", ".join(entries[:5]) + (
-                f" and {len(entries) - 5} more" if len(entries) > 5 else ""
-            )
             raise ConfigError(
                 "output.dir",
-                f"{str(out)!r} is not empty ({shown}); pass --overwrite to replace the previous "
+                f"{str(out)!r} is not empty ({listed(entries)}); pass --overwrite to replace the previous "
                 "run's outputs, or choose an empty or new folder",
             )
     try:  # a probe, so that a read-only folder fails now and not after generation
@@ -90,7 +93,9 @@ def _clear_previous_run(out: Path) -> None:
     names: list[str] = []
     if record.is_file():
         try:
-            names = list(json.loads(record.read_text(encoding="utf-8")).get("files", []))
+            previous = json.loads(record.read_text(encoding="utf-8"))
+            # a run killed before its last record lists what it planned to write
+            names = list(previous.get("files", [])) + list(previous.get("planned", []))
         except (OSError, ValueError, AttributeError, TypeError) as e:
             raise ConfigError(
                 "output.dir",
@@ -103,8 +108,17 @@ def _clear_previous_run(out: Path) -> None:
         # only plain files directly inside the folder: a record never reaches outside it
         if p.parent == out and p.is_file() and not p.is_symlink():
             p.unlink()
+    parts = out / PARTS
+    if parts.is_dir() and not parts.is_symlink():
+        shutil.rmtree(parts)
     if record.is_file():
         record.unlink()
+
+
+def listed(names: list[str], most: int = 5) -> str:
+    """``a, b, c and 4 more``: the first ``most`` names and how many others."""
+    extra = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + extra
 
 
 def _reason(e: OSError) -> str:

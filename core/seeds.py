@@ -8,16 +8,46 @@ So the same prompt samples the same output in any list, at any position and
 beside any batch mates; a repeated prompt still gets a different sample each
 time. The hash is SHA-256 (stable across processes and machines, unlike
 Python's ``hash``), cut to 63 bits.
+
+A slice of a longer list (one batch, one process's shard) is seeded as in the
+whole list under `earlier_copies`, which counts the copies of each prompt ahead
+of the slice.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
-__all__ = ["row_generators", "row_seed", "row_seeds"]
+__all__ = ["earlier_copies", "row_generators", "row_seed", "row_seeds"]
+
+_EARLIER: ContextVar[dict[str, int] | None] = ContextVar("decodekit_earlier_copies", default=None)
+
+
+@contextmanager
+def earlier_copies(prompts_before: Sequence) -> Iterator[None]:
+    """Seed a slice of a prompt list as in the whole list: ``prompts_before`` are those ahead of it.
+
+    Inside the block, `row_seeds` counts each prompt's occurrences from its
+    copies in ``prompts_before``, so a repeated prompt's second copy keeps its
+    own seed when it lands in another batch or process than the first. Class
+    ids count under their label ``"class N"`` too, as ar-image seeds them.
+    """
+    counts: Counter[str] = Counter()
+    for p in prompts_before:
+        counts[p if isinstance(p, str) else str(p)] += 1
+        if not isinstance(p, str):
+            counts[f"class {p}"] += 1
+    token = _EARLIER.set(dict(counts))
+    try:
+        yield
+    finally:
+        _EARLIER.reset(token)
 
 
 def row_seed(seed: int, prompt: str, occurrence: int = 0, k: int = 0) -> int:
@@ -28,7 +58,7 @@ def row_seed(seed: int, prompt: str, occurrence: int = 0, k: int = 0) -> int:
 
 def row_seeds(seed: int, prompts: Sequence[str], per_prompt: int = 1) -> list[int]:
     """One seed per output row, prompt-major: ``per_prompt`` rows for each prompt in order."""
-    seen: dict[str, int] = {}
+    seen = dict(_EARLIER.get() or {})  # copies ahead of this slice (`earlier_copies`), else none
     seeds = []
     for prompt in prompts:
         occurrence = seen.get(prompt, 0)

@@ -125,7 +125,14 @@ class CausalLMInputs(Inputs):
 
 
 class CausalLMOptions(Options):
-    """``pipeline.options`` of causal-lm: nothing beyond ``pipeline.dtype`` is taken from a config."""
+    """``pipeline.options`` of causal-lm: what `load` accepts, nothing else."""
+
+    device_map: str | dict[str, int | str] | None = Field(
+        None,
+        description="spread a model too large for one device over several (transformers' "
+        "device_map: auto, balanced, sequential, or module name -> device); the model is then "
+        "placed by it, not moved to pipeline.device",
+    )
 
 
 def _model_of(obj: Any) -> Any:
@@ -319,7 +326,9 @@ class CausalLMAdapter(TokenAutoregressionAdapter):
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return pipeline("text-generation", model=model.to(device).eval(), tokenizer=tokenizer)
+        if "device_map" not in opts:  # a device_map placed the layers already
+            model = model.to(device)
+        return pipeline("text-generation", model=model.eval(), tokenizer=tokenizer)
 
     @classmethod
     def generate(

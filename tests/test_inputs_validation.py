@@ -215,7 +215,11 @@ def test_a_config_cannot_go_online(capsys, tmp_path, doc):
 
 @pytest.mark.parametrize(
     ("doc", "known"),
-    [(SD, "scheduler, variant, use_safetensors"), (MDLM, "mask_token_id"), (AR, "none")],
+    [
+        (SD, "scheduler, variant, use_safetensors, device_map"),
+        (MDLM, "mask_token_id"),
+        (AR, "device_map"),
+    ],
     ids=["sd", "mdlm", "ar"],
 )
 def test_options_are_an_allow_list(capsys, tmp_path, doc, known):
