@@ -194,6 +194,12 @@ def _remove_added(model: torch.nn.Module, before: dict) -> None:
         root.invalidate_child_registries_cache()
 
 
+def _passed_timestep(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The timestep a denoiser call was given (a transformer's ``timestep`` keyword, a UNet's second argument)."""
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    return torch.as_tensor(t).reshape(-1)[0] if t is not None else None
+
+
 def _has_context(manager: Any) -> bool:
     """Whether a diffusers ``StateManager`` has a cache context (its ``context`` raises without one)."""
     try:
@@ -217,6 +223,7 @@ class DiffusersCache(Strategy):
     apply_name: ClassVar[str] = ""  # the diffusers.hooks function that applies it
     hooks_what: ClassVar[str] = "modules"  # what diffusers hooks, for messages and stats
     needs_timestep: ClassVar[bool] = False
+    hint: ClassVar[str] = ""  # how to make diffusers find what it hooks, in refusals
 
     def __init__(self, params=None, *, path: str = "params", **kwargs):
         super().__init__(params, path=path, **kwargs)
@@ -310,7 +317,7 @@ class DiffusersCache(Strategy):
         return (
             f"{self.name} cannot attach to the {type(model).__name__}: {why}. diffusers' "
             f"{self.config_class.__name__} hooks the {self.hooks_what.replace('_', ' ')} of {_DIT_FAMILIES}. "
-            "For UNet pipelines use faster-diffusion (or deep-cache)."
+            f"{self.hint}For UNet pipelines use faster-diffusion (or deep-cache)."
         )
 
     def _state_managers(self) -> list[Any]:
@@ -348,10 +355,12 @@ class DiffusersCache(Strategy):
         adapter = self.run.adapter
         step = adapter.step  # this call's index: the adapter counts it inside the forward
         self._timestep = adapter.loop_timestep(step)
+        if self._timestep is None:  # the loop's schedule is unknown: the timestep it passed
+            self._timestep = _passed_timestep(args, kwargs)
         if self.needs_timestep and self._timestep is None:
             raise DecodekitError(
-                f"{self.name} needs the timestep of each denoiser call, and the "
-                f"{type(adapter.pipe).__name__} adapter cannot tell it for call {step}."
+                f"{self.name} needs the timestep of each denoiser call, and neither the "
+                f"{type(adapter.pipe).__name__} adapter nor call {step}'s arguments tell it."
             )
         if step == 0:
             self.first_call(adapter)
@@ -579,6 +588,11 @@ class TaylorSeerCache(DiffusersCache):
     config_class = TaylorSeerCacheConfig
     apply_name = "apply_taylorseer_cache"
     hooks_what = "modules"
+    hint = (
+        "Its default patterns match attention layers named attn (Flux, SD3); elsewhere name "
+        "the modules in params.cache_identifiers (regexes matched in full, e.g. "
+        "'transformer_blocks\\.\\d+\\.attn1'). "
+    )
     reports_cached = True
 
     def config_kwargs(self) -> dict[str, Any]:
@@ -660,6 +674,9 @@ class MagCache(DiffusersCache):
 
     def first_call(self, adapter) -> None:
         n = adapter.num_calls  # denoiser calls per cache context: one per loop timestep
+        if n is None:  # the adapter cannot tell: the schedule the scheduler was just given
+            timesteps = getattr(adapter.scheduler, "timesteps", None)
+            n = len(timesteps) if timesteps is not None else None
         if self.params.num_inference_steps is not None or n is None:
             return
         if n != self.config.num_inference_steps:

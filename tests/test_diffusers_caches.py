@@ -1,8 +1,9 @@
 """diffusers' caches as strategies: each equals diffusers' own cache applied by hand, and detaches exactly.
 
 The oracle is diffusers used directly: ``transformer.enable_cache(config)`` on the
-tiny Flux pipeline (``CacheMixin``), ``apply_*`` with a timestep callback and a
-cache context on the tiny SD3 pipeline (no ``CacheMixin``), same config, same seed.
+tiny Flux pipeline (``CacheMixin``); ``apply_*`` with a timestep callback and a
+cache context on the tiny SD3 pipeline and on the SD UNet (no ``CacheMixin``);
+same config, same seed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from decodekit.testing import (
     run_dit,
     run_sd,
     tiny_flux_pipeline,
+    tiny_pixart_pipeline,
+    tiny_sana_pipeline,
     tiny_sd3_pipeline,
     tiny_sd_pipeline,
 )
@@ -86,16 +89,25 @@ def timestep_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return torch.as_tensor(t).reshape(-1)[0]
 
 
-def pab_by_hand(model: torch.nn.Module, call, **config) -> torch.Tensor:
-    """``call()`` under diffusers' PAB applied to ``model`` by hand, its timestep read from each call."""
+def by_hand(model: torch.nn.Module, apply, make_config, call) -> torch.Tensor:
+    """``call()`` under a diffusers cache applied to ``model`` by hand, as its docs show.
+
+    ``apply(model, make_config(t))`` with ``t()`` the timestep the call under way was
+    given, and every hook's state under one cache context (what a ``CacheMixin``
+    pipeline's ``cache_context("cond")`` does).
+    """
     now = {}
-    handle = model.register_forward_pre_hook(
-        lambda m, a, kw: now.update(t=timestep_of(a, kw)), with_kwargs=True
-    )
-    cfg = hooks.PyramidAttentionBroadcastConfig(
-        **config, current_timestep_callback=lambda: now["t"]
-    )
-    hooks.apply_pyramid_attention_broadcast(model, cfg)
+
+    def before(module, args, kwargs):
+        now["t"] = timestep_of(args, kwargs)
+        for sub in model.modules():
+            for hook in getattr(getattr(sub, "_diffusers_hook", None), "hooks", {}).values():
+                for v in vars(hook).values():
+                    if isinstance(v, StateManager):
+                        v.set_context(CacheContext("cond"))
+
+    handle = model.register_forward_pre_hook(before, with_kwargs=True)
+    apply(model, make_config(lambda: now["t"]))
     try:
         return call()
     finally:
@@ -113,7 +125,13 @@ def test_unet_pyramid_attention_broadcast_equals_apply_by_hand():
         ours = run_sd(pipe, PROMPTS)
     assert run.stats["strategies"]["pyramid-attention-broadcast"]["hooked_attention_layers"] > 0
     assert not torch.equal(ours, base)
-    assert torch.equal(ours, pab_by_hand(pipe.unet, lambda: run_sd(pipe, PROMPTS), **PAB_UNET))
+    theirs = by_hand(
+        pipe.unet,
+        hooks.apply_pyramid_attention_broadcast,
+        lambda t: hooks.PyramidAttentionBroadcastConfig(**PAB_UNET, current_timestep_callback=t),
+        lambda: run_sd(pipe, PROMPTS),
+    )
+    assert torch.equal(ours, theirs)
 
 
 class TestPABOnUNetContract(StrategyTesterMixin):
@@ -158,6 +176,11 @@ def test_unet_is_refused_at_attach_and_left_untouched(name, params):
         decodekit.attach(pipe, [strategy(name, **params)])
     assert_restored(before, fingerprint(pipe))
     decodekit.attach(pipe, ["faster-diffusion"]).detach()  # nothing left attached
+
+
+def test_taylorseer_refusal_says_how_to_name_the_modules():
+    with pytest.raises(AttachError, match=r"params\.cache_identifiers \(regexes matched in full"):
+        decodekit.attach(tiny_sd_pipeline(), ["taylorseer-cache"])
 
 
 def test_one_denoiser_cache_at_a_time():
@@ -279,33 +302,56 @@ def test_mag_cache_follows_each_calls_step_count():
 
 
 # -- SD3: no CacheMixin, no cache context from the pipeline ------------------------------------
-def test_sd3_pyramid_attention_broadcast_equals_apply_by_hand():
+# name -> (params, diffusers' apply function, its config for ``t()``), on SD3 and PixArt
+BY_HAND = {
+    "first-block-cache": (
+        {"threshold": 2.0},
+        hooks.apply_first_block_cache,
+        lambda t: hooks.FirstBlockCacheConfig(threshold=2.0),
+    ),
+    "pyramid-attention-broadcast": (
+        {"spatial_attention_timestep_skip_range": [0, 1000]},
+        hooks.apply_pyramid_attention_broadcast,
+        lambda t: hooks.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(0, 1000),
+            current_timestep_callback=t,
+        ),
+    ),
+    "faster-cache": (
+        {},
+        hooks.apply_faster_cache,
+        lambda t: hooks.FasterCacheConfig(tensor_format="BCHW", current_timestep_callback=t),
+    ),
+    "taylorseer-cache": (
+        CASES["taylorseer-cache"][0],
+        hooks.apply_taylorseer_cache,
+        CASES["taylorseer-cache"][1],
+    ),
+    "mag-cache": (
+        {"mag_ratios": [1.0, 1.1, 1.0], "threshold": 0.5, "retention_ratio": 0.1},
+        hooks.apply_mag_cache,
+        lambda t: hooks.MagCacheConfig(
+            mag_ratios=[1.0, 1.1, 1.0],
+            threshold=0.5,
+            retention_ratio=0.1,
+            num_inference_steps=STEPS,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ["pyramid-attention-broadcast", "taylorseer-cache", "mag-cache"])
+def test_sd3_equals_apply_by_hand(name):
+    """SD3: no CacheMixin, no cache context from the pipeline; decodekit gives both."""
+    params, apply, make_config = BY_HAND[name]
     pipe = tiny_sd3_pipeline()
-    params = {"spatial_attention_timestep_skip_range": [0, 1000]}
-    with decodekit.attach(pipe, [strategy("pyramid-attention-broadcast", **params)]):
+    with decodekit.attach(pipe, [strategy(name, **params)]) as run:
         ours = run_dit(pipe, PROMPTS, steps=STEPS)
-    theirs = pab_by_hand(
-        pipe.transformer,
-        lambda: run_dit(pipe, PROMPTS, steps=STEPS),
-        spatial_attention_block_skip_range=2,
-        spatial_attention_timestep_skip_range=(0, 1000),
+    assert run.stats["strategies"][name].get("cached_calls", 1) > 0
+    theirs = by_hand(
+        pipe.transformer, apply, make_config, lambda: run_dit(pipe, PROMPTS, steps=STEPS)
     )
-    assert torch.equal(ours, theirs)
-
-
-def test_sd3_taylorseer_equals_apply_with_a_context():
-    pipe = tiny_sd3_pipeline()
-    params, make_config = CASES["taylorseer-cache"]
-    with decodekit.attach(pipe, [strategy("taylorseer-cache", **params)]) as run:
-        ours = run_dit(pipe, PROMPTS, steps=STEPS)
-    assert run.stats["strategies"]["taylorseer-cache"]["cached_calls"] > 0
-    hooks.apply_taylorseer_cache(pipe.transformer, make_config(None))
-    for m in pipe.transformer.modules():  # what a CacheMixin pipeline's cache_context does
-        for hook in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).values():
-            for v in vars(hook).values():
-                if isinstance(v, StateManager):
-                    v.set_context(CacheContext("cond"))
-    theirs = run_dit(pipe, PROMPTS, steps=STEPS)
     assert torch.equal(ours, theirs)
 
 
@@ -367,3 +413,42 @@ def test_faster_cache_refusals_at_the_first_call_leave_the_pipe_plain(flux_basel
     with pytest.raises(DecodekitError, match="pooled_projections"):
         with decodekit.attach(sd3, ["faster-cache"]):
             run_dit(sd3, PROMPTS, steps=STEPS)
+
+
+PIXART = {"use_resolution_binning": False}
+
+
+@pytest.mark.parametrize(
+    "name", ["first-block-cache", "pyramid-attention-broadcast", "faster-cache", "mag-cache"]
+)
+def test_pixart_equals_apply_by_hand(name):
+    """PixArt: batched classifier-free guidance, attention layers named attn1/attn2."""
+    params, apply, make_config = BY_HAND[name]
+    pipe = tiny_pixart_pipeline()
+    with decodekit.attach(pipe, [strategy(name, **params)]) as run:
+        ours = run_dit(pipe, PROMPTS, steps=STEPS, **PIXART)
+    assert run.stats["strategies"][name].get("cached_calls", 1) > 0
+    theirs = by_hand(
+        pipe.transformer, apply, make_config, lambda: run_dit(pipe, PROMPTS, steps=STEPS, **PIXART)
+    )
+    assert torch.equal(ours, theirs)
+
+
+SANA = {"use_resolution_binning": False, "complex_human_instruction": None}
+
+
+def test_sana_runs_what_diffusers_can_hook_and_refuses_the_rest():
+    pipe = (
+        tiny_sana_pipeline()
+    )  # one linear-attention block of a class diffusers has no metadata for
+    base = run_dit(pipe, PROMPTS, steps=STEPS, **SANA)
+    before = fingerprint(pipe.transformer)
+    for name in ("pyramid-attention-broadcast", "faster-cache"):
+        params = BY_HAND[name][0]
+        with decodekit.attach(pipe, [strategy(name, **params)]):
+            assert not torch.equal(run_dit(pipe, PROMPTS, steps=STEPS, **SANA), base), name
+        assert_restored(before, fingerprint(pipe.transformer))
+    with pytest.raises(AttachError, match="SanaTransformerBlock.*not registered"):
+        decodekit.attach(pipe, [strategy("mag-cache", mag_ratios="flux")])
+    assert_restored(before, fingerprint(pipe.transformer))
+    assert torch.equal(run_dit(pipe, PROMPTS, steps=STEPS, **SANA), base)
