@@ -208,3 +208,25 @@ def test_strategies_refuse_a_model_split_across_devices(tmp_path, manager, capsy
     assert not (tmp_path / "out").exists()
     check_placement(object(), [object()])  # placed whole: nothing to refuse
     assert main(["run", str(config), "--set", "strategies=[]", "--threads", "1"]) == 0  # baseline
+
+
+def test_a_job_started_on_two_processes_resumes_on_one(toy, tmp_path, capsys):
+    """Rank 1 saved its batch, rank 0 was killed: one process makes the rest and joins them."""
+    from decodekit.distributed import Job
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(toy_config(toy, inputs={"prompt": ["a", "b", "c"]})))
+    cfg = load_config(str(config))
+    Job(cfg, FakeWorld(0, 2, {1: {}})).prepare()  # rank 0 checks the folder, writes run.json
+    second = Job(cfg, FakeWorld(1, 2, {0: {}}))
+    second.prepare()
+    second.generate(cfg.load_pipeline(), run=None)  # prompt 2, its share; rank 0 never finishes
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / ".decodekit-parts").iterdir()) == ["000002-000003"]
+
+    assert main(["run", str(config)]) == 0
+    assert "resuming: 1 of 3 outputs exist, generating the rest" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and sorted(p.name for p in out.iterdir()) == ["outputs.jsonl", "run.json"]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["status"] == "complete" and rec["resumed"]["outputs_generated"] == 2
