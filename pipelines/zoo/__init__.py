@@ -67,6 +67,15 @@ CATALOGUE: dict[str, ZooModel] = {
             {"adherence_shape": 0.90, "adherence_colour": 0.90},
         ),
         ZooModel(
+            "shapes-dit",
+            "Flux-shaped text-to-image diffusion transformer (2 double + 3 single blocks, width "
+            "64, a 2-layer T5) trained by rectified flow on shapes-sd's frozen VAE and CLIP "
+            "text encoder; 32x32 shape renders with captions.",
+            "diffusion-transformer",
+            "decodekit.pipelines.zoo.train_shapes_dit",
+            {"adherence_shape": 0.90, "adherence_colour": 0.90},
+        ),
+        ZooModel(
             "shapes-judge",
             "timm classifier of shape, colour, position and size on shape renders; scores "
             "prompt adherence and a Fréchet distance on its features.",
@@ -124,6 +133,22 @@ CATALOGUE: dict[str, ZooModel] = {
             "ar-image",
             "decodekit.pipelines.zoo.train_shapes_ar",
             {"adherence_shape": 0.90, "adherence_colour": 0.90, "adherence_overall": 0.85},
+        ),
+        ZooModel(
+            "shapes-msvq",
+            "VAR's multi-scale residual VQ-VAE (widths 32/32/64, codebook of 128 vectors of "
+            "width 16): 32x32 shape renders <-> token maps of sides 1, 2, 3, 4, 6, 8; the vq/ "
+            "of shapes-var-d6 and shapes-var-d3, one copy.",
+            "var-vqvae",
+            "decodekit.pipelines.zoo.train_shapes_var",
+            {"adherence_overall": 0.85},
+        ),
+        ZooModel(
+            "shapes-var-d3",
+            "Small class-conditional VAR transformer (depth 3, width 24) over shapes-msvq's "
+            "token maps; 24 classes, shape x colour ('red circle'); CoDe's refiner.",
+            "var",
+            "decodekit.pipelines.zoo.train_shapes_var",
         ),
     )
 }
