@@ -44,10 +44,19 @@ class ARImageInputs(Inputs):
     batch_size: int | None = Field(None, ge=1, le=MAX_PROMPTS)
     """Run the prompts in batches of this many rows (None: all at once)."""
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _no_booleans(cls, v: Any) -> Any:
+        rows = v if isinstance(v, list) else [v]
+        if any(isinstance(r, bool) for r in rows):
+            raise ValueError("a prompt is a caption or an int class id, not a boolean")
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, v: str | int | list[str] | list[int]) -> str | int | list[str] | list[int]:
-        return check_prompts(v)  # an empty caption is the unconditional prompt: allowed
+        check_prompts([v] if isinstance(v, int) else v)  # an empty caption is allowed
+        return v
 
 
 class ARImageOptions(Options):

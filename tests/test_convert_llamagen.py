@@ -211,3 +211,12 @@ def test_class_ids_run_from_a_yaml_config(folder, tmp_path):
     assert ARImageAdapter.quality(images, direct.images)["identical"] == 1.0
     with pytest.raises(ValueError, match="valid integer"):  # all captions or all class ids
         ARImageInputs(prompt=["a caption", 3])
+
+
+@pytest.mark.parametrize("prompt", [True, [1, False]])
+def test_boolean_prompts_are_refused_and_a_single_id_is_one_prompt(prompt):
+    from decodekit.pipelines.ar_image_adapter import ARImageInputs
+
+    with pytest.raises(ValueError, match="not a boolean"):
+        ARImageInputs(prompt=prompt)
+    assert ARImageInputs(prompt=3).prompt == 3
