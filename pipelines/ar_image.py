@@ -652,6 +652,11 @@ class ARImagePipeline:
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` ``(B, max_prompt_tokens + 1)``: left-padded captions, then BOI."""
         cfg = self.config
+        if cfg.num_classes is None and not all(isinstance(t, str) for t in prompts):
+            raise ValueError(
+                f"this model takes captions (text prompts), got {list(prompts)[:8]}; class ids "
+                "are for class-conditional models (config.num_classes)."
+            )
         if self.family is not None:
             return self.family.encode_prompts(prompts, cfg.max_prompt_tokens + 1)
         if cfg.num_classes is not None:  # class ids (the null class C allowed): one token each

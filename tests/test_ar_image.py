@@ -152,6 +152,8 @@ def test_sampling_needs_generators_and_refuses_bad_arguments(pipe):
         pipe("red " * 40, temperature=0)
     with pytest.raises(ValueError, match="output_type"):
         pipe(PROMPTS, temperature=0, output_type="np")
+    with pytest.raises(ValueError, match="takes captions"):  # class ids on a text model
+        pipe([1, 2], temperature=0)
 
 
 def test_config_and_folder_round_trip(pipe, tmp_path):
