@@ -73,21 +73,33 @@ class KVView:
 class PreparedPositions:
     """A position spec checked and flattened once (`PositionalKVCache.prepare`).
 
+    Two forms. Flat (any spec): ``rows``, ``positions``, ``columns``, each ``(N,)``.
+    Column (``prepare(..., end=, real=)``): ``index`` and ``real``, each ``(B, Q)``; a
+    store then writes every column (the unreal ones write back what their slot holds),
+    so its shapes depend on ``(B, Q)`` alone and nothing is read from the device.
+
     Attributes:
-        rows: ``(N,)`` long, the row of each named slot.
-        positions: ``(N,)`` long, its absolute position.
-        columns: ``(N,)`` long, the column of the keys passed to ``store`` that goes there.
+        rows: ``(N,)`` long, the row of each named slot (None in the column form).
+        positions: ``(N,)`` long, its absolute position (None in the column form).
+        columns: ``(N,)`` long, the column of the keys passed to ``store`` that goes
+            there (None in the column form).
         batch_size: ``B`` of the spec.
         width: ``Q``, the number of key columns the spec was prepared for.
         end: one past the highest position named (0 if none).
+        stamp: ``()`` long on the cache's device, the step `store` records when
+            it is given no ``step`` (``prepare(..., step=)``); None if not given.
+            A device tensor, so a compiled forward does not specialise on the step.
     """
 
-    rows: torch.Tensor
-    positions: torch.Tensor
-    columns: torch.Tensor
+    rows: torch.Tensor | None
+    positions: torch.Tensor | None
+    columns: torch.Tensor | None
     batch_size: int
     width: int
     end: int
+    stamp: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    real: torch.Tensor | None = None
 
 
 class _LayerKV:
@@ -212,7 +224,13 @@ class PositionalKVCache:
     # ----------------------------------------------------------------- writing
 
     def prepare(
-        self, positions: PositionSpec, q_len: int, *, end: int | None = None
+        self,
+        positions: PositionSpec,
+        q_len: int,
+        *,
+        end: int | None = None,
+        step: int | None = None,
+        real: torch.Tensor | None = None,
     ) -> PreparedPositions:
         """Check and flatten ``positions`` for keys with ``q_len`` columns, once.
 
@@ -229,12 +247,23 @@ class PositionalKVCache:
                 flattening reads from the device once (which entries are real)
                 instead of about six times. Breaking the promise gives undefined
                 writes, so leave it None for positions from elsewhere.
+            real: with ``end``: a ``(B, Q)`` bool mask of the columns to write; the
+                positions must then all lie in ``[0, end)`` and be distinct within a
+                row (no -1), and the other columns write back what their slot holds.
+                Nothing is read from the device, and `store` runs with fixed shapes
+                (what ``torch.compile`` and CUDA graphs need).
+            step: the loop step whose forward will store at these positions; `store`
+                then records it when called without ``step`` (as a device tensor, so
+                a ``torch.compile``\ d forward sees no per-step Python number).
         """
         batch = self._adopt(positions, "prepare")
+        stamp = None
+        if step is not None:
+            stamp = torch.full((), _check_step(step), dtype=torch.long, device=self._device)
         if end is None:
             rows, pos, cols = self._triples(positions, batch, q_len)
             end = int(pos.max()) + 1 if pos.numel() else 0
-            return PreparedPositions(rows, pos, cols, batch, q_len, end)
+            return PreparedPositions(rows, pos, cols, batch, q_len, end, stamp)
         if not (
             isinstance(positions, torch.Tensor)
             and positions.dim() == 2
@@ -253,8 +282,18 @@ class PositionalKVCache:
         if end:
             self._check_range(end - 1)
         positions = positions.to(self._device) if self._device is not None else positions
+        if real is not None:
+            if real.dtype != torch.bool or tuple(real.shape) != (batch, q_len):
+                raise CacheError(
+                    f"prepare(..., real=) takes a (B, Q) = ({batch}, {q_len}) bool mask of the "
+                    f"columns to write; got {real.dtype} {tuple(real.shape)}."
+                )
+            real = real.to(positions.device)
+            return PreparedPositions(
+                None, None, None, batch, q_len, end, stamp, index=positions, real=real
+            )
         rows, cols = (positions >= 0).nonzero(as_tuple=True)
-        return PreparedPositions(rows, positions[rows, cols], cols, batch, q_len, end)
+        return PreparedPositions(rows, positions[rows, cols], cols, batch, q_len, end, stamp)
 
     def store(
         self,
@@ -276,9 +315,11 @@ class PositionalKVCache:
             positions: a position spec (see the module docstring), or
                 `PreparedPositions` from `prepare`.
             step: the loop step whose forward computed these K/V; needed for
-                `reusable`. None for loops without steps (token autoregression).
+                `reusable`. None for loops without steps (token autoregression), or
+                to record the step given to `prepare`.
         """
         lay = self._layer(layer)
+        stamp = None
         if keys.dim() != 4 or values.dim() != 4 or keys.shape[:3] != values.shape[:3]:
             raise CacheError(
                 f"keys and values must be (B, H, Q, D) with the same B, H, Q; got keys "
@@ -298,6 +339,10 @@ class PositionalKVCache:
                 positions.columns,
                 positions.end,
             )
+            stamp = positions.stamp if step is None else None
+            if positions.index is not None:
+                self._store_columns(lay, keys, values, positions, stamp, step)
+                return
         else:
             rows, pos, cols = self._triples(positions, batch, q_len)
             end = int(pos.max()) + 1 if pos.numel() else 0
@@ -316,8 +361,36 @@ class PositionalKVCache:
         # tensors is copied from the host, and that copy waits for the device.
         lay.filled.index_put_((rows, pos), self._scalar(True, lay.filled))
         lay.evicted.index_put_((rows, pos), self._scalar(False, lay.evicted))
-        stamp = _NEVER if step is None else _check_step(step)
-        lay.stored_step.index_put_((rows, pos), self._scalar(stamp, lay.stored_step))
+        if stamp is None:
+            number = _NEVER if step is None else _check_step(step)
+            stamp = self._scalar(number, lay.stored_step)
+        lay.stored_step.index_put_((rows, pos), stamp)
+
+    def _store_columns(
+        self,
+        lay: _LayerKV,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        prepared: PreparedPositions,
+        stamp: torch.Tensor | None,
+        step: int | None,
+    ) -> None:
+        """`store` of the column form: every column written, the unreal ones with their slot's own data."""
+        self._ensure_layer(lay, keys, values)
+        if prepared.end > lay.length:
+            lay.apply(lambda t, dim: _grow(t, dim, prepared.end, _fill_for(t)))
+        if stamp is None:
+            stamp = self._scalar(_NEVER if step is None else _check_step(step), lay.stored_step)
+        index, real = prepared.index, prepared.real  # (B, Q) each
+        for name, new in (("keys", keys), ("values", values)):
+            held = getattr(lay, name)  # (B, H, L, D)
+            where = index[:, None, :, None].expand(-1, held.shape[1], -1, held.shape[3])
+            kept = torch.where(real[:, None, :, None], new.to(held.dtype), held.gather(2, where))
+            held.scatter_(2, where, kept)
+        lay.filled.scatter_(1, index, lay.filled.gather(1, index) | real)
+        lay.evicted.scatter_(1, index, lay.evicted.gather(1, index) & ~real)
+        steps = lay.stored_step.gather(1, index)
+        lay.stored_step.scatter_(1, index, torch.where(real, stamp, steps))
 
     def append(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor, *, step: int | None = None

@@ -147,13 +147,12 @@ class DKVCacheParams(Params):
 class _Forward:
     """What the attention function needs during one partial forward."""
 
-    __slots__ = ("slots", "key_ok", "length", "step", "attend_mask")
+    __slots__ = ("slots", "key_ok", "length", "attend_mask")
 
-    def __init__(self, slots: PreparedPositions, key_ok: torch.Tensor, length: int, step: int):
-        self.slots = slots  # where each fed column's K/V go, checked once per forward
+    def __init__(self, slots: PreparedPositions, key_ok: torch.Tensor, length: int):
+        self.slots = slots  # where each fed column's K/V go (and the step), checked once
         self.key_ok = key_ok  # (B, L) bool, real (non-padding) positions
         self.length = length
-        self.step = step
         # (B, 1, 1, L) bool, the keys to attend to: taken at the first layer; every layer
         # stores the same positions, so it is the same for all of them.
         self.attend_mask: torch.Tensor | None = None
@@ -372,27 +371,26 @@ class DKVCache(Strategy):
         width, keep = torch.stack([counts.max(), n_wanted.max()]).tolist()  # one read
         bucket = self.params.query_bucket or (16 if x.device.type == "cuda" else 1)
         width = min(length, -(-width // bucket) * bucket)  # columns past counts[b]: dropped
+        if bucket > 1:  # one LM-head width per query width: the window's (extra ones dropped)
+            keep = min(width, hi - lo)
         # Each row feeds its wanted positions first, then the other fed ones, in position
         # order: the LM head then runs on the first `keep` columns only.
         rank = (~fed).to(torch.int8) * 2 + (fed & ~wanted).to(torch.int8)  # 0, 1, 2 (not fed)
         order = torch.sort(rank, dim=1, stable=True).indices[:, :width]  # (B, Q)
         real = torch.arange(width, device=x.device)[None, :] < counts[:, None]  # (B, Q)
-        q_pos = torch.where(real, order, torch.full_like(order, -1))
         ids = x.gather(1, order)  # (B, Q)
         pos_ids = position_ids.gather(1, order)  # (B, Q)
-        # Checked and flattened once here, so the per-layer stores never wait for the device.
-        slots = self.cache.prepare(q_pos, width, end=length)  # built here: -1 or distinct, < L
-        self._ctx = _Forward(slots, valid, length, step)
+        # Prepared once here (distinct positions < L per row; the padding columns write
+        # back what their slots hold), so the per-layer stores never wait for the device and
+        # have shapes fixed by (B, Q); the step goes in as a device tensor, so a compiled
+        # model sees no per-step number.
+        slots = self.cache.prepare(order, width, end=length, step=step, real=real)
+        self._ctx = _Forward(slots, valid, length)
         try:
-            out = model(
-                input_ids=ids,
-                position_ids=pos_ids,
-                use_cache=False,
-                logits_to_keep=torch.arange(keep, device=x.device),
-            )
+            keep_cols = torch.arange(keep, device=x.device)
+            logits_q = _call_model(model, ids, pos_ids, keep_cols)  # (B, keep, V)
         finally:
             self._ctx = None
-        logits_q = out.logits  # (B, keep, V)
         # Column q < n_wanted[b] of row b holds position order[b, q]; the rest go to a
         # spare column past the window, dropped after the scatter.
         span = hi - lo
@@ -407,7 +405,7 @@ class DKVCache(Strategy):
         ctx = self._ctx
         layer = int(module.layer_idx)
         cache = self.cache
-        cache.store(layer, key, value, ctx.slots, step=ctx.step)
+        cache.store(layer, key, value, ctx.slots)  # at the step the slots were prepared for
         keys, values = cache.kv(layer)
         keys, values = keys[:, :, : ctx.length], values[:, :, : ctx.length]  # (B, Hkv, L, D)
         if ctx.attend_mask is None:
@@ -421,6 +419,18 @@ class DKVCache(Strategy):
             query, keys, values, attn_mask=ctx.attend_mask, scale=scaling
         )  # (B, H, Q, D)
         return out.transpose(1, 2).contiguous(), None
+
+
+def _call_model(model, ids, pos_ids, keep):
+    """The cached forward: the model on the fed columns ``ids`` ``(B, Q)``; logits ``(B, K, V)``
+    of the columns ``keep`` ``(K,)``.
+
+    Everything that reads from the device happened before (the widths, the slots); inside
+    are only the model's own ops and the per-layer stores, all with shapes fixed by
+    ``(B, Q)`` and the sequence length, so ``torch.compile(model, fullgraph=True)``
+    traces it as one graph (tests/test_compile.py).
+    """
+    return model(input_ids=ids, position_ids=pos_ids, use_cache=False, logits_to_keep=keep).logits
 
 
 def _pad_cols(mask: torch.Tensor, length: int) -> torch.Tensor:
