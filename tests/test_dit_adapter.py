@@ -229,26 +229,33 @@ def test_call_kwargs_leave_defaults_to_the_pipeline_and_cap_the_text_length():
     assert (kwargs["guidance_scale"], kwargs["max_sequence_length"]) == (2.0, 8)
 
 
-def test_yaml_run_on_a_saved_tiny_flux(tmp_path):
-    from decodekit.cli import main
-
-    tiny_flux_pipeline(guidance_embeds=False).save_pretrained(tmp_path / "flux")
+def flux_yaml(tmp_path, model: str, prompt, steps: int, cfg_scale: float) -> dict:
+    """A diffusion-transformer config with prior noise and true CFG at 32x32, written to c.yaml."""
+    inputs = {"prompt": prompt, "negative_prompt": "", "num_inference_steps": steps}
+    inputs |= {"height": 32, "width": 32, "extra": {"true_cfg_scale": cfg_scale}}
     cfg = {
-        "pipeline": {"type": "diffusion-transformer", "model": str(tmp_path / "flux")},
-        "strategies": [{"name": "prior-noise"}],
-        "inputs": {
-            "prompt": ["a red circle", "a blue square"],
-            "negative_prompt": "",
-            "num_inference_steps": 3,
-            "height": 32,
-            "width": 32,
-            "extra": {"true_cfg_scale": 2.0},
-        },
+        "pipeline": {"type": "diffusion-transformer", "model": model},
+        "strategies": ["prior-noise"],
+        "inputs": inputs,
         "output": {"dir": str(tmp_path / "out")},
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    return cfg
+
+
+def run_yaml(tmp_path) -> dict:
+    """``decodekit run c.yaml``; returns its run.json."""
+    from decodekit.cli import main
+
     assert main(["run", str(tmp_path / "c.yaml")]) == 0
-    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    return json.loads((tmp_path / "out" / "run.json").read_text())
+
+
+def test_yaml_run_on_a_saved_tiny_flux(tmp_path):
+    tiny_flux_pipeline(guidance_embeds=False).save_pretrained(tmp_path / "flux")
+    prompts = ["a red circle", "a blue square"]
+    cfg = flux_yaml(tmp_path, str(tmp_path / "flux"), prompts, steps=3, cfg_scale=2.0)
+    record = run_yaml(tmp_path)
     assert record["stats"]["nfe"] == 2 * 3  # true CFG: a conditional and an unconditional call
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
         "000-a-red-circle.png",
@@ -294,3 +301,13 @@ class TestSD3Contract(TestFluxContract):
 
     def make_pipeline(self):
         return tiny_sd3_pipeline()
+
+
+def test_yaml_run_on_zoo_shapes_dit(tmp_path):
+    """`model: zoo:shapes-dit` runs from YAML with true CFG and prior noise."""
+    flux_yaml(tmp_path, "zoo:shapes-dit", "a large red circle in the centre", 4, cfg_scale=3.0)
+    record = run_yaml(tmp_path)
+    assert record["stats"]["nfe"] == 8
+    # timesteps 1000, 750, 500, 250: only t = 250 is below 500
+    assert record["stats"]["strategies"]["prior-noise"]["injected_steps"] == 1
+    assert (tmp_path / "out" / "000-a-large-red-circle-in-the-centre.png").is_file()

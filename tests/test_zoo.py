@@ -307,6 +307,32 @@ def test_shapes_sd_trainer_writes_a_loadable_pipeline(tmp_path):
     assert out.images.shape == (1, 3, 32, 32)
 
 
+def test_shapes_dit_trainer_reuses_shapes_sd_parts_and_writes_a_flux_pipeline(tmp_path):
+    from decodekit.pipelines.zoo.train_shapes_dit import train
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    train(tmp_path, steps=2, num_images=32, batch_size=4, seed=0)
+    pipe = FluxPipeline.from_pretrained(tmp_path)
+    sd = zoo_path("shapes-sd")
+    for part, name in (  # shapes-sd's, frozen: the same weights
+        ("vae", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ):
+        ours, theirs = load_file(tmp_path / part / name), load_file(sd / part / name)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    assert pipe.vae.config.shift_factor == 0.0 and pipe.tokenizer_2.model_max_length == 12
+    ids = pipe.tokenizer_2("a small red circle on the left").input_ids
+    assert len(ids) == 8 and pipe.tokenizer_2.unk_token_id not in ids  # one token a word
+    out = pipe(
+        "a red circle", height=32, width=32, num_inference_steps=2, max_sequence_length=12,
+        output_type="pt",
+    )  # fmt: skip
+    assert out.images.shape == (1, 3, 32, 32)
+    assert json.loads((tmp_path / "training.json").read_text())["steps"] == 2
+
+
 # --- the committed models ---------------------------------------------------------------
 
 
@@ -360,6 +386,15 @@ def test_shapes_sd_follows_prompts_cheaply(judge):
     from decodekit.pipelines.zoo.evaluate import evaluate_shapes_sd
 
     scores = evaluate_shapes_sd(num_prompts=16, steps=20)
+    assert scores["adherence_colour"] >= 0.75, scores
+    assert scores["adherence_shape"] >= 0.8, scores
+
+
+def test_shapes_dit_follows_prompts_cheaply(judge):
+    """32 prompts at 10 Euler steps: a cheap stand-in for the 200-prompt, 20-step gate."""
+    from decodekit.pipelines.zoo.evaluate import evaluate_shapes_dit
+
+    scores = evaluate_shapes_dit(num_prompts=32, steps=10)
     assert scores["adherence_colour"] >= 0.75, scores
     assert scores["adherence_shape"] >= 0.8, scores
 

@@ -67,6 +67,15 @@ CATALOGUE: dict[str, ZooModel] = {
             {"adherence_shape": 0.90, "adherence_colour": 0.90},
         ),
         ZooModel(
+            "shapes-dit",
+            "Flux-shaped text-to-image diffusion transformer (2 double + 3 single blocks, width "
+            "64, a 2-layer T5) trained by rectified flow on shapes-sd's frozen VAE and CLIP "
+            "text encoder; 32x32 shape renders with captions.",
+            "diffusion-transformer",
+            "decodekit.pipelines.zoo.train_shapes_dit",
+            {"adherence_shape": 0.90, "adherence_colour": 0.90},
+        ),
+        ZooModel(
             "shapes-judge",
             "timm classifier of shape, colour, position and size on shape renders; scores "
             "prompt adherence and a Fréchet distance on its features.",

@@ -2,6 +2,7 @@
 
     python -m decodekit.pipelines.zoo.evaluate shapes-judge
     python -m decodekit.pipelines.zoo.evaluate shapes-sd
+    python -m decodekit.pipelines.zoo.evaluate shapes-dit
     python -m decodekit.pipelines.zoo.evaluate arith-ar
     python -m decodekit.pipelines.zoo.evaluate arith-mdlm
     python -m decodekit.pipelines.zoo.evaluate arith-mdlm-windows   # long generation windows
@@ -65,6 +66,46 @@ def evaluate_shapes_sd(
     pipe = StableDiffusionPipeline.from_pretrained(
         folder or zoo_path("shapes-sd"), safety_checker=None
     )
+    call = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
+    return judge_text_to_image(pipe, call, num_prompts, judge_folder, batch_size) | {
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+    }
+
+
+def evaluate_shapes_dit(
+    num_prompts: int = 200, steps: int = 20, true_cfg_scale: float = 3.0, **where: Any
+) -> dict[str, Any]:
+    """shapes-sd's gate on shapes-dit (FluxPipeline): the same prompts, judge and Fréchet distances.
+
+    Classifier-free guidance is Flux's ``true_cfg_scale`` with an empty negative prompt;
+    32x32 images, Euler flow-matching steps. ``where``: ``folder``, ``judge_folder`` and
+    ``batch_size`` (100), as for shapes-sd.
+    """
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(where.get("folder") or zoo_path("shapes-dit"))
+    call = {"num_inference_steps": steps, "true_cfg_scale": true_cfg_scale, "height": 32}
+    call |= {"width": 32, "max_sequence_length": pipe.tokenizer_2.model_max_length}
+    judging = (where.get("judge_folder"), where.get("batch_size", 100))
+    out = judge_text_to_image(pipe, call, num_prompts, *judging, negative="")
+    return out | {"steps": steps, "true_cfg_scale": true_cfg_scale}
+
+
+def judge_text_to_image(
+    pipe: Any,
+    call: dict[str, Any],
+    num_prompts: int,
+    judge_folder: Path | None,
+    batch_size: int,
+    negative: str | None = None,
+) -> dict[str, Any]:
+    """Generate the captions of `num_prompts` held-out one-shape scenes (seed 20000) and judge them.
+
+    ``call``: the pipeline's keyword arguments besides the prompts, generator and output
+    type; ``negative``: a negative prompt for every prompt. Returns the shapes-judge
+    adherence per attribute, the Fréchet distances and the generation time.
+    """
     pipe.set_progress_bar_config(disable=True)
     judge = ShapesJudge.load(judge_folder)
     real, scenes = sample_shapes(num_prompts, seed=SD_EVAL_SEED, two_shape_fraction=0.0)
@@ -74,13 +115,10 @@ def evaluate_shapes_sd(
     started = time.time()
     chunks = []
     for i in range(0, num_prompts, batch_size):
-        out = pipe(
-            prompts[i : i + batch_size],
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            output_type="pt",
-        )
+        batch = prompts[i : i + batch_size]
+        if negative is not None:
+            call = call | {"negative_prompt": [negative] * len(batch)}
+        out = pipe(batch, **call, generator=generator, output_type="pt")
         chunks.append(out.images)  # (b, 3, 32, 32) in [0, 1]
     generated = torch.cat(chunks)
     seconds = time.time() - started
@@ -88,8 +126,6 @@ def evaluate_shapes_sd(
     real_f, other_f = real.float() / 255.0, other_real.float() / 255.0
     return {
         "num_prompts": num_prompts,
-        "steps": steps,
-        "guidance_scale": guidance_scale,
         **{f"adherence_{k}": v for k, v in scores.items() if k != "counted"},
         "frechet_generated_vs_real": judge.frechet(generated, real_f),
         "frechet_real_vs_real": judge.frechet(other_f, real_f),
@@ -310,6 +346,7 @@ def evaluate_arith_mdlm_fewshot(
 EVALUATIONS = {
     "shapes-judge": evaluate_shapes_judge,
     "shapes-sd": evaluate_shapes_sd,
+    "shapes-dit": evaluate_shapes_dit,
     "arith-ar": evaluate_arith_ar,
     "arith-mdlm": evaluate_arith_mdlm,
     "arith-mdlm-windows": evaluate_arith_mdlm_windows,
