@@ -110,7 +110,8 @@ class RuntimeSpecs:
         ``generate(...)`` (transformers). Called after every strategy's
         ``reset(run)``, once per call.
 
-        Called by: stable-diffusion, masked-diffusion-lm, llada2, causal-lm, ar-image, var.
+        Called by: stable-diffusion, diffusion-transformer, masked-diffusion-lm, llada2,
+        causal-lm, ar-image, var.
         """
 
     @hookspec
@@ -120,7 +121,8 @@ class RuntimeSpecs:
         Called once per call that did not raise, before ``run.last`` is filled.
         Undo per-call changes to the pipeline here.
 
-        Called by: stable-diffusion, masked-diffusion-lm, llada2, causal-lm, ar-image, var.
+        Called by: stable-diffusion, diffusion-transformer, masked-diffusion-lm, llada2,
+        causal-lm, ar-image, var.
         """
 
     # -- continuous denoising (diffusers UNet / DiT pipelines) ----------------
@@ -129,8 +131,10 @@ class RuntimeSpecs:
         """Before a model call of loop step ``step``: return an output to serve it without running ``module`` (first result).
 
         ``role`` says which model the call is for: ``"denoiser"`` (the UNet or
-        transformer; ``step`` counts these calls) or ``"controlnet"`` (a
-        ControlNet, whose call feeds the denoiser call of the same ``step``).
+        transformer; ``step`` counts these calls — on diffusion-transformer it is
+        the loop iteration, which Flux's two true-CFG calls share) or
+        ``"controlnet"`` (a ControlNet, whose call feeds the denoiser call of the
+        same ``step``).
         ``args``/``kwargs`` are the call's arguments as the pipeline passed them
         (``sample``, ``timestep``, ``encoder_hidden_states`` …). Return what the
         module would return for them — e.g. ``(noise_pred,)`` under
@@ -138,7 +142,7 @@ class RuntimeSpecs:
         ``run.served``, ControlNet calls in ``run.adapter.aux_served``); return
         None to let it run.
 
-        Called by: stable-diffusion.
+        Called by: stable-diffusion, diffusion-transformer.
         """
 
     @hookspec
@@ -147,7 +151,7 @@ class RuntimeSpecs:
 
         Not called for served calls. Feature caches record what they need here.
 
-        Called by: stable-diffusion.
+        Called by: stable-diffusion, diffusion-transformer.
         """
 
     @hookspec
@@ -161,7 +165,7 @@ class RuntimeSpecs:
         ``callback_on_step_end`` or does not expose a requested tensor. A user's
         own ``callback_on_step_end`` still runs, after the strategies.
 
-        Called by: stable-diffusion.
+        Called by: stable-diffusion, diffusion-transformer.
         """
 
     # -- masked-diffusion text -------------------------------------------------
