@@ -147,7 +147,9 @@ def bench(
     Returns:
         A dict with ``speedup`` (median per-pair ratio), ``pair_ratios``,
         ``speedup_spread`` (`decodekit.figures.speedup_spread`: median, range,
-        interval of the median and whether it contains ×1), ``ideal_speedup``, ``nfe``, ``peak_memory``, ``quality``, per-arm
+        interval of the median and whether it contains ×1), ``ideal_speedup``, ``nfe``, ``peak_memory``, ``quality``,
+        ``compile_s`` (with ``pipeline.compile``: each arm's first call, which compiles,
+        in seconds; None otherwise), per-arm
         ``baseline``/``strategy`` figures, ``strategies``, ``label``, ``config`` and ``machine``.
     """
     manager = manager or get_manager()
@@ -166,6 +168,9 @@ def bench(
     def run_arm(arm_specs: list[dict[str, Any]]) -> dict[str, Any]:
         return _run_arm(config, target, arm_specs, manager, clock)
 
+    compile_s = None
+    if config.pipeline.compile:  # each arm's first call compiles: timed apart, not in the pairs
+        compile_s = {"baseline": run_arm([])["time_s"], "strategy": run_arm(specs)["time_s"]}
     arms = _alternate(run_arm, specs, config.bench.warmup, repeat, Bar(0, progress), label)
     ratios = pair_ratios(
         [r["time_s"] for r in arms["baseline"]], [r["time_s"] for r in arms["strategy"]]
@@ -194,6 +199,7 @@ def bench(
         "strategies": specs,
         "repeat": repeat,
         "warmup": config.bench.warmup,
+        "compile_s": compile_s,
         "label": label,
         "config": config.summary(),
         "machine": machine_info(config.device),

@@ -10,6 +10,7 @@ attach to it, what inputs it runs and where outputs go::
       dtype: float32             # float32|float16|bfloat16|float64
       options: {}                # adapter-specific, passed to adapter.load(options=...)
       threads: 1                 # optional; torch CPU threads (default 1 on cpu, torch's on a GPU)
+      compile: false             # optional; true: torch.compile the model call (core/compiling.py)
     strategies:
       - name: faster-diffusion
         params: {key_steps: paper-50}
@@ -42,7 +43,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 from .errors import ConfigError, DecodekitError, UnknownNameError
 from .manager import PluginManager, get_manager
@@ -93,6 +102,11 @@ class PipelineConfig(_Section):
         None,
         ge=1,
         description="torch CPU threads (--threads wins); unset: 1 on a CPU, torch's default on a GPU",
+    )
+    compile: StrictBool | Literal["inductor", "eager", "aot_eager"] = Field(
+        False,
+        description="torch.compile the model call (run, bench): true (inductor) or a dynamo "
+        "backend; masked-diffusion-lm and stable-diffusion",
     )
 
 
@@ -169,7 +183,7 @@ class RunConfig:
                 )
             extra["trust_remote_code"] = True
         try:
-            return self.adapter.load(
+            target = self.adapter.load(
                 self.source,
                 device=self.device,
                 dtype=self.pipeline.dtype,
@@ -187,6 +201,11 @@ class RunConfig:
                 f"the {self.adapter.name!r} adapter could not load {self.source!r}: "
                 f"{type(e).__name__}: {detail}",
             ) from e
+        if self.pipeline.compile:
+            from .compiling import compile_pipeline
+
+            compile_pipeline(target, self.adapter.name, self.pipeline.compile)
+        return target
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready description of what runs: pipeline, resolved source and device, strategies, inputs."""
@@ -635,6 +654,9 @@ def load_config(
         )
 
     options = check_options(adapter, pipeline.options)
+    from .compiling import check_compile
+
+    check_compile(adapter.name, pipeline.compile)
     strategies = _strategies(doc.get("strategies"), manager)
     inputs = _section(
         adapter.Inputs, doc.get("inputs"), "inputs", f"inputs of the {adapter.name!r} pipeline"

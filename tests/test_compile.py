@@ -7,11 +7,17 @@ The compile tests use dynamo's "eager" backend: it traces exactly what inductor 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import decodekit
 import decodekit.plugins.dkv_cache as dkv_module
 import pytest
 import torch
+import yaml
+from decodekit.bench import bench
+from decodekit.compiling import compile_pipeline
+from decodekit.config import load_config
+from decodekit.errors import ConfigError
 from decodekit.kv_cache import CacheError, PositionalKVCache
 from decodekit.testing import tiny_mdm_pipeline
 
@@ -139,3 +145,86 @@ def test_column_form_store_equals_the_flat_store():
     assert not torch.equal(caches[1].reusable(1, layer=0), caches[1].reusable(2, layer=0))
     with pytest.raises(CacheError, match="bool mask of the columns"):
         caches[1].prepare(order, 4, end=6, real=real.long())
+
+
+def tiny_config(tmp_path, **pipeline) -> Path:
+    doc = {
+        "pipeline": {"type": "masked-diffusion-lm", "model": "zoo:arith-mdlm", "device": "cpu"}
+        | pipeline,
+        "strategies": [{"name": "block-cache", "params": {"mode": "dual"}}],
+        "inputs": {"prompt": ["12+7=", "8+5="], "gen_length": 8, "block_length": 4, "steps": 4},
+        "bench": {"repeat": 1, "warmup": 0},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "match"),
+    [
+        ({"compile": "yes"}, "pipeline.compile"),
+        ({"compile": 1}, "pipeline.compile"),
+        ({"type": "causal-lm", "compile": True}, "no single model call to compile"),
+    ],
+)
+def test_compile_setting_is_checked(tmp_path, pipeline, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(tiny_config(tmp_path, **pipeline))
+
+
+def test_compile_pipeline_compiles_the_model_in_place_and_restores_it():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = tiny_mdm_pipeline(layers=1)
+    model = pipe.model
+    with decodekit.attach(pipe, [CACHES[1]]):
+        eager = pipe(input_ids=PROMPTS, **KW).sequences
+    compiled = compile_pipeline(pipe, "masked-diffusion-lm", "eager")
+    assert pipe.model is model  # strategies see the same module
+    with decodekit.attach(pipe, [CACHES[1]]):
+        out = pipe(input_ids=PROMPTS, **KW).sequences
+    assert counters["stats"]["unique_graphs"] >= 1  # the calls went through dynamo
+    assert torch.equal(out, eager)
+    compiled.restore()
+    assert model._compiled_call_impl is None
+    with pytest.raises(ConfigError, match="no single model call"):
+        compile_pipeline(pipe, "causal-lm", True)
+
+
+def test_compile_pipeline_compiles_the_unet_of_stable_diffusion():
+    from decodekit.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    unet = pipe.unet
+
+    def images():
+        generator = torch.Generator().manual_seed(0)
+        kw = dict(num_inference_steps=3, output_type="pt", generator=generator)
+        with decodekit.attach(pipe, [{"name": "deep-cache", "params": {"interval": 2}}]):
+            return pipe(prompt=["a red circle"], **kw).images
+
+    eager = images()
+    compiled = compile_pipeline(pipe, "stable-diffusion", "eager")
+    assert pipe.unet is unet and unet._compiled_call_impl is not None
+    assert torch.equal(images(), eager)
+    compiled.restore()
+    assert unet._compiled_call_impl is None
+
+
+@pytest.mark.slow  # compiles the zoo model; the in-place compile test above covers the call
+def test_bench_reports_compile_time_apart(tmp_path):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    result = bench(load_config(tiny_config(tmp_path, compile="eager")))
+    assert set(result["compile_s"]) == {"baseline", "strategy"}
+    assert all(t > 0 for t in result["compile_s"].values())
+    assert counters["stats"]["unique_graphs"] >= 2  # baseline and cached forward
+    assert result["config"]["pipeline"]["compile"] == "eager"
+    plain = bench(load_config(tiny_config(tmp_path)))
+    assert plain["compile_s"] is None
+    assert plain["quality"] == result["quality"]
