@@ -60,7 +60,8 @@ class DenoisingAdapter(PipelineAdapter):
         scheduler_order: denoiser calls per solver step (2 for Heun, else 1).
         num_calls: denoiser calls the current pipeline call will make, once the
             loop has set its timesteps; None outside a call or when unknown.
-        initial_latents: z_T of the current call, ``(B, C, h, w)``, once drawn.
+        initial_latents: z_T of the current call, once drawn, in the loop's latent layout:
+            ``(B, C, h, w)``, or Flux's packed ``(B, h/2 · w/2, 4C)`` tokens.
         step: denoiser calls made so far in the current pipeline call.
         aux_nfe: calls of auxiliary models (role ``"controlnet"``) that ran in
             the current call; ``run.nfe`` counts denoiser calls only.

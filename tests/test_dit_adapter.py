@@ -311,3 +311,21 @@ def test_yaml_run_on_zoo_shapes_dit(tmp_path):
     # timesteps 1000, 750, 500, 250: only t = 250 is below 500
     assert record["stats"]["strategies"]["prior-noise"]["injected_steps"] == 1
     assert (tmp_path / "out" / "000-a-large-red-circle-in-the-centre.png").is_file()
+
+
+def test_load_takes_a_flow_scheduler_option_and_refuses_a_unet_folder(tmp_path):
+    from decodekit.pipelines.diffusion_transformer import DiffusionTransformerAdapter as A
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
+    pipe = A.load(str(tmp_path / "sd3"), device="cpu", dtype="float32", options={})
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    heun = A.load(
+        str(tmp_path / "sd3"), device="cpu", dtype="float32", options={"scheduler": "flow-heun"}
+    )
+    assert type(heun.scheduler).__name__ == "FlowMatchHeunDiscreteScheduler"
+    assert heun.scheduler.config.shift == pipe.scheduler.config.shift == 3.0
+    tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
+    with pytest.raises(
+        ConfigError, match="StableDiffusionPipeline, which the diffusion-transformer"
+    ):
+        A.load(str(tmp_path / "sd"), device="cpu", dtype="float32", options={})
