@@ -31,8 +31,10 @@ elsewhere). Each row feeds the positions whose logits the pipeline reads
 (``logits_window``) first, so the LM head runs on those alone
 (``logits_to_keep``), and their logits are scattered back to their columns.
 Positions are checked once per forward, so the per-layer stores never read back
-from the device. Rows may recompute different numbers of positions (ragged
-batches); GQA models cache K/V heads only.
+from the device, and they write with shapes fixed by (batch, query width): the
+model call (`_call_model`) compiles with ``torch.compile(fullgraph=True)`` as one
+graph (``pipeline.compile``; docs: dkv-cache, Compiling). Rows may recompute
+different numbers of positions (ragged batches); GQA models cache K/V heads only.
 
 Supported models: transformers' Llama, Mistral, Qwen2 and Qwen3 families with
 bidirectional attention (``config.is_causal = False``) and no sliding window —
