@@ -294,6 +294,7 @@ class TestFluxContract(StrategyTesterMixin):
         pipe("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=999)
 
 
+@pytest.mark.slow  # TestFluxContract covers the adapter's contract, test_prior_noise prior noise's
 class TestSD3Contract(TestFluxContract):
     """The shared contract on tiny SD3 with prior noise."""
 
