@@ -391,10 +391,10 @@ def test_shapes_sd_follows_prompts_cheaply(judge):
 
 
 def test_shapes_dit_follows_prompts_cheaply(judge):
-    """32 prompts at 10 Euler steps: a cheap stand-in for the 200-prompt, 20-step gate."""
+    """16 prompts at 10 Euler steps: a cheap stand-in for the 200-prompt, 20-step gate."""
     from decodekit.pipelines.zoo.evaluate import evaluate_shapes_dit
 
-    scores = evaluate_shapes_dit(num_prompts=32, steps=10)
+    scores = evaluate_shapes_dit(num_prompts=16, steps=10)
     assert scores["adherence_colour"] >= 0.75, scores
     assert scores["adherence_shape"] >= 0.8, scores
 
