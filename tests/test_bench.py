@@ -13,22 +13,7 @@ from decodekit.config import load_config
 from decodekit.figures import SPREAD_H
 from PIL import Image
 
-from tests.tiny import ToyAdapter, ToyPipe, toy_config
-
-
-class ScriptedClock:
-    """A clock whose successive intervals are given: each arm reads it twice (start, end)."""
-
-    def __init__(self, durations: list[float]):
-        self.durations = list(durations)
-        self.now = 0.0
-        self.started = False
-
-    def __call__(self) -> float:
-        if self.started:
-            self.now += self.durations.pop(0)
-        self.started = not self.started
-        return self.now
+from tests.tiny import ScriptedClock, ToyAdapter, ToyPipe, toy_config
 
 
 def test_bench_reports_exact_nfe_quality_and_structure(toy, manager, tmp_path):

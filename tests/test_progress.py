@@ -12,8 +12,7 @@ from decodekit.cli import main
 from decodekit.config import load_config
 from decodekit.progress import Bar, Eta, format_eta, generate_with_progress, prompt_batches
 
-from tests.test_bench import ScriptedClock
-from tests.tiny import ToyAdapter, toy_config
+from tests.tiny import ScriptedClock, ToyAdapter, toy_config
 
 
 def frames(err: str) -> list[str]:

@@ -18,8 +18,7 @@ from decodekit.sweep import (
 )
 from PIL import Image
 
-from tests.test_bench import ScriptedClock
-from tests.tiny import toy_config
+from tests.tiny import ScriptedClock, toy_config
 
 
 def test_sweep_points_are_every_combination_of_yaml_values():

@@ -339,3 +339,18 @@ def tiny_ar_image_pipeline(
     )
     lm = LlamaForCausalLM(lm_cfg).to(dtype).eval()
     return ARImagePipeline(lm, tiny_vq(seed, codes).to(dtype), tokenizer, config)
+
+
+class ScriptedClock:
+    """A clock whose successive intervals are given: each arm reads it twice (start, end)."""
+
+    def __init__(self, durations: list[float]):
+        self.durations = list(durations)
+        self.now = 0.0
+        self.started = False
+
+    def __call__(self) -> float:
+        if self.started:
+            self.now += self.durations.pop(0)
+        self.started = not self.started
+        return self.now
