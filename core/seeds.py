@@ -4,9 +4,10 @@ A YAML run (``decodekit run``, ``bench``, the demo) samples each output row
 from its own random generator, seeded from ``inputs.seed``, the prompt's text,
 its occurrence among identical prompts of the list (0 for the first ``"a"``, 1
 for the second ...) and the row's number among that prompt's images or samples.
-So the same prompt samples the same output in any list, at any position and
-beside any batch mates; a repeated prompt still gets a different sample each
-time. The hash is SHA-256 (stable across processes and machines, unlike
+So the same prompt draws the same random numbers in any list, at any position
+and beside any batch mates (its output is the same sample, up to the float
+rounding a batch's shape can change); a repeated prompt still gets a different
+sample each time. The hash is SHA-256 (stable across processes and machines, unlike
 Python's ``hash``), cut to 63 bits.
 
 A slice of a longer list (one batch, one process's shard) is seeded as in the
