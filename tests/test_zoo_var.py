@@ -12,9 +12,11 @@ from decodekit.pipelines.zoo import zoo_path
 from decodekit.pipelines.zoo.shapes_data import COLOUR_NAMES, SHAPES
 from decodekit.pipelines.zoo.train_shapes_var import (
     CLASS_NAMES,
+    OPERATING_POINT,
     class_data,
     class_of,
     evaluate_msvq,
+    evaluate_var,
     quantise_for_training,
     train_msvq,
     train_var,
@@ -86,12 +88,16 @@ def test_trainers_write_a_var_folder_over_one_vq(tmp_path):
 # --- the committed models -------------------------------------------------------------------
 
 
-def test_var_zoo_folders_link_the_one_vq():
+def test_var_zoo_folders_share_one_vq_and_fit_together():
     vq_folder = zoo_path("shapes-msvq")
+    large = VARPipeline.from_pretrained(zoo_path("shapes-var-d6"))
     small = VARPipeline.from_pretrained(zoo_path("shapes-var-d3"))
-    assert (zoo_path("shapes-var-d3") / "vq").resolve() == vq_folder.resolve()
-    assert small.transformer.config.depth == 3 and small.class_names == CLASS_NAMES
-    assert small.patch_nums == (1, 2, 3, 4, 6, 8)
+    for name in ("shapes-var-d6", "shapes-var-d3"):
+        assert (zoo_path(name) / "vq").resolve() == vq_folder.resolve()
+    assert large.transformer.config.depth == 6 and small.transformer.config.depth == 3
+    large.check_model(small.transformer)  # same classes, scales and codebook: CoDe can pair them
+    assert large.class_names == small.class_names == CLASS_NAMES
+    assert large.patch_nums == (1, 2, 3, 4, 6, 8)
 
 
 def test_var_zoo_model_loads_from_a_yaml_config():
@@ -121,3 +127,14 @@ def test_shapes_msvq_reconstructions_keep_what_the_caption_says(judge):
     # (docs/zoo.md; gate 0.85 all four)
     assert scores["adherence_overall"] >= 0.84, scores
     assert scores["adherence_shape"] >= 0.93 and scores["adherence_colour"] >= 0.9, scores
+
+
+def test_shapes_var_d6_draws_its_class_and_beats_the_small_model(judge):
+    """48 samples (2 a class) at the operating point: the 240-sample figures, cheaper."""
+    large = evaluate_var("shapes-var-d6", num_images=48, judge=judge)
+    small = evaluate_var("shapes-var-d3", num_images=48, judge=judge)
+    assert large["cfg"] == OPERATING_POINT["cfg"]
+    # measured: shape 0.77, colour 0.79 on these 48; 0.80, 0.78 on 240 (docs/zoo.md).
+    # Chance is 0.25 and 0.17; issue 17's target of 0.90 is not reached yet.
+    assert large["adherence_shape"] >= 0.7 and large["adherence_colour"] >= 0.7, large
+    assert large["adherence_class"] > small["adherence_class"] + 0.2, (large, small)

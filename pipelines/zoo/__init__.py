@@ -144,6 +144,14 @@ CATALOGUE: dict[str, ZooModel] = {
             {"adherence_overall": 0.85},
         ),
         ZooModel(
+            "shapes-var-d6",
+            "Class-conditional VAR transformer (depth 6, width 48) over shapes-msvq's token "
+            "maps; 24 classes, shape x colour ('red circle'); labels dropped 10% for guidance; "
+            "CoDe's drafter.",
+            "var",
+            "decodekit.pipelines.zoo.train_shapes_var",
+        ),
+        ZooModel(
             "shapes-var-d3",
             "Small class-conditional VAR transformer (depth 3, width 24) over shapes-msvq's "
             "token maps; 24 classes, shape x colour ('red circle'); CoDe's refiner.",

@@ -59,7 +59,7 @@ VQ_EVAL_SEED = 40_000  # held-out renders for the VQ-VAE's reconstructions (as s
 VAR_EVAL_SEED = 50_000  # sample i of an evaluation uses generator seed VAR_EVAL_SEED + i
 VAR_SELECT_SEED = 60_000  # the sweep's samples, that choose the operating point
 REAL_EVAL_SEED = 20_000  # the renders the samples' Fréchet distance is measured against
-OPERATING_POINT = {"cfg": 3.0, "top_k": None, "temperature": 1.0}
+OPERATING_POINT = {"cfg": 1.0, "top_k": None, "temperature": 0.8}
 """The sampling settings of the gates (chosen with ``sweep``; docs/zoo.md)."""
 
 
