@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
-from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TextIO
 
 
 class Eta:
@@ -144,91 +142,10 @@ class Bar:
         self.close()
 
 
-def prompt_batches(inputs: Any, size: int | None = None) -> list[Any]:
-    """``inputs`` split into copies of ``size`` prompts (default ``inputs.batch_size``).
-
-    Without a size, or with one prompt, the inputs stay whole: one pipeline call
-    for all prompts, as the adapter makes it. A list input as long as the prompt
-    list (``negative_prompt``) is split with it; every other input is kept. Row
-    seeds come from each prompt's own text (`decodekit.seeds`), so each row's
-    seed does not depend on the split.
-    """
-    prompts = getattr(inputs, "prompt", None)
-    size = size or getattr(inputs, "batch_size", None)
-    if not isinstance(prompts, list) or not size or size >= len(prompts):
-        return [inputs]
-    along = [
-        name
-        for name, value in inputs
-        if name != "prompt" and isinstance(value, list) and len(value) == len(prompts)
-    ]
-    batches = []
-    for first in range(0, len(prompts), size):
-        update = {"prompt": prompts[first : first + size]}
-        update.update({name: getattr(inputs, name)[first : first + size] for name in along})
-        batches.append(inputs.model_copy(update=update))
-    return batches
-
-
-def generate_with_progress(
-    adapter: Any,
-    target: Any,
-    inputs: Any,
-    label: str,
-    enabled: bool | None = None,
-    batch_size: int | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-    stream: TextIO | None = None,
-) -> Any:
-    """``adapter.generate`` over `prompt_batches`, with a bar over prompts and its ETA.
-
-    With one batch the adapter draws its own bar (diffusers' steps) where it has
-    one; with several, the bar over prompts replaces it. The first batch is
-    left out of the rate once a later one was timed (it carries the one-time
-    costs of a first call). Outputs are joined in prompt order.
-    """
-    batches = prompt_batches(inputs, batch_size)
-    if len(batches) == 1:
-        if enabled is None:
-            enabled = bool((stream or sys.stderr).isatty())
-        return adapter.generate(target, inputs, progress=enabled)
-    count = len(inputs.prompt)
-    per_prompt: list[float] = []  # seconds per prompt of each batch
-    parts: list[Any] = []
-    first = 1
-    with Bar(count, enabled, stream) as bar:
-        for batch in batches:
-            n = len(batch.prompt)
-            bar.show(prompt_label(label, first, first + n - 1, count))
-            t0 = clock()
-            parts.append(adapter.generate(target, batch, progress=False))
-            per_prompt.append((clock() - t0) / n)
-            first += n
-            rate = statistics.fmean(per_prompt[1:] or per_prompt)
-            bar.advance(n, eta=rate * (count - first + 1))
-    return _joined(parts)
-
-
-def _joined(parts: list[Any]) -> Any:
-    """The batches' outputs as one: lists concatenated, tensors joined along rows."""
-    if all(isinstance(p, (list, tuple)) for p in parts):
-        return [row for p in parts for row in p]
-    import torch
-
-    if all(isinstance(p, torch.Tensor) for p in parts):
-        return torch.cat(parts)
-    raise TypeError(
-        f"cannot join per-prompt outputs of type {type(parts[0]).__name__}; "
-        "the adapter's generate should return a list or a tensor"
-    )
-
-
 __all__ = [
     "Eta",
     "Bar",
     "format_eta",
     "bench_label",
     "prompt_label",
-    "prompt_batches",
-    "generate_with_progress",
 ]

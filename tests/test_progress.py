@@ -10,7 +10,7 @@ import pytest
 from decodekit.bench import bench
 from decodekit.cli import main
 from decodekit.config import load_config
-from decodekit.progress import Bar, Eta, format_eta, generate_with_progress, prompt_batches
+from decodekit.progress import Bar, Eta, format_eta
 
 from tests.tiny import ScriptedClock, ToyAdapter, toy_config
 
@@ -85,58 +85,33 @@ def test_bar_falls_back_to_ascii_where_the_stream_cannot_encode_blocks():
     assert "##########----------" in bar.line()  # and writing it raised no UnicodeEncodeError
 
 
-class ListAdapter:
-    """Records each generate call; outputs one row per prompt."""
+def test_run_bar_goes_over_prompts_and_leaves_the_first_batch_out_of_the_rate(toy, tmp_path):
+    import yaml
+    from decodekit.distributed import Job
 
-    calls: list[list[str]] = []
-
-    @classmethod
-    def generate(cls, target, inputs, progress=False):
-        cls.calls.append((list(inputs.prompt), progress))
-        return [{"prompt": p, "text": p.upper()} for p in inputs.prompt]
-
-
-class FakeClock:
-    def __init__(self, step_s: list[float]):
-        self.steps, self.now, self.started = list(step_s), 0.0, False
-
-    def __call__(self) -> float:
-        if self.started:
-            self.now += self.steps.pop(0)
-        self.started = not self.started
-        return self.now
-
-
-def test_run_bar_goes_over_prompts_and_leaves_the_first_call_out_of_the_rate():
-    from decodekit.pipelines.stable_diffusion import StableDiffusionInputs
-
-    inputs = StableDiffusionInputs(
-        prompt=["a", "b", "c", "d"], negative_prompt=["w", "x", "y", "z"]
-    )
-    batches = prompt_batches(inputs, 3)
-    assert [b.prompt for b in batches] == [["a", "b", "c"], ["d"]]
-    assert [b.negative_prompt for b in batches] == [["w", "x", "y"], ["z"]]
-    assert prompt_batches(inputs) == [inputs]  # no batch_size: one call, as the adapter makes it
-
-    ListAdapter.calls = []
+    config = tmp_path / "sd.yaml"
+    config.write_text(yaml.safe_dump(toy_config(toy, inputs={"prompt": ["a", "b", "c", "d"]})))
+    cfg = load_config(str(config), ["output.dir=" + str(tmp_path / "out")])
     stream = io.StringIO()
-    clock = FakeClock([30.0, 2.0, 2.0, 2.0])  # the first call is slow (one-time costs)
-    out = generate_with_progress(
-        ListAdapter, None, inputs, "sd.yaml", True, 1, clock=clock, stream=stream
-    )
-    assert [o["text"] for o in out] == ["A", "B", "C", "D"]
-    assert ListAdapter.calls == [(["a"], False), (["b"], False), (["c"], False), (["d"], False)]
-    shown = frames(stream.getvalue())
-    assert [s.split("  ")[0] for s in shown[::2]] == [
-        f"sd.yaml · prompt {i}/4" for i in range(1, 5)
-    ]
-    etas = [s.rsplit("  ", 1)[1] for s in shown[1::2]]
-    # 3 left at 30 s after the first call alone; then the first is left out: 2 s a prompt
-    assert etas == ["ETA 1:30", "ETA 0:04", "ETA 0:02", "ETA 0:00"]
+    job = Job(cfg, batch_size=1, progress=True, label="sd.yaml", stream=stream)
+    now, durations, made = [0.0], [30.0, 2.0, 2.0, 2.0], []  # the first batch is slow
 
-    ListAdapter.calls = []
-    generate_with_progress(ListAdapter, None, inputs, "sd.yaml", False, stream=io.StringIO())
-    assert ListAdapter.calls == [(["a", "b", "c", "d"], False)]  # one batch: the adapter's own bar
+    def unit(target, first, stop, progress, clock):  # a batch that only takes time
+        made.append((first, stop, progress))
+        now[0] += durations.pop(0)
+
+    job._unit = unit
+    job.generate(None, run=None, clock=lambda: now[0])
+    assert made == [(0, 1, False), (1, 2, False), (2, 3, False), (3, 4, False)]
+    shown = frames(stream.getvalue())
+    labels = [s.split("  ")[0] for s in shown[::2]]
+    assert [x.split(" · ")[:2] for x in labels] == [
+        ["sd.yaml", f"prompt {i}/4"] for i in range(1, 5)
+    ]
+    assert labels[1].endswith("0.03 prompts/s") and labels[2].endswith("0.50 prompts/s")
+    etas = [s.rsplit("  ", 1)[1] for s in shown[1::2]]
+    # 3 left at 30 s after the first batch alone; then the first is left out: 2 s a prompt
+    assert etas == ["ETA 1:30", "ETA 0:04", "ETA 0:02", "ETA 0:00"]
 
 
 def test_run_batch_size_splits_the_calls_and_refuses_zero(toy, tmp_path, capsys):
