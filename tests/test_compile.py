@@ -25,7 +25,7 @@ from tests.tiny import MDM_PROMPTS as PROMPTS
 
 KW = dict(gen_length=16, block_length=8, steps=8)
 CACHES = [
-    {"name": "dkv-cache", "params": {"variant": "decode", "query_bucket": 8}},
+    {"name": "dkv-cache", "params": {"variant": "decode", "query_bucket": 16}},
     {"name": "block-cache", "params": {"mode": "dual"}},
 ]
 
@@ -195,7 +195,20 @@ def test_compile_pipeline_compiles_the_model_in_place_and_restores_it():
         compile_pipeline(pipe, "causal-lm", True)
 
 
-def test_compile_pipeline_compiles_the_unet_of_stable_diffusion():
+def test_compile_pipeline_targets_the_unet_of_stable_diffusion():
+    from decodekit.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    unet, encoder = pipe.unet, pipe.text_encoder
+    compiled = compile_pipeline(pipe, "stable-diffusion", True)  # compiles lazily, at a call
+    assert pipe.unet is unet and unet._compiled_call_impl is not None
+    assert encoder._compiled_call_impl is None
+    compiled.restore()
+    assert unet._compiled_call_impl is None
+
+
+@pytest.mark.slow  # traces the tiny UNet; the test above covers which module is compiled
+def test_compiled_unet_of_stable_diffusion_equals_eager():
     from decodekit.testing import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline()
@@ -203,9 +216,8 @@ def test_compile_pipeline_compiles_the_unet_of_stable_diffusion():
 
     def images():
         generator = torch.Generator().manual_seed(0)
-        kw = dict(num_inference_steps=3, output_type="pt", generator=generator)
-        with decodekit.attach(pipe, [{"name": "deep-cache", "params": {"interval": 2}}]):
-            return pipe(prompt=["a red circle"], **kw).images
+        kw = dict(num_inference_steps=2, output_type="pt", generator=generator)
+        return pipe(prompt=["a red circle"], **kw).images
 
     eager = images()
     compiled = compile_pipeline(pipe, "stable-diffusion", "eager")
