@@ -261,6 +261,11 @@ class PositionalKVCache:
         if step is not None:
             stamp = torch.full((), _check_step(step), dtype=torch.long, device=self._device)
         if end is None:
+            if real is not None:
+                raise CacheError(
+                    "prepare(..., real=) needs end= too (one past the highest position): "
+                    "the column form is for positions the caller built itself."
+                )
             rows, pos, cols = self._triples(positions, batch, q_len)
             end = int(pos.max()) + 1 if pos.numel() else 0
             return PreparedPositions(rows, pos, cols, batch, q_len, end, stamp)

@@ -145,6 +145,8 @@ def test_column_form_store_equals_the_flat_store():
     assert not torch.equal(caches[1].reusable(1, layer=0), caches[1].reusable(2, layer=0))
     with pytest.raises(CacheError, match="bool mask of the columns"):
         caches[1].prepare(order, 4, end=6, real=real.long())
+    with pytest.raises(CacheError, match="needs end="):
+        caches[1].prepare(order, 4, real=real)
 
 
 def tiny_config(tmp_path, **pipeline) -> Path:
