@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from . import hookspecs
+from .errors import DecodekitError
 from .hookspecs import hookimpl
 from .session import attach
 from .strategy import Strategy
@@ -109,7 +110,13 @@ def _dispatch_once(run, module: torch.nn.Module, output: Any):
 def _model_call(target: Any, loop: str):
     """One representative model call for ``loop``: a UNet denoiser call, or a one-token LM forward."""
     if loop == "continuous-denoising":
-        unet = target.unet
+        unet = getattr(target, "unet", None)
+        if not isinstance(unet, torch.nn.Module):
+            raise DecodekitError(
+                f"--overhead times one representative UNet call; {type(target).__name__} has "
+                "no UNet (a diffusion transformer's call takes family-specific inputs). Bench "
+                "without --overhead, or measure the overhead on a UNet pipeline."
+            )
         cfg = unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         dtype = unet.dtype
@@ -136,5 +143,10 @@ def _model_call(target: Any, loop: str):
     from transformers import Pipeline
 
     model = target.model if isinstance(target, Pipeline) else target
+    if loop != "token-autoregression" or not isinstance(model, torch.nn.Module):
+        raise DecodekitError(
+            f"--overhead measures UNet pipelines and transformers language models; "
+            f"{type(target).__name__} (loop {loop}) is not one. Bench without --overhead."
+        )
     ids = torch.ones(1, 16, dtype=torch.long, device=model.device)
     return model, lambda: model(input_ids=ids)

@@ -330,3 +330,12 @@ def test_load_takes_a_flow_scheduler_option_and_refuses_a_unet_folder(tmp_path):
         ConfigError, match="StableDiffusionPipeline, which the diffusion-transformer"
     ):
         A.load(str(tmp_path / "sd"), device="cpu", dtype="float32", options={})
+
+
+def test_overhead_measurement_says_it_needs_a_unet():
+    from decodekit.errors import DecodekitError
+    from decodekit.overhead import measure_overhead
+    from decodekit.testing import tiny_flux_pipeline
+
+    with pytest.raises(DecodekitError, match="no UNet"):
+        measure_overhead(tiny_flux_pipeline(), repeat=1)
