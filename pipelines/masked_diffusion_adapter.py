@@ -115,6 +115,12 @@ class MaskedDiffusionOptions(Options):
     mask_token_id: int | None = Field(
         None, ge=0, description="the mask token id (default: the tokenizer's or the config's)"
     )
+    device_map: str | dict[str, int | str] | None = Field(
+        None,
+        description="spread a model too large for one device over several (transformers' "
+        "device_map: auto, balanced, sequential, or module name -> device); the model is then "
+        "placed by it, not moved to pipeline.device",
+    )
 
 
 class MaskedDiffusionLMAdapter(MaskedDiffusionAdapter):
@@ -158,11 +164,13 @@ class MaskedDiffusionLMAdapter(MaskedDiffusionAdapter):
         from decodekit.config import check_options
         from transformers import AutoTokenizer
 
-        mask_token_id = check_options(cls, options).mask_token_id
+        opts = check_options(cls, options)
+        mask_token_id = opts.mask_token_id
         remote = {"trust_remote_code": True} if trust_remote_code else {}
+        placed = {} if opts.device_map is None else {"device_map": opts.device_map}
         try:
             model = load_bidirectional_lm(
-                source, dtype=getattr(torch, dtype), local_files_only=True, **remote
+                source, dtype=getattr(torch, dtype), local_files_only=True, **remote, **placed
             )
         except ValueError as e:
             raise ConfigError("pipeline.model", str(e)) from None
@@ -174,9 +182,9 @@ class MaskedDiffusionLMAdapter(MaskedDiffusionAdapter):
                 "give the id of the mask token the model was trained with",
             )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **remote)
-        return MaskedDiffusionLMPipeline(
-            model.to(device).eval(), tokenizer, mask_token_id=mask_token_id
-        )
+        if not placed:  # a device_map placed the layers already
+            model = model.to(device)
+        return MaskedDiffusionLMPipeline(model.eval(), tokenizer, mask_token_id=mask_token_id)
 
     @classmethod
     def generate(

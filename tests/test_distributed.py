@@ -179,6 +179,15 @@ def test_device_map_is_a_pipeline_option(manager):
     assert text.adapter.generate(text.load_pipeline(), text.inputs)[0]["text"]
     with pytest.raises(Exception, match="device_map"):
         load_config({"pipeline": {**lm, "options": {"device_mapp": "auto"}}, "inputs": {}})
+    mdm = {"type": "masked-diffusion-lm", "model": "zoo:arith-mdlm", "device": "cpu"}
+    inputs = {"prompt": ["8+5="], "gen_length": 8, "block_length": 8, "steps": 8}
+    placed = load_config(
+        {"pipeline": {**mdm, "options": {"device_map": {"": "cpu"}}}, "inputs": inputs}
+    )
+    plain = load_config({"pipeline": mdm, "inputs": inputs})
+    pipe = placed.load_pipeline()  # one device: transformers places it whole (no hf_device_map)
+    got = placed.adapter.generate(pipe, placed.inputs)
+    assert got == plain.adapter.generate(plain.load_pipeline(), plain.inputs)
 
 
 def test_strategies_refuse_a_model_split_across_devices(tmp_path, manager, capsys, monkeypatch):
