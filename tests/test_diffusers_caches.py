@@ -418,6 +418,7 @@ def test_faster_cache_refusals_at_the_first_call_leave_the_pipe_plain(flux_basel
 PIXART = {"use_resolution_binning": False}
 
 
+@pytest.mark.filterwarnings("ignore:torch.meshgrid")  # diffusers' FasterCache frequency split
 @pytest.mark.parametrize(
     "name", ["first-block-cache", "pyramid-attention-broadcast", "faster-cache", "mag-cache"]
 )
