@@ -22,6 +22,7 @@ from decodekit.loops import TokenAutoregressionAdapter
 from decodekit.pipeline import MAX_PROMPTS, Inputs, Options, check_prompts
 from decodekit.pipelines.ar_image import CONFIG_NAME, ARImagePipeline
 from decodekit.pipelines.ar_image_families import SUPPORTED, from_transformers
+from decodekit.pipelines.image_outputs import ImageOutputs
 from decodekit.seeds import row_generators
 from pydantic import Field, field_validator
 
@@ -74,7 +75,7 @@ class ARImageOptions(Options):
     )
 
 
-class ARImageAdapter(TokenAutoregressionAdapter):
+class ARImageAdapter(ImageOutputs, TokenAutoregressionAdapter):
     """Attach to an `ARImagePipeline`: its loop calls the runtime hooks itself.
 
     ``model`` is the pipeline's language model; ``step`` the LM forwards of the
@@ -164,31 +165,9 @@ class ARImageAdapter(TokenAutoregressionAdapter):
         return images
 
     @classmethod
-    def save(cls, outputs: list, out_dir: Path, inputs: Any = None) -> list[Path]:
-        """One PNG per image (``000-<prompt slug>.png`` ...), written atomically, as stable-diffusion saves."""
-        from decodekit.pipelines import stable_diffusion
-
-        return stable_diffusion.StableDiffusionAdapter.save(outputs, out_dir, inputs=_named(inputs))
-
-    @classmethod
-    def records(cls, outputs: list, inputs: Any) -> list[dict[str, Any]]:
-        """Per image: ``file``, ``prompt`` and its row ``seed``, as stable-diffusion records them."""
-        from decodekit.pipelines import stable_diffusion
-
-        return stable_diffusion.StableDiffusionAdapter.records(outputs, _named(inputs))
-
-    @classmethod
-    def quality(cls, baseline: list, outputs: list) -> dict[str, float]:
-        """PSNR and exact identity of the images, as stable-diffusion compares them."""
-        from decodekit.pipelines import stable_diffusion
-
-        return stable_diffusion.StableDiffusionAdapter.quality(baseline, outputs)
-
-    @classmethod
-    def picture(cls, baseline: list, outputs: list, path: Path) -> bool:
-        from decodekit.pipelines import stable_diffusion
-
-        return stable_diffusion.StableDiffusionAdapter.picture(baseline, outputs, path)
+    def labelled(cls, inputs: Any) -> Any:
+        """Class-id prompts named ``"class 3"`` for file names and records."""
+        return _named(inputs)
 
 
 def _labels(prompts: list) -> list[str]:

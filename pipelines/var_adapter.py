@@ -20,7 +20,7 @@ from decodekit.errors import AttachError, ConfigError, DecodekitError
 from decodekit.hookspecs import hookimpl
 from decodekit.loops import ScaleAutoregressionAdapter
 from decodekit.pipeline import MAX_PROMPTS, Inputs, Options, check_prompts
-from decodekit.pipelines.stable_diffusion import StableDiffusionAdapter
+from decodekit.pipelines.image_outputs import ImageOutputs
 from decodekit.pipelines.var import VARPipeline, VARTransformer
 from decodekit.seeds import row_generators
 from pydantic import Field, field_validator
@@ -97,7 +97,7 @@ class VAROptions(Options):
     """``pipeline.options`` of var: nothing beyond ``pipeline.dtype`` is taken from a config."""
 
 
-class VARAdapter(ScaleAutoregressionAdapter):
+class VARAdapter(ImageOutputs, ScaleAutoregressionAdapter):
     """Attach to a `VARPipeline`: its loop calls the runtime hooks itself."""
 
     name = "var"
@@ -179,13 +179,6 @@ class VARAdapter(ScaleAutoregressionAdapter):
             )
             images += out.images
         return images
-
-    # images are saved (000-<prompt slug>.png), recorded (file, prompt, row seed) and
-    # compared (PSNR, identity, side-by-side picture) as stable-diffusion does it
-    save = StableDiffusionAdapter.save
-    records = StableDiffusionAdapter.records
-    quality = StableDiffusionAdapter.quality
-    picture = StableDiffusionAdapter.picture
 
 
 @hookimpl
