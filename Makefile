@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml examples/decodekit-cfg-cutoff/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# This machine's torch lies on disk; a GPU user keeps whatever torch>=2.4 they have.
+	# This machine's torch lies on disk; a GPU user keeps whatever torch (>=2.6, <2.15: pyproject) they have.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[test]'
 	# The example third-party plugin: CI checks that it is found and used like any other.
