@@ -217,7 +217,7 @@ def test_a_config_cannot_go_online(capsys, tmp_path, doc):
     ("doc", "known"),
     [
         (SD, "scheduler, variant, use_safetensors, device_map"),
-        (MDLM, "mask_token_id"),
+        (MDLM, "mask_token_id, device_map"),
         (AR, "device_map"),
     ],
     ids=["sd", "mdlm", "ar"],
