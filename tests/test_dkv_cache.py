@@ -81,8 +81,8 @@ def test_host_reads_per_step_do_not_grow_with_depth(variant):
     with HostReads() as base:
         tiny_mdm_pipeline(layers=4)(input_ids=PROMPTS, **KW)
     assert per_depth[1] == per_depth[4]
-    # one read a step for the widths and one for the fed slots; none per layer
-    assert per_depth[4] <= base.total + 2 * KW["steps"]
+    # one read a step, for the widths (the per-layer stores take fixed shapes); none per layer
+    assert per_depth[4] <= base.total + KW["steps"]
 
 
 class LogitsSpy(Strategy):
