@@ -58,8 +58,11 @@ def shapes_judge_metric(
     from decodekit.pipelines.zoo.shapes_data import parse_caption
 
     prompts = _prompts_per_image(inputs, len(outputs))
-    if prompts is None or any(parse_caption(p) is None for p in prompts):
+    if prompts is None:
         return None
+    if not all(parse_caption(p) is not None for p in prompts):
+        classes = [_class_name(p) for p in prompts]  # class names of a class-conditional model
+        return None if None in classes else _class_metric(baseline, outputs, classes)
     judge = _judge()
     base = judge.adherence(baseline, prompts)
     strat = judge.adherence(outputs, prompts)
@@ -70,6 +73,38 @@ def shapes_judge_metric(
         "judge_shape_colour_baseline": _shape_colour(judge, baseline, prompts),
         "judge_shape_colour_strategy": _shape_colour(judge, outputs, prompts),
         "judge_agreement": sum(a == b for a, b in zip(pred_base, pred_strat)) / len(outputs),
+    }
+    if len(outputs) >= MIN_IMAGES_FOR_FRECHET:
+        result["judge_frechet_to_baseline"] = judge.frechet(outputs, baseline)
+    return result
+
+
+def _class_name(prompt: str) -> tuple[str, str] | None:
+    """``(shape, colour)`` of a class name such as ``"red circle"`` (VAR's shapes classes), else None."""
+    from decodekit.pipelines.zoo.shapes_data import COLOURS, SHAPES
+
+    words = prompt.strip().lower().split()
+    if len(words) == 2 and words[0] in COLOURS and words[1] in SHAPES:
+        return words[1], words[0]
+    return None
+
+
+def _class_metric(baseline: list, outputs: list, classes: list) -> dict[str, float]:
+    """Shape and colour of each image against its class, both arms; their agreement; Fréchet."""
+    judge = _judge()
+    pred_base, pred_strat = judge.predict(baseline), judge.predict(outputs)
+
+    def hits(preds: list) -> float:
+        return sum((p["shape"], p["colour"]) == c for p, c in zip(preds, classes)) / len(classes)
+
+    result = {
+        "judge_shape_colour_baseline": hits(pred_base),
+        "judge_shape_colour_strategy": hits(pred_strat),
+        "judge_shape_colour_agreement": sum(
+            (a["shape"], a["colour"]) == (b["shape"], b["colour"])
+            for a, b in zip(pred_base, pred_strat)
+        )
+        / len(outputs),
     }
     if len(outputs) >= MIN_IMAGES_FOR_FRECHET:
         result["judge_frechet_to_baseline"] = judge.frechet(outputs, baseline)

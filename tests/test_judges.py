@@ -103,3 +103,23 @@ def test_arith_accuracy_scores_each_arm_on_its_own_rows():
         "accuracy_baseline": 1.0,
         "accuracy_strategy": 0.5,
     }
+
+
+@pytest.mark.skipif(
+    not __import__("importlib.util").util.find_spec("decodekit.pipelines.zoo.shapes_judge"),
+    reason="the zoo judge is not in this build",
+)
+def test_shapes_judge_reads_class_names_of_a_class_conditional_model():
+    # var's prompts are class names ("red circle"): shape and colour are judged, not the rest
+    images = renders(PROMPTS)
+    classes = ["red circle", "blue square", "green star"]
+    inputs = SimpleNamespace(prompt=classes, num_images_per_prompt=1)
+    same = shapes_judge_metric("var", images, images, inputs)
+    assert same["judge_shape_colour_baseline"] == 1.0
+    assert same["judge_shape_colour_agreement"] == 1.0
+    swapped = shapes_judge_metric("var", images, images[1:] + images[:1], inputs)
+    assert swapped["judge_shape_colour_strategy"] == 0.0
+    assert swapped["judge_shape_colour_agreement"] == 0.0
+    assert "judge_adherence_baseline" not in swapped  # position and size are not in a class
+    ids = SimpleNamespace(prompt=["class 3", "class 4", "class 5"], num_images_per_prompt=1)
+    assert shapes_judge_metric("var", images, images, ids) is None
