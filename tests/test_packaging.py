@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,10 +11,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+NOT_SOURCES = (".git", ".venv", "build", "dist", ".site", "outputs", "*.egg-info", "__pycache__",
+               ".pytest_cache", ".hypothesis", ".ruff_cache")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # Built from a copy of the source tree: setuptools stages the packages (the zoo's
+    # model files included) in a build/ folder beside pyproject.toml, which would
+    # otherwise stay in the checkout as a second copy of the zoo.
+    source = tmp_path_factory.mktemp("source") / "decodekit"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*NOT_SOURCES))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [
@@ -26,7 +34,7 @@ def wheel(tmp_path_factory) -> Path:
             "-q",
             "-w",
             str(out),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,
