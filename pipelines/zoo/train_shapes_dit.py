@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import random
 import time
 from pathlib import Path
@@ -168,10 +169,31 @@ def train(
         transformer=transformer,
     )
     pipeline.save_pretrained(out, safe_serialization=True)
+    share_frozen_parts(Path(out), Path(base))
     write_training_record(
         out, started, seed=seed, steps=steps, num_images=num_images, batch_size=batch_size
     )
     return out
+
+
+def share_frozen_parts(out: Path, base: Path) -> None:
+    """Link ``out``'s frozen CLIP text encoder and VAE weights to ``base``'s (one copy each).
+
+    The VAE's config stays ``out``'s own (Flux reads a numeric ``shift_factor``).
+    """
+    import shutil
+
+    for part, target in (
+        (out / "text_encoder", base / "text_encoder"),
+        (out / "vae" / "diffusion_pytorch_model.safetensors",
+         base / "vae" / "diffusion_pytorch_model.safetensors"),
+    ):  # fmt: skip
+        if part.is_dir() and not part.is_symlink():
+            shutil.rmtree(part)
+        else:
+            part.unlink()
+        rel = os.path.relpath(target.resolve(), part.parent.resolve())
+        part.symlink_to(rel, target_is_directory=target.is_dir())
 
 
 DEFAULTS = {"steps": 3000, "num_images": 30000, "batch_size": 48, "seed": 0}
