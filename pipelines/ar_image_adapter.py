@@ -22,8 +22,7 @@ from decodekit.loops import TokenAutoregressionAdapter
 from decodekit.pipeline import MAX_PROMPTS, Inputs, Options, check_prompts
 from decodekit.pipelines.ar_image import CONFIG_NAME, ARImagePipeline
 from decodekit.pipelines.ar_image_families import SUPPORTED, from_transformers
-from decodekit.pipelines.image_outputs import ImageOutputs
-from decodekit.seeds import row_generators
+from decodekit.pipelines.image_outputs import ImageOutputs, generate_in_batches
 from pydantic import Field, field_validator
 
 __all__ = ["ARImageAdapter", "ARImageInputs", "ARImageOptions"]
@@ -148,21 +147,17 @@ class ARImageAdapter(ImageOutputs, TokenAutoregressionAdapter):
     @classmethod
     def generate(cls, target: Any, inputs: ARImageInputs, progress: bool = False) -> list:
         prompts = [inputs.prompt] if isinstance(inputs.prompt, (str, int)) else list(inputs.prompt)
-        size = inputs.batch_size or len(prompts)
-        # one generator per row, seeded from its prompt (decodekit.seeds), not from its index
-        generators = row_generators(inputs.seed, _labels(prompts), device=target.device.type)
-        images = []
-        for first in range(0, len(prompts), size):
-            out = target(
-                prompts[first : first + size],
-                guidance_scale=inputs.guidance_scale,
-                temperature=inputs.temperature,
-                top_k=inputs.top_k,
-                top_p=inputs.top_p,
-                generator=generators[first : first + size],
-            )
-            images += out.images
-        return images
+        return generate_in_batches(
+            target,
+            prompts,
+            _labels(prompts),
+            inputs.seed,
+            inputs.batch_size,
+            guidance_scale=inputs.guidance_scale,
+            temperature=inputs.temperature,
+            top_k=inputs.top_k,
+            top_p=inputs.top_p,
+        )
 
     @classmethod
     def labelled(cls, inputs: Any) -> Any:

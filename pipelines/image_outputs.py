@@ -4,13 +4,33 @@
 ``000-<prompt slug>.png``, written atomically), ``records`` (file, prompt, row
 seed), ``quality`` (PSNR and identity) and ``picture`` (the labelled side-by-side
 grid). An adapter whose prompts are not captions overrides `ImageOutputs.labelled`
-to name them (ar-image's class ids become ``"class 3"``).
+to name them (ar-image's class ids become ``"class 3"``); `generate_in_batches` runs
+a YAML ``inputs`` section in batches with one generator per row.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+
+def generate_in_batches(
+    target: Any, rows: list, labels: list[str], seed: int, size: int | None, **call: Any
+) -> list:
+    """``target(rows, generator=..., **call).images`` in batches of ``size`` rows (None: one batch).
+
+    One generator per row, seeded from ``seed`` and the row's label (`decodekit.seeds`),
+    not from its index, so a row's image does not depend on the batching.
+    """
+    from decodekit.seeds import row_generators
+
+    generators = row_generators(seed, labels, device=target.device.type)
+    size = size or len(rows)
+    images: list = []
+    for first in range(0, len(rows), size):
+        out = target(rows[first : first + size], generator=generators[first : first + size], **call)
+        images += out.images
+    return images
 
 
 class ImageOutputs:

@@ -20,9 +20,8 @@ from decodekit.errors import AttachError, ConfigError, DecodekitError
 from decodekit.hookspecs import hookimpl
 from decodekit.loops import ScaleAutoregressionAdapter
 from decodekit.pipeline import MAX_PROMPTS, Inputs, Options, check_prompts
-from decodekit.pipelines.image_outputs import ImageOutputs
+from decodekit.pipelines.image_outputs import ImageOutputs, generate_in_batches
 from decodekit.pipelines.var import VARPipeline, VARTransformer
-from decodekit.seeds import row_generators
 from pydantic import Field, field_validator
 
 __all__ = ["VARAdapter", "VARInputs", "VAROptions"]
@@ -162,23 +161,19 @@ class VARAdapter(ImageOutputs, ScaleAutoregressionAdapter):
         prompts = list(inputs.prompt)
         names = target.class_names or []
         classes = [int(p[6:]) if p not in names and CLASS_ID.fullmatch(p) else p for p in prompts]
-        size = inputs.batch_size or len(prompts)
-        # one generator per row, seeded from its prompt (decodekit.seeds), not from its index
-        generators = row_generators(inputs.seed, prompts, device=target.device.type)
-        images = []
-        for first in range(0, len(prompts), size):
-            out = target(
-                classes[first : first + size],
-                cfg=inputs.cfg,
-                top_k=inputs.top_k,
-                top_p=inputs.top_p,
-                temperature=inputs.temperature,
-                temperature_last=inputs.temperature_last,
-                more_smooth=inputs.more_smooth,
-                generator=generators[first : first + size],
-            )
-            images += out.images
-        return images
+        return generate_in_batches(
+            target,
+            classes,
+            prompts,
+            inputs.seed,
+            inputs.batch_size,
+            cfg=inputs.cfg,
+            top_k=inputs.top_k,
+            top_p=inputs.top_p,
+            temperature=inputs.temperature,
+            temperature_last=inputs.temperature_last,
+            more_smooth=inputs.more_smooth,
+        )
 
 
 @hookimpl
