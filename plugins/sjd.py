@@ -52,7 +52,7 @@ Reproduced: greedy SJD equals greedy decoding for every window, init, with and
 without CFG, at batch 1 and 4; sampled SJD (both couplings) matches the exact
 enumerated joint distribution (tests/test_sjd.py). Measured on the zoo's
 shapes-ar model (docs/benchmarks/sjd.md): 2.5-2.9x fewer steps at window 16 with
-judge adherence and Fréchet distance within noise; on a 2-core CPU, x1.64
+judge adherence and Fréchet distance within noise; on a 2-core CPU, x1.62
 wall-clock at batch 1 and x0.79 at batch 8 (compute-bound forwards).
 """
 
