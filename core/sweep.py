@@ -9,6 +9,16 @@ its spread, its model calls and its quality against the baseline; its
 outputs have a judge (lower is better), else the PSNR to the baseline for images,
 else the token agreement for text (higher is better). A point is *dominated*
 when another is at least as fast and at least as faithful, and better in one.
+
+`pareto_bench` is the same bench over any list of `Arm` s: decodekit strategy
+sets that no single sweep spans (deep-cache intervals beside faster-diffusion
+schedules), and *external* arms, code outside decodekit (another package's cache
+applied through its own API) that the bench applies before each of its runs and
+removes after, so peers are timed and judged against the same baseline in the
+same rotation. An external arm that cannot run on the pipeline raises
+`ArmUnavailable`; the bench leaves it out and records why. Every baseline run's
+outputs are compared with the first one's: an arm whose removal leaves the
+pipeline changed shows as ``baseline.repeatable: false``.
 """
 
 from __future__ import annotations
@@ -18,14 +28,15 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bench import _quality, _run_arm, machine_info, write_json
+from .bench import _quality, _run_arm, _sync, machine_info, write_json
 from .config import RunConfig, load_config
 from .demo import _fmt
-from .errors import ConfigError
+from .errors import ConfigError, DecodekitError
 from .figures import speedup_spread
 from .manager import PluginManager, get_manager
 from .outputs import atomic_save_image, atomic_write_text
@@ -37,6 +48,34 @@ FIDELITY = [
     ("psnr", "PSNR to the baseline (dB)", True),
     ("token_agreement", "token agreement with the baseline", True),
 ]
+
+
+class ArmUnavailable(DecodekitError):
+    """An external arm's code cannot run on this pipeline (package missing, pipeline refused)."""
+
+
+@dataclass
+class Arm:
+    """One point of a Pareto bench.
+
+    A decodekit arm gives ``strategies`` (specs as in a config's ``strategies``);
+    an external arm gives ``apply(target)``, which changes the loaded pipeline in
+    place and returns a function that undoes the change (the bench calls both
+    around every run of the arm and times only the pipeline call between). The
+    undo function may return a dict of figures about the run (``nfe``: denoiser
+    calls run in full), kept as the run's stats. ``by`` names who runs the point
+    (``decodekit``, or the package), shown in the table and chart.
+    """
+
+    label: str
+    strategies: list[dict[str, Any]] = field(default_factory=list)
+    apply: Callable[[Any], Callable[[], Any]] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    by: str = "decodekit"
+
+    @property
+    def external(self) -> bool:
+        return self.apply is not None
 
 
 def parse_sweep(text: str) -> tuple[str, list[Any]]:
@@ -116,6 +155,7 @@ def sweep_bench(
     repeat: int | None = None,
     manager: PluginManager | None = None,
     *,
+    external: Sequence[Arm] = (),
     json_path: str | os.PathLike | None = None,
     png_path: str | os.PathLike | None = None,
     markdown_path: str | os.PathLike | None = None,
@@ -125,76 +165,154 @@ def sweep_bench(
 ) -> dict[str, Any]:
     """Bench every sweep point of ``config`` against one baseline; optionally write JSON, markdown, PNG.
 
-    Returns a dict with ``points`` (each: ``params`` swept, ``strategies``,
-    ``speedup``, ``pair_ratios``, ``speedup_spread``, ``nfe``, ``quality``,
-    ``fidelity``, ``dominated``), ``baseline`` (times, model calls), ``sweeps``,
-    ``repeat``, ``warmup``, ``label``, ``config`` and ``machine``.
+    ``external``: arms run beside the sweep's points (`Arm`, `pareto_bench`).
+    Returns `pareto_bench`'s dict with ``sweeps`` added; each point's ``params``
+    are the swept paths and values.
     """
-    manager = manager or get_manager()
-    repeat = config.bench.repeat if repeat is None else repeat
-    if repeat < 1:
-        raise ValueError(f"repeat must be at least 1, got {repeat}")
     points = sweep_points(sweeps)
-    configs = []
-    for point in points:  # every point is checked before the model loads
+    arms = [Arm(point_label(p), [], params=p) for p in points]
+    if len({a.label for a in arms}) < len(arms):  # labels that only the full paths tell apart
+        for i, a in enumerate(arms):
+            a.label = f"point {i + 1}"
+    manager = manager or get_manager()
+    for arm, point in zip(arms, points):  # every point is checked before the model loads
         overrides = [f"{k}={_yaml(v)}" for k, v in point.items()]
         cfg = load_config(
             config.raw, overrides, manager, trust_remote_code=config.trust_remote_code
         )
         cfg.resolve_strategies(manager)
-        configs.append(cfg)
+        arm.strategies = cfg.strategy_specs()
+    return pareto_bench(
+        config,
+        arms + list(external),
+        repeat,
+        manager,
+        what="sweep of " + "; ".join(sweeps),
+        extra={"sweeps": list(sweeps)},
+        json_path=json_path,
+        png_path=png_path,
+        markdown_path=markdown_path,
+        clock=clock,
+        progress=progress,
+        label=label,
+    )
+
+
+def pareto_bench(
+    config: RunConfig,
+    arms: Sequence[Arm],
+    repeat: int | None = None,
+    manager: PluginManager | None = None,
+    *,
+    what: str | None = None,
+    extra: dict[str, Any] | None = None,
+    json_path: str | os.PathLike | None = None,
+    png_path: str | os.PathLike | None = None,
+    markdown_path: str | os.PathLike | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    progress: bool | None = None,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """Bench every arm against one baseline of ``config`` in rotating pairs (see the module doc).
+
+    ``config``'s own strategies are not run; its pipeline and inputs are the
+    baseline. ``what`` says what the points are (table and chart titles);
+    ``extra`` is merged into the result.
+
+    Returns a dict with ``points`` (each: ``label``, ``by``, ``params``,
+    ``strategies``, ``speedup``, ``pair_ratios``, ``speedup_spread``, ``nfe``,
+    ``quality``, ``fidelity``, ``dominated``), ``unavailable`` (external arms left
+    out: ``label``, ``by``, ``reason``), ``baseline`` (times, model calls,
+    ``repeatable``), ``what``, ``repeat``, ``warmup``, ``label``, ``config`` and
+    ``machine``.
+    """
+    manager = manager or get_manager()
+    repeat = config.bench.repeat if repeat is None else repeat
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, got {repeat}")
+    if len({a.label for a in arms}) < len(arms) or "baseline" in {a.label for a in arms}:
+        raise ValueError("every arm needs its own label, and none may be 'baseline'")
+    for arm in arms:  # composition errors before the model loads
+        if not arm.external:
+            check = load_config(
+                {**config.raw, "strategies": arm.strategies},
+                manager=manager,
+                trust_remote_code=config.trust_remote_code,
+            )
+            check.resolve_strategies(manager)
     label = label or (config.file.name if config.file else str(config.pipeline.model))
     target = config.load_pipeline()
-    arms = ["baseline"] + [point_label(p) for p in points]  # names on the bar: every=2 ...
-    if len(set(arms)) < len(arms):  # labels that only the full paths tell apart
-        arms = ["baseline"] + [f"point {i + 1}" for i in range(len(points))]
-    specs = {"baseline": []} | {a: c.strategy_specs() for a, c in zip(arms[1:], configs)}
-    runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+    by_label = {a.label: a for a in arms}
+
+    def run(name: str) -> dict[str, Any]:
+        arm = by_label.get(name)
+        if arm is not None and arm.external:
+            return _run_external(config, target, arm.apply, clock)
+        return _run_arm(config, target, arm.strategies if arm else [], manager, clock)
+
+    # With external arms, the baseline's outputs before any of them touched the pipeline:
+    # every later baseline run must equal them, or an arm's undo left something behind.
+    reference = run("baseline")["outputs"] if any(a.external for a in arms) else None
+    unavailable = []
+    for arm in [a for a in arms if a.external]:  # refusals at apply time leave the arm out
+        try:
+            arm.apply(target)()
+        except ArmUnavailable as e:
+            unavailable.append({"label": arm.label, "by": arm.by, "reason": str(e)})
+            del by_label[arm.label]
+    names = ["baseline"] + list(by_label)
+    runs: dict[str, list[dict[str, Any]]] = {a: [] for a in names}
     warmup = config.bench.warmup
-    eta = Eta({a: repeat for a in arms})
-    with Bar(len(arms) * (warmup + repeat), progress) as bar:
+    eta = Eta({a: repeat for a in names})
+    with Bar(len(names) * (warmup + repeat), progress) as bar:
         for i in range(warmup):
-            for arm in arms:
-                bar.show(bench_label(label, arm, i + 1, warmup, warmup=True))
-                _run_arm(config, target, specs[arm], manager, clock)
+            for name in names:
+                bar.show(bench_label(label, name, i + 1, warmup, warmup=True))
+                run(name)
                 bar.advance()
         for i in range(repeat):
-            order = arms[i % len(arms) :] + arms[: i % len(arms)]  # rotate: no arm always first
-            for arm in order:
-                bar.show(bench_label(label, arm, i + 1, repeat))
-                runs[arm].append(_run_arm(config, target, specs[arm], manager, clock))
-                eta.record(arm, runs[arm][-1]["time_s"])
+            order = names[i % len(names) :] + names[: i % len(names)]  # rotate: no arm always first
+            for name in order:
+                bar.show(bench_label(label, name, i + 1, repeat))
+                runs[name].append(run(name))
+                eta.record(name, runs[name][-1]["time_s"])
                 bar.advance(eta=eta.seconds())
     base_times = [r["time_s"] for r in runs["baseline"]]
-    base_out = runs["baseline"][-1]["outputs"]
+    base_out = runs["baseline"][0]["outputs"]
+    reference = base_out if reference is None else reference
     results = []
-    for arm, point, cfg in zip(arms[1:], points, configs):
-        times = [r["time_s"] for r in runs[arm]]
+    for name, arm in by_label.items():
+        times = [r["time_s"] for r in runs[name]]
         ratios = [b / s if s > 0 else float("inf") for b, s in zip(base_times, times)]
-        quality = _quality(config, manager, base_out, runs[arm][-1]["outputs"])
+        quality = _quality(config, manager, base_out, runs[name][-1]["outputs"])
         results.append(
             {
-                "params": point,
-                "label": point_label(point),
-                "strategies": cfg.strategy_specs(),
+                "label": name,
+                "by": arm.by,
+                "params": arm.params,
+                "strategies": arm.strategies,
                 "speedup": statistics.median(ratios),
                 "pair_ratios": ratios,
                 "speedup_spread": speedup_spread(ratios),
                 "time_s": {"median": statistics.median(times), "all": times},
-                "nfe": runs[arm][-1]["stats"]["nfe"],
-                "ideal_speedup": runs[arm][-1]["ideal"],
+                "nfe": runs[name][-1]["stats"].get("nfe"),
+                "ideal_speedup": runs[name][-1]["ideal"],
+                "stats": runs[name][-1]["stats"] if arm.external else None,
                 "quality": quality,
                 "fidelity": fidelity(quality),
             }
         )
     mark_dominated(results)
     result = {
+        "what": what or f"{len(results)} points",
+        **(extra or {}),
         "points": results,
+        "unavailable": unavailable,
         "baseline": {
             "time_s": {"median": statistics.median(base_times), "all": base_times},
             "nfe": runs["baseline"][-1]["stats"]["nfe"],
+            "repeatable": all(_identical(reference, r["outputs"]) for r in runs["baseline"]),
         },
-        "sweeps": list(sweeps),
         "repeat": repeat,
         "warmup": warmup,
         "label": label,
@@ -212,6 +330,36 @@ def sweep_bench(
     return result
 
 
+def _run_external(
+    config: RunConfig, target: Any, apply: Callable[[Any], Callable[[], Any]], clock
+) -> dict[str, Any]:
+    """One timed call of ``target`` with an external arm applied (and removed after)."""
+    undo = apply(target)
+    stats: Any = None
+    try:
+        _sync(config.device)
+        t0 = clock()
+        outputs = config.adapter.generate(target, config.inputs)
+        _sync(config.device)
+        dt = clock() - t0
+    finally:
+        stats = undo()
+    return {"time_s": dt, "outputs": outputs, "stats": dict(stats or {}), "ideal": None}
+
+
+def _identical(a: Any, b: Any) -> bool:
+    """Whether two pipeline outputs are equal exactly (images, tensors, nested lists, text)."""
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_identical, a, b))
+    if hasattr(a, "__array__") or hasattr(a, "numpy"):
+        import numpy as np
+
+        x = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+        y = b.detach().cpu().numpy() if hasattr(b, "detach") else np.asarray(b)
+        return x.shape == y.shape and bool(np.array_equal(x, y))
+    return a == b
+
+
 def _yaml(value: Any) -> str:
     import yaml
 
@@ -219,26 +367,41 @@ def _yaml(value: Any) -> str:
 
 
 def sweep_table(result: dict[str, Any]) -> str:
-    """A markdown table of the sweep: one row per point, dominated points marked."""
+    """A markdown table of the points, dominated ones marked; with points run by other packages,
+    a column says who ran each, and arms left out are listed below with why."""
     fid = next((p["fidelity"]["name"] for p in result["points"] if p["fidelity"]), "fidelity")
+    peers = any(p.get("by", "decodekit") != "decodekit" for p in result["points"])
     lines = [
-        f"Sweep of `{result['label']}` ({', '.join(f'`{s}`' for s in result['sweeps'])}): "
+        f"{_what(result)[0].upper()}{_what(result)[1:]} on `{result['label']}`: "
         f"{result['repeat']} pairs, baseline {_fmt(result['baseline']['time_s']['median'])} s "
         f"and {result['baseline']['nfe']} model calls (median), "
         f"{result['machine']['device']} with {result['machine'].get('torch_threads', '–')} torch thread(s).",
         "",
-        f"| point | speed-up (median of pairs) | spread over pairs | model calls | {fid} | Pareto |",
-        "|---|---|---|---|---|---|",
+        f"| point | speed-up (median of pairs) | spread over pairs | model calls | {fid} | Pareto |"
+        + (" run by |" if peers else ""),
+        "|---|---|---|---|---|---|" + ("---|" if peers else ""),
     ]
     for p in result["points"]:
         s = p["speedup_spread"]
         spread = f"×{_fmt(s['low'])}–×{_fmt(s['high'])} ({s['coverage']:.0%})"
         value = _fmt(p["fidelity"]["value"]) if p["fidelity"] else "–"
         mark = "dominated" if p["dominated"] else "**front**"
+        nfe = "–" if p["nfe"] is None else p["nfe"]
         lines.append(
-            f"| {p['label']} | ×{_fmt(p['speedup'])} | {spread} | {p['nfe']} | {value} | {mark} |"
+            f"| {p['label']} | ×{_fmt(p['speedup'])} | {spread} | {nfe} | {value} | {mark} |"
+            + (f" {p.get('by', 'decodekit')} |" if peers else "")
+        )
+    for u in result.get("unavailable", []):
+        lines.append(f"\nNot run: {u['label']} ({u['by']}): {u['reason']}")
+    if result["baseline"].get("repeatable") is False:
+        lines.append(
+            "\n**The baseline's outputs changed between pairs: an arm left the pipeline changed.**"
         )
     return "\n".join(lines) + "\n"
+
+
+def _what(result: dict[str, Any]) -> str:
+    return result.get("what") or "sweep of " + "; ".join(result.get("sweeps", []))
 
 
 def pareto_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
@@ -263,7 +426,7 @@ def pareto_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
     draw = ImageDraw.Draw(img)
     font, bold = _font(11), _font(13)
     machine = result["machine"]
-    title = _wrap(f"{result['label']}: sweep of {'; '.join(result['sweeps'])}", bold, w - 16)
+    title = _wrap(f"{result['label']}: {_what(result)}", bold, w - 16)
     for k, line in enumerate(title[:2]):
         draw.text((8, 6 + 16 * k), line, fill="black", font=bold)
     top += 16 * (min(2, len(title)) - 1)
@@ -322,10 +485,12 @@ def pareto_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
             draw.line([x, top_y, x, low_y], fill=GREY)
             draw.line([x - 3, top_y, x + 3, top_y], fill=GREY)
             draw.line([x - 3, low_y, x + 3, low_y], fill=GREY)
+        # decodekit's points are circles, other packages' squares
+        shape = draw.ellipse if p.get("by", "decodekit") == "decodekit" else draw.rectangle
         if p["dominated"]:
-            draw.ellipse([x - 5, y - 5, x + 5, y + 5], outline=GREY, width=2)
+            shape([x - 5, y - 5, x + 5, y + 5], outline=GREY, width=2)
         else:
-            draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=BLUE)
+            shape([x - 5, y - 5, x + 5, y + 5], fill=BLUE)
         text = p["label"][:40] + ("" if _finite(p["fidelity"]["value"]) else " (identical)")
         ty = y - 7
         while any(abs(tx - x) < 120 and abs(ty - t) < 13 for tx, t in taken):
@@ -334,8 +499,11 @@ def pareto_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
         tx = x + 8 if x + 8 + font.getlength(text) < left + pw else x - 8 - font.getlength(text)
         draw.text((tx, ty), text, fill=GREY if p["dominated"] else "black", font=font)
     missing = len(points) - len(have)
-    note = "filled: on the front; hollow: dominated" + (
-        f"; {missing} point(s) without a fidelity figure not drawn" if missing else ""
+    peers = any(p.get("by", "decodekit") != "decodekit" for p in points)
+    note = (
+        "filled: on the front; hollow: dominated"
+        + ("; circle: decodekit, square: another package" if peers else "")
+        + (f"; {missing} point(s) without a fidelity figure not drawn" if missing else "")
     )
     draw.text((8, h - 16), note, fill=GREY, font=font)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -358,6 +526,9 @@ __all__ = [
     "fidelity",
     "mark_dominated",
     "sweep_bench",
+    "pareto_bench",
+    "Arm",
+    "ArmUnavailable",
     "sweep_table",
     "pareto_chart",
 ]

@@ -9,12 +9,16 @@ from decodekit.cli import main
 from decodekit.config import load_config
 from decodekit.errors import ConfigError
 from decodekit.sweep import (
+    Arm,
+    ArmUnavailable,
     fidelity,
     mark_dominated,
+    pareto_bench,
     pareto_chart,
     parse_sweep,
     sweep_bench,
     sweep_points,
+    sweep_table,
 )
 from PIL import Image
 
@@ -151,3 +155,69 @@ def test_pareto_chart_draws_identical_outputs_and_skips_points_without_fidelity(
     with Image.open(tmp_path / "p.png") as img:
         colours = {c for _, c in img.convert("RGB").getcolors(maxcolors=1 << 20)}
     assert (40, 110, 200) in colours  # front points are drawn filled
+
+
+def _scale_arm(factor: float, log: list[str], restore: bool = True):
+    """An external arm that rescales the toy's denoiser output; its undo reports 3 full calls."""
+
+    def apply(pipe):
+        old = pipe.scale
+        pipe.scale = factor
+        log.append("apply")
+
+        def undo():
+            log.append("undo")
+            if restore:
+                pipe.scale = old
+            return {"nfe": 3}
+
+        return undo
+
+    return apply
+
+
+def _refused(pipe):
+    raise ArmUnavailable("peer-pkg is not installed (pip install peer-pkg)")
+
+
+def test_external_arms_run_beside_decodekit_points_and_are_undone_after_each_run(
+    toy, manager, tmp_path
+):
+    cfg = load_config(toy_config(toy, bench={"repeat": 2, "warmup": 1}), manager=manager)
+    log: list[str] = []
+    arms = [
+        Arm("halve 2", [{"name": "halve", "params": {"every": 2}}]),
+        Arm("peer x0.5", apply=_scale_arm(0.5, log), by="peer-pkg"),
+        Arm("peer refused", apply=_refused, by="peer-pkg"),
+    ]
+    r = pareto_bench(cfg, arms, manager=manager, what="caches", markdown_path=tmp_path / "t.md")
+    # a probe (apply + undo at once), then one warm-up and two measured runs, each undone
+    assert log == ["apply", "undo"] * 4
+    assert [p["label"] for p in r["points"]] == ["halve 2", "peer x0.5"]
+    dk, peer = r["points"]
+    assert (dk["by"], dk["nfe"], peer["by"], peer["nfe"]) == ("decodekit", 4, "peer-pkg", 3)
+    assert peer["quality"]["adapter"]["max_abs_diff"] > 0  # the peer's change reached the outputs
+    assert r["unavailable"] == [
+        {
+            "label": "peer refused",
+            "by": "peer-pkg",
+            "reason": "peer-pkg is not installed (pip install peer-pkg)",
+        }
+    ]
+    assert r["baseline"]["repeatable"] and len(r["baseline"]["time_s"]["all"]) == 2
+    table = (tmp_path / "t.md").read_text()
+    assert table.startswith("Caches on `")
+    assert "| peer x0.5 |" in table and table.splitlines()[5].endswith(
+        "| 3 | – | **front** | peer-pkg |"
+    )
+    assert "Not run: peer refused (peer-pkg): peer-pkg is not installed" in table
+
+
+def test_an_external_arm_that_leaves_the_pipeline_changed_is_caught(toy, manager):
+    cfg = load_config(toy_config(toy, bench={"repeat": 2, "warmup": 0}), manager=manager)
+    leaky = Arm("leaky", apply=_scale_arm(0.5, [], restore=False), by="peer-pkg")
+    r = pareto_bench(cfg, [leaky], manager=manager)
+    assert r["baseline"]["repeatable"] is False
+    assert "left the pipeline changed" in sweep_table(r)
+    with pytest.raises(ValueError, match="its own label"):
+        pareto_bench(cfg, [Arm("a"), Arm("a")], manager=manager)
