@@ -111,7 +111,7 @@ class RuntimeSpecs:
         ``reset(run)``, once per call.
 
         Called by: stable-diffusion, diffusion-transformer, masked-diffusion-lm, llada2,
-        causal-lm, ar-image, var.
+        causal-lm, ar-image, var, mar.
         """
 
     @hookspec
@@ -122,7 +122,7 @@ class RuntimeSpecs:
         Undo per-call changes to the pipeline here.
 
         Called by: stable-diffusion, diffusion-transformer, masked-diffusion-lm, llada2,
-        causal-lm, ar-image, var.
+        causal-lm, ar-image, var, mar.
         """
 
     # -- continuous denoising (diffusers UNet / DiT pipelines) ----------------
@@ -311,4 +311,39 @@ class RuntimeSpecs:
         the live model and its cache).
 
         Called by: var.
+        """
+
+    # -- masked autoregression over continuous tokens (MAR) ----------------------------------------
+    @hookspec(firstresult=True)
+    def decodekit_mar_step(self, run, decoder):
+        """Advance the MAR loop from ``decoder.step`` yourself and return the steps done, or None for one plain step (first result).
+
+        Called before each step while ``decoder.step < decoder.num_iter``.
+        ``decoder`` is the call's ``MARDecoder`` (``decodekit.pipelines.mar_pipeline``):
+
+        - state: ``tokens`` ``(B, N, D)`` (zeros where unknown), ``mask`` ``(B, N)``
+          bool (True: unknown), ``orders`` ``(B, N)`` (each row's random order),
+          ``noise`` ``(B, N, S, D)`` (the head noise of each position, drawn with
+          the row's generator, so a position's sample is a function of its
+          condition), ``step``, ``num_iter``, ``class_labels``, ``cfg``,
+          ``cfg_schedule``, ``temperature``, ``generators`` (one per row, for a
+          strategy's own draws), ``model`` (the pipeline's ``MARModel``);
+        - schedule: ``positions(step)`` ``(B, k)`` the positions step ``step``
+          reveals, ``masked_after(step)`` how many stay unknown after it,
+          ``guidance(step)`` its guidance scale (constant or MAR's linear ramp);
+        - work: ``conditions(model, tokens=None, mask=None)`` one forward of any
+          ``MARModel`` (null-class rows added under guidance), returning ``(z,
+          z_uncond)`` ``(B, N, Cd)`` each, ``z_uncond`` None when unguided;
+          ``sample(model, z, z_uncond, step, trajectory=False)`` the head's
+          tokens ``(B, k, D)`` at ``positions(step)`` from the noise table (or a
+          ``HeadTrajectory`` over their ``B * k`` rows, row-major);
+          ``commit(values)`` writes ``(B, k, D)`` at ``positions(step)``, unmasks
+          them and advances ``step`` by one; ``run_step(model)`` is one plain step.
+
+        Return how many steps you committed (at least 1), or None to let the
+        pipeline run step ``decoder.step`` plainly (e.g. during a prefill phase).
+        Forwards through ``decoder.conditions`` count in ``run.nfe`` and in
+        ``decoder.forwards`` per model (``decoder.stats``).
+
+        Called by: mar.
         """

@@ -18,6 +18,7 @@ object, the model to hook at attach time, the schedule of the current call).
 | ``masked-diffusion`` | `MaskedDiffusionAdapter` |
 | ``token-autoregression`` | `TokenAutoregressionAdapter` |
 | ``scale-autoregression`` | `ScaleAutoregressionAdapter` |
+| ``masked-autoregression`` | `MaskedAutoregressionAdapter` |
 """
 
 from __future__ import annotations
@@ -195,11 +196,44 @@ class ScaleAutoregressionAdapter(PipelineAdapter):
     step: int
 
 
+class MaskedAutoregressionAdapter(PipelineAdapter):
+    """Contract of the ``masked-autoregression`` loop (MAR over continuous tokens).
+
+    decodekit owns the loop (``decodekit.pipelines.mar_pipeline``): each call
+    builds a ``MARDecoder`` (tokens, mask, per-row order and head noise), then,
+    until every step is done, asks ``decodekit_mar_step(run, decoder)`` whether a
+    strategy advances the decoder itself, and runs one plain step when none does.
+
+    Attributes:
+        pipe: the ``MARPipeline``.
+        model: the pipeline's ``MARModel`` (encoder, decoder and diffusion head).
+        vae: the pipeline's KL autoencoder (diffusers ``AutoencoderKL``).
+        decoder: the ``MARDecoder`` of the current (or last) call; None before the first call.
+        step: model forwards in the current (or last) call (a guided forward is one).
+    """
+
+    loop = "masked-autoregression"
+    contract: ClassVar[tuple[str, ...]] = PipelineAdapter.contract + (
+        "pipe",
+        "model",
+        "vae",
+        "decoder",
+        "step",
+    )
+
+    pipe: Any
+    model: torch.nn.Module
+    vae: Any
+    decoder: Any
+    step: int
+
+
 LOOP_CONTRACTS: dict[str, type[PipelineAdapter]] = {
     DenoisingAdapter.loop: DenoisingAdapter,
     MaskedDiffusionAdapter.loop: MaskedDiffusionAdapter,
     TokenAutoregressionAdapter.loop: TokenAutoregressionAdapter,
     ScaleAutoregressionAdapter.loop: ScaleAutoregressionAdapter,
+    MaskedAutoregressionAdapter.loop: MaskedAutoregressionAdapter,
 }
 """The contract class of each loop shape that has built-in adapters."""
 
@@ -255,6 +289,7 @@ __all__ = [
     "ContractError",
     "DenoisingAdapter",
     "LOOP_CONTRACTS",
+    "MaskedAutoregressionAdapter",
     "MaskedDiffusionAdapter",
     "ScaleAutoregressionAdapter",
     "TokenAutoregressionAdapter",

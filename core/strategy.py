@@ -14,8 +14,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import CompositionError, ConfigError
 
-LOOPS = ("continuous-denoising", "masked-diffusion", "token-autoregression", "scale-autoregression")
-"""The four loop shapes a pipeline can drive (docs/concepts.md, "The four loop shapes")."""
+LOOPS = (
+    "continuous-denoising",
+    "masked-diffusion",
+    "token-autoregression",
+    "scale-autoregression",
+    "masked-autoregression",
+)
+"""The loop shapes a pipeline can drive (docs/concepts.md, "The loop shapes")."""
 
 
 class Params(BaseModel):

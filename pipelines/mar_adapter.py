@@ -1,0 +1,140 @@
+"""Adapter `mar`: decodekit's `MARPipeline` (masked autoregression over continuous tokens).
+
+The pipeline (``decodekit.pipelines.mar_pipeline``) owns its loop: at every
+call it looks up the run attached to it, runs the whole call inside
+``run.guarded_call`` and asks ``decodekit_mar_step(run, decoder)`` before each
+step whether a strategy advances the loop itself, so attaching only checks that
+it has a model. The adapter's other work is loading a mar folder (``model/``,
+``vae/``, optional ``mar.json`` with class names), running a YAML ``inputs``
+section with one generator per row (`decodekit.seeds`), and saving and
+comparing images.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from decodekit.errors import AttachError, ConfigError, DecodekitError
+from decodekit.hookspecs import hookimpl
+from decodekit.loops import MaskedAutoregressionAdapter
+from decodekit.pipeline import MAX_PROMPTS, Inputs, Options, check_prompts
+from decodekit.pipelines.image_outputs import ImageOutputs, generate_in_batches
+from decodekit.pipelines.mar import MARModel
+from decodekit.pipelines.mar_pipeline import MARPipeline
+from pydantic import Field, field_validator
+
+__all__ = ["MARAdapter", "MARInputs", "MAROptions"]
+
+CLASS_ID = re.compile(r"class \d+")
+"""How a class id given in YAML is labelled (row seeds, file names), as var labels it."""
+
+
+class MARInputs(Inputs):
+    """YAML ``inputs`` of a mar pipeline (the arguments of its ``__call__``)."""
+
+    prompt: int | str | list[int | str] = Field(
+        description="class ids, or class names of a folder with class_names (mar.json)"
+    )
+    num_iter: int = Field(64, ge=1, le=65536, description="MAR steps, 1 .. the number of tokens")
+    cfg: float = Field(1.0, ge=0.0, le=100.0, description="guidance scale; 1 is unguided")
+    cfg_schedule: str = Field("linear", pattern="^(linear|constant)$")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="factor on the head's noise")
+    batch_size: int | None = Field(None, ge=1, le=MAX_PROMPTS)
+    """Run the prompts in batches of this many rows (None: all at once)."""
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompts(cls, v: Any) -> Any:
+        rows = [v] if not isinstance(v, list) else v
+        if any(isinstance(r, bool) for r in rows):
+            raise ValueError("a class is an int id or a class name, not a boolean")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _labels(cls, v: Any) -> list[str]:
+        rows = [v] if isinstance(v, (int, str)) else list(v)
+        check_prompts(rows)
+        if any(isinstance(r, int) and r < 0 for r in rows):
+            raise ValueError("a class id is an int >= 0")
+        # class ids as "class N": row seeds and file names read text
+        return [r if isinstance(r, str) else f"class {r}" for r in rows]
+
+
+class MAROptions(Options):
+    """``pipeline.options`` of mar: nothing beyond ``pipeline.dtype`` is taken from a config."""
+
+
+class MARAdapter(ImageOutputs, MaskedAutoregressionAdapter):
+    """Attach to a `MARPipeline`: its loop calls the runtime hooks itself."""
+
+    name = "mar"
+    loop = "masked-autoregression"
+    Inputs = MARInputs
+    Options = MAROptions
+    description = "decodekit's MAR: class-conditional masked autoregression over continuous tokens"
+
+    def __init__(self, target: Any, run):
+        super().__init__(target, run)
+        self.pipe = target
+        self.model = getattr(target, "model", None)
+        self.vae = getattr(target, "vae", None)
+
+    @property
+    def decoder(self) -> Any:
+        return self.pipe.decoder
+
+    @property
+    def step(self) -> int:
+        decoder = self.pipe.decoder
+        return decoder.forwards if decoder is not None else 0
+
+    @classmethod
+    def matches(cls, obj: Any) -> bool:
+        return isinstance(obj, MARPipeline)
+
+    def touched(self) -> list[Any]:
+        return [self.target, self.model]
+
+    def attach(self) -> None:
+        if not isinstance(self.model, MARModel):
+            raise AttachError("the pipeline has no model (pipe.model must be a MARModel).")
+
+    def detach(self) -> None:
+        """Nothing to undo: the pipeline looks up its run at every call."""
+
+    # -- YAML runs and bench -----------------------------------------------------------------
+    @classmethod
+    def load(cls, source: str, *, device: str, dtype: str, options: dict[str, Any]) -> Any:
+        from decodekit.config import check_options
+
+        check_options(cls, options)
+        try:
+            pipe = MARPipeline.from_pretrained(source, torch_dtype=getattr(torch, dtype))
+        except (ValueError, DecodekitError) as e:
+            raise ConfigError("pipeline.model", str(e)) from None
+        return pipe.to(device)
+
+    @classmethod
+    def generate(cls, target: Any, inputs: MARInputs, progress: bool = False) -> list:
+        prompts = list(inputs.prompt)
+        names = target.class_names or []
+        classes = [int(p[6:]) if p not in names and CLASS_ID.fullmatch(p) else p for p in prompts]
+        return generate_in_batches(
+            target,
+            classes,
+            prompts,
+            inputs.seed,
+            inputs.batch_size,
+            num_iter=inputs.num_iter,
+            cfg=inputs.cfg,
+            cfg_schedule=inputs.cfg_schedule,
+            temperature=inputs.temperature,
+        )
+
+
+@hookimpl
+def decodekit_register_pipelines(register):
+    register(MARAdapter)
