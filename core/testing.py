@@ -13,6 +13,7 @@ Tiny pipelines to run it on, built from configs with nothing to download
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -401,3 +402,43 @@ def chi_square_pvalue(
     stat = ((o - e) ** 2 / e).sum()
     dof = torch.tensor((o.numel() - 1) / 2, dtype=torch.float64)
     return float(torch.special.gammaincc(dof, stat / 2))
+
+
+def ks_statistic(samples: torch.Tensor, cdf) -> float:
+    """Kolmogorov-Smirnov statistic ``sup |F_n(x) - F(x)|`` of 1-D ``samples`` against ``cdf``.
+
+    ``cdf`` maps a float64 tensor of points to their cumulative probabilities.
+    """
+    x = samples.detach().to(torch.float64).flatten().sort().values  # (n,)
+    n = x.numel()
+    if n == 0:
+        raise ValueError("ks_statistic needs at least one sample")
+    f = cdf(x).to(torch.float64)  # (n,)
+    upper = torch.arange(1, n + 1, dtype=torch.float64) / n - f
+    lower = f - torch.arange(0, n, dtype=torch.float64) / n
+    return float(torch.maximum(upper, lower).max())
+
+
+def ks_two_sample_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic ``sup |F_a(x) - F_b(x)|`` of 1-D samples."""
+    a = a.detach().to(torch.float64).flatten().sort().values
+    b = b.detach().to(torch.float64).flatten().sort().values
+    points = torch.cat([a, b])
+    fa = torch.searchsorted(a, points, right=True).to(torch.float64) / a.numel()
+    fb = torch.searchsorted(b, points, right=True).to(torch.float64) / b.numel()
+    return float((fa - fb).abs().max())
+
+
+def ks_pvalue(statistic: float, n: int, m: int | None = None) -> float:
+    """p-value of a Kolmogorov-Smirnov statistic from ``n`` samples (or ``n`` and ``m``: two-sample).
+
+    The asymptotic Kolmogorov distribution ``Q(l) = 2 sum_k (-1)^(k-1) exp(-2 k^2 l^2)``
+    at ``l = (sqrt(e) + 0.12 + 0.11 / sqrt(e)) D`` with ``e = n`` or ``n m / (n + m)``
+    (Stephens' small-sample correction; accurate to a few per cent of p for e >= 20).
+    """
+    e = float(n) if m is None else n * m / (n + m)
+    lam = (math.sqrt(e) + 0.12 + 0.11 / math.sqrt(e)) * statistic
+    if lam < 0.2:
+        return 1.0
+    total = sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))
+    return float(min(1.0, max(0.0, 2 * total)))

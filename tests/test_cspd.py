@@ -1,0 +1,373 @@
+"""Continuous speculative decoding (arXiv:2411.11925): the acceptance rules and the `cspd` strategy.
+
+The rules (decodekit.continuous_speculative) are tested against closed-form
+targets: Kolmogorov-Smirnov and moments on 1-D and 16-D Gaussians, a Gaussian
+mixture, a two-token chain whose second token depends on the first, and a
+diffusion-head-like Gaussian chain with a deterministic last step. Each test
+runs a negative control through the same statistic (accepting every draft) and
+checks that it fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from decodekit.continuous_speculative import (
+    LastStepGaussian,
+    diagonal_gaussian_log_prob,
+    exact_verify,
+    paper_log_acceptance_ratio,
+    paper_verify,
+    speculative_cut,
+)
+from decodekit.testing import ks_pvalue, ks_statistic, ks_two_sample_statistic
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Many small tensor ops: one thread is faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+ALPHA = 1e-3  # a correct sampler fails a fixed-seed test with this probability
+M = 20_000  # samples per test: KS detects a CDF shift of about 0.014
+
+
+def normal_cdf(mean: float, std: float):
+    return lambda x: 0.5 * (1 + torch.erf((x - mean) / (std * math.sqrt(2))))
+
+
+class DiagGaussian:
+    """One diagonal Gaussian per position: ``mean``, ``std`` ``(N, D)`` (a `TokenDensity`)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        self.mean, self.std = mean, std
+
+    def sample(self, index, generator):
+        mean, std = self.mean[index], self.std[index]
+        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+
+    def log_prob(self, x, index):
+        return diagonal_gaussian_log_prob(x, self.mean[index], self.std[index])
+
+
+class Mixture1D:
+    """The same two-component 1-D Gaussian mixture at every one of ``n`` positions."""
+
+    def __init__(self, n, weights, means, stds):
+        self.n = n
+        self.w = torch.tensor(weights, dtype=torch.float64)
+        self.mu = torch.tensor(means, dtype=torch.float64)
+        self.sd = torch.tensor(stds, dtype=torch.float64)
+
+    def sample(self, index, generator):
+        k = torch.multinomial(self.w, index.numel(), replacement=True, generator=generator)
+        z = torch.randn(index.numel(), generator=generator, dtype=torch.float64)
+        return (self.mu[k] + self.sd[k] * z)[:, None]  # (M, 1)
+
+    def log_prob(self, x, index):
+        z = (x - self.mu) / self.sd  # (M, K)
+        comp = -0.5 * z * z - self.sd.log() - 0.5 * math.log(2 * math.pi) + self.w.log()
+        return torch.logsumexp(comp, dim=-1)
+
+    def cdf(self, x):
+        c = 0.5 * (1 + torch.erf((x[:, None] - self.mu) / (self.sd * math.sqrt(2))))
+        return (c * self.w).sum(-1)
+
+
+def same_everywhere(mean, std, n=M, dim=1):
+    """A `DiagGaussian` with the same ``mean``/``std`` (floats or (D,)) at ``n`` positions."""
+    mean = torch.as_tensor(mean, dtype=torch.float64).expand(dim).clone()
+    std = torch.as_tensor(std, dtype=torch.float64).expand(dim).clone()
+    return DiagGaussian(mean.expand(n, dim), std.expand(n, dim))
+
+
+def draft_and_verify(draft, target, seed, **kwargs):
+    g = torch.Generator().manual_seed(seed)
+    x = draft.sample(torch.arange(M), g)
+    return x, exact_verify(x, draft, target, g, independent=True, **kwargs)
+
+
+def assert_moments(x, mean, var):
+    """Sample mean and variance within 5 standard errors of ``mean``/``var`` (per coordinate)."""
+    n = x.shape[0]
+    se_mean = (var / n) ** 0.5
+    se_var = var * (2 / (n - 1)) ** 0.5
+    assert torch.all((x.mean(0) - mean).abs() < 5 * se_mean), (x.mean(0), mean)
+    assert torch.all((x.var(0) - var).abs() < 5 * se_var), (x.var(0), var)
+
+
+# -- the exact rule ----------------------------------------------------------------------------
+def test_exact_1d_gaussian_reproduces_target_and_accept_all_does_not():
+    q, p = same_everywhere(0.7, 1.3), same_everywhere(0.0, 1.0)
+    x, v = draft_and_verify(q, p, seed=1)
+    out = v.samples[:, 0]
+    assert ks_pvalue(ks_statistic(out, normal_cdf(0, 1)), M) > ALPHA
+    assert_moments(v.samples, torch.zeros(1), torch.ones(1))
+    rate = v.accepted.double().mean().item()
+    assert 0.5 < rate < 0.9  # some of both: the test exercises the residual
+    assert not v.failed.any() and not v.dropped.any()
+    assert torch.equal(v.samples[v.accepted], x[v.accepted])  # kept drafts unchanged
+    # negative control: the drafts themselves, through the same statistic
+    assert ks_pvalue(ks_statistic(x[:, 0], normal_cdf(0, 1)), M) < 1e-12
+
+
+def test_exact_16d_gaussian_reproduces_target():
+    D = 16
+    gen = torch.Generator().manual_seed(5)
+    mu_p = torch.randn(D, generator=gen, dtype=torch.float64)
+    sd_p = 0.5 + torch.rand(D, generator=gen, dtype=torch.float64)
+    mu_q = mu_p + 0.12 * torch.randn(D, generator=gen, dtype=torch.float64)
+    sd_q = sd_p * 1.08
+    p, q = same_everywhere(mu_p, sd_p, dim=D), same_everywhere(mu_q, sd_q, dim=D)
+    x, v = draft_and_verify(q, p, seed=2)
+    # squared Mahalanobis distance under p is chi-square with 16 degrees of freedom
+    chi2_cdf = lambda r: torch.special.gammainc(torch.tensor(D / 2.0, dtype=r.dtype), r / 2)  # noqa: E731
+    r_out = (((v.samples - mu_p) / sd_p) ** 2).sum(-1)
+    r_draft = (((x - mu_p) / sd_p) ** 2).sum(-1)
+    assert ks_pvalue(ks_statistic(r_out, chi2_cdf), M) > ALPHA
+    for d in (0, 7, 15):  # a few marginals
+        assert ks_pvalue(ks_statistic(v.samples[:, d], normal_cdf(mu_p[d], sd_p[d])), M) > ALPHA
+    assert_moments(v.samples, mu_p, sd_p**2)
+    assert 0.2 < v.accepted.double().mean().item() < 0.9
+    # negative control
+    assert ks_pvalue(ks_statistic(r_draft, chi2_cdf), M) < 1e-6
+
+
+def test_exact_gaussian_mixture_target_from_one_gaussian_draft():
+    p = Mixture1D(M, [0.3, 0.7], [-1.5, 1.2], [0.5, 0.7])
+    q = same_everywhere(0.0, 1.6)
+    x, v = draft_and_verify(q, p, seed=3)
+    assert ks_pvalue(ks_statistic(v.samples[:, 0], p.cdf), M) > ALPHA
+    mean = float((p.w * p.mu).sum())
+    var = float((p.w * (p.sd**2 + p.mu**2)).sum()) - mean**2
+    assert_moments(v.samples, torch.tensor([mean]), torch.tensor([var]))
+    assert ks_pvalue(ks_statistic(x[:, 0], p.cdf), M) < 1e-12  # negative control
+
+
+def test_exact_has_no_cap_on_tries_and_no_zero_samples():
+    # draft and target 0.05 apart: a rejected position needs about 1/TV = 50 proposals
+    q, p = same_everywhere(0.05, 1.0), same_everywhere(0.0, 1.0)
+    x, v = draft_and_verify(q, p, seed=4)
+    assert v.resampled.sum() > 100
+    assert int(v.tries.max()) > 100  # the reference would have given up (zeros) here
+    assert not (v.samples[v.resampled] == 0).all(-1).any()
+    assert ks_pvalue(ks_statistic(v.samples[:, 0], normal_cdf(0, 1)), M) > ALPHA
+    # E[tries] per verified position is TV / TV = 1
+    assert abs(v.tries.double().mean().item() - 1.0) < 0.2
+    # max_tries is a guard that raises, never a cap that returns a sample
+    g = torch.Generator().manual_seed(4)
+    with pytest.raises(RuntimeError, match="refused"):
+        exact_verify(x, q, p, g, independent=True, max_tries=3)
+
+
+def test_exact_same_densities_accept_everything_and_draw_nothing_more():
+    p = same_everywhere(0.3, 0.9)
+    x, v = draft_and_verify(p, p, seed=6)
+    assert v.accepted.all() and torch.equal(v.samples, x) and int(v.tries.sum()) == 0
+
+
+def test_speculative_cut_keeps_groups_before_the_first_rejection():
+    passes = torch.tensor([True, True, False, True, False, True, True])
+    order = torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    kept, resample, dropped = speculative_cut(passes, order)
+    assert kept.tolist() == [True, True, False, True, False, False, False]
+    assert resample.tolist() == [False, False, True, False, False, False, False]
+    assert dropped.tolist() == [False, False, False, False, True, True, True]
+    rows = torch.tensor([0, 0, 0, 0, 1, 1, 1])  # cut per row
+    kept, resample, dropped = speculative_cut(passes, order, rows)
+    assert kept.tolist() == [True, True, False, True, False, True, False]
+    assert resample.tolist() == [False, False, True, False, True, False, False]
+    assert dropped.tolist() == [False, False, False, False, False, False, True]
+    kept, resample, dropped = speculative_cut(torch.ones(3, dtype=torch.bool), None)
+    assert kept.all() and not resample.any() and not dropped.any()
+
+
+def chain_statistics(independent: bool, seed: int):
+    """Two tokens per sequence: target x1 ~ N(0, 1), x2 | x1 ~ N(0.8 x1, 0.6^2); draft differs.
+
+    Runs speculative rounds until every sequence is complete and returns the
+    target's standardised innovation ``(x2 - 0.8 x1) / 0.6`` and ``x1``, both N(0, 1)
+    under the target.
+    """
+    n = M
+    g = torch.Generator().manual_seed(seed)
+    p_mean = lambda x1: 0.8 * x1  # noqa: E731
+    q_mean = lambda x1: 0.4 * x1 + 0.3  # noqa: E731
+    x1 = 0.4 + 1.2 * torch.randn(n, generator=g, dtype=torch.float64)
+    x2 = q_mean(x1) + 0.8 * torch.randn(n, generator=g, dtype=torch.float64)
+    samples = torch.stack([x1, x2], 1).reshape(2 * n, 1)  # (2n, 1), sequence-major
+    q = DiagGaussian(
+        torch.stack([torch.full_like(x1, 0.4), q_mean(x1)], 1).reshape(2 * n, 1),
+        torch.tensor([1.2, 0.8], dtype=torch.float64).repeat(n)[:, None],
+    )
+    p = DiagGaussian(
+        torch.stack([torch.zeros_like(x1), p_mean(x1)], 1).reshape(2 * n, 1),
+        torch.tensor([1.0, 0.6], dtype=torch.float64).repeat(n)[:, None],
+    )
+    order = torch.tensor([0, 1]).repeat(n)
+    rows = torch.arange(n).repeat_interleave(2)
+    v = exact_verify(samples, q, p, g, order=order, rows=rows, independent=independent)
+    out = v.samples.reshape(n, 2).clone()
+    redo = v.dropped.reshape(n, 2)[:, 1]  # second token dropped: draft it again given the new x1
+    if redo.any():
+        o1 = out[redo, 0]
+        q2 = DiagGaussian(q_mean(o1)[:, None], torch.full_like(o1, 0.8)[:, None])
+        p2 = DiagGaussian(p_mean(o1)[:, None], torch.full_like(o1, 0.6)[:, None])
+        y = q2.sample(torch.arange(o1.numel()), g)
+        v2 = exact_verify(y, q2, p2, g, rows=torch.arange(o1.numel()))  # one token per sequence
+        assert not v2.dropped.any()
+        out[redo, 1] = v2.samples[:, 0]
+    assert bool(redo.any()) != independent
+    return (out[:, 1] - 0.8 * out[:, 0]) / 0.6, out[:, 0]
+
+
+def test_exact_prefix_rule_reproduces_a_dependent_chain():
+    innovation, x1 = chain_statistics(independent=False, seed=7)
+    assert ks_pvalue(ks_statistic(innovation, normal_cdf(0, 1)), M) > ALPHA
+    assert ks_pvalue(ks_statistic(x1, normal_cdf(0, 1)), M) > ALPHA
+
+
+def test_independent_acceptance_biases_a_dependent_chain():
+    # the reference judges each token on its own: the second token was verified against
+    # p(x2 | drafted x1) and is kept even where x1 was replaced
+    innovation, x1 = chain_statistics(independent=True, seed=7)
+    assert ks_pvalue(ks_statistic(x1, normal_cdf(0, 1)), M) > ALPHA  # the first token is fine
+    assert ks_pvalue(ks_statistic(innovation, normal_cdf(0, 1)), M) < 1e-6
+
+
+# -- the reference's rule ----------------------------------------------------------------------
+def last_step(mean, std, log_std_sum=0.0, n=M, dim=1):
+    full = lambda v: torch.as_tensor(v, dtype=torch.float64).expand(n, dim).clone()  # noqa: E731
+    return LastStepGaussian(full(mean), full(std), full(log_std_sum))
+
+
+def test_paper_ratio_is_the_reference_formula():
+    # judge_accept = p~(x) F prod(sq) / (q~(x) prod(sp)), p~/q~ flattened by 42 (linear space)
+    g = torch.Generator().manual_seed(0)
+    D, n = 16, 5
+    r = lambda: torch.rand(n, D, generator=g, dtype=torch.float64)  # noqa: E731
+    q = LastStepGaussian(r(), 0.5 + r(), r())
+    p = LastStepGaussian(r(), 0.5 + r(), r())
+    x = r()
+    T = 42.0
+    p_un = torch.exp(-0.5 * (((x - p.mean) / p.std / T) ** 2).sum(-1))
+    q_un = torch.exp(-0.5 * (((x - q.mean) / q.std / T) ** 2).sum(-1))
+    fixed = torch.exp((p.log_std_sum - q.log_std_sum).sum(-1))
+    reference = p_un * fixed * q.std.prod(-1) / (q_un * p.std.prod(-1))
+    torch.testing.assert_close(paper_log_acceptance_ratio(x, q, p).exp(), reference)
+
+
+def test_paper_flattening_biases_a_1d_gaussian():
+    # q = N(0.7, 1.3), p = N(0, 1): the exact ratio rejects ~30%, the flattened one
+    # (1.3 * exp(~0)) accepts nearly all, so the output is close to the draft
+    g = torch.Generator().manual_seed(8)
+    x = 0.7 + 1.3 * torch.randn(M, 1, generator=g, dtype=torch.float64)
+    q, p = last_step(0.7, 1.3), last_step(0.0, 1.0)
+    v = paper_verify(x, q, p, g)
+    d_paper = ks_statistic(v.samples[:, 0], normal_cdf(0, 1))
+    assert v.accepted.double().mean() > 0.99
+    assert ks_pvalue(d_paper, M) < 1e-12
+    # without the flattening, with these true one-step densities and a residual this
+    # wide, the same rule is exact up to its cap (never reached here)
+    v1 = paper_verify(x, q, p, g, flatten=1.0)
+    assert not v1.failed.any()
+    assert ks_pvalue(ks_statistic(v1.samples[:, 0], normal_cdf(0, 1)), M) > ALPHA
+
+
+def test_paper_cap_leaves_zero_tokens():
+    # a residual of small mass: after 100 refused proposals the reference leaves zeros
+    g = torch.Generator().manual_seed(9)
+    x = 0.05 + torch.randn(M, 1, generator=g, dtype=torch.float64)
+    v = paper_verify(x, last_step(0.05, 1.0), last_step(0.0, 1.0), g, flatten=1.0)
+    assert v.failed.any()
+    assert (v.samples[v.failed] == 0).all()
+    assert int(v.tries.max()) == 100
+
+
+class HeadChain:
+    """A diffusion-head-like sampler of ``dim``-D tokens, the same at every one of ``n`` positions.
+
+    As DDPM in MAR's head: ``x_T ~ N(0, I)``; ``x_i = a tanh(x_{i+1}) + b + sigma_i eps_i``
+    for ``i = T-1 .. 1``; the token is the last step's mean ``a tanh(x_1) + b`` with no
+    noise (the last step's std ``sigma_0`` is recorded, never used). A `TokenDensity`
+    over trajectories ``(x_T, .., x_1)``, ``(n, T, dim)``: a product of Gaussians.
+    """
+
+    def __init__(self, a, b, sigmas, sigma0, n=M, dim=4):
+        self.a, self.b = a, b
+        self.sigmas = list(sigmas)  # sigma_{T-1} .. sigma_1
+        self.sigma0, self.n, self.dim = sigma0, n, dim
+
+    def mean(self, x):
+        return self.a * torch.tanh(x) + self.b
+
+    def run(self, noise):
+        """The trajectory ``(n, T, dim)`` for standard noise ``(n, T, dim)`` (share it to share noise)."""
+        xs = [noise[:, 0]]
+        for i, sigma in enumerate(self.sigmas):
+            xs.append(self.mean(xs[-1]) + sigma * noise[:, i + 1])
+        return torch.stack(xs, 1)
+
+    def token(self, traj):
+        return self.mean(traj[:, -1])
+
+    def noise(self, n, generator):
+        T = len(self.sigmas) + 1
+        return torch.randn(n, T, self.dim, generator=generator, dtype=torch.float64)
+
+    def sample(self, index, generator):
+        return self.run(self.noise(index.numel(), generator))
+
+    def log_prob(self, traj, index):
+        x = traj[:, 0]
+        lp = diagonal_gaussian_log_prob(x, torch.zeros_like(x), torch.ones_like(x))
+        for i, sigma in enumerate(self.sigmas):
+            mean = self.mean(traj[:, i])
+            lp = lp + diagonal_gaussian_log_prob(traj[:, i + 1], mean, torch.full_like(mean, sigma))
+        return lp
+
+    def last_step(self, traj):
+        """What the reference records of a run: the last step's Gaussian and the summed log-stds."""
+        tok = self.token(traj)
+        log_std_sum = sum(math.log(s) for s in self.sigmas)
+        return LastStepGaussian(
+            tok, torch.full_like(tok, self.sigma0), torch.full_like(tok, log_std_sum)
+        )
+
+
+TARGET_HEAD = dict(a=1.1, b=0.3, sigmas=[0.6, 0.35], sigma0=0.1)
+DRAFT_HEAD = dict(a=0.8, b=0.15, sigmas=[0.65, 0.4], sigma0=0.12)
+
+
+def head_outputs(seed):
+    """Tokens of the target head alone, and of draft + verification by the exact and paper rules."""
+    g = torch.Generator().manual_seed(seed)
+    p, q = HeadChain(**TARGET_HEAD), HeadChain(**DRAFT_HEAD)
+    alone = p.token(p.sample(torch.arange(M), g))
+    noise = q.noise(M, g)  # shared by draft and target, as the reference shares it
+    traj_q, traj_p = q.run(noise), p.run(noise)
+    v = exact_verify(traj_q, q, p, g, independent=True)
+    exact = p.token(v.samples)  # the target's last step on each kept or resampled trajectory
+    w = paper_verify(q.token(traj_q), q.last_step(traj_q), p.last_step(traj_p), g)
+    return alone, exact, v, w, q.token(traj_q)
+
+
+def test_head_chain_exact_rule_reproduces_the_target_head_and_paper_rule_does_not():
+    alone, exact, v, w, drafts = head_outputs(seed=10)
+    crit = lambda d: ks_pvalue(d, M, M)  # noqa: E731
+    project = lambda t: t.sum(-1)  # noqa: E731  (a 1-D summary the KS test reads)
+    assert 0.2 < v.accepted.double().mean().item() < 0.9
+    for d in range(4):
+        assert crit(ks_two_sample_statistic(exact[:, d], alone[:, d])) > ALPHA
+    assert crit(ks_two_sample_statistic(project(exact), project(alone))) > ALPHA
+    # negative control: the draft head's tokens
+    assert crit(ks_two_sample_statistic(project(drafts), project(alone))) < 1e-6
+    # the reference's rule on the same draws is off by as much as the drafts
+    d_paper = ks_two_sample_statistic(project(w.samples), project(alone))
+    assert crit(d_paper) < 1e-6
