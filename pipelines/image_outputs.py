@@ -10,8 +10,48 @@ a YAML ``inputs`` section in batches with one generator per row.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
+
+from decodekit.pipeline import Inputs, check_prompts
+from pydantic import Field, field_validator
+
+CLASS_ID = re.compile(r"class \d+")
+"""How a class id given in YAML is labelled (row seeds, file names), as ar-image labels it."""
+
+
+class ClassInputs(Inputs):
+    """YAML ``inputs`` whose prompts are classes (var, mar): ids, or names of the folder's classes.
+
+    Validated ids become ``"class N"`` labels (row seeds and file names read text);
+    `class_rows` turns the labels back into what the pipeline takes.
+    """
+
+    prompt: int | str | list[int | str] = Field(
+        description="class ids, or class names of a folder with class_names"
+    )
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompts(cls, v: Any) -> Any:
+        rows = [v] if not isinstance(v, list) else v
+        if any(isinstance(r, bool) for r in rows):
+            raise ValueError("a class is an int id or a class name, not a boolean")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _labels(cls, v: Any) -> list[str]:
+        rows = [v] if isinstance(v, (int, str)) else list(v)
+        check_prompts(rows)
+        return [r if isinstance(r, str) else f"class {r}" for r in rows]
+
+
+def class_rows(labels: list[str], class_names: list[str] | None) -> list[int | str]:
+    """`ClassInputs` labels as the pipeline's classes: ``"class N"`` is id N unless it is a class name."""
+    names = class_names or []
+    return [int(p[6:]) if p not in names and CLASS_ID.fullmatch(p) else p for p in labels]
 
 
 def generate_in_batches(

@@ -12,55 +12,37 @@ comparing images.
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from decodekit.errors import AttachError, ConfigError, DecodekitError
 from decodekit.hookspecs import hookimpl
 from decodekit.loops import MaskedAutoregressionAdapter
-from decodekit.pipeline import MAX_PROMPTS, Inputs, Options, check_prompts
-from decodekit.pipelines.image_outputs import ImageOutputs, generate_in_batches
+from decodekit.pipeline import MAX_PROMPTS, Options
+from decodekit.pipelines.image_outputs import (
+    ClassInputs,
+    ImageOutputs,
+    class_rows,
+    generate_in_batches,
+)
 from decodekit.pipelines.mar import MARModel
 from decodekit.pipelines.mar_pipeline import MARPipeline
-from pydantic import Field, field_validator
+from pydantic import Field
 
 __all__ = ["MARAdapter", "MARInputs", "MAROptions"]
 
-CLASS_ID = re.compile(r"class \d+")
-"""How a class id given in YAML is labelled (row seeds, file names), as var labels it."""
 
-
-class MARInputs(Inputs):
+class MARInputs(ClassInputs):
     """YAML ``inputs`` of a mar pipeline (the arguments of its ``__call__``)."""
 
-    prompt: int | str | list[int | str] = Field(
-        description="class ids, or class names of a folder with class_names (mar.json)"
-    )
     num_iter: int = Field(64, ge=1, le=65536, description="MAR steps, 1 .. the number of tokens")
     cfg: float = Field(1.0, ge=0.0, le=100.0, description="guidance scale; 1 is unguided")
-    cfg_schedule: str = Field("linear", pattern="^(linear|constant)$")
+    cfg_schedule: Literal["linear", "constant"] = Field(
+        "linear", description="MAR's linear guidance ramp, or constant"
+    )
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="factor on the head's noise")
     batch_size: int | None = Field(None, ge=1, le=MAX_PROMPTS)
     """Run the prompts in batches of this many rows (None: all at once)."""
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _prompts(cls, v: Any) -> Any:
-        rows = [v] if not isinstance(v, list) else v
-        if any(isinstance(r, bool) for r in rows):
-            raise ValueError("a class is an int id or a class name, not a boolean")
-        return v
-
-    @field_validator("prompt")
-    @classmethod
-    def _labels(cls, v: Any) -> list[str]:
-        rows = [v] if isinstance(v, (int, str)) else list(v)
-        check_prompts(rows)
-        if any(isinstance(r, int) and r < 0 for r in rows):
-            raise ValueError("a class id is an int >= 0")
-        # class ids as "class N": row seeds and file names read text
-        return [r if isinstance(r, str) else f"class {r}" for r in rows]
 
 
 class MAROptions(Options):
@@ -120,11 +102,9 @@ class MARAdapter(ImageOutputs, MaskedAutoregressionAdapter):
     @classmethod
     def generate(cls, target: Any, inputs: MARInputs, progress: bool = False) -> list:
         prompts = list(inputs.prompt)
-        names = target.class_names or []
-        classes = [int(p[6:]) if p not in names and CLASS_ID.fullmatch(p) else p for p in prompts]
         return generate_in_batches(
             target,
-            classes,
+            class_rows(prompts, target.class_names),
             prompts,
             inputs.seed,
             inputs.batch_size,

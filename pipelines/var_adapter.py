@@ -12,15 +12,19 @@ class names), running a YAML ``inputs`` section with one generator per row
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from decodekit.errors import AttachError, ConfigError, DecodekitError
 from decodekit.hookspecs import hookimpl
 from decodekit.loops import ScaleAutoregressionAdapter
-from decodekit.pipeline import MAX_PROMPTS, Inputs, Options, check_prompts
-from decodekit.pipelines.image_outputs import ImageOutputs, generate_in_batches
+from decodekit.pipeline import MAX_PROMPTS, Options
+from decodekit.pipelines.image_outputs import (
+    ClassInputs,
+    ImageOutputs,
+    class_rows,
+    generate_in_batches,
+)
 from decodekit.pipelines.var import VARPipeline, VARTransformer
 from pydantic import Field, field_validator
 
@@ -29,16 +33,10 @@ __all__ = ["VARAdapter", "VARInputs", "VAROptions"]
 MAX_SCALES = 64
 """More per-scale values than this is surely a mistake."""
 
-CLASS_ID = re.compile(r"class \d+")
-"""How a class id given in YAML is labelled (row seeds, file names), as ar-image labels it."""
 
-
-class VARInputs(Inputs):
+class VARInputs(ClassInputs):
     """YAML ``inputs`` of a var pipeline (the arguments of its ``__call__``)."""
 
-    prompt: int | str | list[int | str] = Field(
-        description="class ids, or class names of a folder with class_names (var.json)"
-    )
     cfg: float = Field(1.5, ge=0.0, le=100.0, description="VAR's guidance ratio, 0 (off) .. 100")
     temperature: float | list[float] = Field(
         1.0, description="0 is greedy; one value or one per scale, each in [0, 100]"
@@ -55,22 +53,6 @@ class VARInputs(Inputs):
     more_smooth: bool = Field(False, description="VAR's visualisation mode (Gumbel-softmax codes)")
     batch_size: int | None = Field(None, ge=1, le=MAX_PROMPTS)
     """Run the prompts in batches of this many rows (None: all at once)."""
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _prompts(cls, v: Any) -> Any:
-        rows = [v] if not isinstance(v, list) else v
-        if any(isinstance(r, bool) for r in rows):
-            raise ValueError("a class is an int id or a class name, not a boolean")
-        return v
-
-    @field_validator("prompt")
-    @classmethod
-    def _labels(cls, v: Any) -> list[str]:
-        rows = [v] if isinstance(v, (int, str)) else list(v)
-        check_prompts(rows)
-        # class ids as "class N", as ar-image labels them: row seeds and file names read text
-        return [r if isinstance(r, str) else f"class {r}" for r in rows]
 
     @field_validator("temperature", "top_k", "top_p")
     @classmethod
@@ -159,11 +141,9 @@ class VARAdapter(ImageOutputs, ScaleAutoregressionAdapter):
     @classmethod
     def generate(cls, target: Any, inputs: VARInputs, progress: bool = False) -> list:
         prompts = list(inputs.prompt)
-        names = target.class_names or []
-        classes = [int(p[6:]) if p not in names and CLASS_ID.fullmatch(p) else p for p in prompts]
         return generate_in_batches(
             target,
-            classes,
+            class_rows(prompts, target.class_names),
             prompts,
             inputs.seed,
             inputs.batch_size,
