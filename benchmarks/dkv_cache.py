@@ -159,6 +159,28 @@ def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
         "other than 1 give rows decode@N+r2, ...",
     )
     ap.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        help="compile the model call for every row (pipeline.compile: inductor, or a backend such "
+        "as aot_eager; on CUDA also 'reduce-overhead', inductor with CUDA graphs); each row's "
+        "warm-up is then a whole run and its time (warmup_s) the first-call compile cost",
+    )
+    ap.add_argument(
+        "--baseline-batches",
+        type=int,
+        default=None,
+        help="run the baseline on the first this-many prompt batches only: speed-up, agreement "
+        "and changed answers are then over those paired batches (pair the other rows' tokens "
+        "with a full baseline run's through --save-outputs)",
+    )
+    ap.add_argument(
+        "--save-outputs",
+        default=None,
+        help="write every row's generated token ids (safetensors, one tensor per row) here",
+    )
+    ap.add_argument(
         "--query-bucket",
         type=int,
         default=None,
@@ -239,10 +261,11 @@ def rows_to_run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[s
             configs["pd" + tag] = [{"name": "dkv-cache", "params": {"variant": "pd", **params}}]
     configs.setdefault("prefill", cache)
     configs["threshold"] = [{"name": "parallel-threshold", "params": {"threshold": 0.9}}]
-    configs["decode+threshold"] = [
-        {"name": "dkv-cache", "params": {"variant": "decode"}},
-        {"name": "parallel-threshold", "params": {"threshold": 0.9}},
-    ]
+    for variant in ("decode", "greedy", "prefill", "pd"):  # each variant with threshold decoding
+        configs[f"{variant}+threshold"] = [
+            {"name": "dkv-cache", "params": {"variant": variant}},
+            {"name": "parallel-threshold", "params": {"threshold": 0.9}},
+        ]
     for mode in ("prefix", "dual"):  # Fast-dLLM's block caches, alone and with threshold
         configs[f"block-{mode}"] = [{"name": "block-cache", "params": {"mode": mode}}]
         configs[f"block-{mode}+threshold"] = [
@@ -295,21 +318,21 @@ def measure(args: argparse.Namespace, pipe, configs: dict[str, list], inputs: li
     """Warm every row up, then time the rows interleaved. Returns each row's warm-up seconds,
     its time per repeat and (outputs, pooled ideal speed-up) of the last repeat."""
     gkw = dict(gen_length=args.gen_length, block_length=args.block, steps=args.steps)
-    # Warm-up: every row once (first calls pay one-time set-up costs). On CUDA a whole
-    # run, since every new query width costs plan selection once (session 4 found the
-    # first timed decode run paying for it); on the CPU one block is enough.
+    # Warm-up: every row once, on the first prompt batch (first calls pay one-time set-up
+    # costs). On CUDA, and with --compile, a whole run, since every new query width costs
+    # plan selection (or a compile) once; on the CPU one block is enough.
     warm = (
         gkw
-        if args.device.startswith("cuda")
+        if args.device.startswith("cuda") or args.compile
         else dict(
             gen_length=args.block,
             block_length=args.block,
             steps=max(1, args.steps * args.block // args.gen_length),
         )
     )
-    # the warm-up's own time: on CUDA, where it is a whole run, the first-call cost
+    # the warm-up's own time: where it is a whole run, the first-call cost
     warmup = {
-        name: sum(timed(pipe, args.device, strategies, inputs, warm)[0])
+        name: sum(timed(pipe, args.device, strategies, inputs[:1], warm)[0])
         for name, strategies in configs.items()
     }
     # Timed runs, interleaved: each prompt batch goes through every row in turn, so a
@@ -317,34 +340,47 @@ def measure(args: argparse.Namespace, pipe, configs: dict[str, list], inputs: li
     # alike instead of whichever row ran during it. A row's time for one repeat is the
     # sum over its prompt batches.
     times = {k: [] for k in configs}
-    outs = {}
+    outs, per_batch = {}, {}
     for _ in range(args.repeats):
         secs = {k: 0.0 for k in configs}
         per_row: dict[str, list] = {k: [] for k in configs}
         ideals: dict[str, list] = {k: [] for k in configs}
-        for x in inputs:
+        batch_secs: dict[str, list] = {k: [] for k in configs}
+        for i, x in enumerate(inputs):
             for name, strategies in configs.items():
+                if name == "baseline" and i >= paired_batches(args, inputs):
+                    continue
                 t, out, ideal = timed(pipe, args.device, strategies, [x], gkw)
                 secs[name] += t[0]
                 per_row[name] += out
                 ideals[name].append(ideal)
+                batch_secs[name].append(t[0])
         for name in configs:
             times[name].append(secs[name])
             outs[name] = (per_row[name], _pooled_ideal(ideals[name]))
-    return warmup, times, outs
+            per_batch[name] = batch_secs[name]
+    return warmup, times, outs, per_batch
+
+
+def paired_batches(args: argparse.Namespace, inputs: list) -> int:
+    """How many prompt batches the baseline runs on (all but with --baseline-batches)."""
+    return len(inputs) if args.baseline_batches is None else min(args.baseline_batches, len(inputs))
 
 
 def answer_figures(args, batch: int, answers: list, out: list, baseline: list) -> dict:
     """Accuracy of a row's answers, and the answers that changed from the baseline's."""
     got = [t.strip() for o in out for t in o.texts]
     base = [t.strip() for o in baseline for t in o.texts]
-    want = [a for group in answers for a in group]
-    # answers that differ from the baseline's, and which way they moved
+    want = [a for group in answers for a in group][: len(got)]
+    # answers that differ from the baseline's (where it ran), and which way they moved
     moved = [(b == w, g == w) for g, b, w in zip(got, base, want) if g != b]
     # which prompts (index into the prompt list), to compare rows and runs
     first = args.skip_batches * batch
     return {
         "accuracy": round(sum(g == w for g, w in zip(got, want)) / len(want), 3),
+        "correct": sum(g == w for g, w in zip(got, want)),
+        "prompts": len(want),
+        "answers": got,
         "changed_prompts": [first + i for i, (g, b) in enumerate(zip(got, base)) if g != b],
         "answers_changed": len(moved),
         "right_to_wrong": sum(1 for was, now in moved if was and not now),
@@ -352,33 +388,64 @@ def answer_figures(args, batch: int, answers: list, out: list, baseline: list) -
     }
 
 
-def batch_rows(args, batch: int, inputs: list, answers, warmup, times, outs) -> list[dict]:
+def batch_rows(
+    args, batch: int, inputs: list, answers, warmup, times, outs, per_batch
+) -> list[dict]:
     """One result row per config at this batch size (times, speed-up, work, agreement)."""
     base_t = statistics.median(times["baseline"])
     base_seq = torch.cat([o.sequences for o in outs["baseline"][0]])
     generated = batch * args.gen_length * len(inputs)
+    paired = paired_batches(args, inputs)
     rows = []
     for name, (out, ideal) in outs.items():
         t = statistics.median(times[name])
         seqs = torch.cat([o.sequences for o in out])
+        # speed-up: over the batches the baseline ran too (all of them unless --baseline-batches)
+        speedup = base_t / t if paired == len(inputs) else base_t / sum(per_batch[name][:paired])
         row = {
             "batch": batch,
             "config": name,
             "median_s": round(t, 3),
             "times_s": [round(x, 3) for x in times[name]],
+            "batch_times_s": [round(x, 3) for x in per_batch[name]],
             "warmup_s": round(warmup[name], 3),
             "tokens_per_s": round(generated / t, 1),
-            "speedup": round(base_t / t, 2),
+            "speedup": round(speedup, 2),
+            "paired_batches": paired,
             "nfe": sum(o.nfe for o in out) / len(out),
             "tokens_computed": sum(sum(o.tokens_computed) for o in out) / len(out),
             "ideal_speedup": None if ideal is None else round(ideal, 2),
-            "token_agreement": round(float((seqs == base_seq).double().mean()), 3),
-            "tokens_differing": int((seqs != base_seq).sum()),
         }
+        seqs = seqs[: len(base_seq)]  # the rows the baseline ran too
+        row["token_agreement"] = round(float((seqs == base_seq).double().mean()), 3)
+        row["tokens_differing"] = int((seqs != base_seq).sum())
         if answers is not None:
             row.update(answer_figures(args, batch, answers, out, outs["baseline"][0]))
         rows.append(row)
     return rows
+
+
+def generated_ids(args, outs) -> dict[str, torch.Tensor]:
+    """Each row's generated token ids (the last gen_length columns), for --save-outputs."""
+    return {
+        name: torch.cat([o.sequences for o in out])[:, -args.gen_length :].to("cpu", torch.int32)
+        for name, (out, _) in outs.items()
+    }
+
+
+def compile_counters() -> dict:
+    """What dynamo and inductor counted over the run (--compile): graphs compiled, graph
+    breaks and, with 'reduce-overhead', the graphs CUDA graphs refused (cudagraph_skips;
+    the reasons are in the log with TORCH_LOGS=cudagraphs)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "graph_break_reasons": sorted(counters["graph_break"])[:20],
+        "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else None,
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+    }
 
 
 def main() -> None:
@@ -386,6 +453,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe, problems, described = load(args)
     configs = rows_to_run(args, ap)
+    if args.compile:
+        from decodekit.compiling import compile_pipeline
+
+        mode = args.compile
+        if mode == "reduce-overhead":  # inductor with CUDA graphs (the in-place cache writes too)
+            pipe.model.compile(mode="reduce-overhead")
+        else:
+            compile_pipeline(pipe, "masked-diffusion-lm", mode)
+    saved = {}
     results = {
         "machine": machine(args.device, args.threads),
         "args": vars(args),
@@ -394,12 +470,20 @@ def main() -> None:
     }
     for batch in args.batches:
         inputs, answers = prompt_batches(args, batch, problems)
-        warmup, times, outs = measure(args, pipe, configs, inputs)
-        for row in batch_rows(args, batch, inputs, answers, warmup, times, outs):
+        warmup, times, outs, per_batch = measure(args, pipe, configs, inputs)
+        for row in batch_rows(args, batch, inputs, answers, warmup, times, outs, per_batch):
             results["rows"].append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "answers"}), flush=True)
+        if args.save_outputs:
+            saved.update({f"{name}/b{batch}": t for name, t in generated_ids(args, outs).items()})
+    if args.compile:
+        results["compile_counters"] = compile_counters()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
+    if args.save_outputs:
+        from safetensors.torch import save_file
+
+        save_file(saved, args.save_outputs)
 
 
 if __name__ == "__main__":

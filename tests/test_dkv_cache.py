@@ -81,8 +81,10 @@ def test_host_reads_per_step_do_not_grow_with_depth(variant):
     with HostReads() as base:
         tiny_mdm_pipeline(layers=4)(input_ids=PROMPTS, **KW)
     assert per_depth[1] == per_depth[4]
-    # one read a step, for the widths (the per-layer stores take fixed shapes); none per layer
-    assert per_depth[4] <= base.total + KW["steps"]
+    # none per layer (the per-layer stores take fixed shapes), and none beyond the uncached
+    # loop's own; greedy reads at most once a step more (its window's neighbours)
+    extra = KW["steps"] if variant == "greedy" else 0
+    assert per_depth[4] <= base.total + extra, (per_depth, base.total)
 
 
 class LogitsSpy(Strategy):
