@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from decodekit.errors import ConfigError
 from decodekit.hookspecs import hookimpl
+from decodekit.second_model import check_second_model, same_weights
 from decodekit.strategy import Params, Strategy
 from pydantic import Field, field_validator
 
@@ -111,18 +112,7 @@ def load_refiner(source: str, path: str, pipe: Any) -> Any:
 
 def check_same_vq(folder: Path, vq: Any, path: str) -> None:
     """Refuse a var folder whose ``vq/`` weights are not ``vq``'s (to float16 precision)."""
-    from safetensors.torch import load_file
-
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        return  # a folder without its own VQ-VAE: nothing to compare
-    theirs, ours = load_file(weights), vq.state_dict()
-    same = theirs.keys() == ours.keys() and all(
-        theirs[k].shape == ours[k].shape
-        and torch.allclose(theirs[k].float(), ours[k].detach().float().cpu(), rtol=1e-3, atol=1e-3)
-        for k in ours
-    )
-    if not same:
+    if not same_weights(folder / "model.safetensors", vq):
         raise ConfigError(
             path,
             f"the refiner's folder holds another VQ-VAE ({str(folder)!r}) than the pipeline's; "
@@ -197,23 +187,10 @@ class CoDe(Strategy):
                 f"{self.params.draft_steps} is more than this pipeline's {K} scales; "
                 f"give 0 .. {K} (0: the refiner alone, {K}: the drafter alone)",
             )
-        weight = next(drafter.parameters())
         refiner = self.params.refiner
         if isinstance(refiner, str):
             refiner = load_refiner(refiner, f"{self.path}.refiner", pipe)
-        else:
-            got = next(refiner.parameters())
-            if (got.device, got.dtype) != (weight.device, weight.dtype):
-                raise ConfigError(
-                    f"{self.path}.refiner",
-                    f"the refiner is on {got.device} in {got.dtype}, the pipeline's model on "
-                    f"{weight.device} in {weight.dtype}; move it first "
-                    f"(refiner.to({str(weight.device)!r}, {weight.dtype}))",
-                )
-        try:
-            pipe.check_model(refiner)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{self.path}.refiner", str(e)) from None
+        check_second_model(refiner, drafter, pipe, "the refiner", f"{self.path}.refiner")
         self.refiner, self.drafter = refiner, drafter
         self.reset(run)
 

@@ -371,3 +371,194 @@ def test_head_chain_exact_rule_reproduces_the_target_head_and_paper_rule_does_no
     # the reference's rule on the same draws is off by as much as the drafts
     d_paper = ks_two_sample_statistic(project(w.samples), project(alone))
     assert crit(d_paper) < 1e-6
+
+
+# -- the strategy on the mar pipeline ----------------------------------------------------------
+def tiny_mar(seed: int = 0, depth: int = 2, width: int = 16, steps: str = "3", **overrides):
+    """A random float64 MAR: 4 x 4 tokens of 2 numbers, 3 classes, a head of ``steps`` steps."""
+    from decodekit.pipelines.mar import MARConfig, MARModel
+
+    config = dict(
+        img_size=16, vae_stride=4, patch_size=1, vae_embed_dim=2, encoder_embed_dim=width,
+        encoder_depth=depth, encoder_num_heads=2, decoder_embed_dim=width, decoder_depth=depth,
+        decoder_num_heads=2, class_num=3, buffer_size=2, diffloss_d=1, diffloss_w=16,
+        num_sampling_steps=steps,
+    )  # fmt: skip
+    config.update(overrides)
+    g = torch.Generator().manual_seed(seed)
+    model = MARModel(MARConfig(**config)).double()
+    with torch.no_grad():  # random weights everywhere (MAR starts some at zero)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    return model.eval()
+
+
+class NoAutoencoder:
+    """The pipeline's VAE slot when only tokens are compared (``output_type="latents"``)."""
+
+
+@pytest.fixture(scope="module")
+def mar_pipe():
+    from decodekit.pipelines.mar_pipeline import MARPipeline
+
+    return MARPipeline(tiny_mar(), NoAutoencoder())
+
+
+def row_generators(seeds=(3, 4, 5)):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+MAR_CALL = dict(num_iter=8, cfg=2.5, cfg_schedule="linear", temperature=1.0, output_type="latents")
+
+
+def cspd(draft, **params) -> dict:
+    return {"name": "cspd", "params": {"draft": draft, **params}}
+
+
+@pytest.mark.parametrize("gamma", [1, 3])
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_exact_draft_equal_to_target_is_the_plain_pipeline_bit_for_bit(mar_pipe, gamma, cfg):
+    import copy
+
+    import decodekit
+
+    call = {**MAR_CALL, "cfg": cfg}
+    plain = mar_pipe([0, 1, 2], generator=row_generators(), **call)
+    draft = copy.deepcopy(mar_pipe.model)  # the same weights, another object
+    with decodekit.attach(mar_pipe, [cspd(draft, gamma=gamma, acceptance="exact")]) as run:
+        out = mar_pipe([0, 1, 2], generator=row_generators(), **call)
+    assert torch.equal(out.tokens, plain.tokens)
+    stats = run.stats["strategies"]["cspd"]
+    assert stats["acceptance_rate"] == 1.0
+    assert stats["resample_tries"] == 0 and stats["dropped_tokens"] == 0
+    prefill = sum(1 for s in range(8) if s <= 8 * 0.15)  # steps 0 and 1
+    assert stats["target_forwards"] == 8  # one per step: exact mode saves none
+    assert stats["draft_forwards"] == 8 - prefill
+    prefilled = sum(mar_pipe.decoder.positions(s).numel() for s in range(prefill))
+    assert stats["draft_tokens"] == 16 * 3 - prefilled
+
+
+def test_paper_with_one_draft_step_and_draft_equal_to_target_is_the_plain_pipeline(mar_pipe):
+    import copy
+
+    import decodekit
+
+    plain = mar_pipe([0, 1, 2], generator=row_generators(), **MAR_CALL)
+    draft = copy.deepcopy(mar_pipe.model)
+    with decodekit.attach(mar_pipe, [cspd(draft, gamma=1, acceptance="paper")]) as run:
+        out = mar_pipe([0, 1, 2], generator=row_generators(), **MAR_CALL)
+    assert torch.equal(out.tokens, plain.tokens)
+    assert run.stats["strategies"]["cspd"]["acceptance_rate"] == 1.0
+
+
+def test_paper_verifies_a_window_in_one_target_forward(mar_pipe):
+    import decodekit
+
+    with decodekit.attach(mar_pipe, [cspd(tiny_mar(seed=1, depth=1), gamma=3)]) as run:
+        out = mar_pipe([0, 1, 2], generator=row_generators(), **MAR_CALL)
+    stats = run.stats["strategies"]["cspd"]
+    # num_iter 8, prefill steps 0-1, windows end at multiples of 3 or the last step: 2-3, 4-6, 7
+    assert stats["windows"] == 3
+    assert stats["target_forwards"] == 2 + 3 and stats["draft_forwards"] == 6
+    assert out.forwards == 11 and run.stats["nfe"] == 11
+    verified = stats["accepted_tokens"] + stats["resampled_tokens"]
+    assert verified == stats["draft_tokens"] and stats["dropped_tokens"] == 0
+    assert not out.tokens.isnan().any()
+
+
+def test_rows_do_not_depend_on_their_batch_mates(mar_pipe):
+    import decodekit
+
+    draft = tiny_mar(seed=1, depth=1)
+    for acceptance in ("paper", "exact"):
+        with decodekit.attach(mar_pipe, [cspd(draft, gamma=3, acceptance=acceptance)]):
+            both = mar_pipe([0, 2], generator=row_generators((3, 5)), **MAR_CALL).tokens
+            alone = mar_pipe([2], generator=row_generators((5,)), **MAR_CALL).tokens
+        torch.testing.assert_close(both[1:], alone, rtol=1e-9, atol=1e-9)
+
+
+def test_cspd_params_and_drafts_that_do_not_fit_are_refused(mar_pipe, tmp_path):
+    import decodekit
+    from decodekit.errors import ConfigError
+    from decodekit.session import attached_run
+
+    draft = tiny_mar(seed=1, depth=1)
+    bad = [
+        (cspd(draft, gamma=0), r"params\.gamma: Input should be greater than or equal to 1"),
+        (cspd(draft, prefill_ratio=1.5), r"params\.prefill_ratio: Input should be less"),
+        (cspd(draft, acceptance="loose"), r"params\.acceptance: Input should be 'paper' or"),
+        (cspd(mar_pipe, gamma=2), r"params\.draft: .*expected zoo:<name>, a folder or a MARModel"),
+        ({"name": "cspd", "params": {}}, r"params\.draft: Field required"),
+        (cspd(tiny_mar(img_size=8)), r"params\.draft: .*seq_len 4 \(the pipeline has 16\)"),
+        (cspd(tiny_mar(steps="4")), r"params\.draft: the draft's head samples in 4 steps"),
+        (cspd(draft.float()), r"params\.draft: .*move it first"),
+        (cspd(str(tmp_path)), r"params\.draft: .*holds no MAR model"),
+    ]
+    for spec, message in bad:
+        with pytest.raises(ConfigError, match=r"strategies\.0\." + message):
+            decodekit.attach(mar_pipe, [spec])
+        assert attached_run(mar_pipe) is None
+
+
+def test_exact_refuses_temperature_zero(mar_pipe):
+    import decodekit
+    from decodekit.errors import ConfigError
+
+    with decodekit.attach(mar_pipe, [cspd(tiny_mar(seed=1, depth=1), acceptance="exact")]):
+        with pytest.raises(ConfigError, match="temperature > 0"):
+            mar_pipe([0], generator=row_generators((3,)), **{**MAR_CALL, "temperature": 0.0})
+
+
+def test_draft_folders_load_and_the_strategy_is_listed(mar_pipe, tmp_path, capsys):
+    import decodekit
+    from decodekit.cli import main
+
+    draft = tiny_mar(seed=1, depth=1)
+    draft.save_pretrained(tmp_path / "draft")
+    with decodekit.attach(mar_pipe, [cspd(str(tmp_path / "draft"), gamma=2)]) as run:
+        loaded = run.strategies[0].draft
+        assert loaded is not draft and next(loaded.parameters()).dtype == torch.float64
+        a = mar_pipe([1], generator=row_generators((7,)), **MAR_CALL).tokens
+    with decodekit.attach(mar_pipe, [cspd(draft, gamma=2)]):
+        b = mar_pipe([1], generator=row_generators((7,)), **MAR_CALL).tokens
+    assert torch.equal(a, b)
+    assert main(["plugins"]) == 0
+    assert "cspd" in capsys.readouterr().out
+
+
+def test_head_density_is_the_samplers_and_exact_rule_reproduces_the_target_head():
+    """On MAR's own DiffusionHead: the trajectory density the strategy computes is the
+    sampler's, and draft + exact verification gives the target head's tokens."""
+    from decodekit.pipelines.mar import DiffusionHead, MARConfig
+    from decodekit.plugins.cspd import HeadDensity, trajectory_log_prob
+
+    n = 5000
+    config = MARConfig(
+        img_size=8, vae_stride=4, vae_embed_dim=2, encoder_embed_dim=8, encoder_depth=1,
+        encoder_num_heads=2, decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2,
+        class_num=2, buffer_size=1, diffloss_d=1, diffloss_w=16, num_sampling_steps="3",
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    heads = [DiffusionHead(config).double() for _ in range(2)]
+    with torch.no_grad():
+        for head in heads:
+            for p in head.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+    target, draft = heads
+    z = torch.randn(1, 8, generator=g, dtype=torch.float64).expand(n, 8).contiguous()
+    p, q = HeadDensity(target, z, None, 1.0, 1.3), HeadDensity(draft, z, None, 1.0, 1.3)
+    every = torch.arange(n)
+    traj = draft.sample(z, 1.3, noise=draft.draw_noise(n, g, dtype=torch.float64), trajectory=True)
+    samples = traj.states[:-1].transpose(0, 1)  # (n, S, D)
+    assert torch.equal(q.log_prob(samples, every), trajectory_log_prob(traj))
+    _, token = q.evaluate(samples, every)
+    assert torch.equal(token, traj.sample)  # the last step's mean is the sampler's token
+    alone = target.sample(z, 1.3, noise=target.draw_noise(n, g, dtype=torch.float64))
+    v = exact_verify(samples, q, p, g, independent=True)
+    _, out = p.evaluate(v.samples, every)
+    for d in range(2):
+        assert ks_pvalue(ks_two_sample_statistic(out[:, d], alone[:, d]), n, n) > ALPHA
+        assert ks_pvalue(ks_two_sample_statistic(traj.sample[:, d], alone[:, d]), n, n) < 1e-6
+    # the same head as draft: every trajectory kept, the target's own tokens
+    v = exact_verify(samples, q, q, g, independent=True)
+    assert v.accepted.all() and int(v.tries.sum()) == 0
