@@ -190,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser(
+        "convert-mar",
+        help="write MAR's released checkpoints (and its KL-16 VAE) as a mar folder",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -213,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "convert-llada": cmd_convert_llada,
         "convert-llamagen": cmd_convert_llamagen,
         "convert-var": cmd_convert_var,
+        "convert-mar": cmd_convert_mar,
     }[args.command]
     debug = getattr(args, "debug", False) or bool(os.environ.get("DECODEKIT_DEBUG"))
     verbose = getattr(args, "verbose", False) or bool(os.environ.get("DECODEKIT_VERBOSE"))
@@ -320,6 +328,13 @@ def cmd_convert_var(args: argparse.Namespace) -> int:
     from .pipelines.convert_var import convert_var_cli
 
     return convert_var_cli(args.rest)
+
+
+def cmd_convert_mar(args: argparse.Namespace) -> int:
+    """``decodekit convert-mar [--mar PTH] [--vae CKPT] --out DIR``: MAR as a mar folder."""
+    from .pipelines.convert_mar import convert_mar_cli
+
+    return convert_mar_cli(args.rest)
 
 
 def one_line(e: DecodekitError) -> str:

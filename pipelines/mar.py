@@ -555,24 +555,18 @@ class DiffusionHead(nn.Module):
         )
 
     # -- training -------------------------------------------------------------------------------
-    def loss(
-        self,
-        target: Tensor,
-        z: Tensor,
-        mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """MAR's diffusion loss of tokens ``target`` ``(n, D)`` given ``z`` ``(n, Cz)``.
+    def loss_terms(
+        self, target: Tensor, z: Tensor, timesteps: Tensor, noise: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The two terms of the loss per token ``(n,)``: the noise MSE and the variational bound.
 
-        A random timestep per token; the MSE of the predicted noise plus the
-        variational bound (in bits per number) that trains the variance with the
-        mean held fixed; averaged over the tokens where ``mask`` ``(n,)`` is 1.
+        ``target`` ``(n, D)`` is diffused to ``timesteps`` ``(n,)`` (of the 1000 training
+        steps) with ``noise`` ``(n, D)``. The bound (in bits per number: a KL to the
+        true posterior, at ``t = 0`` the discretised decoder likelihood) trains the
+        variance with the predicted noise held fixed, as improved DDPM's hybrid loss.
         """
-        sched = self.train_schedule
-        n = target.shape[0]
-        t = torch.randint(0, len(sched), (n,), generator=generator, device="cpu").to(target.device)
-        noise = torch.randn(target.shape, generator=generator, device="cpu").to(target)
-        at = sched.at
+        sched, at = self.train_schedule, self.train_schedule.at
+        t = timesteps
         x_t = (
             at(sched.sqrt_alphas_cumprod, t, target) * target
             + at(sched.sqrt_one_minus_alphas_cumprod, t, target) * noise
@@ -591,6 +585,24 @@ class DiffusionHead(nn.Module):
         )  # fmt: skip
         nll = -discretized_gaussian_log_likelihood(target, mean, 0.5 * log_var)
         vb = torch.where(t == 0, nll.mean(dim=-1), kl.mean(dim=-1)) / math.log(2.0)
+        return mse, vb
+
+    def loss(
+        self,
+        target: Tensor,
+        z: Tensor,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """MAR's diffusion loss of tokens ``target`` ``(n, D)`` given ``z`` ``(n, Cz)``.
+
+        A random timestep and noise per token (from ``generator``), `loss_terms`
+        summed, averaged over the tokens where ``mask`` ``(n,)`` is 1.
+        """
+        n = target.shape[0]
+        t = torch.randint(0, len(self.train_schedule), (n,), generator=generator)
+        noise = torch.randn(target.shape, generator=generator, dtype=target.dtype)
+        mse, vb = self.loss_terms(target, z, t.to(target.device), noise.to(target.device))
         loss = mse + vb  # (n,)
         if mask is None:
             return loss.mean()

@@ -14,6 +14,16 @@ from tests.tiny import make_toy_plugin
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny tensors, where a second thread only waits (seconds
+    per call on a busy machine); the count is restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def manager(monkeypatch):
     """The global plugin manager, loaded fresh for this test and forgotten after it."""

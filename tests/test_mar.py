@@ -85,13 +85,7 @@ def tiny_pipe(seed: int = 0) -> MARPipeline:
     return MARPipeline(tiny_model(seed), tiny_vae(seed), CLASSES)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only waits on the first (seconds per call on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors (see conftest)
 
 
 @pytest.fixture(scope="module")
