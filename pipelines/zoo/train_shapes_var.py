@@ -59,6 +59,8 @@ VQ_EVAL_SEED = 40_000  # held-out renders for the VQ-VAE's reconstructions (as s
 VAR_EVAL_SEED = 50_000  # sample i of an evaluation uses generator seed VAR_EVAL_SEED + i
 VAR_SELECT_SEED = 60_000  # the sweep's samples, that choose the operating point
 REAL_EVAL_SEED = 20_000  # the renders the samples' Fréchet distance is measured against
+WIDTH_PER_BLOCK = 16
+"""A VAR's width is ``WIDTH_PER_BLOCK * depth`` (VAR's rule is 64 * depth)."""
 OPERATING_POINT = {"cfg": 1.0, "top_k": None, "temperature": 0.8}
 """The sampling settings of the gates (chosen with ``sweep``; docs/zoo.md)."""
 
@@ -173,6 +175,42 @@ def encode_token_maps(
     return [torch.cat(maps) for maps in zip(*chunks)]
 
 
+def cached_token_maps(
+    vq_folder: Path, num_images: int, seed: int, cache: Path | None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The token maps and labels of `class_data(num_images, seed)` under the VQ in `vq_folder`.
+
+    With `cache` (a ``.safetensors`` file), they are read from it when it was written for
+    the same VQ weights, image count and seed, and written to it otherwise.
+    """
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    weights = vq_folder / "model.safetensors"
+    key = {
+        "vq_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "num_images": str(num_images),
+        "seed": str(seed),
+    }
+    if cache is not None and cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), "pt") as f:
+            found = f.metadata() or {}
+        if all(found.get(k) == v for k, v in key.items()):
+            tensors = load_file(str(cache))
+            return [tensors[f"scale{k}"] for k in range(len(PATCH_NUMS))], tensors["labels"]
+    vq = MultiScaleVQVAE.from_pretrained(vq_folder)
+    images, labels = class_data(num_images, seed)
+    maps = encode_token_maps(vq, images)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"scale{k}": m.contiguous() for k, m in enumerate(maps)}
+        save_file({**tensors, "labels": labels}, str(cache), metadata=key)
+    return maps, labels
+
+
 def train_msvq(
     out: Path,
     steps: int = 450,
@@ -231,14 +269,18 @@ def var_init(
             lin.weight[: 2 * C].mul_(init_adaln_gamma)  # gamma1, gamma2: the gates
 
 
-def build_var(vq: MultiScaleVQVAE, depth: int, seed: int) -> VARPipeline:
-    """A fresh class-conditional VAR of `depth` blocks, width 8 * depth, heads 16 wide."""
+def build_var(
+    vq: MultiScaleVQVAE, depth: int, seed: int, embed_dim: int | None = None
+) -> VARPipeline:
+    """A fresh class-conditional VAR of `depth` blocks, width `embed_dim` (default
+    ``WIDTH_PER_BLOCK * depth``), heads 16 wide."""
+    embed_dim = embed_dim or WIDTH_PER_BLOCK * depth
     pipe = VARPipeline.from_transformer(
         vq,
         num_classes=len(CLASS_NAMES),
         depth=depth,
-        embed_dim=8 * depth,
-        num_heads=max(1, 8 * depth // 16),
+        embed_dim=embed_dim,
+        num_heads=max(1, embed_dim // 16),
         class_names=CLASS_NAMES,
         seed=seed,
         cond_drop_rate=LABEL_DROPOUT,
@@ -249,6 +291,63 @@ def build_var(vq: MultiScaleVQVAE, depth: int, seed: int) -> VARPipeline:
     return pipe
 
 
+def _grow(t: torch.Tensor, dim: int, chunks: int, halve: bool) -> torch.Tensor:
+    """Each of `chunks` equal parts of `t` along `dim` twice in a row (halved when `halve`)."""
+    parts = t.chunk(chunks, dim)
+    if halve:
+        parts = tuple(p / 2 for p in parts)
+    return torch.cat([q for p in parts for q in (p, p)], dim)
+
+
+@torch.no_grad()
+def widen_var(model: VARTransformer, noise: float = 0.01, seed: int = 0) -> VARTransformer:
+    """`model` at twice the width and heads, computing the same logits (Net2WiderNet).
+
+    Every width-``C`` vector becomes ``[x, x]``: embeddings and biases are doubled, a layer
+    reading such a vector has its input columns halved and doubled (``[W/2, W/2]``), its
+    output rows doubled within each part (q/k/v, the six modulations, the MLP's hidden
+    layer); each head is repeated, so attention (per head, 16 wide) is unchanged, and so
+    are layer norms over ``[x, x]``. With ``noise = 0`` the logits are equal; training
+    needs the copies to differ, so every grown tensor gets Gaussian noise of ``noise``
+    times its own standard deviation (generator seeded `seed`).
+    """
+    config = dict(model.config)
+    C = config["embed_dim"]
+    wide = VARTransformer(
+        **{**config, "embed_dim": 2 * C, "num_heads": 2 * config["num_heads"]}
+    ).to(model.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    old = model.state_dict()
+    out_parts = {"mat_qkv": 3, "ada_lin.1": 6}  # rows in parts (q, k, v; the modulations)
+    for name, target in wide.state_dict().items():
+        t = old[name]
+        module = name.rsplit(".", 1)[0]
+        if name == "head_nm.ada_lin.1.weight" or name == "head_nm.ada_lin.1.bias":
+            parts = 2
+        else:
+            parts = next((n for key, n in out_parts.items() if module.endswith(key)), 1)
+        if name.startswith("head."):  # logits: only the input doubles
+            grown = _grow(t, 1, 1, halve=True) if t.dim() == 2 else t
+        elif name.endswith("scale_mul_1H11"):
+            grown = _grow(t, 1, 1, halve=False)
+        elif name.startswith("word_embed"):  # reads the VQ's vectors: only the output doubles
+            grown = _grow(t, 0, 1, halve=False)
+        elif name in ("class_emb.weight", "pos_start", "pos_1LC", "lvl_embed.weight"):
+            grown = _grow(t, t.dim() - 1, 1, halve=False)
+        elif t.dim() == 2:  # a linear layer inside: rows doubled in parts, columns halved
+            grown = _grow(_grow(t, 0, parts, halve=False), 1, 1, halve=True)
+        else:  # a bias or a per-channel vector
+            grown = _grow(t, 0, parts, halve=False)
+        if grown.shape != target.shape:
+            raise ValueError(f"cannot widen {name}: {tuple(t.shape)} -> {tuple(target.shape)}")
+        if noise and grown.numel() > 1:
+            grown = grown + noise * grown.std() * torch.randn(
+                grown.shape, generator=generator, dtype=grown.dtype
+            )
+        target.copy_(grown)
+    return wide.eval()
+
+
 def train_var_model(
     pipe: VARPipeline,
     token_maps: list[torch.Tensor],
@@ -257,9 +356,16 @@ def train_var_model(
     batch_size: int,
     generator: torch.Generator,
     lr: float = 3e-3,
+    loss_from_scale: int = 0,
 ) -> list[float]:
-    """Teacher-forced cross-entropy over all tokens, labels dropped for guidance; the loss every 100 steps."""
+    """Teacher-forced cross-entropy, labels dropped for guidance; the loss every 100 steps.
+
+    The loss covers the tokens of scales ``loss_from_scale`` .. K-1 (0: every token); the
+    earlier scales are still the model's (teacher-forced) context. CoDe's refiner is trained
+    so, from the first scale it makes: its "specialised" training.
+    """
     model = pipe.transformer.train()
+    first = model.begin_ends[loss_from_scale][0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, lr, total_steps=max(steps, 1), pct_start=0.05
@@ -271,8 +377,8 @@ def train_var_model(
         maps = [t[rows] for t in token_maps]
         with torch.no_grad():
             inputs = pipe.vq.teacher_inputs(maps)
-        logits = model(model.drop_labels(labels[rows], generator), inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), torch.cat(maps, 1).flatten())
+        logits = model(model.drop_labels(labels[rows], generator), inputs)[:, first:]
+        loss = F.cross_entropy(logits.flatten(0, 1), torch.cat(maps, 1)[:, first:].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
@@ -306,26 +412,44 @@ def train_var(
     init_from: Path | None = None,
     num_images: int = 20000,
     seed: int = 0,
+    embed_dim: int | None = None,
+    loss_from_scale: int = 0,
+    token_cache: Path | None = None,
+    widen_from: Path | None = None,
     measure: bool = True,
     command: str | None = None,
 ) -> Path:
     """Train a VAR of `depth` over `vq_folder`'s token maps and save the pipeline folder to `out`.
 
-    With `init_from` (a var folder), training continues from that folder's transformer.
+    With `init_from` (a var folder), training continues from that folder's transformer;
+    `loss_from_scale` limits the loss to the later scales (`train_var_model`);
+    `token_cache` keeps the encoded token maps between runs (`cached_token_maps`);
+    `widen_from` (a var folder) starts from that folder's transformer at twice its width
+    (`widen_var`).
     """
+    if not 0 <= loss_from_scale < len(PATCH_NUMS):
+        raise ValueError(
+            f"loss_from_scale must be in 0..{len(PATCH_NUMS) - 1}, got {loss_from_scale}."
+        )
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
     started = time.time()
     vq = MultiScaleVQVAE.from_pretrained(vq_folder)
-    images, labels = class_data(num_images, seed)
-    token_maps = encode_token_maps(vq, images)
+    token_maps, labels = cached_token_maps(vq_folder, num_images, seed, token_cache)
     encode_seconds = round(time.time() - started, 1)
-    pipe = build_var(vq, depth, seed)
+    pipe = build_var(vq, depth, seed, embed_dim)
+    if init_from is not None and widen_from is not None:
+        raise ValueError("give init_from or widen_from, not both.")
     if init_from is not None:
         pipe = VARPipeline(
             VARTransformer.from_pretrained(init_from / "transformer"), vq, CLASS_NAMES
         )
-    losses = train_var_model(pipe, token_maps, labels, steps, batch_size, generator, lr=lr)
+    if widen_from is not None:
+        narrow = VARTransformer.from_pretrained(widen_from / "transformer")
+        pipe = VARPipeline(widen_var(narrow, seed=seed), vq, CLASS_NAMES)
+    losses = train_var_model(
+        pipe, token_maps, labels, steps, batch_size, generator, lr, loss_from_scale
+    )
     out.mkdir(parents=True, exist_ok=True)
     pipe.transformer.save_pretrained(out / "transformer")
     (out / "var.json").write_text(json.dumps({"class_names": CLASS_NAMES}, indent=1))
@@ -349,6 +473,8 @@ def train_var(
         batch_size=batch_size,
         lr=lr,
         init_from=str(init_from) if init_from is not None else None,
+        widen_from=str(widen_from) if widen_from is not None else None,
+        loss_from_scale=loss_from_scale,
         label_dropout=LABEL_DROPOUT,
         tokens_per_image=sum(p * p for p in PATCH_NUMS),
         encode_seconds=encode_seconds,
@@ -496,6 +622,24 @@ def main(argv: list[str] | None = None) -> None:
     var.add_argument("--batch-size", type=int, default=32)
     var.add_argument("--lr", type=float, default=3e-3)
     var.add_argument("--init-from", type=Path, default=None, help="continue from a var folder")
+    var.add_argument(
+        "--widen-from", type=Path, default=None, help="start from a var folder at twice its width"
+    )
+    var.add_argument(
+        "--width", type=int, default=None, help=f"embed dim (default {WIDTH_PER_BLOCK} x depth)"
+    )
+    var.add_argument(
+        "--loss-from-scale",
+        type=int,
+        default=0,
+        help="loss on the tokens of this scale and later only (a CoDe refiner: its draft_steps)",
+    )
+    var.add_argument(
+        "--token-cache",
+        type=Path,
+        default=None,
+        help="a .safetensors file that keeps the encoded token maps between runs",
+    )
     for p in (vq, var):
         p.add_argument("--num-images", type=int, default=20000)
         p.add_argument("--seed", type=int, default=0)
@@ -528,7 +672,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     elif args.stage == "var":
         given = ("steps", "batch_size", "lr", "init_from", "num_images", "seed")
+        given += ("loss_from_scale", "token_cache", "widen_from")
         settings = {k: getattr(args, k) for k in given}
+        settings["embed_dim"] = args.width
         train_var(
             args.out, args.vq, args.depth, measure=not args.no_measure, command=command, **settings
         )
