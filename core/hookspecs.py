@@ -336,7 +336,8 @@ class RuntimeSpecs:
           z_uncond)`` ``(B, N, Cd)`` each, ``z_uncond`` None when unguided;
           ``sample(model, z, z_uncond, step, trajectory=False)`` the head's
           tokens ``(B, k, D)`` at ``positions(step)`` from the noise table (or a
-          ``HeadTrajectory`` over their ``B * k`` rows, row-major);
+          ``HeadTrajectory`` over their ``B * k`` rows, row-major, as
+          ``gather_step(x, step)`` picks rows of any ``(B, N, ...)`` tensor);
           ``commit(values)`` writes ``(B, k, D)`` at ``positions(step)``, unmasks
           them and advances ``step`` by one; ``run_step(model)`` is one plain step.
 

@@ -206,6 +206,13 @@ class MARDecoder:
             self.run.nfe += 1
         return (z[: self.batch], z[self.batch :]) if self.guided else (z, None)
 
+    def gather_step(self, x: Tensor, step: int) -> Tensor:
+        """Rows of ``x`` ``(B, N, ...)`` at ``positions(step)``, flattened row-major: ``(B * k, ...)``."""
+        pos = self.positions(step)  # (B, k)
+        B, k = pos.shape
+        index = pos.reshape(B, k, *([1] * (x.dim() - 2))).expand(B, k, *x.shape[2:])
+        return x.gather(1, index).reshape(B * k, *x.shape[2:])
+
     def sample(
         self,
         model: MARModel,
@@ -219,13 +226,8 @@ class MARDecoder:
 
         With ``trajectory`` the whole `HeadTrajectory` of the ``B * k`` tokens (row-major).
         """
-        pos = self.positions(step)  # (B, k)
-        B, k = pos.shape
-
-        def at(x: Tensor) -> Tensor:  # (B, N, ...) -> (B * k, ...)
-            index = pos.reshape(B, k, *([1] * (x.dim() - 2))).expand(B, k, *x.shape[2:])
-            return x.gather(1, index).reshape(B * k, *x.shape[2:])
-
+        B, k = self.positions(step).shape
+        at = self.gather_step
         head = model.diffloss
         if head.num_steps != self.noise.shape[2]:
             raise ValueError(
@@ -233,11 +235,11 @@ class MARDecoder:
                 f"{self.noise.shape[2]}; models of one call must share num_sampling_steps."
             )
         out = head.sample(
-            at(z),
+            at(z, step),
             self.temperature,
             self.guidance(step),
-            z_uncond=None if z_uncond is None else at(z_uncond),
-            noise=at(self.noise),
+            z_uncond=None if z_uncond is None else at(z_uncond, step),
+            noise=at(self.noise, step),
             trajectory=trajectory,
         )
         return out if trajectory else out.reshape(B, k, -1)

@@ -322,6 +322,8 @@ def test_each_step_reveals_the_schedules_count_in_reverse_order(pipe):
             pos, decoder.orders[:, decoder.masked_after(step) : decoder.masked_after(step - 1)]
         )
         seen.scatter_add_(1, pos, torch.ones_like(pos))
+        rows = torch.stack([decoder.noise[b, pos[b]] for b in range(2)]).flatten(0, 1)
+        assert torch.equal(decoder.gather_step(decoder.noise, step), rows)  # (B * k, S, D)
     assert bool((seen == 1).all())  # every position revealed exactly once
 
 
