@@ -331,21 +331,29 @@ class CSpD(Strategy):
         start = decoder.step
         drafted = self._draft(decoder, steps)
         # one target forward over the tokens known before the window (the reference's
-        # sample_tokens_step_with_mask with mask_target), its head run at every drafted position
+        # sample_tokens_step_with_mask with mask_target) and one head run over every drafted
+        # position, guided with the last drafted step's scale (its cfg_iter), shared noise
         z, z_uncond = decoder.conditions(decoder.model, decoder.tokens, decoder.mask)
+        last = start + steps - 1
+        pos = torch.cat([decoder.positions(start + j) for j in range(steps)], 1)  # (B, W)
         ks = [decoder.positions(start + j).shape[1] for j in range(steps)]
-        B = decoder.batch
+        B, W = pos.shape
+        traj_p = decoder.model.diffloss.sample(
+            gather(z, pos),
+            decoder.temperature,
+            decoder.guidance(last),
+            z_uncond=None if z_uncond is None else gather(z_uncond, pos),
+            noise=gather(decoder.noise, pos),
+            trajectory=True,
+        )  # B * W rows, row-major
+        p = LastStepGaussian(*(t.reshape(B, W, -1) for t in last_step_gaussian(traj_p)))
         per_row = lambda t, k: t.reshape(B, k, *t.shape[1:])  # noqa: E731  (B*k, ...) -> (B, k, ...)
-        xs, qs, ps = [], [], []
+        xs, qs = [], []
         for j, (traj_q, _, _) in enumerate(drafted):
-            traj_p = decoder.sample(decoder.model, z, z_uncond, start + j, trajectory=True)
-            q, p = last_step_gaussian(traj_q), last_step_gaussian(traj_p)
             xs.append(per_row(traj_q.sample, ks[j]))
-            qs.append(LastStepGaussian(*(per_row(t, ks[j]) for t in q)))
-            ps.append(LastStepGaussian(*(per_row(t, ks[j]) for t in p)))
-        x = torch.cat(xs, 1)  # (B, W, D), W tokens of the window per row
+            qs.append(LastStepGaussian(*(per_row(t, ks[j]) for t in last_step_gaussian(traj_q))))
+        x = torch.cat(xs, 1)  # (B, W, D), the window's tokens of each row in step order
         q = LastStepGaussian(*(torch.cat(t, 1) for t in zip(*qs)))
-        p = LastStepGaussian(*(torch.cat(t, 1) for t in zip(*ps)))
         out = torch.empty_like(x)
         for rows in generator_groups(decoder.generators):
             r = torch.tensor(rows, device=x.device)
@@ -438,9 +446,10 @@ def rows_flat(x: Tensor, rows: Tensor) -> Tensor:
 
 
 def gather(x: Tensor, pos: Tensor) -> Tensor:
-    """``x`` ``(B, N, C)`` at ``pos`` ``(B, k)``, flattened row-major to ``(B * k, C)``."""
+    """``x`` ``(B, N, ...)`` at ``pos`` ``(B, k)``, flattened row-major to ``(B * k, ...)``."""
     B, k = pos.shape
-    return x.gather(1, pos[..., None].expand(B, k, x.shape[-1])).reshape(B * k, x.shape[-1])
+    index = pos.reshape(B, k, *([1] * (x.dim() - 2))).expand(B, k, *x.shape[2:])
+    return x.gather(1, index).reshape(B * k, *x.shape[2:])
 
 
 @hookimpl
