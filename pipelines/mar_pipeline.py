@@ -139,9 +139,10 @@ class MARDecoder:
         orders, noise = [], []
         for g in generators:  # each row's draws come from its own generator only
             orders.append(torch.randperm(N, generator=g, device=g.device).to(device))
-            noise.append(torch.randn((N, S, D), generator=g, device=g.device, dtype=dtype))
+            noise.append(torch.randn((N, S, D), generator=g, device=g.device))
         self.orders = torch.stack(orders)  # (B, N)
-        self.noise = torch.stack(noise).to(device)  # (B, N, S, D)
+        # drawn in float32 whatever the model's dtype: a seed gives the same noise in every dtype
+        self.noise = torch.stack(noise).to(device=device, dtype=dtype)  # (B, N, S, D)
         self.tokens = torch.zeros(self.batch, N, D, device=device, dtype=dtype)
         self.mask = torch.ones(self.batch, N, dtype=torch.bool, device=device)
         self.mask_lengths = mask_schedule(N, num_iter)

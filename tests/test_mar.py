@@ -579,3 +579,15 @@ def test_decodekit_validate_run_and_bench_from_yaml(pipe, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     assert main(["validate", str(tmp_path / "bad.yaml")]) != 0
     assert "inputs.cfg_schedule" in capsys.readouterr().err
+
+
+def test_orders_and_head_noise_do_not_depend_on_the_models_dtype(pipe):
+    import copy
+
+    single = MARPipeline(
+        copy.deepcopy(pipe.model).float(), copy.deepcopy(pipe.vae).float(), CLASSES
+    )
+    a = pipe.decoder_for([0, 1], num_iter=4, generator=gens(1, 2))
+    b = single.decoder_for([0, 1], num_iter=4, generator=gens(1, 2))
+    assert a.noise.dtype == torch.float64 and b.noise.dtype == torch.float32
+    assert torch.equal(a.orders, b.orders) and torch.equal(a.noise.float(), b.noise)
