@@ -562,3 +562,44 @@ def test_head_density_is_the_samplers_and_exact_rule_reproduces_the_target_head(
     # the same head as draft: every trajectory kept, the target's own tokens
     v = exact_verify(samples, q, q, g, independent=True)
     assert v.accepted.all() and int(v.tries.sum()) == 0
+
+
+def test_cspd_runs_from_yaml_and_validate_names_a_bad_param(tmp_path, capsys):
+    import yaml
+    from decodekit.cli import main
+    from decodekit.pipelines.mar_pipeline import MARPipeline
+    from decodekit.testing import tiny_vae
+
+    vae = tiny_vae()
+    MARPipeline(tiny_mar(vae_embed_dim=4), vae, ["a", "b", "c"]).save_pretrained(tmp_path / "t")
+    MARPipeline(tiny_mar(seed=1, depth=1, vae_embed_dim=4), vae, ["a", "b", "c"]).save_pretrained(
+        tmp_path / "d"
+    )
+    config = {
+        "pipeline": {"type": "mar", "model": str(tmp_path / "t"), "dtype": "float64"},
+        "strategies": [cspd(str(tmp_path / "d"), gamma=3, acceptance="exact")],
+        "inputs": {"prompt": ["a", "c"], "num_iter": 6, "cfg": 2.0, "seed": 0},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    path = tmp_path / "cspd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["validate", str(path)]) == 0
+    assert main(["run", str(path)]) == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+    config["strategies"][0]["params"]["acceptance"] = "nearly"
+    path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["validate", str(path)]) != 0
+    assert "strategies.0.params.acceptance" in capsys.readouterr().err
+    # a draft folder holding another autoencoder is refused
+    other = tiny_vae()
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    MARPipeline(tiny_mar(seed=1, depth=1, vae_embed_dim=4), other, ["a", "b", "c"]).save_pretrained(
+        tmp_path / "other"
+    )
+    config["strategies"][0]["params"].update(acceptance="paper", draft=str(tmp_path / "other"))
+    config["output"]["dir"] = str(tmp_path / "out2")
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) != 0
+    assert "another autoencoder" in capsys.readouterr().err
