@@ -603,3 +603,65 @@ def test_cspd_runs_from_yaml_and_validate_names_a_bad_param(tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     assert main(["run", str(path)]) != 0
     assert "another autoencoder" in capsys.readouterr().err
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """A head network with the exact noise prediction for tokens ``x0 ~ N(A z + b, s^2)``.
+
+    Stands in for a trained head (a random one gives tokens of huge scale): for
+    ``x_t = sqrt(a) x0 + sqrt(1 - a) eps``, ``E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) m) /
+    (a s^2 + 1 - a)``; ``v`` = 1 selects the variance ``beta`` for every step.
+    """
+
+    def __init__(self, alphas_cumprod, A, b, s):
+        super().__init__()
+        self.register_buffer("ac", alphas_cumprod.double())
+        self.A, self.b, self.s = A, b, s
+
+    def forward(self, x, t, z):
+        a = self.ac[t][:, None].to(x.dtype)
+        m = z @ self.A.T + self.b
+        eps = (1 - a).sqrt() * (x - a.sqrt() * m) / (a * self.s**2 + 1 - a)
+        return torch.cat((eps, torch.ones_like(eps)), -1)
+
+
+def test_exact_mode_samples_the_plain_target_pipeline_and_paper_mode_does_not():
+    import copy
+
+    import decodekit
+    from decodekit.pipelines.mar_pipeline import MARPipeline
+
+    n = 3000
+    target = tiny_mar(depth=1, width=8, img_size=8)  # 4 tokens of 2 numbers, 3 head steps
+    g = torch.Generator().manual_seed(0)
+    A = 0.5 * torch.randn(2, 8, generator=g, dtype=torch.float64)
+    schedule = target.diffloss.train_schedule.alphas_cumprod
+    target.diffloss.net = GaussianDenoiser(schedule, A, torch.zeros(2, dtype=torch.float64), 0.5)
+    draft = copy.deepcopy(target)
+    draft.diffloss.net.b = draft.diffloss.net.b + 0.3  # the draft's tokens sit 0.3 off
+    pipe = MARPipeline(target, NoAutoencoder())
+    call = dict(num_iter=4, cfg=1.0, temperature=1.0, output_type="latents")
+    plain = pipe([0] * n, generator=torch.Generator().manual_seed(1), **call).tokens
+    drafts = MARPipeline(draft, NoAutoencoder())(
+        [0] * n, generator=torch.Generator().manual_seed(2), **call
+    ).tokens
+
+    def smallest_p(tokens):  # the 8 numbers of a row: 4 positions x 2, each against plain
+        d = max(
+            ks_two_sample_statistic(tokens[:, i, c], plain[:, i, c])
+            for i in range(4)
+            for c in range(2)
+        )
+        return ks_pvalue(d, n, n)
+
+    out, stats = {}, {}
+    for acceptance in ("exact", "paper"):
+        params = dict(gamma=2, prefill_ratio=0.0, acceptance=acceptance)
+        with decodekit.attach(pipe, [cspd(draft, **params)]) as run:
+            out[acceptance] = pipe([0] * n, generator=torch.Generator().manual_seed(3), **call)
+        stats[acceptance] = run.stats["strategies"]["cspd"]
+    assert 0.5 < stats["exact"]["acceptance_rate"] < 0.95  # both paths exercised
+    assert stats["exact"]["dropped_tokens"] > 0 and stats["exact"]["zero_tokens"] == 0
+    assert smallest_p(out["exact"].tokens) > ALPHA / 8  # Bonferroni over the 8 tests
+    assert smallest_p(drafts) < 1e-12  # negative control: the draft alone
+    assert smallest_p(out["paper"].tokens) < 1e-5  # the reference's rule is off here
