@@ -2,7 +2,7 @@
 
 Registered through ``decodekit_register_quality_metrics`` like any plugin's:
 
-* ``shapes-judge`` — on stable-diffusion, ar-image and var outputs whose prompts are shape
+* ``shapes-judge`` — on stable-diffusion, ar-image, var and mar outputs whose prompts are shape
   captions ("a small red circle on the left"): prompt adherence of the
   baseline and of the strategy as read by the zoo's timm classifier, how often
   the judge reads the same attributes from both, and the Fréchet distance of
@@ -30,7 +30,7 @@ from decodekit.hookspecs import hookimpl
 # The problem at the end of a prompt: at its start or after whitespace (solved examples).
 ARITH_PROMPT = re.compile(r"(?:^|\s)(\d+)\s*([+-])\s*(\d+)\s*=\s*$")
 MIN_IMAGES_FOR_FRECHET = 16
-IMAGE_ADAPTERS = ("stable-diffusion", "ar-image", "var")
+IMAGE_ADAPTERS = ("stable-diffusion", "ar-image", "var", "mar")
 """Adapters whose outputs are lists of PIL images, one per prompt and image."""
 
 

@@ -591,3 +591,18 @@ def test_orders_and_head_noise_do_not_depend_on_the_models_dtype(pipe):
     b = single.decoder_for([0, 1], num_iter=4, generator=gens(1, 2))
     assert a.noise.dtype == torch.float64 and b.noise.dtype == torch.float32
     assert torch.equal(a.orders, b.orders) and torch.equal(a.noise.float(), b.noise)
+
+
+def test_the_shapes_judge_reads_mar_outputs():
+    from types import SimpleNamespace
+
+    from decodekit.pipelines.judges import shapes_judge_metric
+    from decodekit.pipelines.zoo.shapes_data import parse_caption, render_scene
+
+    captions = ["a small red circle on the left", "a large blue square at the top"]
+    images = [render_scene(parse_caption(c)) for c in captions]
+    inputs = SimpleNamespace(prompt=["red circle", "blue square"], num_images_per_prompt=1)
+    same = shapes_judge_metric("mar", images, images, inputs)
+    assert same["judge_shape_colour_baseline"] == 1.0
+    swapped = shapes_judge_metric("mar", images, images[::-1], inputs)
+    assert swapped["judge_shape_colour_strategy"] == 0.0
