@@ -327,8 +327,11 @@ class DiffusionSchedule:
         return len(self.timesteps)
 
     @staticmethod
-    def at(values: Tensor, i: Tensor, like: Tensor) -> Tensor:
-        """``values[i]`` as a column ``(n, 1)`` in ``like``'s dtype and device (as MAR casts them)."""
+    def at(values: Tensor, i: Tensor | int, like: Tensor) -> Tensor | float:
+        """``values[i]``: a column ``(n, 1)`` in ``like``'s dtype and device for per-row steps
+        ``i`` ``(n,)`` (as MAR casts them), one number for a step ``i`` shared by every row."""
+        if isinstance(i, int):
+            return float(values[i])
         return values[i.cpu()].to(device=like.device, dtype=like.dtype)[:, None]
 
 
@@ -446,7 +449,7 @@ class DiffusionHead(nn.Module):
 
     # -- the Gaussian of one step ---------------------------------------------------------------
     def _mean_log_variance(
-        self, schedule: DiffusionSchedule, x: Tensor, i: Tensor, eps: Tensor, v: Tensor
+        self, schedule: DiffusionSchedule, x: Tensor, i: Tensor | int, eps: Tensor, v: Tensor
     ) -> tuple[Tensor, Tensor]:
         at = schedule.at
         frac = (v + 1) / 2
@@ -481,7 +484,7 @@ class DiffusionHead(nn.Module):
             out = self.net(torch.cat((x, x)), torch.cat((t, t)), torch.cat((z, z_uncond)))
             (eps_c, v), (eps_u, _) = (o.chunk(2, dim=-1) for o in out.chunk(2))
             eps = eps_u + cfg * (eps_c - eps_u)
-        return self._mean_log_variance(schedule, x, torch.full((n,), i, dtype=torch.long), eps, v)
+        return self._mean_log_variance(schedule, x, int(i), eps, v)
 
     # -- sampling -------------------------------------------------------------------------------
     def draw_noise(
