@@ -575,6 +575,10 @@ def test_decodekit_validate_run_and_bench_from_yaml(pipe, tmp_path, capsys):
     assert [o["file"] for o in run["outputs"]] == ["000-blue-square.png", "001-class-0.png"]
     assert main(["bench", str(tmp_path / "c.yaml"), "--repeat", "1"]) == 0
     assert "identical" in capsys.readouterr().out  # no strategy: the baseline's images again
+    config["inputs"]["prompt"] = ["purple circle"]
+    (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "unknown.yaml")]) != 0
+    assert "unknown class name 'purple circle'; known: 'red circle'" in capsys.readouterr().err
     config["inputs"]["cfg_schedule"] = "cosine"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     assert main(["validate", str(tmp_path / "bad.yaml")]) != 0
