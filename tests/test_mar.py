@@ -576,6 +576,7 @@ def test_decodekit_validate_run_and_bench_from_yaml(pipe, tmp_path, capsys):
     assert main(["bench", str(tmp_path / "c.yaml"), "--repeat", "1"]) == 0
     assert "identical" in capsys.readouterr().out  # no strategy: the baseline's images again
     config["inputs"]["prompt"] = ["purple circle"]
+    config["output"]["dir"] = str(tmp_path / "out2")
     (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(config))
     assert main(["run", str(tmp_path / "unknown.yaml")]) != 0
     assert "unknown class name 'purple circle'; known: 'red circle'" in capsys.readouterr().err
