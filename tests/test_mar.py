@@ -611,3 +611,14 @@ def test_the_shapes_judge_reads_mar_outputs():
     assert same["judge_shape_colour_baseline"] == 1.0
     swapped = shapes_judge_metric("mar", images, images[::-1], inputs)
     assert swapped["judge_shape_colour_strategy"] == 0.0
+
+
+def test_released_sizes_have_the_papers_parameter_counts():
+    from decodekit.pipelines.mar import PRESETS
+
+    counts = {}
+    with torch.device("meta"):
+        for name, sizes in PRESETS.items():
+            model = MARModel(MARConfig(**sizes))
+            counts[name] = round(sum(p.numel() for p in model.parameters()) / 1e6)
+    assert counts == {"mar_base": 208, "mar_large": 478, "mar_huge": 942}  # paper: 208M, 479M, 943M
