@@ -64,6 +64,10 @@ class DenoisingAdapter(PipelineAdapter):
         initial_latents: z_T of the current call, once drawn, in the loop's latent layout:
             ``(B, C, h, w)``, or Flux's packed ``(B, h/2 · w/2, 4C)`` tokens.
         step: denoiser calls made so far in the current pipeline call.
+        hook_step: the ``step`` the hooks get for the next denoiser call (read before the
+            call, e.g. in a torch forward pre-hook): the loop iteration where one iteration
+            calls the denoiser more than once (Flux's true CFG: cond, then uncond), else
+            ``step``; what ``loop_timestep`` takes.
         aux_nfe: calls of auxiliary models (role ``"controlnet"``) that ran in
             the current call; ``run.nfe`` counts denoiser calls only.
         aux_served: auxiliary calls served by a strategy in the current call.
@@ -79,6 +83,7 @@ class DenoisingAdapter(PipelineAdapter):
         "initial_latents",
         "loop_timestep",
         "step",
+        "hook_step",
         "aux_nfe",
         "aux_served",
     )
@@ -105,8 +110,13 @@ class DenoisingAdapter(PipelineAdapter):
         """Denoiser calls the current pipeline call's loop makes, once known."""
         raise NotImplementedError
 
+    @property
+    def hook_step(self) -> int:
+        """The ``step`` the hooks get for the next denoiser call (see the class doc)."""
+        return self.step
+
     def loop_timestep(self, step: int) -> torch.Tensor | None:
-        """The timestep the loop passes at denoiser call ``step`` of the current call, or None if unknown."""
+        """The timestep the loop passes at hook ``step`` of the current call, or None if unknown."""
         raise NotImplementedError
 
 

@@ -388,11 +388,16 @@ class StableDiffusionAdapter(DenoisingAdapter):
         kwargs["callback_on_step_end"] = on_step_end
         kwargs["callback_on_step_end_tensor_inputs"] = wanted
 
+    @property
+    def hook_step(self) -> int:
+        """The loop iteration (``steps_by_iteration``) or the call index: the next call's ``step``."""
+        return self.iteration if self.steps_by_iteration else self.step
+
     def denoise(
         self, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]
     ) -> Any:
         """One denoiser call: served by a strategy, or run for real and shown to the strategies."""
-        step = self.iteration if self.steps_by_iteration else self.step
+        step = self.hook_step
         self.step += 1
         out, served = self._serve_or_run(step, DENOISER, module, forward, args, kwargs)
         if served:
@@ -405,7 +410,7 @@ class StableDiffusionAdapter(DenoisingAdapter):
         self, module: torch.nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]
     ) -> Any:
         """One ControlNet call, for the denoiser call of the same step that follows it."""
-        step = self.iteration if self.steps_by_iteration else self.step
+        step = self.hook_step
         out, served = self._serve_or_run(step, CONTROLNET, module, forward, args, kwargs)
         if served:
             self.aux_served += 1

@@ -354,7 +354,8 @@ class DiffusersCache(Strategy):
         """Runs before any diffusers hook of the denoiser: the call's timestep and cache context."""
         adapter = self.run.adapter
         step = adapter.step  # this call's index: the adapter counts it inside the forward
-        self._timestep = adapter.loop_timestep(step)
+        # this call's loop step (Flux with true_cfg_scale calls twice a step: cond, uncond)
+        self._timestep = adapter.loop_timestep(adapter.hook_step)
         if self._timestep is None:  # the loop's schedule is unknown: the timestep it passed
             self._timestep = _passed_timestep(args, kwargs)
         if self.needs_timestep and self._timestep is None:

@@ -453,3 +453,39 @@ def test_sana_runs_what_diffusers_can_hook_and_refuses_the_rest():
         decodekit.attach(pipe, [strategy("mag-cache", mag_ratios="flux")])
     assert_restored(before, fingerprint(pipe.transformer))
     assert torch.equal(run_dit(pipe, PROMPTS, steps=STEPS, **SANA), base)
+
+
+TRUE_CFG = {"negative_prompt": "", "true_cfg_scale": 3.0}
+TIMESTEP_CASES = {  # timestep ranges inside the schedule, so a wrong timestep changes the output
+    "pyramid-attention-broadcast": (
+        {"spatial_attention_timestep_skip_range": [100, 800]},
+        lambda t: hooks.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=t,
+        ),
+    ),
+    "faster-cache": (
+        {"is_guidance_distilled": True, "spatial_attention_timestep_skip_range": [-1, 700]},
+        lambda t: hooks.FasterCacheConfig(
+            is_guidance_distilled=True,
+            spatial_attention_timestep_skip_range=(-1, 700),
+            tensor_format="BCHW",
+            current_timestep_callback=t,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(TIMESTEP_CASES))
+def test_flux_true_cfg_calls_get_their_loop_steps_timestep(name):
+    """Flux with ``true_cfg_scale`` calls the transformer twice a loop step (cond, uncond): both
+    calls read that step's timestep, as ``pipe.current_timestep`` gives diffusers by hand."""
+    params, make_config = TIMESTEP_CASES[name]
+    pipe = tiny_flux_pipeline()
+    with decodekit.attach(pipe, [strategy(name, **params)]):
+        ours = run_dit(pipe, PROMPTS, steps=8, **TRUE_CFG)
+    pipe.transformer.enable_cache(make_config(lambda: pipe.current_timestep))
+    theirs = run_dit(pipe, PROMPTS, steps=8, **TRUE_CFG)
+    pipe.transformer.disable_cache()
+    assert torch.equal(ours, theirs)
