@@ -30,7 +30,7 @@ from decodekit.hookspecs import hookimpl
 # The problem at the end of a prompt: at its start or after whitespace (solved examples).
 ARITH_PROMPT = re.compile(r"(?:^|\s)(\d+)\s*([+-])\s*(\d+)\s*=\s*$")
 MIN_IMAGES_FOR_FRECHET = 16
-IMAGE_ADAPTERS = ("stable-diffusion", "ar-image", "var", "mar")
+IMAGE_ADAPTERS = ("stable-diffusion", "diffusion-transformer", "ar-image", "var", "mar")
 """Adapters whose outputs are lists of PIL images, one per prompt and image."""
 
 

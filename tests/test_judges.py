@@ -78,6 +78,7 @@ def test_shapes_judge_reads_real_renders():
     assert diff["judge_adherence_strategy"] == 0.0 and diff["judge_agreement"] == 0.0
     assert "judge_frechet_to_baseline" not in diff  # too few images for a covariance
     assert shapes_judge_metric("ar-image", images, swapped, inputs) == diff
+    assert shapes_judge_metric("diffusion-transformer", images, swapped, inputs) == diff
 
 
 def test_shapes_judge_silent_elsewhere():
