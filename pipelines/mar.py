@@ -322,17 +322,18 @@ class DiffusionSchedule:
         self.log_betas = self.betas.log()
         self.posterior_mean_coef1 = self.betas * prev.sqrt() / (1 - cumprod)
         self.posterior_mean_coef2 = (1 - prev) * (1 - self.betas).sqrt() / (1 - cumprod)
+        # the same as Python numbers, for a step shared by every row (the sampler's)
+        self.numbers = {k: v.tolist() for k, v in vars(self).items() if isinstance(v, Tensor)}
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
-    @staticmethod
-    def at(values: Tensor, i: Tensor | int, like: Tensor) -> Tensor | float:
-        """``values[i]``: a column ``(n, 1)`` in ``like``'s dtype and device for per-row steps
-        ``i`` ``(n,)`` (as MAR casts them), one number for a step ``i`` shared by every row."""
+    def at(self, name: str, i: Tensor | int, like: Tensor) -> Tensor | float:
+        """Quantity ``name`` at step ``i``: a column ``(n, 1)`` in ``like``'s dtype and device
+        for per-row steps ``i`` ``(n,)`` (as MAR casts them), a number for one step ``i``."""
         if isinstance(i, int):
-            return float(values[i])
-        return values[i.cpu()].to(device=like.device, dtype=like.dtype)[:, None]
+            return self.numbers[name][i]
+        return getattr(self, name)[i.cpu()].to(device=like.device, dtype=like.dtype)[:, None]
 
 
 @dataclass
@@ -414,6 +415,7 @@ class DenoiserMLP(nn.Module):
         self.final_layer = FinalLayer(width, 2 * token_dim)
 
     def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        """``x`` ``(n, D)``, timesteps ``t`` ``(n,)``, ``z`` ``(n, Cz)``."""
         y = self.time_embed(t) + self.cond_embed(z)  # (n, W)
         x = self.input_proj(x)
         for block in self.res_blocks:
@@ -453,17 +455,14 @@ class DiffusionHead(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         at = schedule.at
         frac = (v + 1) / 2
-        log_var = frac * at(schedule.log_betas, i, x) + (1 - frac) * at(
-            schedule.posterior_log_variance_clipped, i, x
+        log_var = frac * at("log_betas", i, x) + (1 - frac) * at(
+            "posterior_log_variance_clipped", i, x
         )
         x0 = (
-            at(schedule.sqrt_recip_alphas_cumprod, i, x) * x
-            - at(schedule.sqrt_recipm1_alphas_cumprod, i, x) * eps
+            at("sqrt_recip_alphas_cumprod", i, x) * x
+            - at("sqrt_recipm1_alphas_cumprod", i, x) * eps
         )
-        mean = (
-            at(schedule.posterior_mean_coef1, i, x) * x0
-            + at(schedule.posterior_mean_coef2, i, x) * x
-        )
+        mean = at("posterior_mean_coef1", i, x) * x0 + at("posterior_mean_coef2", i, x) * x
         return mean, log_var
 
     def step_distribution(
@@ -475,9 +474,9 @@ class DiffusionHead(nn.Module):
         guided, ``eps_u + cfg * (eps_c - eps_u)``, and the variance is the
         conditional row's, as MAR's ``forward_with_cfg`` does.
         """
-        n = x.shape[0]
         schedule = self.sample_schedule
-        t = schedule.timesteps[i].repeat(n).to(x.device)  # the original timestep
+        # the original timestep, per row as MAR passes it (one shared row rounds differently)
+        t = torch.full((x.shape[0],), schedule.numbers["timesteps"][i], device=x.device)
         if z_uncond is None:
             eps, v = self.net(x, t, z).chunk(2, dim=-1)
         else:
@@ -571,17 +570,16 @@ class DiffusionHead(nn.Module):
         sched, at = self.train_schedule, self.train_schedule.at
         t = timesteps
         x_t = (
-            at(sched.sqrt_alphas_cumprod, t, target) * target
-            + at(sched.sqrt_one_minus_alphas_cumprod, t, target) * noise
+            at("sqrt_alphas_cumprod", t, target) * target
+            + at("sqrt_one_minus_alphas_cumprod", t, target) * noise
         )
         eps, v = self.net(x_t, t, z).chunk(2, dim=-1)
         mse = ((noise - eps) ** 2).mean(dim=-1)
         mean, log_var = self._mean_log_variance(sched, x_t, t, eps.detach(), v)
         true_mean = (
-            at(sched.posterior_mean_coef1, t, x_t) * target
-            + at(sched.posterior_mean_coef2, t, x_t) * x_t
+            at("posterior_mean_coef1", t, x_t) * target + at("posterior_mean_coef2", t, x_t) * x_t
         )
-        true_log_var = at(sched.posterior_log_variance_clipped, t, x_t)
+        true_log_var = at("posterior_log_variance_clipped", t, x_t)
         kl = 0.5 * (
             -1 + log_var - true_log_var + (true_log_var - log_var).exp()
             + (true_mean - mean) ** 2 * (-log_var).exp()
