@@ -494,7 +494,9 @@ class DiffusionHead(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
-        """Noise ``(n, S, D)`` for `sample`: ``[:, 0]`` is ``x_T``, ``[:, k]`` the noise of step ``S - 1 - k``.
+        """Noise ``(n, S, D)`` for `sample`: ``[:, 0]`` is ``x_T``, ``[:, k]`` the noise step ``S - k`` adds.
+
+        Step 0, the last, adds none, so ``S`` draws serve ``S`` steps.
 
         ``generator`` is one generator for all, or a list of ``n``, one per token
         (decodekit never draws from torch's global RNG).
