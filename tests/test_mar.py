@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import decodekit
 import numpy as np
@@ -568,6 +569,8 @@ def test_decodekit_validate_run_and_bench_from_yaml(pipe, tmp_path, capsys):
         "output": {"dir": str(tmp_path / "out")},
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["plugins"]) == 0
+    assert re.search(r"\bmar\b.*loop: masked-autoregression", capsys.readouterr().out)
     assert main(["validate", str(tmp_path / "c.yaml")]) == 0
     assert main(["run", str(tmp_path / "c.yaml")]) == 0
     assert "model calls: 4" in capsys.readouterr().out  # one forward per step, both rows at once
