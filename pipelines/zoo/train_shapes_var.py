@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 from decodekit.pipelines.var import VARPipeline, VARTransformer
 from decodekit.pipelines.var_vq import MultiScaleVQConfig, MultiScaleVQVAE
 from decodekit.pipelines.zoo.shapes_data import COLOUR_NAMES, SHAPES, sample_shapes
-from decodekit.pipelines.zoo.training import write_training_record
+from decodekit.pipelines.zoo.training import link_folder, write_training_record
 from tqdm import tqdm
 
 PATCH_NUMS = (1, 2, 3, 4, 6, 8)
@@ -393,12 +392,7 @@ def train_var_model(
 
 def link_vq(out: Path, vq_folder: Path) -> None:
     """Make ``out/vq`` a relative link to `vq_folder` (one copy of the VQ-VAE's weights)."""
-    link = out / "vq"
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.is_dir():
-        raise FileExistsError(f"{link} is a folder; remove it to link {vq_folder} instead.")
-    link.symlink_to(os.path.relpath(vq_folder.resolve(), out.resolve()), target_is_directory=True)
+    link_folder(out / "vq", vq_folder)
 
 
 def train_var(
@@ -566,9 +560,15 @@ def evaluate_var(
 
     judge = judge or ShapesJudge.load()
     pipe = pipe or VARPipeline.from_pretrained(_folder(folder))
-    sampling = {**OPERATING_POINT, **sampling}
+    return class_sample_report(pipe, judge, num_images, seed, **{**OPERATING_POINT, **sampling})
+
+
+def class_sample_report(
+    pipe: Any, judge: Any, num_images: int, seed: int, batch_size: int = 200, **sampling: Any
+) -> dict[str, Any]:
+    """A class-conditional pipeline's `sample_classes` scored: adherence, Fréchet distance, seconds."""
     started = time.time()
-    images, classes = sample_classes(pipe, num_images, seed=seed, **sampling)
+    images, classes = sample_classes(pipe, num_images, batch_size, seed=seed, **sampling)
     seconds = time.time() - started
     real, _ = sample_shapes(num_images, seed=REAL_EVAL_SEED, two_shape_fraction=0.0)
     return {
@@ -581,6 +581,19 @@ def evaluate_var(
     }
 
 
+def selection_runner(evaluate: Any, judge: Any, pipe: Any, num_images: int) -> Any:
+    """``run(**sampling)``: `evaluate` on the selection samples (seeds from 60000), printed as it goes."""
+
+    def run(**sampling: Any) -> dict[str, Any]:
+        row = evaluate(
+            num_images=num_images, judge=judge, pipe=pipe, seed=VAR_SELECT_SEED, **sampling
+        )
+        tqdm.write(json.dumps(row), file=sys.stderr)
+        return row
+
+    return run
+
+
 def sweep(folder: str | Path, num_images: int = 240) -> list[dict[str, Any]]:
     """Guidance 0..6 (all tokens, temperature 1), then top-k and temperature at the best guidance.
 
@@ -589,14 +602,7 @@ def sweep(folder: str | Path, num_images: int = 240) -> list[dict[str, Any]]:
     from decodekit.pipelines.zoo.shapes_judge import ShapesJudge
 
     judge, pipe = ShapesJudge.load(), VARPipeline.from_pretrained(_folder(folder))
-
-    def run(**sampling: Any) -> dict[str, Any]:
-        row = evaluate_var(
-            num_images=num_images, judge=judge, pipe=pipe, seed=VAR_SELECT_SEED, **sampling
-        )
-        tqdm.write(json.dumps(row), file=sys.stderr)
-        return row
-
+    run = selection_runner(evaluate_var, judge, pipe, num_images)
     rows = [run(cfg=cfg, top_k=None, temperature=1.0) for cfg in (0.0, 1.0, 2.0, 3.0, 4.0, 6.0)]
     best = max(rows, key=lambda r: r["adherence_class"])["cfg"]
     for top_k, temperature in ((10, 1.0), (30, 1.0), (None, 0.8), (None, 1.2)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -35,3 +36,16 @@ def write_training_record(out: Path, started: float, **info: Any) -> None:
         "torch_threads": torch.get_num_threads(),
     }
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def link_folder(link: Path, target: Path) -> None:
+    """Make `link` a relative link to the folder `target` (one copy of shared weights).
+
+    A link or file already at `link` is replaced; a real folder there is refused.
+    """
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        raise FileExistsError(f"{link} is a folder; remove it to link {target} instead.")
+    rel = os.path.relpath(target.resolve(), link.parent.resolve())
+    link.symlink_to(rel, target_is_directory=True)
