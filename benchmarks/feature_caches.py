@@ -37,6 +37,7 @@ On a GPU at SD 1.5 / SD3 widths (random weights, tiny text encoders and VAE):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -308,6 +309,7 @@ def cache_dit_arm(threshold: float, bn: int, steps: int, separate_cfg: bool) -> 
     """cache-dit's DBCache (``cache_dit.enable_cache``): the first block always, the last ``bn``
     always, the rest reused while the first block's residual changes by less than ``threshold``;
     cache-dit's own warm-up (8 steps) and defaults otherwise."""
+    copies: dict[int, Any] = {}
 
     def apply(pipe: Any):
         os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
@@ -324,14 +326,24 @@ def cache_dit_arm(threshold: float, bn: int, steps: int, separate_cfg: bool) -> 
             num_inference_steps=steps,
             enable_separate_cfg=separate_cfg,
         )
+        # cache-dit runs on its own copy of the denoiser (same weights): after its
+        # disable_cache, diffusers' first-block cache applied to the same transformer fails
+        # (TypeError in first_block_cache.py), even with every attribute cache-dit left put back
+        name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+        original = getattr(pipe, name)
+        if id(original) not in copies:
+            copies[id(original)] = copy.deepcopy(original)
+        setattr(pipe, name, copies[id(original)])
         try:
             cache_dit.enable_cache(pipe, cache_config=config)
         except ValueError as e:  # "... is not officially supported by cache-dit"
+            setattr(pipe, name, original)
             raise ArmUnavailable(f"cache-dit refuses this pipeline: {e}") from None
 
         def undo() -> dict[str, Any]:
             stats = cache_dit.summary(pipe, logging=False)
             cache_dit.disable_cache(pipe)
+            setattr(pipe, name, original)
             cached = sum(len(s.cached_steps or []) + len(s.cfg_cached_steps or []) for s in stats)
             executed = sum(s.accumulated_transformer_executed_steps or 0 for s in stats)
             return {"transformer_calls": executed, "cached_calls": cached, "nfe": executed - cached}

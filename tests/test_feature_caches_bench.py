@@ -141,6 +141,11 @@ def test_cache_dit_dbcache_on_shapes_dit_and_refusal_on_a_unet(dit, sd):
     out = by_hand(config, pipe, arm)
     assert arm.last_stats["cached_calls"] > 0 and not np.array_equal(out, base)
     assert arm.last_stats["nfe"] == 56 - arm.last_stats["cached_calls"]
-    assert np.array_equal(images(config, pipe), base)  # disable_cache restored the pipeline
+    assert np.array_equal(images(config, pipe), base)  # the pipeline is as it was
+    # cache-dit ran on the arm's own copy of the transformer: diffusers' caches run after it
+    assert not [n for n, m in pipe.transformer.named_modules() if "forward" in m.__dict__]
+    ours = peer(fc.decodekit_arms("shapes-dit"), "first-block-cache 0.1")
+    hand = peer(fc.diffusers_peers("shapes-dit"), "diffusers FBC 0.1")
+    assert np.array_equal(with_decodekit(config, pipe, ours), by_hand(config, pipe, hand))
     with pytest.raises(ArmUnavailable, match="cache-dit refuses this pipeline"):
         fc.cache_dit_arm(0.08, 0, 6, False).apply(sd[1])
