@@ -416,12 +416,19 @@ def pareto_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
     # identical outputs have an infinite PSNR: drawn past the largest finite one
     edge = (max(finite) + 5.0) if finite else 50.0
 
+    # distances spread over orders of magnitude (a judge's Fréchet): a log axis, or the good
+    # points crowd into one corner beside a few bad ones
+    log = bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 100
+
     def fx(p: dict[str, Any]) -> float:
         v = p["fidelity"]["value"]
-        return v if _finite(v) else edge
+        v = v if _finite(v) else edge
+        return math.log10(v) if log else v
 
     name = next((p["fidelity"]["name"] for p in points if p["fidelity"]), "fidelity (none)")
-    w, h, left, top, bottom = 640, 436, 70, 56, 50
+    w, h, left, top, bottom = (
+        (640, 436, 70, 56, 50) if len(points) <= 10 else (960, 640, 70, 56, 50)
+    )
     img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
     font, bold = _font(11), _font(13)
@@ -447,7 +454,7 @@ def pareto_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     xpad, ypad = (x1 - x0) * 0.1 or 0.5, (y1 - y0) * 0.1 or 0.1
-    x0 = max(0.0, x0 - xpad) if x0 >= 0 else x0 - xpad
+    x0 = max(0.0, x0 - xpad) if x0 >= 0 and not log else x0 - xpad
     x1, y0, y1 = x1 + xpad, max(0.0, y0 - ypad), y1 + ypad
     pw, ph = w - left - 20, h - top - bottom
     higher = not have or have[0]["fidelity"]["higher_is_better"]
@@ -466,11 +473,12 @@ def pareto_chart(result: dict[str, Any], path: str | os.PathLike) -> None:
     draw.text((left + 4, ly - 14), "x1 (baseline)", fill=GREY, font=font)
     draw.text((left - 60, top - 2), f"x{y1:.2f}", fill=GREY, font=font)
     draw.text((left - 60, top + ph - 12), f"x{y0:.2f}", fill=GREY, font=font)
-    lo_text, hi_text = (_num(x0), _num(x1)) if higher else (_num(x1), _num(x0))
+    ends = [f"{10**x0:.2g}", f"{10**x1:.2g}"] if log else [_num(x0), _num(x1)]
+    lo_text, hi_text = ends if higher else ends[::-1]
     draw.text((left, top + ph + 4), lo_text, fill=GREY, font=font)
     draw.text((left + pw - font.getlength(hi_text), top + ph + 4), hi_text, fill=GREY, font=font)
     better = "higher" if higher else "lower"
-    axis = f"{name} ({better} is better, drawn to the right)"
+    axis = f"{name} ({better} is better, drawn to the right{', log scale' if log else ''})"
     draw.text((left + pw // 6, top + ph + 20), axis, fill="black", font=font)
     draw.text((8, top + ph // 2), "speed-up", fill="black", font=font)
     front = sorted((p for p in have if not p["dominated"]), key=fx)
