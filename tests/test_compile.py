@@ -27,6 +27,8 @@ KW = dict(gen_length=16, block_length=8, steps=8)
 CACHES = [
     {"name": "dkv-cache", "params": {"variant": "decode", "query_bucket": 16}},
     {"name": "block-cache", "params": {"mode": "dual"}},
+    {"name": "block-cache", "params": {"mode": "prefix"}},
+    {"name": "dkv-cache", "params": {"variant": "pd", "query_bucket": 16}},
 ]
 
 
@@ -60,7 +62,9 @@ def record_model_calls(monkeypatch, compiled: bool):
     return calls
 
 
-@pytest.mark.parametrize("spec", CACHES, ids=lambda s: s["name"])
+@pytest.mark.parametrize(
+    "spec", CACHES, ids=lambda s: "-".join([s["name"], *map(str, s["params"].values())])
+)
 def test_cached_forward_compiles_as_one_graph_and_equals_eager(spec, monkeypatch):
     import torch._dynamo
     from torch._dynamo.utils import counters
