@@ -1,10 +1,11 @@
 """CoDe on the zoo's VAR models: class adherence and Fréchet distance per split, against the drafter alone.
 
-Drafter zoo:shapes-var-d6 (the pipeline's model), refiner zoo:shapes-var-d3, both on
+Drafter zoo:shapes-var-d6 (the pipeline's model), refiner zoo:shapes-var-d3 (trained on the
+scales from 4x4 on only), both on
 zoo:shapes-msvq (scales 1, 2, 3, 4, 6, 8). Every arm samples the same ``N`` images as the
 zoo's gate does (`train_shapes_var.sample_classes`: image ``i`` is class ``i mod 24``, its
-generator seeded ``50000 + i``) at the models' operating point (guidance 3, temperature 1,
-no top-k). Arms: the drafter alone; ``code`` at each ``--splits`` value of ``draft_steps``;
+generator seeded ``50000 + i``) at the models' operating point (``train_shapes_var.OPERATING_POINT``: guidance 1,
+temperature 0.6, no top-k). Arms: the drafter alone; ``code`` at each ``--splits`` value of ``draft_steps``;
 the refiner alone; and the drafter alone with seeds ``50000 + N + i`` (the floor: how far
 two sample sets of the same model lie apart by sampling noise alone).
 

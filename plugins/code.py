@@ -24,8 +24,9 @@ samples with other random numbers than one model would, and drafter == refiner
 does not reproduce plain VAR. Here the generators run on across the switch,
 so drafter == refiner gives plain VAR bit for bit (tests/test_code.py). The
 reference also fine-tunes a drafter/refiner pair per split ("specialised"
-checkpoints); its training-free setting (the released VAR checkpoints as they
-are) is what this runs.
+checkpoints); this runs any pair that fits, training-free (the released VAR
+checkpoints as they are) or trained for it (the zoo's refiner, shapes-var-d3, is
+trained on its own scales only).
 
 Reproduced: the exactness properties (tests/test_code.py). Measured:
 docs/strategies/code.md.

@@ -184,14 +184,20 @@ def test_shapes_msvq_reconstructions_keep_what_the_caption_says(judge):
     assert scores["adherence_shape"] >= 0.93 and scores["adherence_colour"] >= 0.9, scores
 
 
-def test_shapes_var_d6_draws_its_class_and_beats_the_small_model(judge):
-    """48 samples (2 a class) at the operating point: the 240-sample figures, cheaper."""
-    large = evaluate_var("shapes-var-d6", num_images=48, judge=judge)
-    small = evaluate_var("shapes-var-d3", num_images=48, judge=judge)
-    assert large["cfg"] == OPERATING_POINT["cfg"]
-    # measured: shape 0.88, colour 0.81 on these 48; 0.83, 0.80 on 240 (docs/zoo.md).
-    # Chance is 0.25 and 0.17; issue 17's target of 0.90 is not reached yet.
-    assert large["adherence_shape"] >= 0.7 and large["adherence_colour"] >= 0.7, large
+def test_shapes_var_d6_passes_the_gate_and_beats_the_refiner_alone(judge):
+    """The gate: the 240 gate samples (10 a class, seeds 50000 + i) at the operating point
+    (chosen on other seeds), shape and colour each >= 90%."""
+    large = evaluate_var("shapes-var-d6", judge=judge)
+    assert large["num_images"] == 240 and large["seed"] == 50_000
+    assert (large["cfg"], large["temperature"]) == (
+        OPERATING_POINT["cfg"],
+        OPERATING_POINT["temperature"],
+    )
+    # measured: shape 0.904, colour 0.9125, both 0.825 (docs/zoo.md)
+    assert large["adherence_shape"] >= 0.90 and large["adherence_colour"] >= 0.90, large
+    # shapes-var-d3 is trained on the scales from 4x4 on only (CoDe's refiner): alone it
+    # also draws the first three scales, which it never learnt to (on the same 240)
+    small = evaluate_var("shapes-var-d3", judge=judge)  # measured: both 0.546 (docs/zoo.md)
     assert large["adherence_class"] > small["adherence_class"] + 0.2, (large, small)
 
 

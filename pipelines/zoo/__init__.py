@@ -145,16 +145,18 @@ CATALOGUE: dict[str, ZooModel] = {
         ),
         ZooModel(
             "shapes-var-d6",
-            "Class-conditional VAR transformer (depth 6, width 48) over shapes-msvq's token "
+            "Class-conditional VAR transformer (depth 6, width 96) over shapes-msvq's token "
             "maps; 24 classes, shape x colour ('red circle'); labels dropped 10% for guidance; "
             "CoDe's drafter.",
             "var",
             "decodekit.pipelines.zoo.train_shapes_var",
+            {"adherence_shape": 0.90, "adherence_colour": 0.90},
         ),
         ZooModel(
             "shapes-var-d3",
-            "Small class-conditional VAR transformer (depth 3, width 24) over shapes-msvq's "
-            "token maps; 24 classes, shape x colour ('red circle'); CoDe's refiner.",
+            "Small class-conditional VAR transformer (depth 3, width 48) over shapes-msvq's "
+            "token maps, trained on the scales from 4x4 on only; 24 classes, shape x colour "
+            "('red circle'); CoDe's refiner.",
             "var",
             "decodekit.pipelines.zoo.train_shapes_var",
         ),

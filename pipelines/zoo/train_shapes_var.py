@@ -11,25 +11,30 @@ Three seeded stages on one-shape `shapes` renders (32x32), classes = shape x col
    (VAR's ``VectorQuantizer2.forward``); no perceptual or GAN loss. Codes unused over 100
    steps are re-seeded from the vectors being quantised during the first half of training.
 2. the token maps of every render, encoded once by the trained VQ-VAE;
-3. two `VARTransformer` of different depth over them (teacher-forced cross-entropy over all
-   130 tokens, classes dropped to the null class 10% of the time for guidance): width
-   ``8 * depth`` in heads 16 wide (VAR's rule is ``64 * depth`` in heads 64 wide; both keep
-   the width proportional to the depth), VAR's initialisation (`var_init`).
+3. two `VARTransformer` of different depth over them (teacher-forced cross-entropy,
+   classes dropped to the null class 10% of the time for guidance): width
+   ``16 * depth`` in heads 16 wide (VAR's rule is ``64 * depth`` in heads 64 wide; both keep
+   the width proportional to the depth), VAR's initialisation (`var_init`). The large
+   one is trained at width 48 and then widened (``--widen-from``, `widen_var`); the small
+   one, CoDe's refiner, only on the scales it makes (``--loss-from-scale 3``).
+   ``--token-cache`` keeps the encoded token maps in a file between runs.
 
 Output folders, as `VARPipeline.save_pretrained` writes them (``transformer/``, ``vq/``,
 ``var.json`` with the class names); the VQ-VAE is stored once in ``shapes-msvq/`` and the
 two VAR folders' ``vq`` are links to it::
 
     python -m decodekit.pipelines.zoo.train_shapes_var vq --out pipelines/zoo/models/shapes-msvq
-    python -m decodekit.pipelines.zoo.train_shapes_var var --depth 6 \\
+    python -m decodekit.pipelines.zoo.train_shapes_var var --depth 6 --widen-from FOLDER \\
         --vq pipelines/zoo/models/shapes-msvq --out pipelines/zoo/models/shapes-var-d6
-    python -m decodekit.pipelines.zoo.train_shapes_var var --depth 3 \\
+    python -m decodekit.pipelines.zoo.train_shapes_var var --depth 3 --loss-from-scale 3 \\
         --vq pipelines/zoo/models/shapes-msvq --out pipelines/zoo/models/shapes-var-d3
+
+(docs/zoo.md has every run's command.)
 
 ``evaluate`` measures a folder (judge adherence of samples, Fréchet distance) and
 ``sweep`` tries guidance / top-k / temperature settings::
 
-    python -m decodekit.pipelines.zoo.train_shapes_var evaluate shapes-var-d6 --cfg 3
+    python -m decodekit.pipelines.zoo.train_shapes_var evaluate shapes-var-d6 --cfg 1
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ VAR_SELECT_SEED = 60_000  # the sweep's samples, that choose the operating point
 REAL_EVAL_SEED = 20_000  # the renders the samples' Fréchet distance is measured against
 WIDTH_PER_BLOCK = 16
 """A VAR's width is ``WIDTH_PER_BLOCK * depth`` (VAR's rule is 64 * depth)."""
-OPERATING_POINT = {"cfg": 1.0, "top_k": None, "temperature": 0.8}
+OPERATING_POINT = {"cfg": 1.0, "top_k": None, "temperature": 0.6}
 """The sampling settings of the gates (chosen with ``sweep``; docs/zoo.md)."""
 
 
@@ -605,7 +610,7 @@ def sweep(folder: str | Path, num_images: int = 240) -> list[dict[str, Any]]:
     run = selection_runner(evaluate_var, judge, pipe, num_images)
     rows = [run(cfg=cfg, top_k=None, temperature=1.0) for cfg in (0.0, 1.0, 2.0, 3.0, 4.0, 6.0)]
     best = max(rows, key=lambda r: r["adherence_class"])["cfg"]
-    for top_k, temperature in ((10, 1.0), (30, 1.0), (None, 0.8), (None, 1.2)):
+    for top_k, temperature in ((10, 1.0), (30, 1.0), (None, 0.6), (None, 0.8), (None, 1.2)):
         rows.append(run(cfg=best, top_k=top_k, temperature=temperature))
     return rows
 
