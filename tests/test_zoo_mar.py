@@ -71,3 +71,5 @@ def test_trainer_writes_a_mar_folder_that_links_shapes_sd_vae(tmp_path):
     # continuing keeps the folder's model config
     train_mar(out, "base", steps=1, batch_size=4, num_images=16, init_from=out, measure=False)
     assert MARPipeline.from_pretrained(out).model.config.encoder_embed_dim == 16
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 1 and [r["steps"] for r in record["earlier_runs"]] == [2]
