@@ -89,7 +89,7 @@ def sd15_shaped_pipeline(width: int, seed: int = 0, latent_size: int = 32, cross
     import diffusers
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from tests.tiny import tiny_text_encoder, tiny_vae
+    from decodekit.testing import tiny_text_encoder, tiny_vae
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

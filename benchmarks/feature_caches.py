@@ -157,6 +157,8 @@ def decodekit_arms(model: str) -> list[Arm]:
             arm("pyramid-attention-broadcast", ("pyramid-attention-broadcast", PAB)),
         ]
     arms = [arm(f"first-block-cache {t}", ("first-block-cache", {"threshold": t})) for t in FBC]
+    if model == "random-sd3":  # recorded as not run, with the reason
+        arms = [Arm("first-block-cache", apply=refuse(FBC_ON_SD3))]
     arms += [
         arm("taylorseer-cache", ("taylorseer-cache", TAYLORSEER)),
         arm("pyramid-attention-broadcast", ("pyramid-attention-broadcast", PAB_DIT)),
@@ -169,6 +171,10 @@ def decodekit_arms(model: str) -> list[Arm]:
 
 
 FBC = (0.05, 0.1, 0.2)
+FBC_ON_SD3 = (
+    "diffusers 0.42's first-block cache fails on SD3: its last block returns no encoder "
+    "states (context_pre_only), and the tail hook subtracts from None (first_block_cache.py:176)"
+)
 PAB = {  # examples/pyramid-attention-broadcast.yaml
     "spatial_attention_block_skip_range": 2,
     "cross_attention_block_skip_range": 4,
@@ -190,6 +196,15 @@ FASTER_CACHE_FLUX = {  # examples/faster-cache.yaml
     "spatial_attention_block_skip_range": 2,
     "spatial_attention_timestep_skip_range": [-1, 681],
 }
+
+
+def refuse(reason: str):
+    """An arm's ``apply`` that leaves it out of the bench with ``reason``."""
+
+    def apply(pipe: Any):
+        raise ArmUnavailable(reason)
+
+    return apply
 
 
 # -- the peers ---------------------------------------------------------------------------------
@@ -295,7 +310,7 @@ def diffusers_peers(model: str) -> list[Arm]:
         return [diffusers_arm("diffusers PAB", pab(PAB))]
     arms = [
         diffusers_arm(f"diffusers FBC {t}", lambda cb, t=t: dh.FirstBlockCacheConfig(threshold=t))
-        for t in FBC
+        for t in (FBC if model != "random-sd3" else ())
     ]
     taylor = {**TAYLORSEER, "taylor_factors_dtype": torch.float32}
     arms.append(
@@ -344,8 +359,10 @@ def cache_dit_arm(threshold: float, bn: int, steps: int, separate_cfg: bool) -> 
             stats = cache_dit.summary(pipe, logging=False)
             cache_dit.disable_cache(pipe)
             setattr(pipe, name, original)
-            cached = sum(len(s.cached_steps or []) + len(s.cfg_cached_steps or []) for s in stats)
-            executed = sum(s.accumulated_transformer_executed_steps or 0 for s in stats)
+            # one entry per cached block list; each counts the whole call
+            cached = max(len(s.cached_steps or []) + len(s.cfg_cached_steps or []) for s in stats)
+            per_step = 2 if separate_cfg else 1  # cond and uncond calls, or one batched call
+            executed = max((s.accumulated_executed_steps or 0) * per_step for s in stats)
             return {"transformer_calls": executed, "cached_calls": cached, "nfe": executed - cached}
 
         return undo
@@ -438,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         result = pareto_bench(
             config,
             arms,
-            what=f"feature caches, decodekit and peers, {args.model}",
+            what="feature caches, decodekit's points and other packages'",
             json_path=out.with_suffix(".json"),
             png_path=out.with_suffix(".png"),
             markdown_path=out.with_suffix(".md"),

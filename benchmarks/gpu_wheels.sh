@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir -p .whl
 version() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"; }
-for name in diffusers importlib_metadata DeepCache pydantic pydantic_core annotated-types \
+for name in diffusers importlib_metadata DeepCache cache_dit pydantic pydantic_core annotated-types \
         typing-inspection typing_extensions; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
