@@ -172,8 +172,9 @@ def decodekit_arms(model: str) -> list[Arm]:
 
 FBC = (0.05, 0.1, 0.2)
 FBC_ON_SD3 = (
-    "diffusers 0.42's first-block cache fails on SD3: its last block returns no encoder "
-    "states (context_pre_only), and the tail hook subtracts from None (first_block_cache.py:176)"
+    "first-block-cache refuses SD3: its last block returns no encoder states "
+    "(context_pre_only), which diffusers' first-block cache subtracts from (by hand it fails "
+    "at the first call, first_block_cache.py:176)"
 )
 PAB = {  # examples/pyramid-attention-broadcast.yaml
     "spatial_attention_block_skip_range": 2,

@@ -412,6 +412,19 @@ class FirstBlockCache(DiffusersCache):
             return "it has fewer than two transformer blocks (a first block to test and a last one)"
         return super().explain(error)
 
+    def apply(self, model: torch.nn.Module, config: Any) -> None:
+        super().apply(model, config)
+        if any(getattr(m, "context_pre_only", None) is True for m in model.modules()):
+            # diffusers' tail hook subtracts the first block's encoder states from the last
+            # block's, which returns None there: a TypeError at the first call
+            raise AttachError(
+                self.unsupported(
+                    model,
+                    "its last block returns no encoder states (context_pre_only, as SD3's), "
+                    "which diffusers' first-block cache needs",
+                )
+            )
+
     def served_call(self) -> bool:
         return not self._shared_state().should_compute
 

@@ -383,6 +383,33 @@ def test_first_block_cache_needs_two_blocks():
     assert_restored(before, fingerprint(pipe))
 
 
+def two_block_sd3():
+    """tiny SD3 with two joint blocks: the last one is context_pre_only, as in SD3."""
+    from diffusers import SD3Transformer2DModel
+
+    pipe = tiny_sd3_pipeline()
+    pipe.transformer = SD3Transformer2DModel(
+        **{**pipe.transformer.config, "num_layers": 2}  # the config's other fields as they are
+    )
+    return pipe
+
+
+def test_first_block_cache_refuses_sd3_whose_last_block_returns_no_encoder_states():
+    pipe = two_block_sd3()
+    with pytest.raises(TypeError):  # diffusers by hand fails at the first call
+        by_hand(
+            pipe.transformer,
+            hooks.apply_first_block_cache,
+            lambda t: hooks.FirstBlockCacheConfig(threshold=0.1),
+            lambda: run_dit(pipe, PROMPTS, steps=STEPS),
+        )
+    pipe = two_block_sd3()
+    before = fingerprint(pipe)
+    with pytest.raises(AttachError, match="SD3Transformer2DModel: its last block returns no"):
+        decodekit.attach(pipe, ["first-block-cache"])
+    assert_restored(before, fingerprint(pipe))
+
+
 def test_a_cache_the_user_enabled_is_refused():
     pipe = tiny_flux_pipeline()
     pipe.transformer.enable_cache(hooks.FirstBlockCacheConfig())
