@@ -18,6 +18,13 @@ models accuracy and the answers that changed.
         --configs decode@4 decode@6 decode@8 decode@8+r2 pd@8 --refresh-interval 4 6 8 \
         --block-refresh-steps 1 2 --out benchmarks/results/dkv-cache/cpu-2core/dkv_cache_fewshot.json
 
+Every dLLM cache beside the others at the zoo's few-shot setting (a 5-token answer
+window; all rows by default), then compiled (``--compile``: inductor, or a backend):
+
+    .venv/bin/python benchmarks/dkv_cache.py --model zoo-fewshot --gen-length 5 --block 5 \
+        --steps 5 --batches 8 --prompt-batches 64 --repeats 1 --threads 1 \
+        --out benchmarks/results/block-cache/cpu-2core/dllm_caches_zoo_fewshot.json
+
 On a GPU (``--device cuda --dtype bfloat16``) the random model can take LLaDA-8B's
 per-layer shape (``--width 4096 --heads 32 --kv-heads 32 --intermediate 12288
 --vocab 126464``); it is built directly on the device. Timings synchronise the

@@ -14,8 +14,10 @@
 # The dLLM caches' table alone (steps 3c-3e: baseline, every dkv-cache variant, block-cache
 # prefix and dual, each with and without threshold decoding and compile, batch 1 and 8,
 # prompts 64 and 512, and a CUDA-graphs check) is   bash benchmarks/gpu_session.sh dllm
-# (about 10-14 minutes of device time: run it with a timeout of 590 s and, if cut off, rerun
-# with DLLM_SKIP="3c-p512 3c-p64 ..." naming the steps that finished).
+# An estimate from the H200 session's step times: 3c about 8 minutes (p512 and p64), 3d
+# 2-3, 3e 6-10 (compiles): more than one 600 s call and likely more than one session's
+# 15 minutes. Run it with a timeout of 590 s; each step's results are packed when it ends,
+# so rerun with DLLM_SKIP="3c-p512 3c-p64 ..." naming the steps that finished.
 # On a CPU, CPU_SMOKE=1 PY=.venv/bin/python bash benchmarks/gpu_session.sh dllm runs every
 # step's command at tiny widths on the CPU (no wheels, no nvidia-smi): a check that they run.
 # Results go to $OUT/results.tar (re-written after every step, so a run cut off
