@@ -30,6 +30,7 @@ two-token chain) in tests/test_cspd.py.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import torch
@@ -66,8 +67,12 @@ class TokenDensity(Protocol):
     whole sampling trajectory ``(S, D)``); ``index`` selects positions.
     """
 
-    def sample(self, index: Tensor, generator: torch.Generator) -> Tensor:
-        """One draw for each position in ``index`` (long ``(M,)``), ``(M, *event)``."""
+    def sample(self, index: Tensor, generator: torch.Generator | list[torch.Generator]) -> Tensor:
+        """One draw for each position in ``index`` (long ``(M,)``), ``(M, *event)``.
+
+        ``generator`` is one generator, or a list of ``M``: position ``index[j]``'s draw
+        from ``generator[j]`` (`exact_verify` with one generator per row).
+        """
         ...
 
     def log_prob(self, x: Tensor, index: Tensor) -> Tensor:
@@ -142,7 +147,7 @@ def exact_verify(
     draft_samples: Tensor,
     draft: TokenDensity,
     target: TokenDensity,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     *,
     order: Tensor | None = None,
     rows: Tensor | None = None,
@@ -168,7 +173,10 @@ def exact_verify(
         draft_samples: ``(N, *event)``, each drawn from ``draft``'s distribution of its position.
         draft: ``q``, evaluated at the draft samples and at the residual proposals.
         target: ``p``, sampled for the residual proposals and evaluated.
-        generator: the source of every random number used.
+        generator: the source of every random number used; or one generator per row
+            (``rows`` then required): position ``i`` draws from ``generator[rows[i]]`` only,
+            in position order, so a row's draws do not depend on the other rows while
+            the densities are evaluated for all rows at once.
         order: long ``(N,)`` speculative order of the positions (see `speculative_cut`).
         rows: long ``(N,)`` independent sequences, each cut on its own (see `speculative_cut`).
         independent: judge every position on its own (nothing dropped).
@@ -180,9 +188,9 @@ def exact_verify(
     Returns:
         A `ContinuousVerdict` (``failed`` all False).
     """
-    check_generator(generator, draft_samples, "exact_verify")
     N = draft_samples.shape[0]
     device = draft_samples.device
+    draws = _Draws(generator, rows, N, draft_samples)
     every = torch.arange(N, device=device)
     log_q = draft.log_prob(draft_samples, every) if draft_log_prob is None else draft_log_prob
     log_p = target.log_prob(draft_samples, every) if target_log_prob is None else target_log_prob
@@ -192,7 +200,7 @@ def exact_verify(
             f"{tuple(log_p.shape)}"
         )
     log_ratio = (log_p.double() - log_q.double()).clamp(max=0.0)  # (N,) log min(1, p/q)
-    u = torch.rand(N, generator=generator, dtype=torch.float64, device=device)
+    u = draws.uniform(torch.arange(N, device=device))
     passes = u < log_ratio.exp()  # u in [0, 1): p >= q always passes
     if independent:
         kept, resample, dropped = passes, ~passes, torch.zeros_like(passes)
@@ -209,17 +217,56 @@ def exact_verify(
                 "the draft and target densities are (numerically) equal there"
             )
         tries[pending] += 1
-        y = target.sample(pending, generator)  # (M, *event)
+        y = target.sample(pending, draws.generators(pending))  # (M, *event)
         log_p_y = target.log_prob(y, pending).double()  # (M,)
         log_q_y = draft.log_prob(y, pending).double()  # (M,)
         # keep y with probability max(0, 1 - q/p) = -expm1(min(0, log q - log p))
         keep_prob = -torch.expm1((log_q_y - log_p_y).clamp(max=0.0))  # (M,)
-        v = torch.rand(pending.shape[0], generator=generator, dtype=torch.float64, device=device)
+        v = draws.uniform(pending)
         take = v < keep_prob
         samples[pending[take]] = y[take].to(samples.dtype)
         pending = pending[~take]
     none = torch.zeros_like(passes)
     return ContinuousVerdict(samples, kept, resample, dropped, tries, none)
+
+
+class _Draws:
+    """Uniforms and generators for positions: from one generator, or from their row's."""
+
+    def __init__(self, generator, rows: Tensor | None, n: int, like: Tensor):
+        self.single = isinstance(generator, torch.Generator)
+        gens = [generator] if self.single else list(generator)
+        for g in gens:
+            check_generator(g, like, "exact_verify")
+        if not self.single:
+            if rows is None or rows.shape != (n,):
+                raise ValueError("one generator per row needs rows (N,): each position's row")
+            if n and (int(rows.min()) < 0 or int(rows.max()) >= len(gens)):
+                raise ValueError(f"rows must lie in [0, {len(gens)}): one generator per row")
+            self.rows = rows.tolist()
+        self.gens, self.device = gens, like.device
+
+    def uniform(self, index: Tensor) -> Tensor:
+        """One uniform in [0, 1) per position of ``index`` (float64)."""
+        if self.single:
+            return torch.rand(
+                index.numel(), generator=self.gens[0], dtype=torch.float64, device=self.device
+            )
+        out = torch.empty(index.numel(), dtype=torch.float64, device=self.device)
+        by_row: dict[int, list[int]] = {}
+        for j, i in enumerate(index.tolist()):
+            by_row.setdefault(self.rows[i], []).append(j)
+        for row, js in by_row.items():
+            out[js] = torch.rand(
+                len(js), generator=self.gens[row], dtype=torch.float64, device=self.device
+            )
+        return out
+
+    def generators(self, index: Tensor) -> torch.Generator | list[torch.Generator]:
+        """The generator to sample positions ``index`` with: the one, or one per position."""
+        if self.single:
+            return self.gens[0]
+        return [self.gens[self.rows[i]] for i in index.tolist()]
 
 
 # -- the reference's rule ----------------------------------------------------------------------

@@ -183,7 +183,7 @@ class HeadDensity:
     def log_prob(self, traj: Tensor, index: Tensor) -> Tensor:
         return self.evaluate(traj, index)[0]
 
-    def sample(self, index: Tensor, generator: torch.Generator) -> Tensor:
+    def sample(self, index: Tensor, generator: torch.Generator | list[torch.Generator]) -> Tensor:
         z, zu = self._cond(index)
         noise = self.head.draw_noise(index.numel(), generator, device=z.device, dtype=z.dtype)
         out = self.head.sample(
@@ -391,27 +391,22 @@ class CSpD(Strategy):
             log_p, token_p = target.evaluate(samples, every)  # one batched pass, as sampling's
             log_q = trajectory_log_prob(traj_q)
             values = token_p.reshape(B, k, -1).clone()  # (B, k, D)
-            rejected = False
-            for rows in generator_groups(decoder.generators):
-                idx = (
-                    torch.tensor(rows, device=samples.device)[:, None] * k
-                    + torch.arange(k, device=samples.device)
-                ).flatten()
-                v = exact_verify(
-                    samples[idx],
-                    _Subset(draft, idx),
-                    _Subset(target, idx),
-                    decoder.generators[rows[0]],
-                    independent=True,  # one step's tokens are independent given the context
-                    draft_log_prob=log_q[idx],
-                    target_log_prob=log_p[idx],
-                )
-                self._count(v)
-                if v.resampled.any():
-                    rejected = True
-                    redo = idx[v.resampled]
-                    _, tokens = target.evaluate(v.samples[v.resampled], redo)
-                    values.view(B * k, -1)[redo] = tokens
+            v = exact_verify(
+                samples,
+                draft,
+                target,
+                decoder.generators,  # each row draws from its own; densities for all rows at once
+                rows=torch.arange(B, device=samples.device).repeat_interleave(k),
+                independent=True,  # one step's tokens are independent given the context
+                draft_log_prob=log_q,
+                target_log_prob=log_p,
+            )
+            self._count(v)
+            rejected = bool(v.resampled.any())
+            if rejected:
+                redo = v.resampled.nonzero().flatten()
+                _, tokens = target.evaluate(v.samples[redo], redo)
+                values.view(B * k, -1)[redo] = tokens
             decoder.commit(values)
             if rejected:  # later drafted steps assumed the replaced tokens: drop them
                 dropped = sum(d[0].states.shape[1] for d in drafted[j + 1 :])
@@ -425,19 +420,6 @@ class CSpD(Strategy):
         c["resampled_tokens"] += int(v.resampled.sum())
         c["zero_tokens"] += int(v.failed.sum())
         c["resample_tries"] += int(v.tries.sum())
-
-
-class _Subset:
-    """A `TokenDensity` restricted to ``index`` (positions renumbered 0 .. len - 1)."""
-
-    def __init__(self, density: HeadDensity, index: Tensor):
-        self.density, self.index = density, index
-
-    def log_prob(self, x: Tensor, index: Tensor) -> Tensor:
-        return self.density.log_prob(x, self.index[index])
-
-    def sample(self, index: Tensor, generator: torch.Generator) -> Tensor:
-        return self.density.sample(self.index[index], generator)
 
 
 def rows_flat(x: Tensor, rows: Tensor) -> Tensor:

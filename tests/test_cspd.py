@@ -50,6 +50,9 @@ class DiagGaussian:
 
     def sample(self, index, generator):
         mean, std = self.mean[index], self.std[index]
+        if isinstance(generator, list):  # one per position
+            noise = [torch.randn(mean.shape[1:], generator=g, dtype=mean.dtype) for g in generator]
+            return mean + std * torch.stack(noise) if noise else mean.clone()
         return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
 
     def log_prob(self, x, index):
@@ -170,6 +173,30 @@ def test_exact_same_densities_accept_everything_and_draw_nothing_more():
     p = same_everywhere(0.3, 0.9)
     x, v = draft_and_verify(p, p, seed=6)
     assert v.accepted.all() and torch.equal(v.samples, x) and int(v.tries.sum()) == 0
+
+
+def test_exact_per_row_generators_make_a_row_independent_of_the_others():
+    # rows verified together, each drawing from its own generator, give each row what it
+    # gets alone; the residual proposals of all rows are evaluated in one call
+    q, p = same_everywhere(0.6, 1.2, n=40), same_everywhere(0.0, 1.0, n=40)
+    x = q.sample(torch.arange(40), torch.Generator().manual_seed(0))
+    rows = torch.arange(4).repeat_interleave(10)
+    together = exact_verify(
+        x, q, p, [torch.Generator().manual_seed(s) for s in range(4)], rows=rows, independent=True
+    )
+    assert together.resampled.any() and together.accepted.any()
+    for r in range(4):
+        at = rows == r
+        q_r = DiagGaussian(q.mean[at], q.std[at])
+        p_r = DiagGaussian(p.mean[at], p.std[at])
+        g = [torch.Generator().manual_seed(r)]
+        alone = exact_verify(
+            x[at], q_r, p_r, g, rows=torch.zeros(10, dtype=torch.long), independent=True
+        )
+        assert torch.equal(alone.samples, together.samples[at])
+        assert torch.equal(alone.tries, together.tries[at])
+    with pytest.raises(ValueError, match="rows"):
+        exact_verify(x, q, p, [torch.Generator()] * 4, independent=True)
 
 
 def test_speculative_cut_keeps_groups_before_the_first_rejection():
