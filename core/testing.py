@@ -32,6 +32,8 @@ from decodekit.tiny_models import (  # noqa: F401  (re-exported for plugin tests
     tiny_flux_pipeline,
     tiny_llada2_pipeline,
     tiny_llama,
+    tiny_llava,
+    tiny_llava_processor,
     tiny_mdm_pipeline,
     tiny_pixart_pipeline,
     tiny_sana_pipeline,

@@ -223,6 +223,90 @@ def tiny_llama(seed: int = 0, dtype=torch.float32, vocab_size: int = 64):
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+VLM_WORDS = (
+    "<pad> <s> </s> <unk> <image> what which shape colour is it where a the red blue green "
+    "circle square triangle left right top bottom"
+).split()
+"""Vocabulary of `tiny_llava`'s word-level tokenizer (ids in this order; ``<image>`` is 4)."""
+
+
+def tiny_llava_processor(image_size: int = 16, patch_size: int = 4):
+    """A `LlavaProcessor`: CLIP image processing at ``image_size`` and a word-level tokenizer over
+    `VLM_WORDS`, built in memory (no download). Each image becomes ``(image_size / patch_size)**2``
+    image tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VLM_WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+    images = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+
+
+def tiny_llava(seed: int = 0, layers: int = 4, image_size: int = 16, patch_size: int = 4):
+    """A `LlavaForConditionalGeneration` (two-layer CLIP vision tower, ``layers``-layer Llama with
+    GQA, eval mode) and its `tiny_llava_processor`."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(VLM_WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=VLM_WORDS.index("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=(image_size // patch_size) ** 2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    return model, tiny_llava_processor(image_size, patch_size)
+
+
 # -- masked diffusion ------------------------------------------------------------------------
 MASK = 31
 """Mask token id of `tiny_mdm_pipeline` (the last id of `VOCAB`)."""
