@@ -54,6 +54,9 @@ __all__ = [
 PAPER_FLATTEN = 42.0
 """The reference's ``inner_temperature`` (``SpecDecodeRunner.__init__``, ``DistributionProcessor``)."""
 
+MAX_PROPOSALS_PER_ROUND = 64
+"""`exact_verify` draws 1, 2, 4 ... up to this many residual proposals per position and round."""
+
 PAPER_MAX_TRIES = 100
 """The reference's cap on residual proposals (``DistributionProcessor.sample_distribution``)."""
 
@@ -167,7 +170,9 @@ def exact_verify(
     ``max(0, 1 - q_i(y) / p_i(y))``, again until one is kept: no cap, no zero
     samples. Since a position is rejected with probability ``TV(p_i, q_i)`` and a
     proposal kept with the same probability, the expected number of proposals per
-    verified position is ``TV * 1/TV = 1`` (and 0 when ``p == q``).
+    verified position is ``TV * 1/TV = 1`` (and 0 when ``p == q``). The proposals are
+    drawn in rounds of 1, 2, 4 ... (at most `MAX_PROPOSALS_PER_ROUND`) per position,
+    each round evaluated in one call; ``tries`` counts the proposals up to the kept one.
 
     Args:
         draft_samples: ``(N, *event)``, each drawn from ``draft``'s distribution of its position.
@@ -210,22 +215,31 @@ def exact_verify(
     samples = draft_samples.clone()
     tries = torch.zeros(N, dtype=torch.long, device=device)
     pending = resample.nonzero().flatten()  # (M,)
+    rounds = 0
     while pending.numel():
         if max_tries is not None and int(tries[pending].max()) >= max_tries:
             raise RuntimeError(
                 f"exact_verify: {max_tries} residual proposals for a position were all refused; "
                 "the draft and target densities are (numerically) equal there"
             )
-        tries[pending] += 1
-        y = target.sample(pending, draws.generators(pending))  # (M, *event)
-        log_p_y = target.log_prob(y, pending).double()  # (M,)
-        log_q_y = draft.log_prob(y, pending).double()  # (M,)
+        # 1, 2, 4 ... proposals per pending position and round, evaluated in one call: the
+        # first kept one is the draw (i.i.d. proposals), so a position that needs many
+        # tries costs a few rounds, not one round per try
+        m = min(2**rounds, MAX_PROPOSALS_PER_ROUND)
+        rounds += 1
+        each = pending.repeat_interleave(m)  # (M * m,), a position's proposals together
+        y = target.sample(each, draws.generators(each))  # (M * m, *event)
+        log_p_y = target.log_prob(y, each).double()  # (M * m,)
+        log_q_y = draft.log_prob(y, each).double()
         # keep y with probability max(0, 1 - q/p) = -expm1(min(0, log q - log p))
-        keep_prob = -torch.expm1((log_q_y - log_p_y).clamp(max=0.0))  # (M,)
-        v = draws.uniform(pending)
-        take = v < keep_prob
-        samples[pending[take]] = y[take].to(samples.dtype)
-        pending = pending[~take]
+        keep_prob = -torch.expm1((log_q_y - log_p_y).clamp(max=0.0))
+        take = (draws.uniform(each) < keep_prob).reshape(-1, m)  # (M, m)
+        found = take.any(dim=1)  # (M,)
+        first = take.int().argmax(dim=1)  # (M,) the first kept proposal where found
+        tries[pending] += torch.where(found, first + 1, m)
+        chosen = torch.arange(pending.numel(), device=device) * m + first
+        samples[pending[found]] = y[chosen[found]].to(samples.dtype)
+        pending = pending[~found]
     none = torch.zeros_like(passes)
     return ContinuousVerdict(samples, kept, resample, dropped, tries, none)
 

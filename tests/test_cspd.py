@@ -658,7 +658,7 @@ def test_exact_mode_samples_the_plain_target_pipeline_and_paper_mode_does_not():
     import decodekit
     from decodekit.pipelines.mar_pipeline import MARPipeline
 
-    n = 3000
+    n = 6000
     target = tiny_mar(depth=1, width=8, img_size=8)  # 4 tokens of 2 numbers, 3 head steps
     g = torch.Generator().manual_seed(0)
     A = 0.5 * torch.randn(2, 8, generator=g, dtype=torch.float64)
@@ -691,4 +691,4 @@ def test_exact_mode_samples_the_plain_target_pipeline_and_paper_mode_does_not():
     assert stats["exact"]["dropped_tokens"] > 0 and stats["exact"]["zero_tokens"] == 0
     assert smallest_p(out["exact"].tokens) > ALPHA / 8  # Bonferroni over the 8 tests
     assert smallest_p(drafts) < 1e-12  # negative control: the draft alone
-    assert smallest_p(out["paper"].tokens) < 1e-5  # the reference's rule is off here
+    assert smallest_p(out["paper"].tokens) < 1e-6  # the reference's rule is off here
