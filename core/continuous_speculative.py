@@ -82,6 +82,10 @@ class TokenDensity(Protocol):
         """The log-density of ``x`` ``(M, *event)`` at positions ``index``, ``(M,)``, exact."""
         ...
 
+    # Optional: ``sample_with_log_prob(index, generator) -> (samples, log_prob)``, the draws of
+    # `sample` with their log-densities, for a sampler that computes them while drawing
+    # (`exact_verify` then does not evaluate the target's draws again).
+
 
 class ContinuousVerdict(NamedTuple):
     """The outcome of verifying continuous draft samples (see `exact_verify`, `paper_verify`)."""
@@ -228,8 +232,12 @@ def exact_verify(
         m = min(2**rounds, MAX_PROPOSALS_PER_ROUND)
         rounds += 1
         each = pending.repeat_interleave(m)  # (M * m,), a position's proposals together
-        y = target.sample(each, draws.generators(each))  # (M * m, *event)
-        log_p_y = target.log_prob(y, each).double()  # (M * m,)
+        if hasattr(target, "sample_with_log_prob"):  # a sampler that has the density at hand
+            y, log_p_y = target.sample_with_log_prob(each, draws.generators(each))
+        else:
+            y = target.sample(each, draws.generators(each))  # (M * m, *event)
+            log_p_y = target.log_prob(y, each)
+        log_p_y = log_p_y.double()  # (M * m,)
         log_q_y = draft.log_prob(y, each).double()
         # keep y with probability max(0, 1 - q/p) = -expm1(min(0, log q - log p))
         keep_prob = -torch.expm1((log_q_y - log_p_y).clamp(max=0.0))

@@ -183,13 +183,24 @@ class HeadDensity:
     def log_prob(self, traj: Tensor, index: Tensor) -> Tensor:
         return self.evaluate(traj, index)[0]
 
-    def sample(self, index: Tensor, generator: torch.Generator | list[torch.Generator]) -> Tensor:
+    def sample_with_log_prob(
+        self, index: Tensor, generator: torch.Generator | list[torch.Generator]
+    ) -> tuple[Tensor, Tensor]:
+        """Trajectories ``(M, S, D)`` drawn with fresh noise, and their log-densities ``(M,)``."""
         z, zu = self._cond(index)
         noise = self.head.draw_noise(index.numel(), generator, device=z.device, dtype=z.dtype)
         out = self.head.sample(
             z, self.temperature, self.cfg, z_uncond=zu, noise=noise, trajectory=True
         )
-        return out.states[:-1].transpose(0, 1)  # (M, S, D): x_T .. x_1
+        return out.states[:-1].transpose(0, 1), trajectory_log_prob(out)  # x_T .. x_1
+
+    def sample(self, index: Tensor, generator: torch.Generator | list[torch.Generator]) -> Tensor:
+        return self.sample_with_log_prob(index, generator)[0]
+
+    def token(self, traj: Tensor, index: Tensor) -> Tensor:
+        """The token ``(M, D)`` of trajectories ``(M, S, D)``: the last step's mean at ``x_1``."""
+        z, zu = self._cond(index)
+        return self.head.step_distribution(traj[:, -1].contiguous(), 0, z, self.cfg, zu)[0]
 
 
 def trajectory_log_prob(traj: Any) -> Tensor:
@@ -405,7 +416,7 @@ class CSpD(Strategy):
             rejected = bool(v.resampled.any())
             if rejected:
                 redo = v.resampled.nonzero().flatten()
-                _, tokens = target.evaluate(v.samples[redo], redo)
+                tokens = target.token(v.samples[redo], redo)
                 values.view(B * k, -1)[redo] = tokens
             decoder.commit(values)
             if rejected:  # later drafted steps assumed the replaced tokens: drop them

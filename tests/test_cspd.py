@@ -580,6 +580,9 @@ def test_head_density_is_the_samplers_and_exact_rule_reproduces_the_target_head(
     assert torch.equal(q.log_prob(samples, every), trajectory_log_prob(traj))
     _, token = q.evaluate(samples, every)
     assert torch.equal(token, traj.sample)  # the last step's mean is the sampler's token
+    assert torch.equal(q.token(samples, every), traj.sample)
+    y, log_p = p.sample_with_log_prob(every[:50], g)  # the sampler's own density of its draws
+    torch.testing.assert_close(log_p, p.log_prob(y, every[:50]), rtol=1e-12, atol=1e-9)
     alone = target.sample(z, 1.3, noise=target.draw_noise(n, g, dtype=torch.float64))
     v = exact_verify(samples, q, p, g, independent=True)
     _, out = p.evaluate(v.samples, every)
