@@ -182,6 +182,12 @@ class VLMAdapter(CausalLMAdapter):
             out = model.generate(**enc, **kwargs)
             sequences = out.sequences if hasattr(out, "sequences") else out
             new = sequences[:, enc["input_ids"].shape[1] :]
+            if len(new) != len(group):
+                raise ConfigError(
+                    "inputs.extra",
+                    f"vlm returns one row per prompt; generate gave {len(new)} rows for "
+                    f"{len(group)} prompts (num_return_sequences > 1 is not supported)",
+                )
             for i, row in zip(group, new.tolist()):
                 tokens = _until_stop(row, stops)
                 results.append(

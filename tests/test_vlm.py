@@ -70,6 +70,9 @@ def _masked_reference(model, enc, keep, layer):
 
     def attention(module, query, key, value, attention_mask, **kw):
         if module.layer_idx >= layer:
+            if attention_mask is None:  # no padding: sdpa's causal path
+                q, k = query.shape[2], key.shape[2]
+                attention_mask = torch.ones(q, k, dtype=torch.bool).tril(k - q)[None, None]
             attention_mask = attention_mask & allowed[:, None, None, :]
         return sdpa(module, query, key, value, attention_mask, **kw)
 
@@ -90,9 +93,11 @@ def test_generate_runs_and_adapter_matches(llava):
     assert out.shape == (2, 6)
     assert VLMAdapter.matches(model) and VLMAdapter.matches(VLMPipeline(model, processor))
     assert not VLMAdapter.matches(torch.nn.Linear(2, 2))
-    with decodekit.attach(model, []) as run:
-        assert run.adapter.model is model
+    with decodekit.attach(model, [], pipeline="vlm") as run:
+        assert run.adapter.name == "vlm" and run.adapter.model is model
         assert torch.equal(_gen(model, enc), out)
+    with decodekit.attach(VLMPipeline(model, processor), []) as run:
+        assert run.adapter.name == "vlm" and run.adapter.model is model
 
 
 def test_yaml_route(tmp_path, llava):
@@ -155,9 +160,10 @@ def test_pruner_keep_all_identical_and_detach_restores(llava):
     assert torch.equal(_gen(model, enc), base)
 
 
-def test_pruned_equals_masked_out_from_layer_k(llava):
+@pytest.mark.parametrize("rows", [(0, 1), (1,)])  # padded batch; one row, no mask (is_causal)
+def test_pruned_equals_masked_out_from_layer_k(llava, rows):
     model, processor = llava
-    enc = _enc(processor)
+    enc = _enc(processor, rows)
     select = _drop_half_images(enc)
     pruner = TokenPruner(model, K, select)
     pruner.attach()
@@ -177,9 +183,10 @@ def test_pruned_equals_masked_out_from_layer_k(llava):
         assert not torch.allclose(model(**enc).logits[:, -1], ref[:, -1], atol=1e-4)
 
 
-def test_cached_decode_equals_recompute(llava):
+@pytest.mark.parametrize("rows", [(0, 1), (1,)])
+def test_cached_decode_equals_recompute(llava, rows):
     model, processor = llava
-    enc = _enc(processor)
+    enc = _enc(processor, rows)
     L = enc["input_ids"].shape[1]
     pruner = TokenPruner(model, K, _drop_half_images(enc))
     pruner.attach()
