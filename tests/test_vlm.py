@@ -144,20 +144,61 @@ def test_bad_inputs(tmp_path, llava):
         )
 
 
-def test_pruner_keep_all_identical_and_detach_restores(llava):
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_pruner_keep_all_identical_and_detach_restores(llava, impl):
     model, processor = llava
-    enc = _enc(processor)
-    base = _gen(model, enc)
-    before = fingerprint(model)
-    pruner = TokenPruner(
-        model, K, lambda s, h: torch.arange(h.shape[1]).expand(h.shape[0], -1), score=lambda w: w
-    )
+    lm = model.model.language_model
+    lm.set_attn_implementation(impl)
+    try:
+        enc = _enc(processor)
+        base = _gen(model, enc)
+        before = fingerprint(model)
+        pruner = TokenPruner(
+            model,
+            K,
+            lambda s, h: torch.arange(h.shape[1]).expand(h.shape[0], -1),
+            score=lambda w: w,
+        )
+        pruner.attach()
+        assert torch.equal(_gen(model, enc), base)
+        pruner.detach()
+        assert_restored(before, fingerprint(model))
+        assert lm.config._attn_implementation == impl
+        assert torch.equal(_gen(model, enc), base)
+    finally:
+        lm.set_attn_implementation("sdpa")
+
+
+def test_pruner_refuses_bad_layers_and_chunked_prefill(llava):
+    model, processor = llava
+    keep_all = lambda s, h: torch.arange(h.shape[1]).expand(h.shape[0], -1)  # noqa: E731
+    with pytest.raises(decodekit.AttachError, match=r"in \[1, 3\]"):
+        TokenPruner(model, 4, keep_all)
+    pruner = TokenPruner(model, K, keep_all)
     pruner.attach()
-    assert torch.equal(_gen(model, enc), base)
-    pruner.detach()
-    assert_restored(before, fingerprint(model))
-    assert model.model.language_model.config._attn_implementation == "sdpa"
-    assert torch.equal(_gen(model, enc), base)
+    try:
+        with pytest.raises(decodekit.AttachError, match="already has a token-pruning hook"):
+            TokenPruner(model, K, keep_all).attach()
+        enc = _enc(processor, (0,))
+        with torch.no_grad():
+            out = model(**enc, use_cache=True)
+            with pytest.raises(RuntimeError, match="one token per step"):
+                model(input_ids=torch.tensor([[5, 6]]), past_key_values=out.past_key_values)
+    finally:
+        pruner.detach()
+
+
+def test_vlm_refuses_several_rows_per_prompt(tmp_path, llava):
+    model, processor = llava
+    _image(0).save(tmp_path / "0.png")
+    inputs = VLMInputs(
+        images=str(tmp_path / "0.png"),
+        prompt="what shape",
+        max_new_tokens=2,
+        extra={"num_beams": 2, "num_return_sequences": 2},
+    )
+    with pytest.raises(ConfigError, match="one row per prompt"):
+        VLMAdapter.generate(VLMPipeline(model, processor), inputs)
 
 
 @pytest.mark.parametrize("rows", [(0, 1), (1,)])  # padded batch; one row, no mask (is_causal)
