@@ -145,3 +145,20 @@ class TestFastVContract(StrategyTesterMixin):
     def broken_call(self, pipe):
         model, processor = pipe.model, pipe.processor
         model.generate(**_enc(processor, [0]), max_new_tokens=2, num_beams=0)
+
+
+def test_beam_search_rows_keep_their_own_sets(llava):
+    """Beams reorder cache rows within a prompt; rows of one prompt share its kept set."""
+    model, processor = llava
+    enc = _enc(processor, [0, 1])
+    kw = dict(max_new_tokens=4, do_sample=False, num_beams=3, suppress_tokens=[IMAGE])
+    base = model.generate(**enc, **kw)
+    with decodekit.attach(model, [FastV(keep_ratio=1.0)], pipeline="vlm"):
+        assert torch.equal(model.generate(**enc, **kw), base)
+    with decodekit.attach(model, [FastV(keep_ratio=0.5)], pipeline="vlm") as run:
+        batch = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1] :]
+        assert run.strategies[0].stats()["image_tokens"] == 2 * 3 * 16  # rows x beams x tokens
+        for b in range(2):
+            one = _enc(processor, [b])
+            alone = model.generate(**one, **kw)[0, one["input_ids"].shape[1] :]
+            assert torch.equal(alone, batch[b])
