@@ -160,6 +160,23 @@ CATALOGUE: dict[str, ZooModel] = {
             "var",
             "decodekit.pipelines.zoo.train_shapes_var",
         ),
+        ZooModel(
+            "shapes-mar",
+            "Class-conditional MAR (masked autoregression over continuous tokens: encoder and "
+            "decoder of depth 2, width 64, a diffusion MLP head per token) over shapes-sd's "
+            "VAE latents in 16 tokens of 16 numbers; 24 classes, shape x colour ('red "
+            "circle'); CSpD's target.",
+            "mar",
+            "decodekit.pipelines.zoo.train_shapes_mar",
+            {"adherence_shape": 0.90, "adherence_colour": 0.90},
+        ),
+        ZooModel(
+            "shapes-mar-small",
+            "Small class-conditional MAR (depth 1, width 32, a narrower head) on the same "
+            "tokens and classes as shapes-mar; CSpD's draft.",
+            "mar",
+            "decodekit.pipelines.zoo.train_shapes_mar",
+        ),
     )
 }
 
