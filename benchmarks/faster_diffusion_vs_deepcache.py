@@ -87,9 +87,8 @@ def zoo_prompts() -> list[str]:
 def sd15_shaped_pipeline(width: int, seed: int = 0, latent_size: int = 32, cross_dim: int = 64):
     """A random StableDiffusionPipeline with SD 1.5's UNet block layout at base width ``width``."""
     import diffusers
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-
     from decodekit.testing import tiny_text_encoder, tiny_vae
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
