@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from . import compat
 from .errors import AttachError
 
 ATTN_NAME = "decodekit_token_pruning"
@@ -163,7 +164,7 @@ class TokenPruner:
         if any(id(a) in _OWNERS for a in attns):
             raise AttachError("this model already has a token-pruning hook attached.")
         _register_attention()
-        impl = decoder.config._attn_implementation
+        impl = compat.attn_implementation(decoder)
         self._saved = {"impl": impl}
         self._base = self._base_attention(impl)
         for a in attns:
