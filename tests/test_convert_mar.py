@@ -59,7 +59,7 @@ def pipe(tmp_path_factory) -> MARPipeline:
     )
 
 
-def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-5) -> None:
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
@@ -77,8 +77,8 @@ def test_conditions_equal_mars_encoder_and_decoder(pipe, oracle):
     with torch.no_grad():
         z = model.conditions(tokens, mask, model.class_embedding(labels))
         z_null = model.conditions(tokens, mask, model.class_embedding(torch.full((2,), 3)))
-    close(z, oracle["cond.z"])
-    close(z_null, oracle["cond.z_null"])
+    assert_close(z, oracle["cond.z"])
+    assert_close(z_null, oracle["cond.z_null"])
     assert torch.equal(model.patchify(oracle["patchify.latents"]), oracle["patchify.tokens"])
 
 
@@ -88,7 +88,7 @@ def test_head_samples_equal_difflosss_with_its_noise(pipe, oracle, case, cfg):
     z_null = oracle["head.z_null"] if cfg != 1.0 else None
     with torch.no_grad():
         x = head.sample(oracle["head.z"], 0.9, cfg, z_uncond=z_null, noise=oracle[f"{case}.noise"])
-    close(x, oracle[f"{case}.sample"], rtol=1e-4, atol=1e-3)
+    assert_close(x, oracle[f"{case}.sample"], rtol=1e-4, atol=1e-3)
 
 
 def test_loss_terms_equal_the_hybrid_training_loss(pipe, oracle):
@@ -97,9 +97,9 @@ def test_loss_terms_equal_the_hybrid_training_loss(pipe, oracle):
         mse, vb = head.loss_terms(
             oracle["loss.target"], oracle["loss.z"], oracle["loss.t"], oracle["loss.noise"]
         )
-    close(mse, oracle["loss.mse"])
-    close(vb, oracle["loss.vb"], rtol=1e-4, atol=1e-4)
-    close(mse + vb, oracle["loss.loss"], rtol=1e-4, atol=1e-4)
+    assert_close(mse, oracle["loss.mse"])
+    assert_close(vb, oracle["loss.vb"], rtol=1e-4, atol=1e-4)
+    assert_close(mse + vb, oracle["loss.loss"], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("case", list(META["loops"]))
@@ -118,8 +118,10 @@ def test_the_loop_equals_sample_tokens_with_its_orders_and_noise(pipe, oracle, c
         while decoder.step < num_iter:
             decoder.run_step()
     assert not decoder.mask.any()
-    close(decoder.tokens, oracle[f"{case}.tokens"], rtol=1e-4, atol=1e-2)
-    close(pipe.model.unpatchify(decoder.tokens), oracle[f"{case}.latents"], rtol=1e-4, atol=1e-2)
+    assert_close(decoder.tokens, oracle[f"{case}.tokens"], rtol=1e-4, atol=1e-2)
+    assert_close(
+        pipe.model.unpatchify(decoder.tokens), oracle[f"{case}.latents"], rtol=1e-4, atol=1e-2
+    )
 
 
 def test_the_loop_oracle_fails_with_another_order(pipe, oracle):
@@ -158,8 +160,8 @@ def test_vae_encodes_and_decodes_as_the_ldm_autoencoder(pipe, oracle):
     with torch.no_grad():
         mean = vae.encode(oracle["vae.image"]).latent_dist.mean
         decoded = vae.decode(oracle["vae.z"]).sample
-    close(mean, oracle["vae.mean"], rtol=1e-4, atol=1e-4)
-    close(decoded, oracle["vae.decoded"], rtol=1e-4, atol=1e-4)
+    assert_close(mean, oracle["vae.mean"], rtol=1e-4, atol=1e-4)
+    assert_close(decoded, oracle["vae.decoded"], rtol=1e-4, atol=1e-4)
 
 
 # -- the released layouts ------------------------------------------------------------------------
