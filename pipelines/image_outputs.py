@@ -73,6 +73,25 @@ def generate_in_batches(
     return images
 
 
+def generate_classes(target: Any, inputs: ClassInputs, **call: Any) -> list:
+    """A `ClassInputs` run of a class-conditional pipeline: its labels as classes, in batches."""
+    labels = list(inputs.prompt)
+    rows = class_rows(labels, target.class_names)
+    return generate_in_batches(target, rows, labels, inputs.seed, inputs.batch_size, **call)
+
+
+def load_pipeline_folder(pipeline_cls: Any, source: str, device: str, dtype: str) -> Any:
+    """``pipeline_cls.from_pretrained(source)`` on ``device``, a bad folder a `ConfigError` on ``pipeline.model``."""
+    import torch
+    from decodekit.errors import ConfigError, DecodekitError
+
+    try:
+        pipe = pipeline_cls.from_pretrained(source, torch_dtype=getattr(torch, dtype))
+    except (ValueError, DecodekitError) as e:
+        raise ConfigError("pipeline.model", str(e)) from None
+    return pipe.to(device)
+
+
 class ImageOutputs:
     """Mixin of an image adapter: save, record and compare images as stable-diffusion does."""
 

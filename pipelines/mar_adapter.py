@@ -14,16 +14,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
-from decodekit.errors import AttachError, ConfigError, DecodekitError
+from decodekit.errors import AttachError
 from decodekit.hookspecs import hookimpl
 from decodekit.loops import MaskedAutoregressionAdapter
 from decodekit.pipeline import MAX_PROMPTS, Options
 from decodekit.pipelines.image_outputs import (
     ClassInputs,
     ImageOutputs,
-    class_rows,
-    generate_in_batches,
+    generate_classes,
+    load_pipeline_folder,
 )
 from decodekit.pipelines.mar import MARModel
 from decodekit.pipelines.mar_pipeline import MARPipeline
@@ -93,21 +92,13 @@ class MARAdapter(ImageOutputs, MaskedAutoregressionAdapter):
         from decodekit.config import check_options
 
         check_options(cls, options)
-        try:
-            pipe = MARPipeline.from_pretrained(source, torch_dtype=getattr(torch, dtype))
-        except (ValueError, DecodekitError) as e:
-            raise ConfigError("pipeline.model", str(e)) from None
-        return pipe.to(device)
+        return load_pipeline_folder(MARPipeline, source, device, dtype)
 
     @classmethod
     def generate(cls, target: Any, inputs: MARInputs, progress: bool = False) -> list:
-        prompts = list(inputs.prompt)
-        return generate_in_batches(
+        return generate_classes(
             target,
-            class_rows(prompts, target.class_names),
-            prompts,
-            inputs.seed,
-            inputs.batch_size,
+            inputs,
             num_iter=inputs.num_iter,
             cfg=inputs.cfg,
             cfg_schedule=inputs.cfg_schedule,

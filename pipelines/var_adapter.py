@@ -14,16 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from decodekit.errors import AttachError, ConfigError, DecodekitError
+from decodekit.errors import AttachError
 from decodekit.hookspecs import hookimpl
 from decodekit.loops import ScaleAutoregressionAdapter
 from decodekit.pipeline import MAX_PROMPTS, Options
 from decodekit.pipelines.image_outputs import (
     ClassInputs,
     ImageOutputs,
-    class_rows,
-    generate_in_batches,
+    generate_classes,
+    load_pipeline_folder,
 )
 from decodekit.pipelines.var import VARPipeline, VARTransformer
 from pydantic import Field, field_validator
@@ -132,21 +131,13 @@ class VARAdapter(ImageOutputs, ScaleAutoregressionAdapter):
         from decodekit.config import check_options
 
         check_options(cls, options)
-        try:
-            pipe = VARPipeline.from_pretrained(source, torch_dtype=getattr(torch, dtype))
-        except (ValueError, DecodekitError) as e:
-            raise ConfigError("pipeline.model", str(e)) from None
-        return pipe.to(device)
+        return load_pipeline_folder(VARPipeline, source, device, dtype)
 
     @classmethod
     def generate(cls, target: Any, inputs: VARInputs, progress: bool = False) -> list:
-        prompts = list(inputs.prompt)
-        return generate_in_batches(
+        return generate_classes(
             target,
-            class_rows(prompts, target.class_names),
-            prompts,
-            inputs.seed,
-            inputs.batch_size,
+            inputs,
             cfg=inputs.cfg,
             top_k=inputs.top_k,
             top_p=inputs.top_p,
