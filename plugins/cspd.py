@@ -427,10 +427,12 @@ class CSpD(Strategy):
 
     def _count(self, v: Any) -> None:
         c = self._counts
-        c["accepted_tokens"] += int(v.accepted.sum())
-        c["resampled_tokens"] += int(v.resampled.sum())
-        c["zero_tokens"] += int(v.failed.sum())
-        c["resample_tries"] += int(v.tries.sum())
+        sums = torch.stack([t.sum() for t in (v.accepted, v.resampled, v.failed, v.tries)])
+        accepted, resampled, failed, tries = sums.tolist()  # one host read a verification
+        c["accepted_tokens"] += accepted
+        c["resampled_tokens"] += resampled
+        c["zero_tokens"] += failed
+        c["resample_tries"] += tries
 
 
 def rows_flat(x: Tensor, rows: Tensor) -> Tensor:
