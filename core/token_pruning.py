@@ -15,23 +15,46 @@ through ``AttentionInterface``). At the prefill forward it:
   and columns at the kept positions, so layers ``>= K`` store only the kept
   tokens' K/V in the cache and attend to them alone.
 
-Decode steps need nothing else: their positions come from the full-length
-bookkeeping of ``generate`` (attention mask, ``cache_position``), layers ``< K``
-cache every position, and layers ``>= K`` see the mask's columns at the kept
-prompt positions plus every decoded position.
+Decode steps take their positions from the full-length bookkeeping of
+``generate`` (attention mask, ``cache_position``). Layers ``< K`` cache every
+position. Layers ``>= K`` share one slot layout: each row's cache holds the
+prefill's kept positions plus the decoded tokens admitted so far, and the
+pruner keeps a per-row map from cache slot to original position (``-1`` for an
+empty slot), through which the attention mask's columns are read.
 
-Batch > 1: every row keeps the same number of positions (``select`` returns a
-rectangular index), which is the case for LLaVA-style models where each image
-gives the same number of tokens and the text is always kept. Rows may keep
-different positions.
+Decode-time admission (``admit``): at each decode step, ``admit(hidden)`` sees
+the input hidden states of layer ``K`` ``(B, 1, D)`` and returns a ``(B,)``
+bool. The new token attends to itself and its row's cached context at every
+layer either way; a row that admits it keeps its K/V in layers ``>= K`` for
+later tokens, a row that does not evicts them after the step:
+
+- no row admits: the slot is removed from layers ``>= K``;
+- rows differ: the rows that did not admit mark the slot empty (masked out);
+  when the cache's slack (its length minus the largest number of filled slots
+  in a row) exceeds ``slack``, every layer ``>= K`` is compacted, each row's
+  filled slots packed to the front, so the cache holds at most
+  ``max filled + slack`` slots per layer.
+
+`TokenPruner.cache_stats` counts what the cache holds against an unpruned one.
+Admission rewrites the ``keys``/``values`` tensors of transformers'
+``DynamicCache`` layers ``>= K``; other cache classes (static, sliding-window,
+quantized, offloaded) are refused, and so is beam search, whose cache reorder
+the per-row map would not follow (greedy and sampling are supported).
+
+Batch > 1: every row keeps the same number of positions at the prefill
+(``select`` returns a rectangular index), which is the case for LLaVA-style
+models where each image gives the same number of tokens and the text is always
+kept. Rows may keep different positions and admit different decoded tokens.
 
 Supported: a ``DynamicCache`` (or no cache), attention masks that are tensors or
 None (eager and sdpa). attach/detach restores the model's attention
-implementation and removes the hook.
+implementation and removes the hooks; `TokenPruner.reset` clears the
+per-call state between calls.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -129,6 +152,12 @@ class TokenPruner:
             without ``score``).
         score: ``score(weights) -> Tensor``: called with layer ``K - 1``'s attention weights
             ``(B, H, L, L)`` at the prefill forward (that layer then runs eager attention).
+        admit: ``admit(hidden) -> (B,)`` bool, called at every decode step with the input
+            hidden states of layer ``K`` ``(B, 1, D)``: True admits the new token's K/V to the
+            cache of layers ``>= K``, False evicts them after the step (the token still attends
+            to itself and its row's cached context). None admits every decoded token.
+        slack: the most empty slots per row the cache of layers ``>= K`` may carry beyond
+            the fullest row before it is compacted (rows admitting different tokens).
     """
 
     def __init__(
@@ -137,6 +166,9 @@ class TokenPruner:
         layer: int,
         select: Callable[[Any, torch.Tensor], torch.Tensor],
         score: Callable[[torch.Tensor], Any] | None = None,
+        admit: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        slack: int = 4,
     ):
         self.model = model
         self.decoder = text_decoder(model)
@@ -145,13 +177,18 @@ class TokenPruner:
             raise AttachError(
                 f"token pruning layer must be in [1, {n - 1}] for this model, got {layer}"
             )
+        if slack < 0:
+            raise AttachError(f"token pruning slack must be >= 0, got {slack}")
         self.layer = layer
         self.select = select
         self.score = score
+        self.admit = admit
+        self.slack = slack
         self.keep: torch.Tensor | None = None  # (B, Lk) original positions kept at prefill
         self.prefill_len = 0
         self.scores: Any = None
         self._saved: dict[str, Any] | None = None
+        self.reset()
 
     # -- attach / detach ------------------------------------------------------------------
     def attach(self) -> None:
@@ -176,6 +213,8 @@ class TokenPruner:
             block.register_forward_pre_hook(self._pre_layer, with_kwargs=True)
             for block in decoder.layers[self.layer :]
         ]
+        # after the decoder's forward: the decode step's admission decision reaches the cache
+        self._handles.append(decoder.register_forward_hook(self._post_decoder))
 
     def detach(self) -> None:
         if self._saved is None:
@@ -189,7 +228,16 @@ class TokenPruner:
         self.reset()
 
     def reset(self) -> None:
+        """Forget the current call (kept set, cache map, counts); the next forward is a prefill."""
         self.keep, self.prefill_len, self.scores = None, 0, None
+        self._slots: torch.Tensor | None = None  # (B, S) original position of each slot, -1 empty
+        self._filled: list[int] = []  # per row: filled slots of layers >= K
+        self._holes = False  # some slot of _slots is empty
+        self._cache_ref: weakref.ref | None = None
+        self._step: dict[str, Any] | None = None  # the decode step in flight
+        self._last_keys: torch.Tensor | None = None  # layer K's keys as the last step left them
+        self._admitted = 0
+        self._decoded = 0
 
     @staticmethod
     def _base_attention(impl: str) -> Callable:
@@ -203,6 +251,144 @@ class TokenPruner:
                 )
             return eager_attention
         return ALL_ATTENTION_FUNCTIONS[impl]
+
+    # -- the cache ----------------------------------------------------------------------------
+    def _cache(self) -> Any:
+        return None if self._cache_ref is None else self._cache_ref()
+
+    def _pruned_layers(self, cache: Any) -> list[Any]:
+        """The cache layers ``>= K``, checked to be plain growing ``DynamicCache`` layers."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(cache, "layers", None)
+        n = len(self.decoder.layers)
+        if (
+            layers is None
+            or len(layers) < n
+            or getattr(cache, "offloading", False)
+            or any(type(lay) is not DynamicLayer for lay in layers[self.layer : n])
+        ):
+            kinds = sorted({type(lay).__name__ for lay in (layers or [])[self.layer : n]})
+            raise RuntimeError(
+                f"token pruning with decode-time admission needs transformers' DynamicCache (not "
+                f"offloaded, full-attention layers); got {type(cache).__name__} with layers "
+                f"{kinds or 'none'}. Let generate create its default cache."
+            )
+        return list(layers[self.layer : n])
+
+    def cache_stats(self) -> dict[str, Any]:
+        """What the cache of the current call holds, counted against an unpruned cache.
+
+        Returns:
+            ``kv_slots``: slots allocated in layers ``>= K``, summed over those layers and rows;
+            ``kv_attended``: the filled ones among them (kept prefill positions, left padding a
+            row keeps included, and admitted decoded tokens); ``kv_slots_full``: the same count
+            for an unpruned cache of the same length; ``kv_bytes``: bytes of every layer's K/V
+            tensors; ``kv_bytes_full``: what an unpruned cache of the same length would hold;
+            ``admitted`` / ``decoded``: decoded tokens admitted / decode steps, summed over rows.
+            All zero before a cached prefill.
+        """
+        stats = {
+            "kv_slots": 0,
+            "kv_attended": 0,
+            "kv_slots_full": 0,
+            "kv_bytes": 0,
+            "kv_bytes_full": 0,
+            "admitted": self._admitted,
+            "decoded": self._decoded,
+        }
+        cache = self._cache()
+        if cache is None or self._slots is None:
+            return stats
+        n = len(self.decoder.layers)
+        rows, slots = self._slots.shape
+        full = self.prefill_len + self._decoded // max(rows, 1)
+        stats["kv_slots"] = (n - self.layer) * rows * slots
+        stats["kv_attended"] = (n - self.layer) * sum(self._filled)
+        stats["kv_slots_full"] = (n - self.layer) * rows * full
+        for lay in cache.layers[:n]:
+            for t in (lay.keys, lay.values):
+                if t is None or t.numel() == 0:
+                    continue
+                stats["kv_bytes"] += t.numel() * t.element_size()
+                stats["kv_bytes_full"] += t.numel() // t.shape[-2] * full * t.element_size()
+        return stats
+
+    def _admit_step(self, hidden: torch.Tensor, cache: Any) -> None:
+        """At layer K of a decode step: the slot map of this step, and the rows that admit."""
+        if cache is not self._cache():
+            raise RuntimeError(
+                "token pruning: a decode step with a different cache than the prefill's; call "
+                "reset() between calls and decode with the cache the prefill filled."
+            )
+        rows = hidden.shape[0]
+        admitted = None
+        if self.admit is not None:
+            layers = self._pruned_layers(cache)
+            if self._last_keys is not None and layers[0].keys is not self._last_keys:
+                raise RuntimeError(
+                    "token pruning: the cache of layers >= K was changed outside the pruner "
+                    "(beam search reorders it, assisted decoding crops it); decode-time admission "
+                    "supports greedy decoding and sampling."
+                )
+            decision = self.admit(hidden)
+            if (
+                not isinstance(decision, torch.Tensor)
+                or decision.dtype != torch.bool
+                or decision.shape != (rows,)
+            ):
+                got = (
+                    f"{tuple(decision.shape)} {decision.dtype}"
+                    if isinstance(decision, torch.Tensor)
+                    else type(decision).__name__
+                )
+                raise RuntimeError(
+                    f"token pruning: admit must return a ({rows},) bool tensor, got {got}"
+                )
+            admitted = decision.tolist()
+        # the new token's original position: layer K-1 has cached every position, this one too
+        position = cache.get_seq_length(self.layer - 1) - 1
+        current = torch.cat(
+            [self._slots, self._slots.new_full((rows, 1), position)], dim=1
+        )  # (B, S + 1): the step attends to its own slot in every row
+        self._step = {"slots": current, "admitted": admitted}
+
+    def _post_decoder(self, module, args, output) -> None:
+        step, self._step = self._step, None
+        if step is None:
+            return
+        current, admitted = step["slots"], step["admitted"]
+        rows = current.shape[0]
+        self._decoded += rows
+        if admitted is None or all(admitted):
+            self._slots = current
+            self._filled = [f + 1 for f in self._filled]
+            self._admitted += rows
+            return
+        layers = self._pruned_layers(self._cache())
+        if not any(admitted):  # evict the new slot everywhere: the cache shrinks back
+            for lay in layers:
+                lay.keys, lay.values = lay.keys[:, :, :-1], lay.values[:, :, :-1]
+        else:  # rows differ: the rows that did not admit leave the slot empty
+            evicted = torch.tensor([not a for a in admitted], device=current.device)
+            current[:, -1] = current[:, -1].masked_fill(evicted, -1)
+            self._slots, self._holes = current, True
+            self._filled = [f + int(a) for f, a in zip(self._filled, admitted, strict=True)]
+            self._admitted += sum(admitted)
+            if self._slots.shape[1] - max(self._filled) > self.slack:
+                self._compact(layers)
+        self._last_keys = layers[0].keys
+
+    def _compact(self, layers: list[Any]) -> None:
+        """Pack each row's filled slots to the front of every layer ``>= K``; drop the rest."""
+        width = max(self._filled)
+        empty = (self._slots < 0).to(torch.int8)
+        order = torch.sort(empty, dim=1, stable=True).indices[:, :width]  # (B, width)
+        self._slots = torch.gather(self._slots, 1, order)
+        self._holes = min(self._filled) < width
+        for lay in layers:
+            lay.keys = _gather_positions(lay.keys, order, 2)
+            lay.values = _gather_positions(lay.values, order, 2)
 
     # -- the forward --------------------------------------------------------------------------
     @staticmethod
@@ -223,18 +409,29 @@ class TokenPruner:
                     f"{tuple(keep.shape)} {keep.dtype}"
                 )
             self.keep, self.prefill_len = keep, hidden.shape[1]
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            self._step, self._last_keys = None, None
+            self._admitted = self._decoded = 0
+            if cache is None:
+                self._slots, self._filled, self._cache_ref = None, [], None
+            else:
+                self._slots, self._holes = keep, False
+                self._filled = [keep.shape[1]] * keep.shape[0]
+                self._cache_ref = weakref.ref(cache)
             hidden = _gather_positions(hidden, keep, 1)
             if args:
                 args = (hidden, *args[1:])
             else:
                 kwargs["hidden_states"] = hidden
-        elif self.keep is None:
-            raise RuntimeError("token pruning: a cached step before any prefill forward")
+        elif self.keep is None or (first and self._slots is None):
+            raise RuntimeError("token pruning: a cached step before any cached prefill forward")
         elif first and hidden.shape[1] != 1:
             raise RuntimeError(
                 "token pruning supports one prefill forward then one token per step; got a "
                 f"cached forward of {hidden.shape[1]} tokens"
             )
+        elif first:
+            self._admit_step(hidden, kwargs.get("cache", kwargs.get("past_key_values")))
         # the prefill forward: RoPE and position ids of the kept positions (their original ones)
         cos_sin = kwargs.get("position_embeddings")
         if cos_sin is not None and cos_sin[0].shape[1] == self.prefill_len != hidden.shape[1]:
@@ -246,10 +443,9 @@ class TokenPruner:
             kwargs["position_ids"] = _gather_positions(ids, self.keep, 1)
         return args, kwargs
 
-    def _key_index(self, kv_len: int) -> torch.Tensor:
-        keep = self.keep
-        tail = torch.arange(self.prefill_len, kv_len, device=keep.device)
-        return torch.cat([keep, tail.expand(keep.shape[0], -1)], dim=1)
+    def _key_slots(self) -> torch.Tensor:
+        """``(B, S)``: the original position of each key of layers >= K at this forward."""
+        return self.keep if self._step is None else self._step["slots"]
 
     def _attend(self, module, query, key, value, attention_mask, **kwargs):
         idx = module.layer_idx
@@ -257,15 +453,36 @@ class TokenPruner:
             out, weights = eager_attention(module, query, key, value, attention_mask, **kwargs)
             self.scores = self.score(weights)
             return out, weights
-        if idx >= self.layer and self.keep is not None and attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor):
+        if idx >= self.layer and self.keep is not None:
+            slots = self._key_slots()
+            if slots.shape[1] != key.shape[2]:
                 raise RuntimeError(
-                    f"token pruning needs a tensor attention mask, got {type(attention_mask).__name__}"
+                    f"token pruning: layer {idx} holds {key.shape[2]} keys where the pruner "
+                    f"expects {slots.shape[1]}; the cache of layers >= K was changed outside the "
+                    "pruner (beam search, cropping) or a call was not preceded by reset()."
                 )
-            mask = attention_mask
-            if mask.shape[-1] != key.shape[2]:
-                mask = _gather_positions(mask, self._key_index(mask.shape[-1]), mask.dim() - 1)
-            if mask.shape[-2] != query.shape[2] and mask.shape[-2] == self.prefill_len:
-                mask = _gather_positions(mask, self.keep, mask.dim() - 2)
-            attention_mask = mask
+            attention_mask = self._mask(attention_mask, slots, query.shape[2])
         return self._base(module, query, key, value, attention_mask, **kwargs)
+
+    def _mask(self, mask: Any, slots: torch.Tensor, q_len: int) -> Any:
+        """The model's mask read at ``slots`` (columns) and, at the prefill, the kept rows."""
+        holes = self._step is not None and self._holes
+        if mask is None:
+            if not holes:
+                return None  # no padding, no empty slot: the base attention's causal rule
+            return (slots >= 0)[:, None, None, :]  # one query: the causal rule is all-true
+        if not isinstance(mask, torch.Tensor):
+            raise RuntimeError(
+                f"token pruning needs a tensor attention mask, got {type(mask).__name__}"
+            )
+        if mask.shape[-1] != slots.shape[1] or self._step is not None:
+            mask = _gather_positions(mask, slots.clamp(min=0), mask.dim() - 1)
+            if holes:
+                empty = (slots < 0)[:, None, None, :]
+                if mask.dtype == torch.bool:
+                    mask = mask & ~empty
+                else:
+                    mask = mask.masked_fill(empty, torch.finfo(mask.dtype).min)
+        if mask.shape[-2] != q_len and mask.shape[-2] == self.prefill_len:
+            mask = _gather_positions(mask, self.keep, mask.dim() - 2)
+        return mask
