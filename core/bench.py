@@ -149,7 +149,9 @@ def bench(
         ``speedup_spread`` (`decodekit.figures.speedup_spread`: median, range,
         interval of the median and whether it contains ×1), ``ideal_speedup``, ``nfe``, ``peak_memory``, ``quality``,
         ``compile_s`` (with ``pipeline.compile``: each arm's first call, which compiles,
-        in seconds; None otherwise), per-arm
+        in seconds; None otherwise), ``pipeline`` (the adapter's own figures, such as the
+        vlm adapter's prefill and decode seconds and K/V cache bytes: each arm's medians
+        over pairs and their ratio baseline / strategy; None when the adapter has none), per-arm
         ``baseline``/``strategy`` figures, ``strategies``, ``label``, ``config`` and ``machine``.
     """
     manager = manager or get_manager()
@@ -194,6 +196,7 @@ def bench(
             "strategy": strategy["peak_memory"],
         },
         "quality": _quality(config, manager, base_out, strat_out),
+        "pipeline": _pipeline_figures(baseline["pipeline"], strategy["pipeline"]),
         "baseline": baseline,
         "strategy": strategy,
         "strategies": specs,
@@ -289,8 +292,31 @@ def _arm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "items": items,
         "items_per_s": (items / med) if items and med > 0 else None,
         "peak_memory": max(peaks) if peaks else None,
+        "pipeline": _median_figures([r["stats"].get("pipeline") or {} for r in runs]),
         "stats": runs[-1]["stats"],
     }
+
+
+def _median_figures(per_run: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each numeric figure of the adapter's stats (`PipelineAdapter.stats`): its median over runs."""
+    keys = [
+        k
+        for k, v in (per_run[-1] if per_run else {}).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    return {
+        k: statistics.median(vals)
+        for k in keys
+        if (vals := [r[k] for r in per_run if isinstance(r.get(k), (int, float))])
+    }
+
+
+def _pipeline_figures(base: dict[str, Any], strat: dict[str, Any]) -> dict[str, Any] | None:
+    """Both arms' adapter figures (medians over pairs) and ``ratio``: baseline / strategy."""
+    if not base and not strat:
+        return None
+    ratio = {k: base[k] / strat[k] for k in base if k in strat and strat[k] and base[k] is not None}
+    return {"baseline": base, "strategy": strat, "ratio": ratio}
 
 
 def _quality(

@@ -545,6 +545,14 @@ def format_bench(r: dict[str, Any]) -> str:
         f"speed-up: x{r['speedup']:.3f} (median of per-pair ratios)"
         + (f"   FLOP-ideal: x{r['ideal_speedup']:.3f}" if r["ideal_speedup"] else ""),
     ]
+    phases = (r.get("pipeline") or {}).get("baseline") or {}
+    if "prefill_s" in phases:  # the vlm adapter's split of the time, and the cache held
+        pb, ps = r["pipeline"]["baseline"], r["pipeline"]["strategy"]
+        lines.insert(4, f"{'prefill':12}{pb['prefill_s']:>13.4f}s{ps['prefill_s']:>13.4f}s")
+        lines.insert(5, f"{'decode':12}{pb['decode_s']:>13.4f}s{ps['decode_s']:>13.4f}s")
+        if pb.get("kv_cache_bytes"):
+            kv_b, kv_s = _mib(pb["kv_cache_bytes"]), _mib(ps["kv_cache_bytes"])
+            lines.insert(6, f"{'K/V cache':12}{kv_b:>14}{kv_s:>14}   (held at the end)")
     if r.get("speedup_spread"):
         from .figures import spread_text
 

@@ -116,6 +116,12 @@ class PipelineAdapter:
         """Remove every hook and restore the target exactly as it was."""
         raise NotImplementedError
 
+    def stats(self) -> dict[str, Any]:
+        """The adapter's own figures since `attach` (e.g. time per phase of the loop), under
+        ``pipeline`` in the run's stats and, medians over pairs, in a bench's result; none by
+        default."""
+        return {}
+
     # -- running from YAML and bench -----------------------------------------------
     @classmethod
     def load(cls, source: str, *, device: str, dtype: str, options: dict[str, Any]) -> Any:

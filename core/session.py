@@ -109,7 +109,8 @@ class Run:
             its ``hook_time_s`` in that call plus its own ``stats()``, which
             strategies reset at every call start). ``stats["strategies"]`` is
             the same dict as ``stats["last_call"]["strategies"]``, kept as a
-            short name.
+            short name. ``stats["pipeline"]`` is the adapter's own figures since
+            attach (`PipelineAdapter.stats`; empty for most adapters).
     """
 
     def __init__(self, target: Any, adapter_cls: type, strategies: list[Strategy]):
@@ -337,6 +338,7 @@ class Run:
             "hook_time_s": dict(self._hook_time),
             "last_call": {**self.last, "strategies": per},
             "strategies": per,
+            "pipeline": self._adapter.stats(),
         }
 
     def ideal_speedup(self) -> float | None:

@@ -14,6 +14,12 @@ Registered through ``decodekit_register_quality_metrics`` like any plugin's:
   Where the problem is written zero-padded (three-digit operands, as
   zoo:arith-mdlm-fewshot is prompted) the four-digit answer ("0502") counts
   as well as the plain one.
+* ``vqa-accuracy`` — on vlm outputs whose inputs give ``answers`` (one reference
+  answer per prompt): each row's answer is the first word (or words) of the text
+  that is a reference answer of the config, or of the shapes questions' vocabulary
+  when every reference is one of its words (`shapes_vqa.parse_answer`'s rule); the
+  accuracy of baseline and strategy, how often both arms give the same answer, and
+  per question kind when the prompts are the shapes questions ("what shape is it").
 
 A metric returns None when the outputs are not its kind, so it stays silent
 on other pipelines.
@@ -179,7 +185,83 @@ def arith_accuracy_metric(
     return {"accuracy_baseline": accuracy(baseline), "accuracy_strategy": accuracy(outputs)}
 
 
+_WORDS = re.compile(r"[a-z0-9]+")
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(_WORDS.findall(text.lower()))
+
+
+def vqa_vocabulary(answers: list[str]) -> set[tuple[str, ...]]:
+    """The answers a generated text is read for: the references (as word tuples), with the
+    shapes questions' whole answer vocabulary when every reference is one of its words."""
+    from decodekit.pipelines.zoo.shapes_vqa import answer_vocabulary
+
+    refs = {_words(a) for a in answers}
+    shapes = {(w,) for w in answer_vocabulary()}
+    return refs | shapes if refs <= shapes else refs
+
+
+def read_answer(text: str, vocabulary: set[tuple[str, ...]]) -> tuple[str, ...] | None:
+    """The first answer of ``vocabulary`` in ``text`` (the longest one starting at the first word
+    that starts any), as words; None when the text names none."""
+    words = _words(text)
+    longest = max((len(v) for v in vocabulary), default=0)
+    for i in range(len(words)):
+        for n in range(min(longest, len(words) - i), 0, -1):
+            if words[i : i + n] in vocabulary:
+                return words[i : i + n]
+    return None
+
+
+def _question_kind(prompt: str) -> str | None:
+    from decodekit.pipelines.zoo.shapes_vqa import QUESTIONS
+
+    text = " ".join(w for w in prompt.split() if w != "<image>")
+    return next((k for k, q in QUESTIONS.items() if q == text), None)
+
+
+def vqa_accuracy_metric(
+    adapter: str, baseline: Any, outputs: Any, inputs: Any
+) -> dict[str, float] | None:
+    """Answer accuracy of baseline and strategy against ``inputs.answers``; their agreement."""
+    answers = getattr(inputs, "answers", None)
+    if adapter != "vlm" or answers is None:
+        return None
+    from decodekit.errors import ConfigError
+
+    for arm, rows in (("baseline", baseline), ("strategy", outputs)):
+        if len(rows) != len(answers):
+            raise ConfigError(
+                "inputs.answers",
+                f"{len(answers)} answers for the {arm}'s {len(rows)} output rows; give one "
+                "reference answer per prompt (and one row per prompt)",
+            )
+    vocabulary = vqa_vocabulary(answers)
+    refs = [_words(a) for a in answers]
+    read_base = [read_answer(r["text"], vocabulary) for r in baseline]
+    read_strat = [read_answer(r["text"], vocabulary) for r in outputs]
+
+    def share(marks: list[bool]) -> float:
+        return sum(marks) / len(marks)
+
+    result = {
+        "accuracy_baseline": share([a == r for a, r in zip(read_base, refs)]),
+        "accuracy_strategy": share([a == r for a, r in zip(read_strat, refs)]),
+        "answer_agreement": share([a == b for a, b in zip(read_base, read_strat)]),
+        "count": len(refs),
+    }
+    kinds = [_question_kind(r.get("prompt", "")) for r in baseline]
+    if None not in kinds:
+        for kind in dict.fromkeys(kinds):
+            rows = [i for i, k in enumerate(kinds) if k == kind]
+            result[f"accuracy_{kind}_baseline"] = share([read_base[i] == refs[i] for i in rows])
+            result[f"accuracy_{kind}_strategy"] = share([read_strat[i] == refs[i] for i in rows])
+    return result
+
+
 @hookimpl
 def decodekit_register_quality_metrics(register):
     register("shapes-judge", shapes_judge_metric)
     register("arith-accuracy", arith_accuracy_metric)
+    register("vqa-accuracy", vqa_accuracy_metric)
