@@ -192,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
     p = sub.add_parser(
+        "train-predictor",
+        help="train dynamic-llava's token predictors on a frozen VLM (shapes-vqa data)",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser(
         "convert-mar",
         help="write MAR's released checkpoints (and its KL-16 VAE) as a mar folder",
         add_help=False,
@@ -221,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "convert-llamagen": cmd_convert_llamagen,
         "convert-var": cmd_convert_var,
         "convert-mar": cmd_convert_mar,
+        "train-predictor": cmd_train_predictor,
     }[args.command]
     debug = getattr(args, "debug", False) or bool(os.environ.get("DECODEKIT_DEBUG"))
     verbose = getattr(args, "verbose", False) or bool(os.environ.get("DECODEKIT_VERBOSE"))
@@ -335,6 +343,13 @@ def cmd_convert_mar(args: argparse.Namespace) -> int:
     from .pipelines.convert_mar import convert_mar_cli
 
     return convert_mar_cli(args.rest)
+
+
+def cmd_train_predictor(args: argparse.Namespace) -> int:
+    """``decodekit train-predictor MODEL [--out DIR] ...``: dynamic-llava's predictors."""
+    from .predictor_training import train_predictor_cli
+
+    return train_predictor_cli(args.rest)
 
 
 def one_line(e: DecodekitError) -> str:
