@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bench import _quality, _run_arm, _sync, machine_info, write_json
+from .bench import PeakMemory, _quality, _run_arm, _sync, machine_info, write_json
 from .config import RunConfig, load_config
 from .demo import _fmt
 from .errors import ConfigError, DecodekitError
@@ -333,18 +333,26 @@ def pareto_bench(
 def _run_external(
     config: RunConfig, target: Any, apply: Callable[[Any], Callable[[], Any]], clock
 ) -> dict[str, Any]:
-    """One timed call of ``target`` with an external arm applied (and removed after)."""
+    """One timed call of ``target`` with an external arm applied (and removed after), measured
+    as decodekit's arms are (`decodekit.bench.PeakMemory` around the timed call)."""
     undo = apply(target)
     stats: Any = None
     try:
-        _sync(config.device)
-        t0 = clock()
-        outputs = config.adapter.generate(target, config.inputs)
-        _sync(config.device)
-        dt = clock() - t0
+        with PeakMemory(config.device) as mem:
+            _sync(config.device)
+            t0 = clock()
+            outputs = config.adapter.generate(target, config.inputs)
+            _sync(config.device)
+            dt = clock() - t0
     finally:
         stats = undo()
-    return {"time_s": dt, "outputs": outputs, "stats": dict(stats or {}), "ideal": None}
+    return {
+        "time_s": dt,
+        "outputs": outputs,
+        "stats": dict(stats or {}),
+        "ideal": None,
+        "peak": mem.peak,
+    }
 
 
 def _identical(a: Any, b: Any) -> bool:
