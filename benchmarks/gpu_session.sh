@@ -19,7 +19,8 @@
 # 15 minutes. Run it with a timeout of 590 s; each step's results are packed when it ends,
 # so rerun with DLLM_SKIP="3c-p512 3c-p64 ..." naming the steps that finished.
 # On a CPU, CPU_SMOKE=1 PY=.venv/bin/python bash benchmarks/gpu_session.sh dllm runs every
-# step's command at tiny widths on the CPU (no wheels, no nvidia-smi): a check that they run.
+# step's command at tiny widths on the CPU (no wheels, no nvidia-smi): a check that they run
+# (the same for the code, caches and vlm modes).
 # Results go to $OUT/results.tar (re-written after every step, so a run cut off
 # still returns what finished) and the log to $OUT/log.txt.
 set -u
@@ -138,6 +139,25 @@ if [ "$MODE" = caches ]; then
     exit 0
 fi
 
+# 8. Token pruning at LLaVA-1.5-7B's widths (CLIP ViT-L/336 tower, Llama-7B; random weights,
+#    bfloat16): baseline, fastv and dynamic-llava (its training-free scorer) at keep 0.25 after
+#    layer 2, batch 1 and 8, 64 text tokens after the 576 image tokens, 128 new tokens: prefill
+#    and decode time, K/V cache held, peak memory above the weights, in alternating order (an
+#    estimate: 1-3 minutes after the model is drawn). Alone: bash benchmarks/gpu_session.sh vlm
+#    (timeout about 400 s); in full, SKIP_VLM=1.
+VLM_W=(--device cuda --dtype bfloat16 --batch 1 8 --repeat 3)
+if [ "$CPU_SMOKE" = 1 ]; then
+    VLM_W=(--tiny --device cpu --dtype float32 --batch 1 2 --repeat 1 --text 8 --new 8 --threads 1)
+fi
+vlm_steps() {
+    step vlm-llava7b $PY benchmarks/vlm.py "${VLM_W[@]}" --out "$RES/vlm_llava7b_gpu.json"
+}
+if [ "$MODE" = vlm ]; then
+    vlm_steps
+    echo "=== all done"
+    exit 0
+fi
+
 if [ "$MODE" = smoke ]; then
     step fd-smoke python3 benchmarks/faster_diffusion_vs_deepcache.py --steps 6 --rounds 1 \
         --width 32 --latent-size 16 --device cuda --dtype float16 --out "$RES/fd_smoke"
@@ -179,4 +199,6 @@ dllm_steps
 [ "${SKIP_CODE:-0}" = 1 ] || code_steps
 # 7. The feature caches at SD 1.5 / SD3 widths (above).
 [ "${SKIP_CACHES:-0}" = 1 ] || caches_steps
+# 8. Token pruning at LLaVA-1.5-7B's widths (above).
+[ "${SKIP_VLM:-0}" = 1 ] || vlm_steps
 echo "=== all done"

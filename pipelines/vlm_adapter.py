@@ -206,7 +206,9 @@ class VLMAdapter(CausalLMAdapter):
         phase = "prefill" if self.step == 1 else "decode"
         self._phases[f"{phase}_s"] += dt
         self._phases[f"{phase}_forwards"] += 1
-        self._cache = getattr(output, "past_key_values", None)
+        # transformers 5 names it cache (past_key_values, deprecated, warns), 4.x past_key_values
+        cache = output.get("cache") if hasattr(output, "get") else None
+        self._cache = cache if cache is not None else getattr(output, "past_key_values", None)
 
     def call_generate(self, original_generate: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         self._cache = None
