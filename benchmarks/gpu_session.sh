@@ -20,7 +20,7 @@
 # so rerun with DLLM_SKIP="3c-p512 3c-p64 ..." naming the steps that finished.
 # On a CPU, CPU_SMOKE=1 PY=.venv/bin/python bash benchmarks/gpu_session.sh dllm runs every
 # step's command at tiny widths on the CPU (no wheels, no nvidia-smi): a check that they run
-# (the same for the code, caches and vlm modes).
+# (the same for the code, caches, vlm and mar modes).
 # Results go to $OUT/results.tar (re-written after every step, so a run cut off
 # still returns what finished) and the log to $OUT/log.txt.
 set -u
@@ -158,6 +158,24 @@ if [ "$MODE" = vlm ]; then
     exit 0
 fi
 
+# 9. CSpD at the released models' widths: MAR-B drafting for MAR-L at 256 px (random weights,
+#    bfloat16, KL-16 shape; both heads start at zero output, so every draft is kept: the most
+#    either acceptance rule can save), 32 class rows, 64 steps, guidance 3 (linear), 2 pairs after
+#    a warm-up (an estimate: 1 minute to build and save the weights, 2-4 minutes of runs).
+#    Alone: bash benchmarks/gpu_session.sh mar (timeout about 500 s); in full, SKIP_MAR=1.
+MAR_W=(--released --device cuda --dtype bfloat16 --rows 32 --num-iter 64 --repeat 2)
+if [ "$CPU_SMOKE" = 1 ]; then
+    MAR_W=(--device cpu --dtype float32 --rows 2 --num-iter 4 --repeat 1)
+fi
+mar_steps() {
+    step cspd-mar-b-l $PY benchmarks/cspd_compute.py "${MAR_W[@]}" --out "$RES/cspd_mar_b_l_gpu"
+}
+if [ "$MODE" = mar ]; then
+    mar_steps
+    echo "=== all done"
+    exit 0
+fi
+
 if [ "$MODE" = smoke ]; then
     step fd-smoke python3 benchmarks/faster_diffusion_vs_deepcache.py --steps 6 --rounds 1 \
         --width 32 --latent-size 16 --device cuda --dtype float16 --out "$RES/fd_smoke"
@@ -201,4 +219,6 @@ dllm_steps
 [ "${SKIP_CACHES:-0}" = 1 ] || caches_steps
 # 8. Token pruning at LLaVA-1.5-7B's widths (above).
 [ "${SKIP_VLM:-0}" = 1 ] || vlm_steps
+# 9. CSpD at MAR-B/MAR-L widths (above).
+[ "${SKIP_MAR:-0}" = 1 ] || mar_steps
 echo "=== all done"
