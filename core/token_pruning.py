@@ -364,6 +364,8 @@ class TokenPruner:
             self._slots = current
             self._filled = [f + 1 for f in self._filled]
             self._admitted += rows
+            if admitted is not None:
+                self._last_keys = self._cache().layers[self.layer].keys
             return
         layers = self._pruned_layers(self._cache())
         if not any(admitted):  # evict the new slot everywhere: the cache shrinks back
@@ -415,6 +417,8 @@ class TokenPruner:
             if cache is None:
                 self._slots, self._filled, self._cache_ref = None, [], None
             else:
+                if self.admit is not None and len(getattr(cache, "layers", ())) > self.layer:
+                    self._pruned_layers(cache)  # refuse a cache admission cannot rewrite early
                 self._slots, self._holes = keep, False
                 self._filled = [keep.shape[1]] * keep.shape[0]
                 self._cache_ref = weakref.ref(cache)
@@ -458,8 +462,9 @@ class TokenPruner:
             if slots.shape[1] != key.shape[2]:
                 raise RuntimeError(
                     f"token pruning: layer {idx} holds {key.shape[2]} keys where the pruner "
-                    f"expects {slots.shape[1]}; the cache of layers >= K was changed outside the "
-                    "pruner (beam search, cropping) or a call was not preceded by reset()."
+                    f"expects {slots.shape[1]}; token pruning needs a cache that grows by the "
+                    "keys it is given (transformers' DynamicCache, not a static one) and that only "
+                    "the pruner shortens (no beam search or cropping)."
                 )
             attention_mask = self._mask(attention_mask, slots, query.shape[2])
         return self._base(module, query, key, value, attention_mask, **kwargs)
