@@ -45,36 +45,65 @@ ATTN_NAME = "decodekit_predictor_training"
 _OWNERS: dict[int, DecisionMasking] = {}
 
 
+def policy_attention(query, key, value, attention_mask, scale: float, policy) -> torch.Tensor:
+    """The paper's masked attention, computed in full: softmax weights times the keep ``policy``
+    ``(B, k)`` (each query's own column always kept), renormalised. ``query`` ``(B, H, q, hd)`` are
+    the last ``q`` of the ``k`` positions. Returns ``(B, q, H, hd)``."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)  # (B, H, k, hd)
+    value = value.repeat_interleave(groups, dim=1)
+    q, k = query.shape[2], key.shape[2]
+    scores = torch.matmul(query, key.transpose(2, 3)).float() * scale  # (B, H, q, k)
+    if attention_mask is None:
+        allowed = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask[..., -q:, :k]
+    else:
+        allowed = attention_mask[..., -q:, :k] > torch.finfo(attention_mask.dtype).min / 2
+    weights = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1)
+    keep = policy[:, None, None, :k].float()  # (B, 1, 1, k)
+    own = torch.zeros(q, k, device=query.device)
+    own[torch.arange(q), torch.arange(k - q, k)] = 1.0  # each query's own column
+    keep = keep + (1.0 - keep) * own
+    weights = weights * keep
+    weights = weights / (weights.sum(-1, keepdim=True) + 1e-6)
+    return torch.matmul(weights.to(value.dtype), value).transpose(1, 2)
+
+
 def _masked_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Attention whose softmax leaves out the columns the owner's ``policy`` drops (layers >= K)."""
+    """Training attention: layers >= K leave the columns the owner's ``policy`` drops out of every
+    softmax (the model's sdpa elsewhere).
+
+    Fast form: with ``A`` the unmasked attention weights, ``sum_j A_ij p_j v_j / sum_j A_ij p_j``
+    is sdpa over the values ``[p v, p]``, divided by the last channel; it differs from the
+    paper's form only in the rows of dropped tokens (which keep their own column there), rows no
+    later token reads: the loss and the kept tokens' gradients are the paper's, a dropped
+    token's straight-through gradient reads states computed without its own column. The last
+    ``owner.exact_tail`` rows, where the answer tokens are (left padding), are computed in the
+    paper's form, so a dropped answer token still sees itself.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     owner = _OWNERS.get(id(module))
     if owner is None:
         raise RuntimeError(
             f"this model's attention is set to decodekit's {ATTN_NAME} outside predictor training"
         )
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)  # (B, H, k, hd)
-    value = value.repeat_interleave(groups, dim=1)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)).float() * scale  # (B, H, q, k)
-    q, k = query.shape[2], key.shape[2]
-    if attention_mask is None:
-        allowed = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
-    elif attention_mask.dtype == torch.bool:
-        allowed = attention_mask[..., :k]
-    else:
-        allowed = attention_mask[..., :k] > torch.finfo(attention_mask.dtype).min / 2
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    weights = scores.softmax(-1)
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     policy = owner.policy
-    if policy is not None and module.layer_idx >= owner.layer:
-        keep = policy[:, None, None, :k].float()  # (B, 1, 1, k)
-        eye = torch.eye(q, k, device=query.device).view(1, 1, q, k)  # a token always sees itself
-        keep = keep + (1.0 - keep) * eye
-        weights = weights * keep
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-6)
-    out = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
-    return out, weights
+    if policy is None or module.layer_idx < owner.layer:
+        return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    k = key.shape[2]
+    p = policy[:, None, :k, None].to(value.dtype)  # (B, 1, k, 1)
+    values = torch.cat([value * p, p.expand(*value.shape[:3], 1)], -1)  # (B, Hkv, k, hd + 1)
+    out, _ = sdpa(module, query, key, values, attention_mask, scaling=scale, **kwargs)
+    out = out[..., :-1] / (out[..., -1:] + 1e-6)  # (B, q, H, hd)
+    tail = min(owner.exact_tail, query.shape[2])
+    if tail:
+        exact = policy_attention(query[:, :, -tail:], key, value, attention_mask, scale, policy)
+        out = torch.cat([out[:, :-tail], exact.to(out.dtype)], 1)
+    return out.contiguous(), None
 
 
 class DecisionMasking:
@@ -91,6 +120,7 @@ class DecisionMasking:
         self.layer = layer
         self.decide = decide
         self.policy: torch.Tensor | None = None
+        self.exact_tail = 0  # last rows computed in the paper's exact form (the answers)
 
     def __enter__(self) -> DecisionMasking:
         from transformers import AttentionInterface
@@ -171,6 +201,7 @@ def train_predictors(
     ffn: int | None = None,
     blocks: int = 2,
     seed: int = 0,
+    exact_attention: bool = False,
     log_every: int = 10,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Predictors, dict[str, Any]]:
@@ -178,6 +209,9 @@ def train_predictors(
 
     ``prompt_of(item)`` and ``answer_of(item)`` give each row's prompt (with the image
     token) and the answer text that follows it; the loss is computed on the answer.
+    ``exact_attention`` computes every row of the masked attention in the paper's form (about six
+    times slower on a CPU); by default the sdpa form of `_masked_attention` runs, which gives
+    the same loss and straight-through gradients up to each token's own-column term.
     Returns the predictors (eval mode, on the CPU) and a training record.
     """
     decoder = text_decoder(model)
@@ -230,7 +264,7 @@ def train_predictors(
     model.eval()
     start = time.perf_counter()
     try:
-        with DecisionMasking(model, layer, decide):
+        with DecisionMasking(model, layer, decide) as masking:
             for step in range(steps):
                 tau = tau_start * (tau_end / tau_start) ** (step / max(1, steps - 1))
                 pick = torch.randint(len(items), (batch_size,), generator=order).tolist()
@@ -246,6 +280,9 @@ def train_predictors(
                 current["image"] = ids == image_id
                 # answer tokens as inputs: the positions whose K/V a decode step would admit
                 current["answer"] = (labels != -100) & (batch["attention_mask"].bool())
+                masking.exact_tail = (
+                    ids.shape[1] if exact_attention else int(current["answer"].sum(1).max()) + 1
+                )
                 logits = model(**batch).logits.float()  # (B, L, V)
                 lm = torch.nn.functional.cross_entropy(
                     logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
@@ -295,6 +332,7 @@ def train_predictors(
             "text_keep_ratio": text_keep_ratio,
             "seed": seed,
             "vlm": "frozen",
+            "attention": "paper form" if exact_attention else "sdpa form (answer rows exact)",
         },
         "seconds": seconds,
         "last_20_steps_mean": {
@@ -381,6 +419,12 @@ def train_predictor_cli(argv: list[str]) -> int:
         help="after training, answer this many selection-split questions without pruning, with "
         "the predictor and with the L2-norm fallback at --keep-ratio (0: skip)",
     )
+    p.add_argument(
+        "--exact-attention",
+        action="store_true",
+        help="compute the masked attention in the paper's form in every row (slower; the "
+        "default sdpa form differs only in each token's own-column gradient term)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     args = p.parse_args(argv)
     if args.eval_items < 0:
@@ -429,6 +473,7 @@ def train_predictor_cli(argv: list[str]) -> int:
         heads=args.heads,
         blocks=args.blocks,
         seed=args.seed,
+        exact_attention=args.exact_attention,
         log=print,
     )
     out = Path(args.out) if args.out else Path(folder) / "predictor"

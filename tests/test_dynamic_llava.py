@@ -229,6 +229,36 @@ def _vqa_format():
     return dict(prompt_of=lambda it: f"<image> {it.question}", answer_of=lambda it: f" {it.answer}")
 
 
+def test_fast_training_attention_equals_the_papers_form(llava):
+    """The sdpa form of the masked attention gives the paper's logits at the answer rows; the
+    straight-through gradients differ by each token's own-column term (the paper always keeps a
+    token's own column, so its decision gets no gradient from its own row) but agree closely."""
+    from decodekit.predictor_training import DecisionMasking
+
+    model, processor = llava
+    enc = _enc(processor, [0, 1])
+    B, L = enc["input_ids"].shape
+    hard = (torch.rand(B, L, generator=torch.Generator().manual_seed(0)) > 0.4).float()
+    hard[:, -3:] = torch.tensor([1.0, 0.0, 0.0])  # the tail: a kept row and two dropped ones
+    results = []
+    for tail in (3, L):  # 3: fast form outside the last 3 rows; L: the paper's form everywhere
+        soft = torch.full((B, L), 0.5, requires_grad=True)
+
+        def decide(hidden, soft=soft):
+            return hard + soft - soft.detach()
+
+        with DecisionMasking(model, 2, decide) as masking:
+            masking.exact_tail = tail
+            logits = model(**enc).logits[:, -3:]
+        logits.square().sum().backward()
+        results.append((logits.detach(), soft.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
+    fast, paper = results[0][1].flatten(), results[1][1].flatten()
+    assert paper.abs().sum() > 0
+    assert torch.nn.functional.cosine_similarity(fast, paper, dim=0) > 0.9
+    assert decodekit.compat.attn_implementation(model.model.language_model) == "sdpa"
+
+
 def test_training_moves_the_keep_rate_to_its_target(llava):
     """Same data, seed and initial predictor: target 0.2 ends low, the control at 0.8 ends high; the
     VLM's weights and requires_grad flags are untouched."""
