@@ -59,10 +59,12 @@ def _llava_case(llava, rows):
     return model, dict(enc), 2
 
 
-def _llama_case(llama, rows):
-    """Left-padded prompts of different lengths for the two-layer Llama (K = 1); `_drop_some`
-    drops four tokens of each."""
+def _llama_case(llama, rows, padded=True):
+    """Prompts for the two-layer Llama (K = 1), of different lengths (left-padded) or of one
+    length (no padding: sdpa gets no mask); `_drop_some` drops four tokens of each."""
     prompts = [[1, 7, 9, 11, 13, 15, 17, 19, 21], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38]]
+    if not padded:
+        prompts[0] = [*prompts[0], 23]
     width = max(len(prompts[r]) for r in rows)
     ids = torch.tensor([[0] * (width - len(prompts[r])) + prompts[r] for r in rows])
     mask = torch.tensor([[0] * (width - len(prompts[r])) + [1] * len(prompts[r]) for r in rows])
@@ -121,8 +123,9 @@ def _generate(model, enc, n=N, sample=False, seed=0):
     return out.sequences[:, L:], torch.stack(out.logits, 1), out.past_key_values
 
 
-def _pruned(model, K, enc, select, table=None, **generate):
-    pruner = TokenPruner(model, K, select, admit=None if table is None else _Pattern(table))
+def _pruned(model, K, enc, select, table=None, slack=4, **generate):
+    admit = None if table is None else _Pattern(table)
+    pruner = TokenPruner(model, K, select, admit=admit, slack=slack)
     before = fingerprint(model)
     pruner.attach()
     try:
@@ -176,8 +179,9 @@ def _masked_recompute(model, enc, tokens, keep, admitted, K):
 
 
 def _case(request, name, rows):
-    fixture = request.getfixturevalue(name)
-    return (_llava_case if name == "llava" else _llama_case)(fixture, rows)
+    if name == "llava":
+        return _llava_case(request.getfixturevalue("llava"), rows)
+    return _llama_case(request.getfixturevalue("llama"), rows, padded=name == "llama")
 
 
 @pytest.mark.parametrize("name", ["llava", "llama"])
@@ -205,20 +209,26 @@ def test_admit_all_is_the_pruner_without_admit(request, name, impl):
         model.set_attn_implementation("sdpa")
 
 
-@pytest.mark.parametrize("name", ["llava", "llama"])
+@pytest.mark.parametrize("name", ["llava", "llama", "llama-unpadded"])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("sample", [False, True])
-def test_admission_equals_masked_recompute(request, name, impl, sample):
+@pytest.mark.parametrize("sample,slack", [(False, 4), (False, 0), (True, 1)])
+def test_admission_equals_masked_recompute(request, name, impl, sample, slack):
+    """Each decode step's logits equal the masked full recompute (slack 0 and 1 compact the
+    cache during the run, slack 4 leaves empty slots in it)."""
     model, enc, K = _case(request, name, (0, 1))
     model.set_attn_implementation(impl)
     try:
-        tokens, logits, _, keep, _, pruner = _pruned(
-            model, K, enc, _drop_some(enc), PATTERN, sample=sample, seed=1
+        tokens, logits, cache, keep, stats, pruner = _pruned(
+            model, K, enc, _drop_some(enc), PATTERN, slack, sample=sample, seed=1
         )
     finally:
         model.set_attn_implementation("sdpa")
     assert pruner.admit.shapes == [(2, 1, model.config.get_text_config().hidden_size)] * (N - 1)
     assert keep.shape[1] < enc["input_ids"].shape[1]
+    length, filled = _slots_by_hand(keep.shape[1], PATTERN, slack)
+    above = model.config.get_text_config().num_hidden_layers - K  # layers >= K
+    assert [lay.keys.shape[2] for lay in cache.layers[K:]] == [length] * above
+    assert stats["kv_attended"] == above * sum(filled)
     ref = _masked_recompute(model, enc, tokens, keep, PATTERN, K)
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-4)
     # negative control: one non-admitted token admitted in the reference is seen
@@ -268,12 +278,14 @@ def test_cache_shrinks_and_stats_match_a_hand_count(llava, slack):
     pruner = TokenPruner(model, K, _drop_some(enc), admit=_Pattern(table), slack=slack)
     pruner.attach()
     try:
-        _, _, cache = _generate(model, enc, n=16)
+        tokens, logits, cache = _generate(model, enc, n=16)
         stats = pruner.cache_stats()
-        kept = pruner.keep.shape[1]
+        keep = pruner.keep
     finally:
         pruner.detach()
-    length, filled = _slots_by_hand(kept, table, slack)
+    ref = _masked_recompute(model, enc, tokens, keep, table, K)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-4)
+    length, filled = _slots_by_hand(keep.shape[1], table, slack)
     assert max(filled) <= length <= max(filled) + slack
     layers = model.config.text_config.num_hidden_layers
     full = L + 15
