@@ -31,6 +31,7 @@ from PIL import Image
 IMAGE = 4  # tiny_llava's image token id
 PROMPTS = ["<image> what shape", "<image> which colour is it where", "<image> the left"]
 HAS_ADMIT = "admit" in inspect.signature(TokenPruner).parameters
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only waits
 needs_admit = pytest.mark.skipif(not HAS_ADMIT, reason="TokenPruner without decode admission")
 
 
