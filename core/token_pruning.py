@@ -235,6 +235,8 @@ class TokenPruner:
         self._holes = False  # some slot of _slots is empty
         self._cache_ref: weakref.ref | None = None
         self._step: dict[str, Any] | None = None  # the decode step in flight
+        self._memo: tuple | None = None  # (model's mask, slots, mask read at the slots)
+        self._slot_bytes: list[int] | None = None  # per layer: bytes of one cached position
         self._last_keys: torch.Tensor | None = None  # layer K's keys as the last step left them
         self._admitted = 0
         self._decoded = 0
@@ -297,22 +299,34 @@ class TokenPruner:
             "admitted": self._admitted,
             "decoded": self._decoded,
         }
-        cache = self._cache()
-        if cache is None or self._slots is None:
+        if self._slots is None or self._slot_bytes is None:
             return stats
-        n = len(self.decoder.layers)
+        above = len(self.decoder.layers) - self.layer  # layers >= K
         rows, slots = self._slots.shape
         full = self.prefill_len + self._decoded // max(rows, 1)
-        stats["kv_slots"] = (n - self.layer) * rows * slots
-        stats["kv_attended"] = (n - self.layer) * sum(self._filled)
-        stats["kv_slots_full"] = (n - self.layer) * rows * full
-        for lay in cache.layers[:n]:
-            for t in (lay.keys, lay.values):
-                if t is None or t.numel() == 0:
-                    continue
-                stats["kv_bytes"] += t.numel() * t.element_size()
-                stats["kv_bytes_full"] += t.numel() // t.shape[-2] * full * t.element_size()
+        stats["kv_slots"] = above * rows * slots
+        stats["kv_attended"] = above * sum(self._filled)
+        stats["kv_slots_full"] = above * rows * full
+        for i, per_slot in enumerate(self._slot_bytes):
+            stats["kv_bytes"] += per_slot * (full if i < self.layer else slots)
+            stats["kv_bytes_full"] += per_slot * full
         return stats
+
+    def _record_slot_bytes(self) -> None:
+        """Bytes of one position of every cache layer (all rows, K and V), for `cache_stats`
+        once the cache itself is gone."""
+        cache = self._cache()
+        layers = getattr(cache, "layers", None)
+        n = len(self.decoder.layers)
+        if layers is None or len(layers) < n:
+            return
+        sizes = []
+        for lay in layers[:n]:
+            tensors = [getattr(lay, "keys", None), getattr(lay, "values", None)]
+            if any(t is None or t.dim() != 4 or t.shape[-2] == 0 for t in tensors):
+                return
+            sizes.append(sum(t.numel() // t.shape[-2] * t.element_size() for t in tensors))
+        self._slot_bytes = sizes
 
     def _admit_step(self, hidden: torch.Tensor, cache: Any) -> None:
         """At layer K of a decode step: the slot map of this step, and the rows that admit."""
@@ -354,7 +368,9 @@ class TokenPruner:
         self._step = {"slots": current, "admitted": admitted}
 
     def _post_decoder(self, module, args, output) -> None:
-        step, self._step = self._step, None
+        step, self._step, self._memo = self._step, None, None
+        if self._slot_bytes is None and self._slots is not None:
+            self._record_slot_bytes()
         if step is None:
             return
         current, admitted = step["slots"], step["admitted"]
@@ -412,7 +428,7 @@ class TokenPruner:
                 )
             self.keep, self.prefill_len = keep, hidden.shape[1]
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            self._step, self._last_keys = None, None
+            self._step, self._last_keys, self._memo, self._slot_bytes = None, None, None, None
             self._admitted = self._decoded = 0
             if cache is None:
                 self._slots, self._filled, self._cache_ref = None, [], None
@@ -466,7 +482,12 @@ class TokenPruner:
                     "keys it is given (transformers' DynamicCache, not a static one) and that only "
                     "the pruner shortens (no beam search or cropping)."
                 )
-            attention_mask = self._mask(attention_mask, slots, query.shape[2])
+            # the layers of one forward share the mask: read it at the slots once
+            memo = self._memo
+            if memo is None or memo[0] is not attention_mask or memo[1] is not slots:
+                memo = (attention_mask, slots, self._mask(attention_mask, slots, query.shape[2]))
+                self._memo = memo
+            attention_mask = memo[2]
         return self._base(module, query, key, value, attention_mask, **kwargs)
 
     def _mask(self, mask: Any, slots: torch.Tensor, q_len: int) -> Any:

@@ -322,6 +322,16 @@ def test_no_row_admits_removes_the_slot_and_reset_between_calls(llama):
         pruner.reset()
         pruner.admit.step = 0
         again, again_logits, _ = _generate(model, enc)
+        pruner.reset()
+        pruner.admit.step = 0
+        model.generate(**enc, max_new_tokens=N, min_new_tokens=N, do_sample=False)
+        stats = pruner.cache_stats()  # counted after generate dropped its cache too
+        layers = model.config.num_hidden_layers
+        slot = 2 * 2 * model.config.num_key_value_heads * model.config.head_dim * 4  # rows, K+V
+        L = enc["input_ids"].shape[1]
+        assert stats["kv_slots"] == stats["kv_attended"] == (layers - K) * 2 * kept
+        assert stats["kv_bytes"] == slot * (K * (L + N - 1) + (layers - K) * kept)
+        assert stats["admitted"] == 0 and stats["decoded"] == 2 * (N - 1)
     finally:
         pruner.detach()
     assert torch.equal(again, first)
