@@ -186,7 +186,11 @@ def load_predictors(folder: str | os.PathLike, where: str = "predictor") -> Pred
 
     path = Path(folder)
     if not path.is_dir():
-        raise ConfigError(where, f"no predictor folder at {str(path)!r}")
+        raise ConfigError(
+            where,
+            f"no predictor folder at {str(path)!r}; `decodekit train-predictor MODEL --out "
+            f"{str(path)!r}` writes one",
+        )
     missing = [n for n in (CONFIG, WEIGHTS) if not (path / n).is_file()]
     if missing:
         raise ConfigError(
