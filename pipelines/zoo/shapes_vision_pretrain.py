@@ -36,6 +36,7 @@ from decodekit.pipelines.zoo.train_shapes_vlm import (
     shapes_vlm_config,
     shapes_vlm_processor,
 )
+from decodekit.pipelines.zoo.training import optimiser_step
 from torch import nn
 from tqdm import tqdm
 
@@ -92,7 +93,7 @@ def pretrain_vision(
     patch_size: int = DIMS["patch_size"],
     vision_width: int = DIMS["vision_width"],
     vision_layers: int = DIMS["vision_layers"],
-    steps: int = 2000,
+    steps: int = 3000,
     batch_size: int = 64,
     lr: float = 1e-3,
     warmup: int = 100,
@@ -137,12 +138,7 @@ def pretrain_vision(
         logits = model(train_pixels[rows])
         labels = train_labels[rows]  # (B, 3)
         loss = sum(F.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(logits))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        optimiser_step(loss, optimizer, schedule, bar, clip_params=model.parameters())
         done = step + 1
         if done % check_every == 0 or done == steps:
             check = classifier_accuracy(model, held_pixels, held_labels)
@@ -199,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: pretrain the tower and print the record."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
