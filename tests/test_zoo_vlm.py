@@ -111,3 +111,130 @@ def test_accuracy_is_overall_and_per_kind():
     assert report["count_shape"] == 2
     with pytest.raises(ValueError, match="one per item"):
         accuracy(texts[:2], items)
+
+
+# --- the trainer: small dims, a few steps, into a temporary folder ---------------------------
+
+SMALL = {"vision_width": 16, "vision_layers": 1, "text_width": 32, "text_layers": 2}
+
+
+def test_processor_writes_bos_256_image_tokens_and_one_token_a_word():
+    from decodekit.pipelines.zoo.train_shapes_vlm import (
+        BOS_ID,
+        IMAGE_ID,
+        question_ids,
+        shapes_vlm_processor,
+        vocabulary,
+    )
+
+    processor = shapes_vlm_processor()
+    for kind, ids in question_ids(processor).items():
+        words = QUESTIONS[kind].split()
+        assert ids[0] == BOS_ID and ids[1:257] == [IMAGE_ID] * 256
+        assert [vocabulary()[i] for i in ids[257:]] == words
+    assert (
+        processor.tokenizer.decode([vocabulary().index("circle"), 2], skip_special_tokens=True)
+        == "circle"
+    )
+
+
+def test_shared_image_prefix_gives_the_logits_of_full_rows():
+    import torch
+    from decodekit.pipelines.zoo.shapes_vqa import answer_of
+    from decodekit.pipelines.zoo.train_shapes_vlm import (
+        answer_logits,
+        new_model,
+        pixel_values,
+        prompt_text,
+        question_ids,
+        shapes_vlm_processor,
+        vocabulary,
+    )
+
+    processor, model = shapes_vlm_processor(), new_model(0, **SMALL).eval()
+    items = vqa_items(3, seed=0, split="train")
+    ids = {w: i for i, w in enumerate(vocabulary())}
+    answers = torch.tensor([[ids[answer_of(it.scene, k)] for k in KINDS] for it in items])
+    processor.tokenizer.padding_side = "left"
+    enc = processor(
+        images=[it.image for it in items for _ in KINDS],
+        text=[
+            f"{prompt_text(QUESTIONS[k])} {answer_of(it.scene, k)}" for it in items for k in KINDS
+        ],
+        return_tensors="pt",
+        padding=True,
+    )
+    positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers rows
+    with torch.no_grad():
+        shared = answer_logits(
+            model, question_ids(processor), answers, pixel_values(processor, items)
+        )
+        full = model(**enc, position_ids=positions).logits[:, -2:]
+    assert enc.attention_mask[:, 0].tolist() == [1, 1, 0] * 3  # "where is it" is one word shorter
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_writes_a_folder_the_vlm_adapter_loads(tmp_path):
+    import json
+
+    from decodekit.pipelines.vlm_adapter import VLMAdapter
+    from decodekit.pipelines.zoo.train_shapes_vlm import generate_answers, train_vlm
+
+    train_vlm(
+        tmp_path,
+        steps=2,
+        batch_size=2,
+        warmup=1,
+        num_images=6,
+        check_every=2,
+        measure=False,
+        **SMALL,
+    )
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert (
+        record["steps"] == 2
+        and record["image_tokens"] == 256
+        and len(record["selection_checks"]) == 1
+    )
+    assert (tmp_path / "model.safetensors").is_file()
+    pipe = VLMAdapter.load(str(tmp_path), device="cpu", dtype="float32", options={})
+    assert pipe.model.config.text_config.num_hidden_layers == 2
+    texts = generate_answers(pipe.model, pipe.processor, vqa_items(3, split="gate"))
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+
+
+# --- the committed model ------------------------------------------------------------------
+
+
+def test_shapes_vlm_runs_from_a_yaml_config(tmp_path):
+    from decodekit.config import load_config
+
+    items = vqa_items(2, seed=0, split="gate")
+    paths = []
+    for i, it in enumerate(items):
+        paths.append(str(tmp_path / f"{i}.png"))
+        it.image.save(paths[-1])
+    config = load_config(
+        {
+            "pipeline": {"type": "vlm", "model": "zoo:shapes-vlm", "device": "cpu"},
+            "inputs": {
+                "images": paths,
+                "prompt": [it.question for it in items],
+                "max_new_tokens": 2,
+            },
+        }
+    )
+    pipe = config.adapter.load(config.source, device="cpu", dtype="float32", options={})
+    rows = config.adapter.generate(pipe, config.inputs)
+    assert pipe.model.config.image_seq_length == 64  # 4x4-pixel patches of a 32 px render
+    assert [parse_answer(r["text"]) is not None for r in rows] == [True, True]
+
+
+def test_shapes_vlm_answers_the_gate_questions():
+    """Greedy answers to 240 gate questions (80 a kind): at least 90% right overall."""
+    from decodekit.pipelines.zoo.train_shapes_vlm import evaluate_vlm
+
+    report = evaluate_vlm("shapes-vlm", split="gate", count=240)
+    print(report)
+    assert report["count"] == 240 and report["count_shape"] == 80
+    assert report["overall"] >= 0.90, report

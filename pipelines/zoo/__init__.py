@@ -177,6 +177,16 @@ CATALOGUE: dict[str, ZooModel] = {
             "mar",
             "decodekit.pipelines.zoo.train_shapes_mar",
         ),
+        ZooModel(
+            "shapes-vlm",
+            "Tiny LLaVA (a 2-layer CLIP vision tower over 4x4-pixel patches, pretrained as a "
+            "classifier of the renders: 64 image tokens; a 16-layer Llama of width 64) "
+            "answering one-word questions about one-shape renders: which shape, which "
+            "colour, where.",
+            "vlm",
+            "decodekit.pipelines.zoo.train_shapes_vlm",
+            {"accuracy_overall": 0.90},
+        ),
     )
 }
 
