@@ -141,9 +141,14 @@ class DynamicLLaVA(FastV):
         self.pruner.attach()
         self.reset(run)
 
+    def on_detach(self, run) -> None:
+        self._cache_at_detach = self.pruner.cache_stats()  # detaching resets the pruner's counts
+        super().on_detach(run)
+
     def reset(self, run) -> None:
         super().reset(run)
         self._stats.update(decoded=0, admitted=0)
+        self._cache_at_detach = None
 
     @torch.no_grad()
     def _image_scores(self, image: torch.Tensor) -> torch.Tensor:
@@ -183,9 +188,8 @@ class DynamicLLaVA(FastV):
             decode_tokens=s["decoded"],
             decode_tokens_admitted=s["admitted"],
         )
-        cache_stats = getattr(self.pruner, "cache_stats", None)
-        if cache_stats is not None:
-            out["cache"] = cache_stats()
+        cache = self._cache_at_detach
+        out["cache"] = cache if cache is not None else self.pruner.cache_stats()
         return out
 
 

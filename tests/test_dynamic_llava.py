@@ -179,6 +179,10 @@ def test_decode_admission(llava):
     assert off[2]["decode_tokens"] == 0
     assert all_[2]["decode_tokens"] == all_[2]["decode_tokens_admitted"] > 0
     assert none[2]["decode_tokens_admitted"] == 0 < none[2]["decode_tokens"]
+    # the pruner's cache counts, read after detach: fewer slots than an unpruned cache
+    cache = none[2]["cache"]
+    assert cache["decoded"] == none[2]["decode_tokens"] and cache["admitted"] == 0
+    assert 0 < cache["kv_slots"] < cache["kv_slots_full"]
     assert not torch.allclose(none[1], off[1], atol=1e-4)
     # the admitted tokens are those whose keep probability is above one half: layers < K cache
     # everything, so a decoded token's input to layer K is the unpruned model's at its position
@@ -422,3 +426,33 @@ class TestDynamicLLaVAPredictorContract(TestDynamicLLaVAContract):
                 "params": {"keep_ratio": 0.5, "predictor": _predictor_folder()},
             }
         ]
+
+
+# -- the zoo's predictor -----------------------------------------------------------------------
+def _zoo_folder():
+    from decodekit.pipelines import zoo
+
+    folder = zoo.zoo_path("shapes-vlm")
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+@pytest.mark.skipif(_zoo_folder() is None, reason="zoo:shapes-vlm is not in this checkout")
+def test_zoo_predictor_keeps_a_quarter_and_answers():
+    """zoo:shapes-vlm's committed predictor fits its model and, keeping 16 of 64 image tokens,
+    answers held-out gate questions (seed 2) at the model's gate level."""
+    from decodekit.pipelines.zoo.shapes_vqa import accuracy
+    from decodekit.pipelines.zoo.train_shapes_vlm import generate_answers
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    folder = _zoo_folder()
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    items = vqa_items(24, seed=2, split="gate")
+    params = {"keep_ratio": 0.25, "predictor": "zoo:shapes-vlm"}
+    with decodekit.attach(model, [DynamicLLaVA(**params)]) as run:
+        texts = generate_answers(model, processor, items)
+        stats = run.strategies[0].stats()
+    assert (
+        stats["scorer"] == "predictor" and stats["image_tokens_kept"] * 4 == stats["image_tokens"]
+    )
+    assert accuracy(texts, items)["overall"] >= 0.9
