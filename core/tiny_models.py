@@ -13,6 +13,8 @@ well under a second on a CPU. Import them from `decodekit.testing`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -230,15 +232,24 @@ VLM_WORDS = (
 """Vocabulary of `tiny_llava`'s word-level tokenizer (ids in this order; ``<image>`` is 4)."""
 
 
-def tiny_llava_processor(image_size: int = 16, patch_size: int = 4):
+def tiny_llava_processor(
+    image_size: int = 16, patch_size: int = 4, words: Sequence[str] = VLM_WORDS, bos: bool = False
+):
     """A `LlavaProcessor`: CLIP image processing at ``image_size`` and a word-level tokenizer over
-    `VLM_WORDS`, built in memory (no download). Each image becomes ``(image_size / patch_size)**2``
-    image tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    ``words`` (ids in order; the first five are ``<pad> <s> </s> <unk> <image>``), built in memory
+    (no download). Each image becomes ``(image_size / patch_size)**2`` image tokens; with ``bos``
+    the tokenizer puts ``<s>`` before every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VLM_WORDS)}, unk_token="<unk>"))
+    if list(words[:5]) != VLM_WORDS[:5]:
+        raise ValueError(f"the words must start with {' '.join(VLM_WORDS[:5])}, got {words[:5]}")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+        )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
