@@ -118,7 +118,7 @@ def test_accuracy_is_overall_and_per_kind():
 SMALL = {"vision_width": 16, "vision_layers": 1, "text_width": 32, "text_layers": 2}
 
 
-def test_processor_writes_bos_256_image_tokens_and_one_token_a_word():
+def test_processor_writes_bos_64_image_tokens_and_one_token_a_word():
     from decodekit.pipelines.zoo.train_shapes_vlm import (
         BOS_ID,
         IMAGE_ID,
@@ -130,8 +130,9 @@ def test_processor_writes_bos_256_image_tokens_and_one_token_a_word():
     processor = shapes_vlm_processor()
     for kind, ids in question_ids(processor).items():
         words = QUESTIONS[kind].split()
-        assert ids[0] == BOS_ID and ids[1:257] == [IMAGE_ID] * 256
-        assert [vocabulary()[i] for i in ids[257:]] == words
+        assert ids[0] == BOS_ID and ids[1:65] == [IMAGE_ID] * 64
+        assert [vocabulary()[i] for i in ids[65:]] == words
+    assert question_ids(shapes_vlm_processor(patch_size=2))["shape"][1:257] == [IMAGE_ID] * 256
     assert (
         processor.tokenizer.decode([vocabulary().index("circle"), 2], skip_special_tokens=True)
         == "circle"
@@ -187,15 +188,18 @@ def test_trainer_writes_a_folder_the_vlm_adapter_loads(tmp_path):
         warmup=1,
         num_images=6,
         check_every=2,
+        vision_pretrain_steps=2,
+        vision_pretrain_images=8,
         measure=False,
         **SMALL,
     )
     record = json.loads((tmp_path / "training.json").read_text())
     assert (
         record["steps"] == 2
-        and record["image_tokens"] == 256
+        and record["image_tokens"] == 64
         and len(record["selection_checks"]) == 1
     )
+    assert record["vision_pretraining"]["steps"] == 2 and record["vision_pretraining"]["checks"]
     assert (tmp_path / "model.safetensors").is_file()
     pipe = VLMAdapter.load(str(tmp_path), device="cpu", dtype="float32", options={})
     assert pipe.model.config.text_config.num_hidden_layers == 2

@@ -1,19 +1,24 @@
 """Train `shapes-vlm`: a tiny LLaVA that answers questions about `shapes` renders.
 
-A ``LlavaForConditionalGeneration`` (a CLIP vision tower over 2x2-pixel patches of the
-32x32 render, so 256 image tokens; LLaVA's two-layer MLP projector; a deep, narrow
+A ``LlavaForConditionalGeneration`` (a CLIP vision tower over 4x4-pixel patches of the
+32x32 render, so 64 image tokens; LLaVA's two-layer MLP projector; a deep, narrow
 Llama) learns `shapes_vqa`'s questions: "what shape is it", "what colour is it",
-"where is it", each answered by one word. A training row is ``<s>``, the 256 image
-tokens, the question, the answer and ``</s>``; the loss is the cross-entropy of the
-answer and of ``</s>`` (the rest of the row is given). Every weight trains (vision
-tower, projector and language model together) with AdamW, a linear warm-up and a
-cosine decay; the checkpoint kept is the best on the ``selection`` split, checked as
-training goes. The folder holds the model and its processor (``save_pretrained`` of
+"where is it", each answered by one word. Two stages, one command:
+
+1. as LLaVA starts from a CLIP tower that already sees, the vision tower is first
+   pretrained as a classifier of the renders (`shapes_vision_pretrain`,
+   ``--vision-pretrain-steps``; 0 skips it, ``--vision-init FILE`` loads a tower
+   pretrained earlier);
+2. the whole model trains on the questions. A training row is ``<s>``, the image
+   tokens, the question, the answer and ``</s>``; the loss is the cross-entropy of the
+   answer and of ``</s>`` (the rest of the row is given). Every weight trains (vision
+   tower, projector and language model together) with AdamW, a linear warm-up and a
+   cosine decay; the checkpoint kept is the best on the ``selection`` split, checked
+   as training goes. The folder holds the model and its processor (``save_pretrained`` of
 both: a word-level tokenizer over `shapes_vqa.vqa_words` and CLIP image processing at
 32x32), which ``pipeline: {type: vlm, model: zoo:shapes-vlm}`` loads::
 
-    python -m decodekit.pipelines.zoo.train_shapes_vlm train --threads 2 \\
-        --out pipelines/zoo/models/shapes-vlm
+    python -m decodekit.pipelines.zoo.train_shapes_vlm train --out pipelines/zoo/models/shapes-vlm
 
 ``evaluate`` measures a folder's greedy answers on a split (the gate: 240 questions
 of the ``gate`` split)::
@@ -28,6 +33,7 @@ import copy
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,8 +56,8 @@ from decodekit.testing import tiny_llava_processor
 from tqdm import tqdm
 
 IMAGE_SIZE = 32
-PATCH_SIZE = 2
-"""Pixels per patch side: a 32x32 render is 16x16 = 256 image tokens."""
+PATCH_SIZE = 4
+"""Pixels per patch side: a 32x32 render is 8x8 = 64 image tokens."""
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 PAD_ID, BOS_ID, EOS_ID, IMAGE_ID = 0, 1, 2, 4
 MAX_NEW_TOKENS = 2
@@ -277,17 +283,19 @@ def first_token_accuracy(model, templates, answers, pixels, batch_size: int = 40
 def train_vlm(
     out: Path,
     *,
-    steps: int = 3000,
-    batch_size: int = 32,
+    steps: int = 1000,
+    batch_size: int = 16,
     lr: float = 2e-3,
-    warmup: int = 200,
+    warmup: int = 60,
     weight_decay: float = 0.05,
-    num_images: int = 20000,
+    num_images: int = 15000,
     seed: int = 0,
-    check_every: int = 250,
+    check_every: int = 100,
     max_minutes: float | None = None,
     init_from: Path | None = None,
     vision_init: Path | None = None,
+    vision_pretrain_steps: int = 3000,
+    vision_pretrain_images: int = 20000,
     measure: bool = True,
     command: str | None = None,
     **dims: int,
@@ -295,9 +303,12 @@ def train_vlm(
     """Train on `num_images` training renders (three questions each); save model and processor to `out`.
 
     With `init_from` (a shapes-vlm folder), training continues from that folder's model
-    and processor (`dims` are then ignored).
+    and processor (`dims` are then ignored). Otherwise the vision tower starts from
+    `vision_init` (a `shapes_vision_pretrain` file) or, without one, is pretrained here
+    for `vision_pretrain_steps` on `vision_pretrain_images` renders (0 steps: from scratch).
     """
     started = time.time()
+    pretraining = None
     if init_from is not None:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -311,10 +322,27 @@ def train_vlm(
         dims = {**DIMS, **dims}
         processor = shapes_vlm_processor(dims["patch_size"])
         model = new_model(seed, **dims).train()
-        if vision_init is not None:  # a tower pretrained by shapes_vision_pretrain
-            from decodekit.pipelines.zoo.shapes_vision_pretrain import load_vision_init
+        from decodekit.pipelines.zoo.shapes_vision_pretrain import (
+            load_vision_init,
+            pretrain_vision,
+        )
 
+        if vision_init is not None:  # a tower pretrained by shapes_vision_pretrain
             load_vision_init(model, vision_init)
+        elif vision_pretrain_steps > 0:
+            vision = {k: dims[k] for k in ("patch_size", "vision_width", "vision_layers")}
+            with tempfile.TemporaryDirectory() as tmp:
+                tower = Path(tmp) / "vision_tower.safetensors"
+                pretraining = pretrain_vision(
+                    tower,
+                    steps=vision_pretrain_steps,
+                    num_images=vision_pretrain_images,
+                    seed=seed,
+                    command="",
+                    **vision,
+                )
+                load_vision_init(model, tower)
+            pretraining.pop("command")
     vocab = {w: i for i, w in enumerate(vocabulary())}
     templates = question_ids(processor)
 
@@ -338,7 +366,7 @@ def train_vlm(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     generator = torch.Generator().manual_seed(seed + 1)
     losses, window, checks = [], [], []
-    best, best_state = -1.0, None
+    best, best_state, kept_step = -1.0, None, 0
     done = 0
     bar = tqdm(range(steps), desc="shapes-vlm", mininterval=30)
     for step in bar:
@@ -362,12 +390,14 @@ def train_vlm(
             score = check["overall"]
             checks.append({"step": done, "minutes": round((time.time() - started) / 60, 2)} | check)
             tqdm.write(f"step {done}: loss {losses[-1] if losses else '-'}, selection {check}")
-            if score >= best:
-                best, best_state = score, copy.deepcopy(model.state_dict())
+            if score >= best:  # a tie keeps the later weights
+                best, best_state, kept_step = score, copy.deepcopy(model.state_dict()), done
     if window:
         losses.append(round(sum(window) / len(window), 4))
     if best_state is not None:
         model.load_state_dict(best_state)
+    else:
+        kept_step = done
     model.eval()
     train_minutes = round((time.time() - started) / 60, 2)
 
@@ -390,6 +420,7 @@ def train_vlm(
         dims=dims,
         init_from=str(init_from) if init_from is not None else None,
         vision_init=str(vision_init) if vision_init is not None else None,
+        vision_pretraining=pretraining,
         parameters=sum(p.numel() for p in model.parameters()),
         vision_parameters=sum(p.numel() for p in model.model.vision_tower.parameters()),
         image_tokens=model.config.image_seq_length,
@@ -406,7 +437,7 @@ def train_vlm(
         train_minutes=train_minutes,
         losses_every_50_steps=losses,
         selection_checks=checks,
-        kept_step=max(checks, key=lambda c: c["overall"])["step"] if checks else done,
+        kept_step=kept_step,
         gates=gates,
     )
     return out
@@ -419,19 +450,25 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="stage", required=True)
     train = sub.add_parser("train", help="train the shapes VQA LLaVA")
     train.add_argument("--out", type=Path, required=True)
-    train.add_argument("--steps", type=int, default=3000)
-    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--steps", type=int, default=1000)
+    train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--lr", type=float, default=2e-3)
-    train.add_argument("--warmup", type=int, default=200)
+    train.add_argument("--warmup", type=int, default=60)
     train.add_argument("--weight-decay", type=float, default=0.05)
-    train.add_argument("--num-images", type=int, default=20000)
+    train.add_argument("--num-images", type=int, default=15000)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--check-every", type=int, default=250)
+    train.add_argument("--check-every", type=int, default=100)
     train.add_argument("--max-minutes", type=float, default=None)
     train.add_argument("--init-from", type=Path, default=None, help="continue from a folder")
     train.add_argument("--no-measure", action="store_true", help="skip the gates at the end")
     train.add_argument(
         "--vision-init", type=Path, default=None, help="a shapes_vision_pretrain tower"
+    )
+    train.add_argument(
+        "--vision-pretrain-steps",
+        type=int,
+        default=3000,
+        help="steps of the vision tower's pretraining stage (0: none; ignored with --vision-init)",
     )
     for dim, value in DIMS.items():
         train.add_argument("--" + dim.replace("_", "-"), type=int, default=value)
@@ -454,6 +491,7 @@ def main(argv: list[str] | None = None) -> None:
             args.out,
             measure=not args.no_measure,
             vision_init=args.vision_init,
+            vision_pretrain_steps=args.vision_pretrain_steps,
             command=command,
             **settings,
             **{k: getattr(args, k) for k in DIMS},
