@@ -265,13 +265,13 @@ def test_fast_training_attention_equals_the_papers_form(llava):
 
 
 def test_training_moves_the_keep_rate_to_its_target(llava):
-    """Same data, seed and initial predictor: target 0.2 ends low, the control at 0.8 ends high; the
-    VLM's weights and requires_grad flags are untouched."""
+    """Same data, seed and initial predictors: target 0.2 ends low, the control at 0.8 ends high,
+    for both predictors; the VLM's weights and requires_grad flags are untouched."""
     model, processor = llava
     items = vqa_items(24, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
-    rates = {}
+    rates, text_rates = {}, {}
     for target in (0.2, 0.8):
         predictors, record = train_predictors(
             model,
@@ -279,7 +279,8 @@ def test_training_moves_the_keep_rate_to_its_target(llava):
             items,
             **_vqa_format(),
             image_keep_ratio=target,
-            steps=25,
+            text_keep_ratio=target,
+            steps=40,
             batch_size=4,
             lr=3e-3,
             d_model=16,
@@ -288,14 +289,16 @@ def test_training_moves_the_keep_rate_to_its_target(llava):
         )
         first = record["history"][0]["image_keep"]
         rates[target] = np.mean([r["image_keep"] for r in record["history"][-8:]])
+        text_rates[target] = np.mean([r["text_keep"] for r in record["history"][-8:]])
         assert abs(rates[target] - target) < abs(first - target)
-        assert record["recipe"]["vlm"] == "frozen" and len(record["history"]) == 25
+        assert record["recipe"]["vlm"] == "frozen" and len(record["history"]) == 40
         # the trained predictor keeps about the target share where its probability decides
         image = torch.randn(64, 16, 32)
         with torch.no_grad():
             p_keep = predictors.image(image).softmax(-1)[..., 0]
         assert p_keep.shape == (64, 16)
     assert rates[0.2] < 0.35 and rates[0.8] > 0.65
+    assert text_rates[0.2] < 0.4 and text_rates[0.8] > 0.6  # the output-text predictor too
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert flags == [p.requires_grad for p in model.parameters()]
     assert decodekit.compat.attn_implementation(model.model.language_model) == "sdpa"
