@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import tempfile
 
 import decodekit
@@ -353,7 +354,7 @@ def test_fastv_and_dynamic_llava_share_the_context_slot(llava):
 def test_train_predictor_command_writes_a_loadable_predictor(tmp_path, capsys):
     from decodekit.pipelines.zoo.train_shapes_vlm import new_model, shapes_vlm_processor
 
-    # the zoo model's format (256 image tokens, its vocabulary) at a tiny size
+    # the zoo model's format (its image tokens and vocabulary) at a tiny size
     model = new_model(seed=0, vision_width=16, text_width=32, text_layers=3, text_intermediate=32)
     model.save_pretrained(tmp_path / "vlm")
     shapes_vlm_processor().save_pretrained(tmp_path / "vlm")
@@ -368,8 +369,9 @@ def test_train_predictor_command_writes_a_loadable_predictor(tmp_path, capsys):
     record = json.loads((tmp_path / "p" / "training.json").read_text())
     assert len(record["history"]) == 2 and record["data"]["source"] == "shapes-vqa"
     ev = record["evaluation"]
-    assert ev["predictor"]["stats"]["image_tokens"] == 3 * 256
-    assert ev["predictor"]["stats"]["image_tokens_kept"] == 3 * 52  # ceil(0.2 * 256)
+    n = model.config.image_seq_length  # image tokens per question
+    assert ev["predictor"]["stats"]["image_tokens"] == 3 * n
+    assert ev["predictor"]["stats"]["image_tokens_kept"] == 3 * math.ceil(0.2 * n)
     assert ev["l2-norm"]["stats"]["scorer"] == "l2-norm" and ev["baseline"]["count"] == 3
 
 
