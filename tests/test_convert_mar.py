@@ -118,9 +118,14 @@ def test_the_loop_equals_sample_tokens_with_its_orders_and_noise(pipe, oracle, c
         while decoder.step < num_iter:
             decoder.run_step()
     assert not decoder.mask.any()
-    assert_close(decoder.tokens, oracle[f"{case}.tokens"], rtol=1e-4, atol=1e-2)
+    # The random tiny head's tokens reach about 1.5e5, and float32 rounds at about 1e-7 of
+    # that, differently on different CPUs' kernels: compare at the tensor's scale (the
+    # negative control below differs by far more).
+    tokens = oracle[f"{case}.tokens"]
+    scale = 1e-5 * float(tokens.abs().max())
+    assert_close(decoder.tokens, tokens, rtol=1e-4, atol=scale)
     assert_close(
-        pipe.model.unpatchify(decoder.tokens), oracle[f"{case}.latents"], rtol=1e-4, atol=1e-2
+        pipe.model.unpatchify(decoder.tokens), oracle[f"{case}.latents"], rtol=1e-4, atol=scale
     )
 
 
@@ -135,7 +140,10 @@ def test_the_loop_oracle_fails_with_another_order(pipe, oracle):
     with torch.no_grad():
         while decoder.step < num_iter:
             decoder.run_step()
-    assert not torch.allclose(decoder.tokens, oracle["loop_linear.tokens"], rtol=1e-2, atol=1.0)
+    tokens = oracle["loop_linear.tokens"]  # not close even at the positive test's tolerance
+    assert not torch.allclose(
+        decoder.tokens, tokens, rtol=1e-4, atol=1e-5 * float(tokens.abs().max())
+    )
 
 
 def test_ema_weights_by_default_and_raw_weights_on_request(tmp_path):
