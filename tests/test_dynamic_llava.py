@@ -27,17 +27,14 @@ from decodekit.predictors import (
 )
 from decodekit.testing import StrategyTesterMixin, tiny_llava
 from decodekit.token_pruning import TokenPruner
-from PIL import Image
 
-IMAGE = 4  # tiny_llava's image token id
-PROMPTS = ["<image> what shape", "<image> which colour is it where", "<image> the left"]
+from tests.tiny import VLM_IMAGE_ID as IMAGE
+from tests.tiny import vlm_enc as _enc
+from tests.tiny import vlm_generate as _generate
+
 HAS_ADMIT = "admit" in inspect.signature(TokenPruner).parameters
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only waits
 needs_admit = pytest.mark.skipif(not HAS_ADMIT, reason="TokenPruner without decode admission")
-
-
-def _image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (20, 20, 3), dtype=np.uint8))
 
 
 @functools.cache
@@ -51,28 +48,6 @@ def _predictor_folder(seed: int = 0, hidden: int = 32, layer: int = 2) -> str:
 @pytest.fixture(scope="module")
 def llava():
     return tiny_llava(seed=1)
-
-
-def _enc(processor, rows):
-    return processor(
-        images=[_image(i) for i in rows],
-        text=[PROMPTS[i] for i in rows],
-        return_tensors="pt",
-        padding=True,
-    )
-
-
-def _generate(model, enc, n=5):
-    out = model.generate(
-        **enc,
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        suppress_tokens=[IMAGE],
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
-    return out.sequences[:, enc["input_ids"].shape[1] :], torch.stack(out.logits, 1)
 
 
 def test_keep_ratio_one_identical_tokens(llava):

@@ -3,47 +3,20 @@
 from __future__ import annotations
 
 import decodekit
-import numpy as np
 import pytest
 import torch
 from decodekit.pipelines.vlm_adapter import VLMPipeline
 from decodekit.plugins.fastv import FastV, prefill_flops
 from decodekit.testing import StrategyTesterMixin, tiny_llava
-from PIL import Image
 
-IMAGE = 4  # tiny_llava's image token id
-PROMPTS = ["<image> what shape", "<image> which colour is it where", "<image> the left"]
-
-
-def _image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (20, 20, 3), dtype=np.uint8))
+from tests.tiny import VLM_IMAGE_ID as IMAGE
+from tests.tiny import vlm_enc as _enc
+from tests.tiny import vlm_generate as _generate
 
 
 @pytest.fixture(scope="module")
 def llava():
     return tiny_llava(seed=1)
-
-
-def _enc(processor, rows):
-    return processor(
-        images=[_image(i) for i in rows],
-        text=[PROMPTS[i] for i in rows],
-        return_tensors="pt",
-        padding=True,
-    )
-
-
-def _generate(model, enc, n=5):
-    out = model.generate(
-        **enc,
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        suppress_tokens=[IMAGE],
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
-    return out.sequences[:, enc["input_ids"].shape[1] :], torch.stack(out.logits, 1)
 
 
 def test_keep_ratio_one_identical_tokens(llava):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from decodekit.testing import assert_restored, fingerprint, tiny_llama, tiny_llava
 from decodekit.token_pruning import TokenPruner, text_decoder
-from PIL import Image
+
+from tests.tiny import vlm_image as _image
 
 IMAGE = 4  # tiny_llava's image token id
 PROMPTS = ["<image> what shape", "<image> which colour is it where"]
@@ -21,10 +21,6 @@ PATTERN = torch.tensor(
     ],
     dtype=torch.bool,
 )
-
-
-def _image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (20, 20, 3), dtype=np.uint8))
 
 
 def _warm(model, enc):

@@ -17,6 +17,8 @@ from decodekit.plugins.fastv import FastV
 from decodekit.testing import tiny_llava
 from PIL import Image
 
+from tests.tiny import vlm_image as _image
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
     "vlm_example_data", ROOT / "benchmarks" / "vlm_example_data.py"
@@ -100,10 +102,6 @@ def test_yaml_answers_mismatch_is_a_config_error(tmp_path, manager):
 
 
 # -- batches and the adapter's figures ---------------------------------------------------------
-def _image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (20, 20, 3), dtype=np.uint8))
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")

@@ -354,3 +354,40 @@ class ScriptedClock:
             self.now += self.durations.pop(0)
         self.started = not self.started
         return self.now
+
+
+# -- tiny_llava cases (fastv, dynamic-llava, token admission, vlm bench) -----------------------
+VLM_IMAGE_ID = 4  # tiny_llava's image token id
+VLM_PROMPTS = ["<image> what shape", "<image> which colour is it where", "<image> the left"]
+
+
+def vlm_image(seed: int):
+    """A 20x20 RGB noise image (PIL), the same for the same seed."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (20, 20, 3), dtype=np.uint8))
+
+
+def vlm_enc(processor, rows):
+    """tiny_llava's processor output for `VLM_PROMPTS` rows ``rows``, each with its own image."""
+    return processor(
+        images=[vlm_image(i) for i in rows],
+        text=[VLM_PROMPTS[i] for i in rows],
+        return_tensors="pt",
+        padding=True,
+    )
+
+
+def vlm_generate(model, enc, n=5):
+    """Greedy ``n`` new tokens (image tokens suppressed): (new tokens, their logits ``(B, n, V)``)."""
+    out = model.generate(
+        **enc,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        suppress_tokens=[VLM_IMAGE_ID],
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    return out.sequences[:, enc["input_ids"].shape[1] :], torch.stack(out.logits, 1)
