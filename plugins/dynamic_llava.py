@@ -30,15 +30,14 @@ floors it).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
-from decodekit.errors import AttachError, ConfigError
+from decodekit.errors import ConfigError
 from decodekit.hookspecs import hookimpl
 from decodekit.predictors import Predictors, check_predictors_fit, load_predictors, predictor_folder
 from decodekit.strategy import Params
-from decodekit.token_pruning import TokenPruner, text_decoder
+from decodekit.token_pruning import TokenPruner
 from pydantic import Field
 
 from .fastv import FastV
@@ -93,21 +92,9 @@ class DynamicLLaVA(FastV):
 
     def on_attach(self, run) -> None:
         model = run.adapter.model
-        image_id = getattr(
-            model.config, "image_token_id", getattr(model.config, "image_token_index", None)
-        )
-        if image_id is None:
-            raise AttachError(
-                f"dynamic-llava prunes image tokens; {type(model).__name__} has no image_token_id "
-                "(attach it to a vision-language model, pipeline type vlm)."
-            )
-        self.image_id = int(image_id)
-        decoder = text_decoder(model)
-        self._widths = (decoder.config.hidden_size, decoder.config.intermediate_size)
-        self._layers = len(decoder.layers)
+        self._read_model(model)
         p = self.params
         self.predictors: Predictors | None = None
-        layer = p.layer
         if p.predictor is not None:
             where = "strategies.dynamic-llava.params.predictor"
             predictors = load_predictors(predictor_folder(p.predictor, where), where)
@@ -121,23 +108,8 @@ class DynamicLLaVA(FastV):
                 )
             weight = next(model.parameters())
             self.predictors = predictors.to(device=weight.device, dtype=weight.dtype)
-        if layer >= self._layers:
-            raise AttachError(
-                f"dynamic-llava layer must be below the language model's {self._layers} layers, "
-                f"got {layer}"
-            )
-        self.layer = layer
-        admit = None
-        if p.decode_admission and self.predictors is not None:
-            if "admit" not in inspect.signature(TokenPruner).parameters:
-                raise AttachError(
-                    "dynamic-llava's decode admission needs decodekit's token pruner with K/V "
-                    "admission (TokenPruner(admit=...)), which this install lacks; set "
-                    "decode_admission: false"
-                )
-            admit = self._admit
-        kwargs = {"admit": admit} if admit is not None else {}
-        self.pruner = TokenPruner(model, layer, self._select, None, **kwargs)
+        admit = self._admit if p.decode_admission and self.predictors is not None else None
+        self.pruner = TokenPruner(model, p.layer, self._select, None, admit=admit)
         self.pruner.attach()
         self.reset(run)
 
@@ -183,7 +155,7 @@ class DynamicLLaVA(FastV):
         out = super().stats()
         s = self._stats
         out.update(
-            layer=self.layer,
+            layer=self.params.layer,
             scorer="predictor" if self.predictors is not None else "l2-norm",
             decode_tokens=s["decoded"],
             decode_tokens_admitted=s["admitted"],

@@ -77,12 +77,20 @@ class FastV(Strategy):
 
     def on_attach(self, run) -> None:
         model = run.adapter.model
+        self._read_model(model)
+        self.pruner = TokenPruner(model, self.params.layer, self._select, self._score)
+        self.pruner.attach()
+        self.reset(run)
+
+    def _read_model(self, model: Any) -> None:
+        """The image token id, the decoder's widths and depth; refuses a model without image
+        tokens and a ``layer`` at or past the last."""
         image_id = getattr(
             model.config, "image_token_id", getattr(model.config, "image_token_index", None)
         )
         if image_id is None:
             raise AttachError(
-                f"fastv prunes image tokens; {type(model).__name__} has no image_token_id "
+                f"{self.name} prunes image tokens; {type(model).__name__} has no image_token_id "
                 "(attach it to a vision-language model, pipeline type vlm)."
             )
         self.image_id = int(image_id)
@@ -91,12 +99,9 @@ class FastV(Strategy):
         self._layers = len(decoder.layers)
         if self.params.layer >= self._layers:
             raise AttachError(
-                f"fastv layer must be below the language model's {self._layers} layers, "
+                f"{self.name} layer must be below the language model's {self._layers} layers, "
                 f"got {self.params.layer}"
             )
-        self.pruner = TokenPruner(model, self.params.layer, self._select, self._score)
-        self.pruner.attach()
-        self.reset(run)
 
     def on_detach(self, run) -> None:
         self.pruner.detach()

@@ -4,7 +4,6 @@ rows equal rows alone, predictor files round-trip, training moves the keep rate 
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import math
 import tempfile
@@ -26,15 +25,12 @@ from decodekit.predictors import (
     save_predictors,
 )
 from decodekit.testing import StrategyTesterMixin, tiny_llava
-from decodekit.token_pruning import TokenPruner
 
 from tests.tiny import VLM_IMAGE_ID as IMAGE
 from tests.tiny import vlm_enc as _enc
 from tests.tiny import vlm_generate as _generate
 
-HAS_ADMIT = "admit" in inspect.signature(TokenPruner).parameters
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only waits
-needs_admit = pytest.mark.skipif(not HAS_ADMIT, reason="TokenPruner without decode admission")
 
 
 @functools.cache
@@ -57,11 +53,9 @@ def test_keep_ratio_one_identical_tokens(llava):
     settings = [
         {"keep_ratio": 1.0},  # the L2-norm fallback
         {"keep_ratio": 1.0, "predictor": _predictor_folder(), "decode_admission": False},
+        # every decoded token admitted: the text predictor runs, nothing is dropped
+        {"keep_ratio": 1.0, "predictor": _predictor_folder(), "text_threshold": 0.0},
     ]
-    if HAS_ADMIT:  # every decoded token admitted: the text predictor runs, nothing is dropped
-        settings.append(
-            {"keep_ratio": 1.0, "predictor": _predictor_folder(), "text_threshold": 0.0}
-        )
     for params in settings:
         with decodekit.attach(model, [DynamicLLaVA(**params)]) as run:
             tokens, logits = _generate(model, enc)
@@ -119,7 +113,7 @@ def test_fallback_ranks_by_hidden_state_norm(llava):
         assert set(keep[b].tolist()) & set(pos.tolist()) == set(top.tolist())
 
 
-@pytest.mark.parametrize("admission", [False, True] if HAS_ADMIT else [False])
+@pytest.mark.parametrize("admission", [False, True])
 def test_batch_rows_equal_rows_alone(llava, admission):
     model, processor = llava
     params = dict(keep_ratio=0.25, predictor=_predictor_folder(), decode_admission=admission)
@@ -131,7 +125,6 @@ def test_batch_rows_equal_rows_alone(llava, admission):
             torch.testing.assert_close(alone_logits[0], batch_logits[b], atol=1e-5, rtol=1e-5)
 
 
-@needs_admit
 def test_decode_admission(llava):
     """Off equals prefill-only pruning (= admitting every token); dropping every token changes the
     output; the admitted counts are the text predictor's decisions."""
