@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from decodekit.pipelines.zoo.train_shapes_vlm import (
     shapes_vlm_config,
     shapes_vlm_processor,
 )
-from decodekit.pipelines.zoo.training import optimiser_step
+from decodekit.pipelines.zoo.training import adamw_warmup_cosine, optimiser_step
 from torch import nn
 from tqdm import tqdm
 
@@ -120,16 +119,9 @@ def pretrain_vision(
 
     torch.manual_seed(seed)
     model = TowerClassifier(patch_size, vision_width, vision_layers).train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay
+    optimizer, schedule = adamw_warmup_cosine(
+        model.parameters(), lr=lr, weight_decay=weight_decay, warmup=warmup, steps=steps
     )
-
-    def rate(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     generator = torch.Generator().manual_seed(seed + 1)
     checks = []
     bar = tqdm(range(steps), desc="shapes-vision", mininterval=30)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ from decodekit.pipelines.zoo.shapes_vqa import (
 )
 from decodekit.pipelines.zoo.shapes_vqa import vqa_words as question_words
 from decodekit.pipelines.zoo.train_shapes_mar import earlier_runs
-from decodekit.pipelines.zoo.training import write_training_record
+from decodekit.pipelines.zoo.training import adamw_warmup_cosine, write_training_record
 from decodekit.testing import tiny_llava_processor
 from tqdm import tqdm
 
@@ -354,16 +353,9 @@ def train_vlm(
     sel_answers, sel_pixels = encoded(vqa_items(80, 0, "selection"))
     data_seconds = round(time.time() - started, 1)
 
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay
+    optimizer, schedule = adamw_warmup_cosine(
+        model.parameters(), lr=lr, weight_decay=weight_decay, warmup=warmup, steps=steps
     )
-
-    def rate(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     generator = torch.Generator().manual_seed(seed + 1)
     losses, window, checks = [], [], []
     best, best_state, kept_step = -1.0, None, 0

@@ -1,14 +1,30 @@
-"""The pieces every zoo trainer shares: one optimiser step, and the training record."""
+"""The pieces every zoo trainer shares: the optimiser, one optimiser step, and the training record."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def adamw_warmup_cosine(
+    params: Any, *, lr: float, weight_decay: float, warmup: int, steps: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (betas 0.9, 0.98) and a schedule: linear warm-up over ``warmup`` steps, then a cosine
+    down to 0 at ``steps``."""
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+
+    def rate(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
 
 
 def optimiser_step(
