@@ -148,7 +148,7 @@ class DynamicLLaVA(FastV):
         """Decode step: ``(B,)`` True where the new token's K/V (hidden ``(B, 1, D)``) are cached."""
         keep = self.predictors.text_keep_probability(hidden[:, -1]) > self.params.text_threshold
         self._stats["decoded"] += keep.numel()
-        self._stats["admitted"] += int(keep.sum())
+        self._stats["admitted"] += keep.sum()  # a device tensor: read once, in stats()
         return keep
 
     def stats(self) -> dict[str, Any]:
@@ -158,7 +158,7 @@ class DynamicLLaVA(FastV):
             layer=self.params.layer,
             scorer="predictor" if self.predictors is not None else "l2-norm",
             decode_tokens=s["decoded"],
-            decode_tokens_admitted=s["admitted"],
+            decode_tokens_admitted=int(s["admitted"]),
         )
         cache = self._cache_at_detach
         out["cache"] = cache if cache is not None else self.pruner.cache_stats()
