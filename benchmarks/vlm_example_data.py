@@ -4,8 +4,8 @@
     python benchmarks/vlm_example_data.py --yaml examples/fastv.yaml   # also set them in a YAML
 
 96 questions of the ``gate`` split (held out from the zoo model's training and
-selection), seed 1 (the gate itself is measured on seed 0), 32 of each kind (shape,
-colour, position), as 32x32 PNGs under ``examples/data/shapes-vqa/``. A YAML's
+selection), seed 1 (the gate itself is measured on seed 0), 24 of each kind (shape,
+colour, position, describe), as 32x32 PNGs under ``examples/data/shapes-vqa/``. A YAML's
 ``images``, ``prompt`` and ``answers`` lines under ``inputs:`` are replaced by one-line
 lists; image paths are relative to the repository root, where the examples' commands run.
 """

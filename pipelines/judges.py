@@ -16,8 +16,8 @@ Registered through ``decodekit_register_quality_metrics`` like any plugin's:
   as well as the plain one.
 * ``vqa-accuracy`` — on vlm outputs whose inputs give ``answers`` (one reference
   answer per prompt): each row's answer is the first word (or words) of the text
-  that is a reference answer of the config, or of the shapes questions' vocabulary
-  when every reference is one of its words (`shapes_vqa.parse_answer`'s rule); the
+  that is a reference answer of the config, or of the shapes questions' answers
+  (attribute words and "describe it" captions) when every reference is one of them; the
   accuracy of baseline and strategy, how often both arms give the same answer, and
   per question kind when the prompts are the shapes questions ("what shape is it").
 
@@ -193,12 +193,16 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 def vqa_vocabulary(answers: list[str]) -> set[tuple[str, ...]]:
-    """The answers a generated text is read for: the references (as word tuples), with the
-    shapes questions' whole answer vocabulary when every reference is one of its words."""
-    from decodekit.pipelines.zoo.shapes_vqa import answer_vocabulary
+    """The answers a generated text is read for: the references (as word tuples), with every
+    answer of the shapes questions (each attribute word, each caption) when every reference
+    is one of them."""
+    from decodekit.pipelines.zoo.shapes_data import COLOUR_NAMES, POSITIONS, SHAPES
+    from decodekit.pipelines.zoo.shapes_vqa import answer_vocabulary, caption_answer
 
     refs = {_words(a) for a in answers}
-    shapes = {(w,) for w in answer_vocabulary()}
+    shapes = {(w,) for w in answer_vocabulary()} | {
+        _words(caption_answer(c, s, p)) for c in COLOUR_NAMES for s in SHAPES for p in POSITIONS
+    }
     return refs | shapes if refs <= shapes else refs
 
 

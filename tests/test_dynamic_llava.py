@@ -256,10 +256,9 @@ def test_training_moves_the_keep_rate_to_its_target(llava):
             heads=2,
             seed=0,
         )
-        first = record["history"][0]["image_keep"]
         rates[target] = np.mean([r["image_keep"] for r in record["history"][-8:]])
         text_rates[target] = np.mean([r["text_keep"] for r in record["history"][-8:]])
-        assert abs(rates[target] - target) < abs(first - target)
+        assert abs(rates[target] - target) < 0.1  # the last steps keep about the target share
         assert record["recipe"]["vlm"] == "frozen" and len(record["history"]) == 40
         # the trained predictor keeps about the target share where its probability decides
         image = torch.randn(64, 16, 32)
@@ -411,7 +410,7 @@ def _zoo_folder():
 
 @pytest.mark.skipif(_zoo_folder() is None, reason="zoo:shapes-vlm is not in this checkout")
 def test_zoo_predictor_keeps_a_quarter_and_answers():
-    """zoo:shapes-vlm's committed predictor fits its model and, keeping 16 of 64 image tokens,
+    """zoo:shapes-vlm's committed predictor fits its model and, keeping 64 of 256 image tokens,
     answers held-out gate questions (seed 2) at the model's gate level."""
     from decodekit.pipelines.zoo.shapes_vqa import accuracy
     from decodekit.pipelines.zoo.train_shapes_vlm import generate_answers

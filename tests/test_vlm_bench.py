@@ -51,6 +51,21 @@ def test_vqa_accuracy_reads_the_first_vocabulary_answer_and_scores_per_kind():
     assert q["accuracy_colour_strategy"] == 1.0 and q["accuracy_position_strategy"] == 0.0
 
 
+def test_vqa_accuracy_reads_captions_whole():
+    prompts = ["<image> describe it", "<image> describe it", "<image> what shape is it"]
+    answers = ["a red circle at the top", "a blue star at the left", "star"]
+    inputs = VLMInputs(images="a.png", prompt=prompts, answers=answers)
+    base = _rows(["a red circle at the top", "a blue star at the left", "star"], prompts)
+    # another caption (the wrong position), a caption's first words only, a caption for a shape
+    strat = _rows(["a red circle at the left", "a blue star", "a green star at the top"], prompts)
+    q = vqa_accuracy_metric("vlm", base, strat, inputs)
+    assert q["accuracy_baseline"] == 1.0 and q["accuracy_strategy"] == 0.0
+    assert q["accuracy_describe_baseline"] == 1.0 and q["answer_agreement"] == 0.0
+    vocab = vqa_vocabulary(answers)
+    assert read_answer("a green star at the top", vocab) == tuple("a green star at the top".split())
+    assert read_answer("a blue star", vocab) == ("blue",)  # an attribute word, not a caption
+
+
 def test_vqa_accuracy_generalises_to_other_answers():
     answers = ["new york", "paris", "york"]
     vocab = vqa_vocabulary(answers)
@@ -208,7 +223,8 @@ def test_bench_reports_phases_cache_and_answers(tmp_path, pipe, images, manager)
 def test_committed_question_images_are_the_generators():
     items = example_data.example_items()
     assert len(items) == 96
-    assert [sum(it.kind == k for it in items) for k in ("shape", "colour", "position")] == [32] * 3
+    kinds = ("shape", "colour", "position", "describe")
+    assert [sum(it.kind == k for it in items) for k in kinds] == [24] * 4
     for i, item in enumerate(items):
         with Image.open(ROOT / example_data.image_path(i)) as im:
             assert im.size == (32, 32)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from decodekit.pipelines.zoo.shapes_data import COLOUR_NAMES, POSITIONS, SHAPES
-from decodekit.pipelines.zoo.shapes_vqa import KINDS, VQAItem, answer_of, vqa_items
+from decodekit.pipelines.zoo.shapes_vqa import ATTRIBUTES, VQAItem, answer_of, vqa_items
 from decodekit.pipelines.zoo.train_shapes_vlm import (
     DIMS,
     pixel_values,
@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 CLASSES = {"shape": SHAPES, "colour": COLOUR_NAMES, "position": POSITIONS}
-"""Each head's classes, in `KINDS` order of heads."""
+"""Each head's classes, in `ATTRIBUTES` order of heads."""
 
 
 class TowerClassifier(nn.Module):
@@ -55,18 +55,20 @@ class TowerClassifier(nn.Module):
         ).vision_config
         self.tower = CLIPVisionModel._from_config(config, attn_implementation="sdpa")
         self.norm = nn.LayerNorm(vision_width)
-        self.heads = nn.ModuleList(nn.Linear(vision_width, len(CLASSES[k])) for k in KINDS)
+        self.heads = nn.ModuleList(nn.Linear(vision_width, len(CLASSES[k])) for k in ATTRIBUTES)
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """Each kind's logits, [(B, classes)] in `KINDS` order."""
+        """Each kind's logits, [(B, classes)] in `ATTRIBUTES` order."""
         hidden = self.tower(pixel_values=pixels).last_hidden_state  # (B, 1 + patches, W)
         pooled = self.norm(hidden[:, 1:].mean(1))  # (B, W): patch tokens only, as LLaVA reads
         return [head(pooled) for head in self.heads]
 
 
 def labels_of(items: list[VQAItem]) -> torch.Tensor:
-    """Each item's class index per kind: (N, 3) in `KINDS` order."""
-    return torch.tensor([[CLASSES[k].index(answer_of(it.scene, k)) for k in KINDS] for it in items])
+    """Each item's class index per kind: (N, 3) in `ATTRIBUTES` order."""
+    return torch.tensor(
+        [[CLASSES[k].index(answer_of(it.scene, k)) for k in ATTRIBUTES] for it in items]
+    )
 
 
 @torch.no_grad()
@@ -74,7 +76,7 @@ def classifier_accuracy(model: TowerClassifier, pixels, labels, batch_size: int 
     """Share right per kind and their mean ("overall")."""
     was_training = model.training
     model.eval()
-    right = torch.zeros(len(KINDS))
+    right = torch.zeros(len(ATTRIBUTES))
     for i in range(0, len(labels), batch_size):
         logits = model(pixels[i : i + batch_size])
         for k, lg in enumerate(logits):
@@ -82,7 +84,7 @@ def classifier_accuracy(model: TowerClassifier, pixels, labels, batch_size: int 
     model.train(was_training)
     shares = (right / len(labels)).tolist()
     return {"overall": round(sum(shares) / len(shares), 4)} | {
-        k: round(v, 4) for k, v in zip(KINDS, shares)
+        k: round(v, 4) for k, v in zip(ATTRIBUTES, shares)
     }
 
 

@@ -1,9 +1,13 @@
-"""Visual questions about `shapes` renders: "what shape is it", "what colour is it", "where is it".
+"""Visual questions about `shapes` renders: "what shape is it", "what colour is it",
+"where is it" and "describe it".
 
 Each item is a one-shape scene (two shapes would make "what colour is it" ambiguous)
-rendered at 32x32 with a small jitter, one question about it and a one-word answer (a
-word of `SHAPES`, `COLOUR_NAMES` or `POSITIONS`). The question kinds cycle
-shape, colour, position, so any ``count`` divisible by 3 is balanced.
+rendered at 32x32 with a small jitter and one question about it. The first three kinds
+(`ATTRIBUTES`) are answered by one word (of `SHAPES`, `COLOUR_NAMES` or `POSITIONS`);
+"describe it" by a six-word caption, "a red circle at the top", whose three attribute
+words carry the answer and whose other three ("a", "at", "the") are fixed filler. The
+question kinds cycle shape, colour, position, describe, so any ``count`` divisible by 4
+is balanced.
 
 The splits are disjoint by image: a rendered image is a scene and a jitter on a
 0.25-pixel grid, and a stable hash of that pair puts it in ``gate`` (1 in 20),
@@ -31,11 +35,14 @@ from decodekit.pipelines.zoo.shapes_data import (
 )
 from PIL import Image
 
-KINDS = ("shape", "colour", "position")
+ATTRIBUTES = ("shape", "colour", "position")
+"""The kinds answered by one word (the attribute the word names)."""
+KINDS = (*ATTRIBUTES, "describe")
 QUESTIONS = {
     "shape": "what shape is it",
     "colour": "what colour is it",
     "position": "where is it",
+    "describe": "describe it",
 }
 """The question of each kind."""
 SPLITS = ("train", "selection", "gate")
@@ -52,8 +59,8 @@ class VQAItem:
     Attributes:
         image: the 32x32 RGB render.
         question: the question text, e.g. "what shape is it".
-        answer: the one-word answer, e.g. "circle".
-        kind: "shape", "colour" or "position".
+        answer: the answer, e.g. "circle", or "a red circle at the top" to "describe it".
+        kind: "shape", "colour", "position" or "describe".
         scene: the one-shape `ShapeScene` the image shows.
         jitter: the (dx, dy) pixel offset the shape was drawn with.
     """
@@ -77,13 +84,20 @@ def image_split(scene: ShapeScene, jitter: tuple[float, float]) -> str:
 def answer_of(scene: ShapeScene, kind: str) -> str:
     """The answer to the question of `kind` about the one-shape `scene`."""
     obj = scene.objects[0]
+    if kind == "describe":
+        return caption_answer(obj.colour, obj.shape, obj.position)
     return {"shape": obj.shape, "colour": obj.colour, "position": obj.position}[kind]
+
+
+def caption_answer(colour: str, shape: str, position: str) -> str:
+    """The answer to "describe it": "a <colour> <shape> at the <position>"."""
+    return f"a {colour} {shape} at the {position}"
 
 
 def vqa_items(count: int, seed: int = 0, split: str = "train") -> list[VQAItem]:
     """`count` questions on renders of `split`, deterministic by (`seed`, `split`).
 
-    Item i asks the question of kind ``KINDS[i % 3]``; scenes (shape, colour, position,
+    Item i asks the question of kind ``KINDS[i % 4]``; scenes (shape, colour, position,
     size) are uniform, jitter uniform on the 0.25-pixel grid.
     """
     if split not in SPLITS:
@@ -115,30 +129,38 @@ def vqa_items(count: int, seed: int = 0, split: str = "train") -> list[VQAItem]:
 
 
 def answer_vocabulary() -> tuple[str, ...]:
-    """Every answer word: shapes, colours and positions."""
+    """Every attribute word: shapes, colours and positions."""
     return (*SHAPES, *COLOUR_NAMES, *POSITIONS)
 
 
 def vqa_words() -> list[str]:
     """Every word of the questions and answers, sorted (the tokenizer's word list)."""
-    words = set(answer_vocabulary())
+    words = set(answer_vocabulary()) | set(caption_answer("", "", "").split())
     for question in QUESTIONS.values():
         words |= set(question.split())
     return sorted(words)
 
 
-def parse_answer(text: str) -> str | None:
-    """The first answer-vocabulary word in `text` (case and punctuation ignored), or None."""
+def attribute_words(text: str) -> list[str]:
+    """The attribute words of `text` in order (case and punctuation ignored)."""
     vocabulary = set(answer_vocabulary())
-    for word in re.findall(r"[a-z]+", text.lower()):
-        if word in vocabulary:
-            return word
-    return None
+    return [w for w in re.findall(r"[a-z]+", text.lower()) if w in vocabulary]
+
+
+def parse_answer(text: str) -> str | None:
+    """The first attribute word in `text`, or None."""
+    words = attribute_words(text)
+    return words[0] if words else None
 
 
 def answer_correct(text: str, answer: str) -> bool:
-    """Whether the first answer-vocabulary word of the generated `text` is `answer`."""
-    return parse_answer(text) == answer
+    """Whether the generated `text` names `answer`'s attribute words first, in order.
+
+    A one-word answer is right when it is the first attribute word of `text`; a caption
+    when its colour, shape and position are the first three (the filler words are not read).
+    """
+    wanted = attribute_words(answer)
+    return bool(wanted) and attribute_words(text)[: len(wanted)] == wanted
 
 
 def accuracy(texts: Sequence[str], items: Sequence[VQAItem]) -> dict[str, Any]:

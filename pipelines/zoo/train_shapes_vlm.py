@@ -1,9 +1,10 @@
 """Train `shapes-vlm`: a tiny LLaVA that answers questions about `shapes` renders.
 
-A ``LlavaForConditionalGeneration`` (a CLIP vision tower over 4x4-pixel patches of the
-32x32 render, so 64 image tokens; LLaVA's two-layer MLP projector; a deep, narrow
+A ``LlavaForConditionalGeneration`` (a CLIP vision tower over 2x2-pixel patches of the
+32x32 render, so 256 image tokens; LLaVA's two-layer MLP projector; a deep, narrow
 Llama) learns `shapes_vqa`'s questions: "what shape is it", "what colour is it",
-"where is it", each answered by one word. Two stages, one command:
+"where is it", each answered by one word, and "describe it", answered by a six-word
+caption ("a red circle at the top"). Two stages, one command:
 
 1. as LLaVA starts from a CLIP tower that already sees, the vision tower is first
    pretrained as a classifier of the renders (`shapes_vision_pretrain`,
@@ -55,12 +56,12 @@ from decodekit.testing import tiny_llava_processor
 from tqdm import tqdm
 
 IMAGE_SIZE = 32
-PATCH_SIZE = 4
-"""Pixels per patch side: a 32x32 render is 8x8 = 64 image tokens."""
+PATCH_SIZE = 2
+"""Pixels per patch side: a 32x32 render is 16x16 = 256 image tokens."""
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 PAD_ID, BOS_ID, EOS_ID, IMAGE_ID = 0, 1, 2, 4
-MAX_NEW_TOKENS = 2
-"""The gate's greedy decoding: at most the answer word and ``</s>``."""
+MAX_NEW_TOKENS = 7
+"""The gate's greedy decoding: at most a caption's six words and ``</s>``."""
 DIMS: dict[str, int] = {
     "patch_size": PATCH_SIZE,
     "vision_width": 64,
@@ -164,53 +165,89 @@ def pixel_values(processor, items: list[VQAItem]) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def suffix_rows(templates: dict[str, list[int]], answers: torch.Tensor):
-    """Each image's three question-and-answer rows after the shared ``<s>`` and image prefix.
+def answer_lengths() -> dict[str, int]:
+    """Each kind's answer length in words (tokens): 1, or 6 for a "describe it" caption."""
+    from decodekit.pipelines.zoo.shapes_data import ShapeObject, ShapeScene
 
-    `answers` holds each image's answer ids in `KINDS` order, (B, 3). Returns the rows'
-    ids right-padded, (3B, S), and each row's question length, (3B,).
+    scene = ShapeScene((ShapeObject("circle", "red", "top", "small"),))
+    return {kind: len(answer_of(scene, kind).split()) for kind in KINDS}
+
+
+def answer_ids(items: list[VQAItem], vocab: dict[str, int]) -> torch.Tensor:
+    """Each image's answers to every kind's question, (N, len(KINDS), A) ids, ``<pad>`` after
+    a shorter answer (A: the longest answer)."""
+    width = max(answer_lengths().values())
+    out = torch.full((len(items), len(KINDS), width), PAD_ID)
+    for i, it in enumerate(items):
+        for k, kind in enumerate(KINDS):
+            words = answer_of(it.scene, kind).split()
+            out[i, k, : len(words)] = torch.tensor([vocab[w] for w in words])
+    return out
+
+
+def suffix_rows(templates: dict[str, list[int]], answers: torch.Tensor):
+    """Each image's question-and-answer rows after the shared ``<s>`` and image prefix.
+
+    `answers` holds each image's answer ids in `KINDS` order, (B, K, A) (`answer_ids`).
+    Returns the rows' ids right-padded, (KB, S), and each row's question and answer
+    lengths, (KB,) each; the rows of image b are rows bK to bK + K - 1.
     """
     prefix = len(next(iter(templates.values()))) - len(QUESTIONS["shape"].split())
     questions = [templates[kind][prefix:] for kind in KINDS]  # the question words only
-    width = max(len(q) for q in questions) + 1
+    given = [answer_lengths()[kind] for kind in KINDS]
+    width = max(len(q) + a for q, a in zip(questions, given))
     rows = torch.full((answers.shape[0], len(KINDS), width), PAD_ID)
-    lengths = torch.tensor([len(q) for q in questions])
-    for k, q in enumerate(questions):
+    for k, (q, a) in enumerate(zip(questions, given)):
         rows[:, k, : len(q)] = torch.tensor(q)
-        rows[:, k, len(q)] = answers[:, k]
-    return rows.flatten(0, 1), lengths.repeat(answers.shape[0])
+        rows[:, k, len(q) : len(q) + a] = answers[:, k, :a]
+    q_lengths = torch.tensor([len(q) for q in questions]).repeat(answers.shape[0])
+    a_lengths = torch.tensor(given).repeat(answers.shape[0])
+    return rows.flatten(0, 1), q_lengths, a_lengths
+
+
+def answer_targets(answers: torch.Tensor) -> torch.Tensor:
+    """What `answer_logits` predicts: each row's answer ids and ``</s>``, -100 after, (KB, A + 1)."""
+    given = torch.tensor([answer_lengths()[kind] for kind in KINDS])  # (K,)
+    B, K, A = answers.shape
+    targets = torch.cat([answers, torch.full((B, K, 1), -100)], 2)
+    j = torch.arange(A + 1)
+    targets[:, j[None, :] == given[:, None]] = EOS_ID  # (K, A + 1) picks </s> of every image
+    targets[:, j[None, :] > given[:, None]] = -100
+    return targets.flatten(0, 1)
 
 
 def answer_logits(model, templates: dict[str, list[int]], answers: torch.Tensor, pixels):
-    """Logits that predict each row's answer and the ``</s>`` after it: (3B, 2, vocab).
+    """Logits that predict each row's answer tokens and the ``</s>`` after them: (KB, A + 1, vocab)
+    (rows of a shorter answer repeat their last logits after its ``</s>``).
 
     The ``<s>`` and image prefix of each image runs once and its K/V cache serves the
-    image's three questions (the same logits as three full rows, a third of the compute).
+    image's questions (the same logits as full rows, a K-th of the compute).
     """
     B = pixels.shape[0]
     prefix = torch.tensor(templates["shape"][: -len(QUESTIONS["shape"].split())])
     out = model(input_ids=prefix.expand(B, -1), pixel_values=pixels, use_cache=True)  # (B, P)
     cache = out.cache
-    cache.batch_repeat_interleave(len(KINDS))  # (3B, P) keys and values
-    rows, lengths = suffix_rows(templates, answers)  # (3B, S)
+    cache.batch_repeat_interleave(len(KINDS))  # (KB, P) keys and values
+    rows, q_lengths, a_lengths = suffix_rows(templates, answers)  # (KB, S)
     P, S = len(prefix), rows.shape[1]
-    valid = torch.arange(S)[None] <= lengths[:, None]  # question and answer, not the padding
+    valid = torch.arange(S)[None] < (q_lengths + a_lengths)[:, None]  # not the padding
     mask = torch.cat([torch.ones(len(rows), P, dtype=torch.long), valid.long()], 1)
     logits = model(
         input_ids=rows,
         attention_mask=mask,
         position_ids=(P + torch.arange(S)).expand(len(rows), -1),
         cache=cache,
-    ).logits  # (3B, S, vocab)
-    at = (lengths - 1)[:, None] + torch.arange(2)[None]  # the last question word, the answer
+    ).logits  # (KB, S, vocab)
+    at = (q_lengths - 1)[:, None] + torch.arange(answers.shape[2] + 1)[None]
+    at = torch.minimum(at, (q_lengths + a_lengths - 1)[:, None])  # the question word, the answer
     return logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
 
 
 def answer_loss(model, templates: dict[str, list[int]], answers: torch.Tensor, pixels):
-    """Mean cross-entropy of the answer word and ``</s>`` of every image's three questions."""
-    logits = answer_logits(model, templates, answers, pixels)  # (3B, 2, vocab)
-    targets = torch.stack([answers.flatten(), torch.full((answers.numel(),), EOS_ID)], 1)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    """Mean cross-entropy of every answer token and ``</s>`` of every image's questions."""
+    logits = answer_logits(model, templates, answers, pixels)  # (KB, A + 1, vocab)
+    targets = answer_targets(answers)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 # --------------------------------------------------------------------------- answering
@@ -258,18 +295,21 @@ def evaluate_vlm(
 
 
 @torch.no_grad()
-def first_token_accuracy(model, templates, answers, pixels, batch_size: int = 40) -> dict:
-    """Share of questions whose greedy first answer token is right, overall and per kind.
+def teacher_forced_accuracy(model, templates, answers, pixels, batch_size: int = 40) -> dict:
+    """Share of questions whose every answer token is the greedy choice given the ones before,
+    overall and per kind (``</s>`` not read).
 
-    A fast check during training (one forward per image for its three questions).
+    A fast check during training (one forward per image for all its questions).
     """
     was_training = model.training
     model.eval()
     right = torch.zeros(len(KINDS))
     for i in range(0, len(answers), batch_size):
-        chunk = answers[i : i + batch_size]  # (b, 3)
+        chunk = answers[i : i + batch_size]  # (b, K, A)
         logits = answer_logits(model, templates, chunk, pixels[i : i + batch_size])
-        hits = logits[:, 0].argmax(-1).view_as(chunk) == chunk
+        targets = answer_targets(chunk)
+        read = (targets != -100) & (targets != EOS_ID)
+        hits = ((logits.argmax(-1) == targets) | ~read).all(1).view(chunk.shape[:2])
         right += hits.sum(0)
     model.train(was_training)
     shares = (right / len(answers)).tolist()
@@ -299,7 +339,7 @@ def train_vlm(
     command: str | None = None,
     **dims: int,
 ) -> Path:
-    """Train on `num_images` training renders (three questions each); save model and processor to `out`.
+    """Train on `num_images` training renders (a question of each kind each); save model and processor to `out`.
 
     With `init_from` (a shapes-vlm folder), training continues from that folder's model
     and processor (`dims` are then ignored). Otherwise the vision tower starts from
@@ -346,8 +386,7 @@ def train_vlm(
     templates = question_ids(processor)
 
     def encoded(items: list[VQAItem]):  # each image's answers in KINDS order, and its pixels
-        answers = [[vocab[answer_of(it.scene, kind)] for kind in KINDS] for it in items]
-        return torch.tensor(answers), pixel_values(processor, items)
+        return answer_ids(items, vocab), pixel_values(processor, items)
 
     train_answers, train_pixels = encoded(vqa_items(num_images, seed, "train"))
     sel_answers, sel_pixels = encoded(vqa_items(80, 0, "selection"))
@@ -378,7 +417,7 @@ def train_vlm(
             losses.append(round(sum(window) / len(window), 4))
             window = []
         if done % check_every == 0 or done == steps:
-            check = first_token_accuracy(model, templates, sel_answers, sel_pixels)
+            check = teacher_forced_accuracy(model, templates, sel_answers, sel_pixels)
             score = check["overall"]
             checks.append({"step": done, "minutes": round((time.time() - started) / 60, 2)} | check)
             tqdm.write(f"step {done}: loss {losses[-1] if losses else '-'}, selection {check}")
@@ -424,7 +463,7 @@ def train_vlm(
         lr=lr,
         schedule=f"AdamW (0.9, 0.98), weight decay {weight_decay}, {warmup} steps linear "
         "warm-up then cosine to 0, clip 1.0",
-        loss="cross-entropy of the answer word and </s>",
+        loss="cross-entropy of the answer's words and </s>",
         data_seconds=data_seconds,
         train_minutes=train_minutes,
         losses_every_50_steps=losses,
