@@ -11,9 +11,9 @@ and reports held-out accuracy on the ``selection`` split. The heads are thrown a
 tower's weights are saved as safetensors, which the trainer loads with
 ``--vision-init``::
 
-    python -m decodekit.pipelines.zoo.shapes_vision_pretrain --patch-size 4 \\
+    python -m decodekit.pipelines.zoo.shapes_vision_pretrain --patch-size 2 \\
         --out /tmp/shapes-vision/vision_tower.safetensors
-    python -m decodekit.pipelines.zoo.train_shapes_vlm train --patch-size 4 \\
+    python -m decodekit.pipelines.zoo.train_shapes_vlm train --patch-size 2 \\
         --vision-init /tmp/shapes-vision/vision_tower.safetensors --out ...
 """
 
@@ -94,7 +94,7 @@ def pretrain_vision(
     patch_size: int = DIMS["patch_size"],
     vision_width: int = DIMS["vision_width"],
     vision_layers: int = DIMS["vision_layers"],
-    steps: int = 3000,
+    steps: int = 1500,
     batch_size: int = 64,
     lr: float = 1e-3,
     warmup: int = 100,
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: pretrain the tower and print the record."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)

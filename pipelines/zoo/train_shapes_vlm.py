@@ -322,7 +322,7 @@ def teacher_forced_accuracy(model, templates, answers, pixels, batch_size: int =
 def train_vlm(
     out: Path,
     *,
-    steps: int = 1000,
+    steps: int = 800,
     batch_size: int = 16,
     lr: float = 2e-3,
     warmup: int = 60,
@@ -333,7 +333,7 @@ def train_vlm(
     max_minutes: float | None = None,
     init_from: Path | None = None,
     vision_init: Path | None = None,
-    vision_pretrain_steps: int = 3000,
+    vision_pretrain_steps: int = 1500,
     vision_pretrain_images: int = 20000,
     measure: bool = True,
     command: str | None = None,
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="stage", required=True)
     train = sub.add_parser("train", help="train the shapes VQA LLaVA")
     train.add_argument("--out", type=Path, required=True)
-    train.add_argument("--steps", type=int, default=1000)
+    train.add_argument("--steps", type=int, default=800)
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--lr", type=float, default=2e-3)
     train.add_argument("--warmup", type=int, default=60)
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument(
         "--vision-pretrain-steps",
         type=int,
-        default=3000,
+        default=1500,
         help="steps of the vision tower's pretraining stage (0: none; ignored with --vision-init)",
     )
     for dim, value in DIMS.items():
