@@ -55,7 +55,7 @@ from decodekit.pipelines.zoo.train_shapes_var import (
     class_sample_report,
     selection_runner,
 )
-from decodekit.pipelines.zoo.training import link_folder, write_training_record
+from decodekit.pipelines.zoo.training import earlier_runs, link_folder, write_training_record
 from tqdm import tqdm
 
 PATCH_SIZE = 2
@@ -331,15 +331,6 @@ def train_mar(
         gates=gates,
     )
     return out
-
-
-def earlier_runs(init_from: Path | None) -> list[dict[str, Any]]:
-    """The training records of the runs `init_from` came from, oldest first (none without it)."""
-    record_file = None if init_from is None else Path(init_from) / "training.json"
-    if record_file is None or not record_file.is_file():
-        return []
-    record = json.loads(record_file.read_text())
-    return [*record.pop("earlier_runs", []), record]
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -50,8 +50,11 @@ from decodekit.pipelines.zoo.shapes_vqa import (
     vqa_items,
 )
 from decodekit.pipelines.zoo.shapes_vqa import vqa_words as question_words
-from decodekit.pipelines.zoo.train_shapes_mar import earlier_runs
-from decodekit.pipelines.zoo.training import adamw_warmup_cosine, write_training_record
+from decodekit.pipelines.zoo.training import (
+    adamw_warmup_cosine,
+    earlier_runs,
+    write_training_record,
+)
 from decodekit.testing import tiny_llava_processor
 from tqdm import tqdm
 

@@ -1,4 +1,5 @@
-"""The pieces every zoo trainer shares: the optimiser, one optimiser step, and the training record."""
+"""The pieces every zoo trainer shares: the optimiser, one optimiser step, and the training record
+(with the records of the runs a model continued from)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,12 @@ def link_folder(link: Path, target: Path) -> None:
         raise FileExistsError(f"{link} is a folder; remove it to link {target} instead.")
     rel = os.path.relpath(target.resolve(), link.parent.resolve())
     link.symlink_to(rel, target_is_directory=True)
+
+
+def earlier_runs(init_from: Path | None) -> list[dict[str, Any]]:
+    """The training records of the runs `init_from` came from, oldest first (none without it)."""
+    record_file = None if init_from is None else Path(init_from) / "training.json"
+    if record_file is None or not record_file.is_file():
+        return []
+    record = json.loads(record_file.read_text())
+    return [*record.pop("earlier_runs", []), record]
