@@ -347,7 +347,7 @@ def train_predictors(
 # -- the command ----------------------------------------------------------------------------
 def shapes_vqa_format() -> tuple[Callable[[Any], str], Callable[[Any], str]]:
     """(prompt_of, answer_of) as the zoo's shapes VLM was trained: ``<image> question``, then the
-    answer word and ``</s>``."""
+    answer (a word or a caption) and ``</s>``."""
     from decodekit.pipelines.zoo.train_shapes_vlm import prompt_text
 
     return (lambda it: prompt_text(it.question)), (lambda it: f" {it.answer} </s>")
