@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from decodekit.pipelines.mar import MARModel
 from decodekit.pipelines.mar_pipeline import MARPipeline
 from decodekit.pipelines.zoo import zoo_path
 from decodekit.pipelines.zoo.train_shapes_mar import (
@@ -75,6 +76,36 @@ def test_trainer_writes_a_mar_folder_that_links_shapes_sd_vae(tmp_path):
     assert MARPipeline.from_pretrained(out).model.config.encoder_embed_dim == 16
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 1 and [r["steps"] for r in record["earlier_runs"]] == [2]
+
+
+def test_stop_after_replays_a_run_that_time_cut_short(monkeypatch):
+    """A run stopped by --max-minutes after k steps is replayed by --stop-after k with the same
+    --steps (the warm-up spans --steps), and differs from a run of k steps."""
+    import types
+
+    from decodekit.pipelines.zoo import train_shapes_mar as trainer
+
+    moments = latent_moments(zoo_path("shapes-sd") / "vae", 8, 0)
+    dims = dict(encoder_embed_dim=16, decoder_embed_dim=16, diffloss_w=16, diffloss_d=1)
+
+    def run(steps, **stop):
+        torch.manual_seed(0)
+        model = MARModel(mar_config("small", **dims))
+        gen = torch.Generator().manual_seed(1)
+        ema, _, done = trainer.train_mar_model(
+            model, moments, 0.2, steps, 4, gen, warmup=0.5, **stop
+        )
+        return done, ema.state_dict()
+
+    replayed = run(6, stop_after=2)
+    clock = iter(range(100))  # each reading of the clock one second later
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    timed = run(6, max_seconds=2.5)  # the third step's check reads 3 s: stop after two
+    monkeypatch.undo()
+    short = run(2)
+    assert timed[0] == replayed[0] == short[0] == 2
+    assert all(torch.equal(timed[1][k], v) for k, v in replayed[1].items())
+    assert not all(torch.equal(short[1][k], v) for k, v in replayed[1].items())
 
 
 # --- the committed models -------------------------------------------------------------------

@@ -202,14 +202,17 @@ def train_mar_model(
     ema_rate: float = 0.999,
     posterior: str = "sample",
     max_seconds: float | None = None,
+    stop_after: int | None = None,
 ) -> tuple[MARModel, list[float], int]:
     """MAR's training (`MARModel.training_loss`).
 
     AdamW (betas 0.9/0.95, weight decay 0.02) at `lr` after a linear warm-up over the first
     `warmup` of the steps, then constant (MAR's schedule); gradients clipped at 3; the EMA's
     rate ramps up as ``(1 + step) / (10 + step)`` to `ema_rate`. With `max_seconds`,
-    training stops after the step that passes that much time. Returns the EMA model, the
-    mean loss every 100 steps and the steps taken.
+    training stops after the step that passes that much time; with `stop_after`, after
+    that many steps (the warm-up still spans `steps`, so a run cut short by time is
+    replayed step for step by its step count). Returns the EMA model, the mean loss every
+    100 steps and the steps taken.
     """
     started = time.time()
     mean, std, labels = moments
@@ -223,6 +226,8 @@ def train_mar_model(
     done = 0
     for step in bar:
         if max_seconds is not None and time.time() - started > max_seconds:
+            break
+        if stop_after is not None and step >= stop_after:
             break
         rows = torch.randint(0, len(labels), (batch_size,), generator=generator)
         if posterior == "sample":
@@ -265,6 +270,7 @@ def train_mar(
     latent_cache: Path | None = None,
     posterior: str = "sample",
     max_minutes: float | None = None,
+    stop_after: int | None = None,
     measure: bool = True,
     command: str | None = None,
     **dims: Any,
@@ -297,6 +303,7 @@ def train_mar(
         lr=lr,
         posterior=posterior,
         max_seconds=None if max_minutes is None else 60 * max_minutes,
+        stop_after=stop_after,
     )
     out.mkdir(parents=True, exist_ok=True)
     ema.save_pretrained(out / "model")
@@ -319,6 +326,7 @@ def train_mar(
         steps=done,
         steps_asked=steps,
         max_minutes=max_minutes,
+        stop_after=stop_after,
         num_images=num_images,
         batch_size=batch_size,
         lr=lr,
@@ -403,6 +411,13 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument(
         "--max-minutes", type=float, default=None, help="stop training after this long"
     )
+    train.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this many steps, the warm-up still spanning --steps (replays a run "
+        "that --max-minutes cut short: give its recorded steps)",
+    )
     train.add_argument("--no-measure", action="store_true", help="skip the gates at the end")
     for name in ("evaluate", "sweep"):
         p = sub.add_parser(name, help=f"{name} a mar folder or zoo name; prints JSON")
@@ -422,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.stage == "train":
         given = ("steps", "batch_size", "lr", "init_from", "num_images", "seed", "posterior")
-        given += ("max_minutes",)
+        given += ("max_minutes", "stop_after")
         settings = {k: getattr(args, k) for k in given}
         dims = {k: getattr(args, k) for k in DIM_KEYS if getattr(args, k) is not None}
         train_mar(
