@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import decodekit
-import numpy as np
 import pytest
 import torch
 from decodekit.errors import ConfigError
 from decodekit.pipelines.vlm_adapter import VLMAdapter, VLMInputs, VLMPipeline
 from decodekit.testing import assert_restored, fingerprint, tiny_llava
 from decodekit.token_pruning import TokenPruner
-from PIL import Image
+
+from tests.tiny import vlm_image
 
 PROMPTS = ["<image> what shape", "<image> which colour is it"]
 K = 2
-
-
-def _image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (20, 20, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +23,7 @@ def llava():
 
 def _enc(processor, rows=(0, 1)):
     return processor(
-        images=[_image(i) for i in rows],
+        images=[vlm_image(i) for i in rows],
         text=[PROMPTS[i] for i in rows],
         return_tensors="pt",
         padding=True,
@@ -106,7 +102,7 @@ def test_yaml_route(tmp_path, llava):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     for i in range(2):
-        _image(i).save(tmp_path / f"{i}.png")
+        vlm_image(i).save(tmp_path / f"{i}.png")
     pipe = VLMAdapter.load(str(folder), device="cpu", dtype="float32", options={})
     inputs = VLMInputs(
         images=[str(tmp_path / "0.png"), str(tmp_path / "1.png")],
@@ -117,7 +113,7 @@ def test_yaml_route(tmp_path, llava):
     assert [r["prompt"] for r in rows] == inputs.prompt
     assert all(len(r["tokens"]) <= 4 and isinstance(r["text"], str) for r in rows)
     # the images saved as PNG are the same pixels: the same tokens as in memory
-    enc = processor(images=[_image(0)], text=["<image> what shape"], return_tensors="pt")
+    enc = processor(images=[vlm_image(0)], text=["<image> what shape"], return_tensors="pt")
     alone = VLMAdapter.generate(
         pipe, VLMInputs(images=str(tmp_path / "0.png"), prompt="what shape", max_new_tokens=4)
     )
@@ -190,7 +186,7 @@ def test_pruner_refuses_bad_layers_and_chunked_prefill(llava):
 
 def test_vlm_refuses_several_rows_per_prompt(tmp_path, llava):
     model, processor = llava
-    _image(0).save(tmp_path / "0.png")
+    vlm_image(0).save(tmp_path / "0.png")
     inputs = VLMInputs(
         images=str(tmp_path / "0.png"),
         prompt="what shape",
