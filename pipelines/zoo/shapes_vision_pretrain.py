@@ -34,6 +34,7 @@ from decodekit.pipelines.zoo.train_shapes_vlm import (
     pixel_values,
     shapes_vlm_config,
     shapes_vlm_processor,
+    share_report,
 )
 from decodekit.pipelines.zoo.training import adamw_warmup_cosine, optimiser_step
 from torch import nn
@@ -82,10 +83,7 @@ def classifier_accuracy(model: TowerClassifier, pixels, labels, batch_size: int 
         for k, lg in enumerate(logits):
             right[k] += (lg.argmax(-1) == labels[i : i + batch_size, k]).sum()
     model.train(was_training)
-    shares = (right / len(labels)).tolist()
-    return {"overall": round(sum(shares) / len(shares), 4)} | {
-        k: round(v, 4) for k, v in zip(ATTRIBUTES, shares)
-    }
+    return share_report(right, len(labels), ATTRIBUTES)
 
 
 def pretrain_vision(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
 import tempfile
@@ -168,6 +169,7 @@ def pixel_values(processor, items: list[VQAItem]) -> torch.Tensor:
     return torch.cat(rows)
 
 
+@functools.cache
 def answer_lengths() -> dict[str, int]:
     """Each kind's answer length in words (tokens): 1, or 6 for a "describe it" caption."""
     from decodekit.pipelines.zoo.shapes_data import ShapeObject, ShapeScene
@@ -315,9 +317,14 @@ def teacher_forced_accuracy(model, templates, answers, pixels, batch_size: int =
         hits = ((logits.argmax(-1) == targets) | ~read).all(1).view(chunk.shape[:2])
         right += hits.sum(0)
     model.train(was_training)
-    shares = (right / len(answers)).tolist()
+    return share_report(right, len(answers), KINDS)
+
+
+def share_report(right: torch.Tensor, count: int, names) -> dict[str, float]:
+    """``right[k] / count`` per name and their mean ("overall"), rounded to 4 places."""
+    shares = (right / count).tolist()
     return {"overall": round(sum(shares) / len(shares), 4)} | {
-        kind: round(v, 4) for kind, v in zip(KINDS, shares)
+        name: round(v, 4) for name, v in zip(names, shares)
     }
 
 
