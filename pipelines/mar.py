@@ -466,24 +466,37 @@ class DiffusionHead(nn.Module):
         return mean, log_var
 
     def step_distribution(
-        self, x: Tensor, i: int, z: Tensor, cfg: float = 1.0, z_uncond: Tensor | None = None
+        self,
+        x: Tensor,
+        i: int | Tensor,
+        z: Tensor,
+        cfg: float = 1.0,
+        z_uncond: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Mean and log variance ``(n, D)`` of the sampler's step ``i`` (``x_i -> x_{i-1}``).
 
-        ``i`` counts down from ``S - 1`` to 0. With ``z_uncond`` the noise is
+        ``i`` counts down from ``S - 1`` to 0: one step for every row, or a long
+        tensor ``(n,)`` of each row's step (the steps of a whole trajectory in one
+        call, as a density evaluation needs them). With ``z_uncond`` the noise is
         guided, ``eps_u + cfg * (eps_c - eps_u)``, and the variance is the
         conditional row's, as MAR's ``forward_with_cfg`` does.
         """
         schedule = self.sample_schedule
         # the original timestep, per row as MAR passes it (one shared row rounds differently)
-        t = torch.full((x.shape[0],), schedule.numbers["timesteps"][i], device=x.device)
+        if isinstance(i, Tensor):
+            if i.shape != (x.shape[0],):
+                raise ValueError(f"per-row steps must be ({x.shape[0]},), got {tuple(i.shape)}.")
+            t = schedule.timesteps[i.cpu()].to(x.device)
+        else:
+            i = int(i)
+            t = torch.full((x.shape[0],), schedule.numbers["timesteps"][i], device=x.device)
         if z_uncond is None:
             eps, v = self.net(x, t, z).chunk(2, dim=-1)
         else:
             out = self.net(torch.cat((x, x)), torch.cat((t, t)), torch.cat((z, z_uncond)))
             (eps_c, v), (eps_u, _) = (o.chunk(2, dim=-1) for o in out.chunk(2))
             eps = eps_u + cfg * (eps_c - eps_u)
-        return self._mean_log_variance(schedule, x, int(i), eps, v)
+        return self._mean_log_variance(schedule, x, i, eps, v)
 
     # -- sampling -------------------------------------------------------------------------------
     def draw_noise(

@@ -553,25 +553,30 @@ def test_draft_folders_load_and_the_strategy_is_listed(mar_pipe, tmp_path, capsy
     assert "cspd" in capsys.readouterr().out
 
 
-def test_head_density_is_the_samplers_and_exact_rule_reproduces_the_target_head():
-    """On MAR's own DiffusionHead: the trajectory density the strategy computes is the
-    sampler's, and draft + exact verification gives the target head's tokens."""
+def random_head(steps: int, g: torch.Generator):
+    """A float64 MAR DiffusionHead (2 numbers a token, width 16) of ``steps`` steps, weights N(0, 0.2²)."""
     from decodekit.pipelines.mar import DiffusionHead, MARConfig
-    from decodekit.plugins.cspd import HeadDensity, trajectory_log_prob
 
-    n = 5000
     config = MARConfig(
         img_size=8, vae_stride=4, vae_embed_dim=2, encoder_embed_dim=8, encoder_depth=1,
         encoder_num_heads=2, decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2,
-        class_num=2, buffer_size=1, diffloss_d=1, diffloss_w=16, num_sampling_steps="3",
+        class_num=2, buffer_size=1, diffloss_d=1, diffloss_w=16, num_sampling_steps=str(steps),
     )  # fmt: skip
-    g = torch.Generator().manual_seed(0)
-    heads = [DiffusionHead(config).double() for _ in range(2)]
+    head = DiffusionHead(config).double()
     with torch.no_grad():
-        for head in heads:
-            for p in head.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
-    target, draft = heads
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+    return head
+
+
+def test_head_density_is_the_samplers_and_exact_rule_reproduces_the_target_head():
+    """On MAR's own DiffusionHead: the trajectory density the strategy computes is the
+    sampler's, and draft + exact verification gives the target head's tokens."""
+    from decodekit.plugins.cspd import HeadDensity, trajectory_log_prob
+
+    n = 5000
+    g = torch.Generator().manual_seed(0)
+    target, draft = random_head(3, g), random_head(3, g)
     z = torch.randn(1, 8, generator=g, dtype=torch.float64).expand(n, 8).contiguous()
     p, q = HeadDensity(target, z, None, 1.0, 1.3), HeadDensity(draft, z, None, 1.0, 1.3)
     every = torch.arange(n)
@@ -592,6 +597,26 @@ def test_head_density_is_the_samplers_and_exact_rule_reproduces_the_target_head(
     # the same head as draft: every trajectory kept, the target's own tokens
     v = exact_verify(samples, q, q, g, independent=True)
     assert v.accepted.all() and int(v.tries.sum()) == 0
+
+
+def test_head_density_evaluates_guided_trajectories_in_bounded_calls(monkeypatch):
+    """Guided, and split into calls of at most EVAL_ROWS rows: still the sampler's density and token."""
+    import decodekit.plugins.cspd as cspd_module
+    from decodekit.plugins.cspd import HeadDensity, trajectory_log_prob
+
+    g = torch.Generator().manual_seed(3)
+    head = random_head(5, g)
+    n = 7
+    z, zu = (torch.randn(n, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    noise = head.draw_noise(n, g, dtype=torch.float64)
+    traj = head.sample(z, 0.9, 2.0, z_uncond=zu, noise=noise, trajectory=True)
+    samples, every = traj.states[:-1].transpose(0, 1), torch.arange(n)
+    whole = HeadDensity(head, z, zu, 2.0, 0.9).evaluate(samples, every)
+    monkeypatch.setattr(cspd_module, "EVAL_ROWS", 2 * head.num_steps)  # 2 trajectories a call
+    split = HeadDensity(head, z, zu, 2.0, 0.9).evaluate(samples, every)
+    for log_p, token in (whole, split):
+        torch.testing.assert_close(log_p, trajectory_log_prob(traj), rtol=0, atol=1e-10)
+        torch.testing.assert_close(token, traj.sample, rtol=0, atol=1e-12)
 
 
 def test_cspd_runs_from_yaml_and_validate_names_a_bad_param(tmp_path, capsys):

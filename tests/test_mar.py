@@ -243,6 +243,24 @@ def test_guidance_mixes_the_noise_predictions_and_keeps_the_conditional_variance
     )
 
 
+def test_per_row_steps_give_each_rows_own_step():
+    """A step tensor (one step per row, as density evaluation uses) gives what one call a step gives."""
+    head = tiny_model().diffloss
+    S = head.num_steps
+    x = torch.randn(S, 3, 4, dtype=torch.float64)
+    z, zu = torch.randn(3, 32, dtype=torch.float64), torch.randn(3, 32, dtype=torch.float64)
+    steps = torch.arange(S).repeat_interleave(3)
+    mean, log_var = head.step_distribution(
+        x.reshape(-1, 4), steps, z.repeat(S, 1), 2.5, zu.repeat(S, 1)
+    )
+    for i in range(S):
+        m, lv = head.step_distribution(x[i], i, z, 2.5, zu)
+        torch.testing.assert_close(mean.view(S, 3, 4)[i], m, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(log_var.view(S, 3, 4)[i], lv, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="per-row steps must be"):
+        head.step_distribution(x[0], torch.arange(2), z)
+
+
 def test_head_refuses_the_global_rng_and_wrong_noise():
     head = tiny_model().diffloss
     with pytest.raises(ValueError, match="explicit generator"):
