@@ -87,7 +87,7 @@ def encode_moments(
 def latent_moments(
     vae_folder: Path, num_images: int, seed: int, cache: Path | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Posterior moments (float32) and class ids of ``class_data(num_images, seed)``.
+    """Posterior moments (float16 values, as float32) and class ids of ``class_data(num_images, seed)``.
 
     With `cache` (a ``.safetensors`` file), they are read from it when it was written for
     the same VAE weights and renders, else computed and written there in float16.
@@ -122,8 +122,8 @@ def latent_moments(
             "labels": labels,
         }
         save_file(tensors, str(cache), metadata=meta)
-        mean, std = mean.half().float(), std.half().float()  # as a later read gives them
-    return mean, std, labels
+    # float16 precision with or without a cache, so a run does not depend on having one
+    return mean.half().float(), std.half().float(), labels
 
 
 def sample_latents(
