@@ -66,6 +66,17 @@ def test_strategy_page_mentions_every_param(name, cls):
     assert not missing, f"docs/strategies/{name}.md does not mention params {missing}"
 
 
+@pytest.mark.parametrize("front", ["README.md", "docs/index.md"])
+def test_every_builtin_strategy_is_in_the_front_pages_table(front):
+    """README's and the docs home's strategy tables list every built-in strategy, and no plan."""
+    text = (DOCS.parent / front).read_text()
+    missing = [
+        name for name, _ in builtin_strategies() if not re.search(rf"\|[^\n]*`{name}`", text)
+    ]
+    assert not missing, f"{front}'s strategy table does not list {missing}"
+    assert "not yet available" not in text, f"{front} still names available strategies as planned"
+
+
 def test_every_strategy_page_is_in_the_nav():
     nav = (DOCS.parent / "mkdocs.yml").read_text()
     for page in sorted((DOCS / "strategies").glob("*.md")):

@@ -1,0 +1,161 @@
+"""CSpD on the zoo's MAR models: class adherence and Fréchet distance of each acceptance rule, against the target alone.
+
+Target zoo:shapes-mar (the pipeline's model), draft zoo:shapes-mar-small. Every arm samples
+the same ``N`` images as the zoo's gate does (`train_shapes_var.sample_classes`: image ``i``
+is class ``i mod 24``, its generator seeded ``50000 + i``) at the models' operating point
+(``train_shapes_mar.OPERATING_POINT``: 8 steps, guidance 6 on MAR's linear ramp,
+temperature 1), ``--num-iter`` and ``--cfg`` overriding it. Arms: the target alone;
+``cspd`` with ``acceptance: paper`` and ``acceptance: exact`` (``--gamma``,
+``--prefill-ratio``); the draft alone; and the target alone with seeds ``50000 + N + i``
+(the floor: how far two sample sets of the same model lie apart by sampling noise alone).
+
+Reported per arm: the judge's class adherence (shape, colour, both), the Fréchet distance of
+the arm's images to ``N`` real renders (the zoo gate's `REAL_EVAL_SEED`) and to the target's
+images, cspd's counters over the arm's calls (drafted tokens kept, target and draft
+forwards), and the arm's wall time (one pass, arms in turn: a rough figure;
+``decodekit bench examples/cspd.yaml`` measures the speed-up in alternating pairs).
+
+    .venv/bin/python benchmarks/cspd.py --threads 1 [--num-images 240]
+
+Writes benchmarks/results/cspd/cpu-2core/cspd_quality.json (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "cspd" / "cpu-2core" / "cspd_quality.json"
+COUNTERS = ("draft_tokens", "accepted_tokens", "resampled_tokens", "dropped_tokens",
+            "zero_tokens", "resample_tries", "target_forwards", "draft_forwards")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="zoo:shapes-mar")
+    parser.add_argument("--draft", default="zoo:shapes-mar-small")
+    parser.add_argument("--num-images", type=int, default=240)
+    parser.add_argument("--batch-size", type=int, default=120)
+    parser.add_argument("--num-iter", type=int, default=None)
+    parser.add_argument("--cfg", type=float, default=None)
+    parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--prefill-ratio", type=float, default=0.15)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    if args.batch_size % 24:
+        parser.error("--batch-size must be a multiple of 24 (the classes, in turn)")
+    torch.set_num_threads(args.threads)
+
+    import decodekit
+    from decodekit.config import resolve_model
+    from decodekit.pipelines.mar_pipeline import MARPipeline
+    from decodekit.pipelines.zoo.shapes_data import sample_shapes
+    from decodekit.pipelines.zoo.shapes_judge import ShapesJudge
+    from decodekit.pipelines.zoo.train_shapes_mar import OPERATING_POINT
+    from decodekit.pipelines.zoo.train_shapes_var import (
+        REAL_EVAL_SEED,
+        VAR_EVAL_SEED,
+        class_adherence,
+        sample_classes,
+    )
+
+    n = args.num_images
+    judge = ShapesJudge.load()
+    target = MARPipeline.from_pretrained(resolve_model(args.target))
+    draft = MARPipeline.from_pretrained(resolve_model(args.draft))
+    real, _ = sample_shapes(n, seed=REAL_EVAL_SEED, two_shape_fraction=0.0)
+    real = real.float() / 255
+    sampling = dict(OPERATING_POINT)
+    for key in ("num_iter", "cfg"):
+        if getattr(args, key) is not None:
+            sampling[key] = getattr(args, key)
+
+    def arm(name: str, pipe: MARPipeline, acceptance: str | None, seed: int) -> dict[str, Any]:
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        strategies = []
+        if acceptance is not None:
+            params = {"draft": args.draft, "gamma": args.gamma,
+                      "prefill_ratio": args.prefill_ratio, "acceptance": acceptance}  # fmt: skip
+            strategies = [{"name": "cspd", "params": params}]
+        counts = dict.fromkeys(COUNTERS, 0)
+        with decodekit.attach(pipe, strategies) as run:
+            start = time.perf_counter()
+            images, classes = [], []
+            for first in range(0, n, args.batch_size):  # a call a batch: its counters summed
+                rows = min(args.batch_size, n - first)
+                got, cls = sample_classes(pipe, rows, rows, seed=seed + first, **sampling)
+                images, classes = images + got, classes + cls  # batches start at class 0
+                for key, value in (run.stats["strategies"].get("cspd") or {}).items():
+                    if key in counts:
+                        counts[key] += value
+            seconds = time.perf_counter() - start
+        verified = counts["accepted_tokens"] + counts["resampled_tokens"]
+        out = {
+            "arm": name,
+            "images": images,
+            **class_adherence(judge, images, classes),
+            "frechet_to_real": round(judge.frechet(images, real), 3),
+            "seconds": round(seconds, 2),
+        }
+        if acceptance is not None:
+            out["cspd"] = {
+                **counts,
+                "acceptance_rate": round(counts["accepted_tokens"] / verified, 4),
+            }
+        return out
+
+    arms = [
+        arm("target alone", target, None, VAR_EVAL_SEED),
+        arm("cspd paper", target, "paper", VAR_EVAL_SEED),
+        arm("cspd exact", target, "exact", VAR_EVAL_SEED),
+        arm("draft alone", draft, None, VAR_EVAL_SEED),
+        arm("target alone, other seeds (floor)", target, None, VAR_EVAL_SEED + n),
+    ]
+    base = arms[0]
+    for a in arms:
+        a["frechet_to_target"] = round(
+            0.0 if a is base else judge.frechet(a["images"], base["images"]), 3
+        )
+        a["wall_speedup"] = round(base["seconds"] / a["seconds"], 3)
+    rows = [{k: v for k, v in a.items() if k != "images"} for a in arms]
+
+    print(
+        f"{'arm':36} {'shape':>6} {'colour':>6} {'class':>6} {'FD real':>8} {'FD target':>9} {'kept':>6} {'wall':>6}"
+    )
+    for r in rows:
+        kept = r.get("cspd", {}).get("acceptance_rate")
+        print(
+            f"{r['arm']:36} {r['adherence_shape']:6.3f} {r['adherence_colour']:6.3f} "
+            f"{r['adherence_class']:6.3f} {r['frechet_to_real']:8.2f} {r['frechet_to_target']:9.2f} "
+            f"{'' if kept is None else f'{kept:.3f}':>6} x{r['wall_speedup']:<5.2f}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "command": "benchmarks/cspd.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": "cpu-2core",
+        "threads": args.threads,
+        "load_average": os.getloadavg(),
+        "num_images": n,
+        "sampling": sampling,
+        "target": args.target,
+        "draft": args.draft,
+        "gamma": args.gamma,
+        "prefill_ratio": args.prefill_ratio,
+        "arms": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
