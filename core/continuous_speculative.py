@@ -55,7 +55,7 @@ PAPER_FLATTEN = 42.0
 """The reference's ``inner_temperature`` (``SpecDecodeRunner.__init__``, ``DistributionProcessor``)."""
 
 MAX_PROPOSALS_PER_ROUND = 64
-"""`exact_verify` draws 1, 2, 4 ... up to this many residual proposals per position and round."""
+"""`exact_verify` draws ``first_round``, twice that ... up to this many residual proposals per position and round."""
 
 PAPER_MAX_TRIES = 100
 """The reference's cap on residual proposals (``DistributionProcessor.sample_distribution``)."""
@@ -162,6 +162,7 @@ def exact_verify(
     draft_log_prob: Tensor | None = None,
     target_log_prob: Tensor | None = None,
     max_tries: int | None = None,
+    first_round: int = 1,
 ) -> ContinuousVerdict:
     """Verify continuous draft samples against the target exactly: ``min(1, p/q)``, residual ``(p - q)+``.
 
@@ -175,8 +176,10 @@ def exact_verify(
     samples. Since a position is rejected with probability ``TV(p_i, q_i)`` and a
     proposal kept with the same probability, the expected number of proposals per
     verified position is ``TV * 1/TV = 1`` (and 0 when ``p == q``). The proposals are
-    drawn in rounds of 1, 2, 4 ... (at most `MAX_PROPOSALS_PER_ROUND`) per position,
-    each round evaluated in one call; ``tries`` counts the proposals up to the kept one.
+    drawn in rounds of ``first_round``, twice that, ... (at most
+    `MAX_PROPOSALS_PER_ROUND`) per position, each round evaluated in one call; the
+    first kept proposal is the draw, whatever the round sizes, and ``tries`` counts
+    the proposals up to it.
 
     Args:
         draft_samples: ``(N, *event)``, each drawn from ``draft``'s distribution of its position.
@@ -193,10 +196,17 @@ def exact_verify(
             when the caller already has them (they are computed otherwise).
         max_tries: raise `RuntimeError` after this many proposals for one position
             (None: no limit). It never returns a capped sample.
+        first_round: proposals per position in the first round. Where a round costs
+            about the same for a few more proposals (a sampler of many small sequential
+            calls), more of them in the first round save the rounds after it.
 
     Returns:
         A `ContinuousVerdict` (``failed`` all False).
     """
+    if not 1 <= first_round <= MAX_PROPOSALS_PER_ROUND:
+        raise ValueError(
+            f"first_round must be in [1, {MAX_PROPOSALS_PER_ROUND}], got {first_round}"
+        )
     N = draft_samples.shape[0]
     device = draft_samples.device
     draws = _Draws(generator, rows, N, draft_samples)
@@ -226,10 +236,10 @@ def exact_verify(
                 f"exact_verify: {max_tries} residual proposals for a position were all refused; "
                 "the draft and target densities are (numerically) equal there"
             )
-        # 1, 2, 4 ... proposals per pending position and round, evaluated in one call: the
-        # first kept one is the draw (i.i.d. proposals), so a position that needs many
-        # tries costs a few rounds, not one round per try
-        m = min(2**rounds, MAX_PROPOSALS_PER_ROUND)
+        # first_round, twice that ... proposals per pending position and round, evaluated in
+        # one call: the first kept one is the draw (i.i.d. proposals), so a position that
+        # needs many tries costs a few rounds, not one round per try
+        m = min(first_round * 2**rounds, MAX_PROPOSALS_PER_ROUND)
         rounds += 1
         each = pending.repeat_interleave(m)  # (M * m,), a position's proposals together
         if hasattr(target, "sample_with_log_prob"):  # a sampler that has the density at hand

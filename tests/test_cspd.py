@@ -106,9 +106,10 @@ def assert_moments(x, mean, var):
 
 
 # -- the exact rule ----------------------------------------------------------------------------
-def test_exact_1d_gaussian_reproduces_target_and_accept_all_does_not():
+@pytest.mark.parametrize("first_round", [1, 4])
+def test_exact_1d_gaussian_reproduces_target_and_accept_all_does_not(first_round):
     q, p = same_everywhere(0.7, 1.3), same_everywhere(0.0, 1.0)
-    x, v = draft_and_verify(q, p, seed=1)
+    x, v = draft_and_verify(q, p, seed=1, first_round=first_round)
     out = v.samples[:, 0]
     assert ks_pvalue(ks_statistic(out, normal_cdf(0, 1)), M) > ALPHA
     assert_moments(v.samples, torch.zeros(1), torch.ones(1))
@@ -153,10 +154,11 @@ def test_exact_gaussian_mixture_target_from_one_gaussian_draft():
     assert ks_pvalue(ks_statistic(x[:, 0], p.cdf), M) < 1e-12  # negative control
 
 
-def test_exact_has_no_cap_on_tries_and_no_zero_samples():
+@pytest.mark.parametrize("first_round", [1, 4])
+def test_exact_has_no_cap_on_tries_and_no_zero_samples(first_round):
     # draft and target 0.05 apart: a rejected position needs about 1/TV = 50 proposals
     q, p = same_everywhere(0.05, 1.0), same_everywhere(0.0, 1.0)
-    x, v = draft_and_verify(q, p, seed=4)
+    x, v = draft_and_verify(q, p, seed=4, first_round=first_round)
     assert v.resampled.sum() > 100
     assert int(v.tries.max()) > 100  # the reference would have given up (zeros) here
     assert not (v.samples[v.resampled] == 0).all(-1).any()
@@ -167,6 +169,8 @@ def test_exact_has_no_cap_on_tries_and_no_zero_samples():
     g = torch.Generator().manual_seed(4)
     with pytest.raises(RuntimeError, match="refused"):
         exact_verify(x, q, p, g, independent=True, max_tries=3)
+    with pytest.raises(ValueError, match="first_round must be in"):
+        exact_verify(x, q, p, g, independent=True, first_round=0)
 
 
 def test_exact_same_densities_accept_everything_and_draw_nothing_more():
