@@ -7,9 +7,10 @@ import torch
 from decodekit.testing import assert_restored, fingerprint, tiny_llama, tiny_llava
 from decodekit.token_pruning import TokenPruner, text_decoder
 
+from tests.tiny import VLM_IMAGE_ID as IMAGE
+from tests.tiny import vlm_generate
 from tests.tiny import vlm_image as _image
 
-IMAGE = 4  # tiny_llava's image token id
 PROMPTS = ["<image> what shape", "<image> which colour is it where"]
 N = 8  # new tokens per call: N - 1 decode forwards
 # per-row admission of the N - 1 decoded inputs: rows differ, steps where no row and every row
@@ -105,18 +106,7 @@ class _Pattern:
 
 
 def _generate(model, enc, n=N, sample=False, seed=0):
-    torch.manual_seed(seed)
-    out = model.generate(
-        **enc,
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=sample,
-        suppress_tokens=[IMAGE],
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
-    L = enc["input_ids"].shape[1]
-    return out.sequences[:, L:], torch.stack(out.logits, 1), out.past_key_values
+    return vlm_generate(model, enc, n, sample=sample, seed=seed, with_cache=True)
 
 
 def _pruned(model, K, enc, select, table=None, slack=4, **generate):

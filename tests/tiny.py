@@ -379,15 +379,22 @@ def vlm_enc(processor, rows):
     )
 
 
-def vlm_generate(model, enc, n=5):
-    """Greedy ``n`` new tokens (image tokens suppressed): (new tokens, their logits ``(B, n, V)``)."""
+def vlm_generate(model, enc, n=5, *, sample=False, seed=None, with_cache=False):
+    """``n`` new tokens (image tokens suppressed): (new tokens, their logits ``(B, n, V)``).
+
+    Greedy, or sampled after ``torch.manual_seed(seed)``; ``with_cache`` appends the
+    K/V cache generate returns.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
     out = model.generate(
         **enc,
         max_new_tokens=n,
         min_new_tokens=n,
-        do_sample=False,
+        do_sample=sample,
         suppress_tokens=[VLM_IMAGE_ID],
         return_dict_in_generate=True,
         output_logits=True,
     )
-    return out.sequences[:, enc["input_ids"].shape[1] :], torch.stack(out.logits, 1)
+    got = out.sequences[:, enc["input_ids"].shape[1] :], torch.stack(out.logits, 1)
+    return (*got, out.past_key_values) if with_cache else got
