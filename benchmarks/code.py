@@ -23,8 +23,6 @@ Writes benchmarks/results/code/cpu-2core/code_quality.json (``--out`` to change)
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -50,23 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     import decodekit
     from decodekit.config import resolve_model
     from decodekit.pipelines.var import VARPipeline
-    from decodekit.pipelines.zoo.shapes_data import sample_shapes
-    from decodekit.pipelines.zoo.shapes_judge import ShapesJudge
     from decodekit.pipelines.zoo.train_shapes_var import (
         OPERATING_POINT,
-        REAL_EVAL_SEED,
         VAR_EVAL_SEED,
-        class_adherence,
+        against_first_arm,
+        arm_scores,
+        judge_and_renders,
         sample_classes,
+        write_arm_rows,
     )
     from decodekit.plugins.code import plan_flops
 
     n = args.num_images
-    judge = ShapesJudge.load()
+    judge, real = judge_and_renders(n)
     pipe = VARPipeline.from_pretrained(resolve_model(args.drafter))
     refiner = VARPipeline.from_pretrained(resolve_model(args.refiner))
-    real, _ = sample_shapes(n, seed=REAL_EVAL_SEED, two_shape_fraction=0.0)
-    real = real.float() / 255
     sampling = dict(OPERATING_POINT)
 
     def arm(name: str, target: VARPipeline, strategies: list, seed: int) -> dict[str, Any]:
@@ -79,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return {
             "arm": name,
             "images": images,
-            **class_adherence(judge, images, classes),
-            "frechet_to_real": round(judge.frechet(images, real), 3),
+            **arm_scores(judge, images, classes, real),
             "ideal_speedup": round(ideal, 3) if ideal is not None else 1.0,
             "seconds": round(seconds, 2),
         }
@@ -96,35 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     ratio = plan_flops([pipe.transformer] * K) / plan_flops([refiner.transformer] * K)
     arms[-1]["ideal_speedup"] = round(ratio, 3)
     arms.append(arm("drafter alone, other seeds (floor)", pipe, [], VAR_EVAL_SEED + n))
-    base = arms[0]
-    for a in arms:
-        fd = 0.0 if a is base else judge.frechet(a["images"], base["images"])
-        a["frechet_to_drafter"] = round(fd, 3)
-        a["wall_speedup"] = round(base["seconds"] / a["seconds"], 3)
-    rows = [{k: v for k, v in a.items() if k != "images"} for a in arms]
+    rows = against_first_arm(judge, arms, "drafter")
 
-    header = f"{'arm':38} {'shape':>6} {'colour':>6} {'class':>6} {'FD real':>8} {'FD drafter':>10} {'ideal':>6} {'wall':>6}"
-    print(header)
-    for r in rows:
-        print(
-            f"{r['arm']:38} {r['adherence_shape']:6.3f} {r['adherence_colour']:6.3f} "
-            f"{r['adherence_class']:6.3f} {r['frechet_to_real']:8.2f} {r['frechet_to_drafter']:10.2f} "
-            f"x{r['ideal_speedup']:<5.2f} x{r['wall_speedup']:<5.2f}"
-        )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "command": "benchmarks/code.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": "cpu-2core",
-        "threads": args.threads,
-        "load_average": os.getloadavg(),
-        "num_images": n,
-        "sampling": sampling,
-        "drafter": args.drafter,
-        "refiner": args.refiner,
-        "arms": rows,
-    }
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_arm_rows(
+        args.out, "benchmarks/code.py", argv if argv is not None else sys.argv[1:], rows,
+        threads=args.threads, num_images=n, sampling=sampling, drafter=args.drafter,
+        refiner=args.refiner,
+    )  # fmt: skip
     return 0
 
 

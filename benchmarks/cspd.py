@@ -23,8 +23,6 @@ Writes benchmarks/results/cspd/cpu-2core/cspd_quality.json (``--out`` to change)
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -56,24 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     import decodekit
+    import decodekit.pipelines.zoo.train_shapes_var as gates  # the zoo gates' samples and scores
     from decodekit.config import resolve_model
     from decodekit.pipelines.mar_pipeline import MARPipeline
-    from decodekit.pipelines.zoo.shapes_data import sample_shapes
-    from decodekit.pipelines.zoo.shapes_judge import ShapesJudge
     from decodekit.pipelines.zoo.train_shapes_mar import OPERATING_POINT
-    from decodekit.pipelines.zoo.train_shapes_var import (
-        REAL_EVAL_SEED,
-        VAR_EVAL_SEED,
-        class_adherence,
-        sample_classes,
-    )
 
     n = args.num_images
-    judge = ShapesJudge.load()
+    judge, real = gates.judge_and_renders(n)
     target = MARPipeline.from_pretrained(resolve_model(args.target))
     draft = MARPipeline.from_pretrained(resolve_model(args.draft))
-    real, _ = sample_shapes(n, seed=REAL_EVAL_SEED, two_shape_fraction=0.0)
-    real = real.float() / 255
     sampling = dict(OPERATING_POINT)
     for key in ("num_iter", "cfg"):
         if getattr(args, key) is not None:
@@ -92,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             images, classes = [], []
             for first in range(0, n, args.batch_size):  # a call a batch: its counters summed
                 rows = min(args.batch_size, n - first)
-                got, cls = sample_classes(pipe, rows, rows, seed=seed + first, **sampling)
+                got, cls = gates.sample_classes(pipe, rows, rows, seed=seed + first, **sampling)
                 images, classes = images + got, classes + cls  # batches start at class 0
                 for key, value in (run.stats["strategies"].get("cspd") or {}).items():
                     if key in counts:
@@ -102,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "arm": name,
             "images": images,
-            **class_adherence(judge, images, classes),
-            "frechet_to_real": round(judge.frechet(images, real), 3),
+            **gates.arm_scores(judge, images, classes, real),
             "seconds": round(seconds, 2),
         }
         if acceptance is not None:
@@ -114,46 +102,22 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     arms = [
-        arm("target alone", target, None, VAR_EVAL_SEED),
-        arm("cspd paper", target, "paper", VAR_EVAL_SEED),
-        arm("cspd exact", target, "exact", VAR_EVAL_SEED),
-        arm("draft alone", draft, None, VAR_EVAL_SEED),
-        arm("target alone, other seeds (floor)", target, None, VAR_EVAL_SEED + n),
+        arm("target alone", target, None, gates.VAR_EVAL_SEED),
+        arm("cspd paper", target, "paper", gates.VAR_EVAL_SEED),
+        arm("cspd exact", target, "exact", gates.VAR_EVAL_SEED),
+        arm("draft alone", draft, None, gates.VAR_EVAL_SEED),
+        arm("target alone, other seeds (floor)", target, None, gates.VAR_EVAL_SEED + n),
     ]
-    base = arms[0]
-    for a in arms:
-        a["frechet_to_target"] = round(
-            0.0 if a is base else judge.frechet(a["images"], base["images"]), 3
-        )
-        a["wall_speedup"] = round(base["seconds"] / a["seconds"], 3)
-    rows = [{k: v for k, v in a.items() if k != "images"} for a in arms]
+    rows = gates.against_first_arm(judge, arms, "target")
 
-    print(
-        f"{'arm':36} {'shape':>6} {'colour':>6} {'class':>6} {'FD real':>8} {'FD target':>9} {'kept':>6} {'wall':>6}"
-    )
-    for r in rows:
-        kept = r.get("cspd", {}).get("acceptance_rate")
-        print(
-            f"{r['arm']:36} {r['adherence_shape']:6.3f} {r['adherence_colour']:6.3f} "
-            f"{r['adherence_class']:6.3f} {r['frechet_to_real']:8.2f} {r['frechet_to_target']:9.2f} "
-            f"{'' if kept is None else f'{kept:.3f}':>6} x{r['wall_speedup']:<5.2f}"
-        )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "command": "benchmarks/cspd.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": "cpu-2core",
-        "threads": args.threads,
-        "load_average": os.getloadavg(),
-        "num_images": n,
-        "sampling": sampling,
-        "target": args.target,
-        "draft": args.draft,
-        "gamma": args.gamma,
-        "prefill_ratio": args.prefill_ratio,
-        "arms": rows,
-    }
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    for r in rows:  # the share of drafts kept, as a column of the table
+        if "cspd" in r:
+            r["acceptance_rate"] = r["cspd"]["acceptance_rate"]
+    gates.write_arm_rows(
+        args.out, "benchmarks/cspd.py", argv if argv is not None else sys.argv[1:], rows,
+        threads=args.threads, num_images=n, sampling=sampling, target=args.target,
+        draft=args.draft, gamma=args.gamma, prefill_ratio=args.prefill_ratio,
+    )  # fmt: skip
     return 0
 
 

@@ -548,6 +548,66 @@ def class_adherence(judge: Any, images: list[Any], classes: list[int]) -> dict[s
     }
 
 
+def judge_and_renders(num_images: int) -> tuple[Any, torch.Tensor]:
+    """The shapes judge and ``num_images`` one-shape renders in [0, 1] (the gates' `REAL_EVAL_SEED`)."""
+    from decodekit.pipelines.zoo.shapes_judge import ShapesJudge
+
+    real, _ = sample_shapes(num_images, seed=REAL_EVAL_SEED, two_shape_fraction=0.0)
+    return ShapesJudge.load(), real.float() / 255
+
+
+def arm_scores(judge: Any, images: list[Any], classes: list[int], real: torch.Tensor) -> dict:
+    """`class_adherence` of an arm's images and their Fréchet distance to the renders ``real``."""
+    return {
+        **class_adherence(judge, images, classes),
+        "frechet_to_real": round(judge.frechet(images, real), 3),
+    }
+
+
+def against_first_arm(judge: Any, arms: list[dict], name: str) -> list[dict]:
+    """Rows of a benchmark's arms (``images``, ``seconds``), the first as the reference.
+
+    Adds each arm's judge Fréchet distance to the first arm's images (``frechet_to_<name>``)
+    and its wall-clock speed-up over it (``wall_speedup``); the rows leave the images out.
+    """
+    base = arms[0]
+    for a in arms:
+        fd = 0.0 if a is base else judge.frechet(a["images"], base["images"])
+        a[f"frechet_to_{name}"] = round(fd, 3)
+        a["wall_speedup"] = round(base["seconds"] / a["seconds"], 3)
+    return [{k: v for k, v in a.items() if k != "images"} for a in arms]
+
+
+def write_arm_rows(
+    out: Path, script: str, argv: list[str], rows: list[dict], **fields: Any
+) -> None:
+    """Print a benchmark's arm rows as a table and write them to ``out`` as JSON.
+
+    The JSON holds the command (``script`` and its ``argv``), the machine, the load
+    average, ``fields`` (the run's settings) and the rows.
+    """
+    import os
+
+    columns = [("adherence_shape", "shape"), ("adherence_colour", "colour"),
+               ("adherence_class", "class"), ("frechet_to_real", "FD real")]  # fmt: skip
+    columns += [(k, k.replace("frechet_to_", "FD ")) for k in rows[0] if k.startswith("frechet_to_") and k != "frechet_to_real"]  # fmt: skip
+    columns += [(k, k) for k in ("ideal_speedup", "acceptance_rate", "wall_speedup") if any(k in r for r in rows)]  # fmt: skip
+    print(f"{'arm':40}" + "".join(f" {label:>14}" for _, label in columns))
+    for r in rows:
+        cells = [r.get(k, "") for k, _ in columns]
+        print(f"{r['arm']:40}" + "".join(f" {c:>14}" for c in cells))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": " ".join([script, *argv]),
+        "machine": "cpu-2core",
+        "load_average": os.getloadavg(),
+        **fields,
+        "arms": rows,
+    }
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def evaluate_var(
     folder: str | Path = "shapes-var-d6",
     num_images: int = 240,
