@@ -434,10 +434,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(
         f"  model calls: {stats['nfe']}  served by strategies: {stats['served']}  time: {stats['time_s']:.3f} s"
     )
-    last = f" (last call of {stats['calls']})" if stats.get("calls", 1) > 1 else ""
+    several = stats.get("calls", 1) > 1
+    last = f" (last call of {stats['calls']})" if several else ""
     for name, figures in stats["strategies"].items():
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in figures.items())
         print(f"  {name}{last}: {shown}")
+        totals = (stats.get("totals") or {}).get(name)
+        if several and totals:
+            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in totals.items())
+            print(f"  {name} (all {stats['calls']} calls): {shown}")
     ideal = run.ideal_speedup()
     if ideal is not None:
         print(f"  FLOP-ideal speed-up: x{ideal:.2f}")

@@ -535,6 +535,14 @@ class Job:
             for name, t in (r["stats"].get("hook_time_s") or {}).items():
                 hooks[name] = hooks.get(name, 0.0) + t
         stats["hook_time_s"] = hooks
+        totals: dict[str, dict[str, Any]] = {}  # counters summed; derived rates are per rank
+        for r in ranks:
+            for name, figures in (r["stats"].get("totals") or {}).items():
+                mine = totals.setdefault(name, {})
+                for k, v in figures.items():
+                    if isinstance(v, int) and not isinstance(v, bool):
+                        mine[k] = mine.get(k, 0) + v
+        stats["totals"] = totals
         timings = {
             k: max(r["timings_s"].get(k, 0.0) for r in ranks) for k in first["timings_s"]
         }  # the slowest process sets the job's time

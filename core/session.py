@@ -109,7 +109,10 @@ class Run:
             its ``hook_time_s`` in that call plus its own ``stats()``, which
             strategies reset at every call start). ``stats["strategies"]`` is
             the same dict as ``stats["last_call"]["strategies"]``, kept as a
-            short name. ``stats["pipeline"]`` is the adapter's own figures since
+            short name. ``stats["totals"]`` is the whole run per strategy: the
+            figures it names in `Strategy.counters`, summed over the calls, and
+            what `Strategy.total_stats` derives from them (rates).
+            ``stats["pipeline"]`` is the adapter's own figures since
             attach (`PipelineAdapter.stats`; empty for most adapters).
     """
 
@@ -144,6 +147,7 @@ class Run:
         self.served = 0
         self.time_s = 0.0
         self.last: dict[str, Any] = {}
+        self._totals: dict[str, dict[str, Any]] = {s.name: {} for s in self.strategies}
         self._adapter = adapter_cls(target, self)
         self.adapter = AdapterView(self._adapter)
         """The adapter, as its loop's contract (`decodekit.loops`) lets strategies see it."""
@@ -197,6 +201,12 @@ class Run:
             "served": self.served - self._call_served0,
             "time_s": dt,
         }
+        for strategy in self.strategies:  # the counters of the call, added to the run's
+            if strategy.counters:
+                figures, totals = strategy.stats(), self._totals[strategy.name]
+                for key in strategy.counters:
+                    if key in figures:
+                        totals[key] = totals.get(key, 0) + figures[key]
         self.in_call = False
 
     def guarded_call(self, call_kwargs: dict[str, Any], fn: Callable[[], Any]) -> Any:
@@ -338,6 +348,11 @@ class Run:
             "hook_time_s": dict(self._hook_time),
             "last_call": {**self.last, "strategies": per},
             "strategies": per,
+            "totals": {
+                s.name: {**self._totals[s.name], **s.total_stats(dict(self._totals[s.name]))}
+                for s in self.strategies
+                if s.counters
+            },
             "pipeline": self._adapter.stats(),
         }
 

@@ -47,6 +47,8 @@ class Strategy:
         before: strategies this one's hooks run before, when both are attached.
         after: strategies this one's hooks run after, when both are attached.
         paper: title and arXiv link, shown by ``decodekit plugins``.
+        counters: keys of `stats` that count a call's events and add up over calls;
+            the run sums them into ``run.stats["totals"]`` (see `total_stats`).
         step_tensors: names of the pipeline's step tensors (besides ``latents``)
             a continuous-denoising strategy reads or edits in ``decodekit_step_end``;
             the adapter asks the pipeline to pass them to the step callback, and
@@ -62,6 +64,7 @@ class Strategy:
     before: ClassVar[tuple[str, ...]] = ()
     after: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[str] = ""
+    counters: ClassVar[tuple[str, ...]] = ()
     step_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
@@ -107,6 +110,10 @@ class Strategy:
 
     def stats(self) -> dict[str, Any]:
         """Figures this strategy counted in the current run (cache hits, accepted tokens …)."""
+        return {}
+
+    def total_stats(self, totals: dict[str, Any]) -> dict[str, Any]:
+        """Figures derived from the run's summed `counters` (a rate, say); none by default."""
         return {}
 
     def ideal_speedup(self, run) -> float | None:

@@ -261,6 +261,9 @@ class CSpD(Strategy):
     Params = CSpDParams
     slot = "proposer"
     paper = "Continuous Speculative Decoding for Autoregressive Image Generation, arXiv:2411.11925"
+    counters = ("windows", "draft_tokens", "accepted_tokens", "resampled_tokens",
+                "dropped_tokens", "zero_tokens", "resample_tries", "target_forwards",
+                "draft_forwards")  # fmt: skip
 
     def __init__(self, params=None, *, path: str = "params", **kwargs):
         super().__init__(params, path=path, **kwargs)
@@ -313,6 +316,10 @@ class CSpD(Strategy):
             c["target_forwards"] = models.get("model", {}).get("forwards", 0)
             c["draft_forwards"] = models.get(self._draft_name, {}).get("forwards", 0)
         return c
+
+    def total_stats(self, totals: dict[str, Any]) -> dict[str, Any]:
+        verified = totals.get("accepted_tokens", 0) + totals.get("resampled_tokens", 0)
+        return {"acceptance_rate": totals["accepted_tokens"] / verified if verified else None}
 
     # -- the loop ----------------------------------------------------------------------------
     def window(self, decoder: Any) -> int | None:

@@ -497,6 +497,23 @@ def test_paper_verifies_a_window_in_one_target_forward(mar_pipe):
     assert not out.tokens.isnan().any()
 
 
+def test_run_totals_add_up_the_calls_counters(mar_pipe):
+    import decodekit
+
+    with decodekit.attach(mar_pipe, [cspd(tiny_mar(seed=1, depth=1), gamma=3)]) as run:
+        calls = []
+        for seed in (1, 2):
+            mar_pipe([0, 1], generator=row_generators((seed, seed + 10)), **MAR_CALL)
+            calls.append(run.stats["strategies"]["cspd"])
+        totals = run.stats["totals"]["cspd"]
+    strategy = run.strategies[0]
+    assert set(strategy.counters) < set(calls[0])
+    for key in strategy.counters:
+        assert totals[key] == calls[0][key] + calls[1][key], key
+    verified = totals["accepted_tokens"] + totals["resampled_tokens"]
+    assert verified > 0 and totals["acceptance_rate"] == totals["accepted_tokens"] / verified
+
+
 def test_rows_do_not_depend_on_their_batch_mates(mar_pipe):
     import decodekit
 

@@ -72,6 +72,27 @@ def test_two_processes_write_the_bytes_of_one(tmp_path, manager, capsys):
     assert rec["stats"]["calls"] == 3
 
 
+def test_totals_of_several_processes_sum_their_counters():
+    from decodekit.distributed import Job
+
+    def rank(served, rate):
+        totals = {"cspd": {"accepted_tokens": served, "acceptance_rate": rate}}
+        stats = {
+            "calls": 1,
+            "nfe": 4,
+            "served": 0,
+            "time_s": 1.0,
+            "hook_time_s": {},
+            "totals": totals,
+        }
+        return {"stats": stats, "ideal_speedup": None, "timings_s": {"generate_s": 1.0}}
+
+    figures = Job._figures(None, [rank(3, 0.5), rank(4, 0.25)])
+    # counters add up; a rate derived on each process stays under that process's rank
+    assert figures["stats"]["totals"] == {"cspd": {"accepted_tokens": 7}}
+    assert figures["ranks"][1]["stats"]["totals"]["cspd"]["acceptance_rate"] == 0.25
+
+
 class FakeWorld(World):
     """Rank ``rank`` of ``size``, whose gather returns the other ranks' values given in ``others``."""
 

@@ -130,7 +130,11 @@ def test_run_batch_size_splits_the_calls_and_refuses_zero(toy, tmp_path, capsys)
     assert "last call" not in shown.out and "\r" not in shown.err  # no bar off a terminal
     rows, stats = run("--batch-size", "2", "--no-progress")
     assert rows == 3 and stats["calls"] == 2 and stats["nfe"] + stats["served"] == 2 * 8
-    assert "halve (last call of 2):" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "halve (last call of 2):" in shown
+    # the declared counters of the whole run beside the last call's
+    assert f"halve (all 2 calls): hits={stats['totals']['halve']['hits']}" in shown
+    assert stats["totals"]["halve"]["hits"] == stats["served"]
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(toy_config(toy)))
     assert main(["run", str(cfg), "--batch-size", "0"]) == 2

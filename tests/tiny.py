@@ -152,6 +152,7 @@ class Halve(decodekit.Strategy):
     slot = "denoiser-cache"
     Params = HalveParams
     paper = "Toy (arXiv:0000.00000)"
+    counters = ("hits",)
 
     def on_attach(self, run) -> None:
         self.reset(run)
