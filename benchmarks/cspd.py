@@ -11,7 +11,7 @@ temperature 1), ``--num-iter`` and ``--cfg`` overriding it. Arms: the target alo
 
 Reported per arm: the judge's class adherence (shape, colour, both), the Fréchet distance of
 the arm's images to ``N`` real renders (the zoo gate's `REAL_EVAL_SEED`) and to the target's
-images, cspd's counters over the arm's calls (drafted tokens kept, target and draft
+images, cspd's counters over the arm's calls (`run.stats["totals"]`) (drafted tokens kept, target and draft
 forwards), and the arm's wall time (one pass, arms in turn: a rough figure;
 ``decodekit bench examples/cspd.yaml`` measures the speed-up in alternating pairs).
 
@@ -32,8 +32,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "cspd" / "cpu-2core" / "cspd_quality.json"
-COUNTERS = ("draft_tokens", "accepted_tokens", "resampled_tokens", "dropped_tokens",
-            "zero_tokens", "resample_tries", "target_forwards", "draft_forwards")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,30 +73,23 @@ def main(argv: list[str] | None = None) -> int:
             params = {"draft": args.draft, "gamma": args.gamma,
                       "prefill_ratio": args.prefill_ratio, "acceptance": acceptance}  # fmt: skip
             strategies = [{"name": "cspd", "params": params}]
-        counts = dict.fromkeys(COUNTERS, 0)
         with decodekit.attach(pipe, strategies) as run:
             start = time.perf_counter()
             images, classes = [], []
-            for first in range(0, n, args.batch_size):  # a call a batch: its counters summed
+            for first in range(0, n, args.batch_size):  # a call a batch
                 rows = min(args.batch_size, n - first)
                 got, cls = gates.sample_classes(pipe, rows, rows, seed=seed + first, **sampling)
                 images, classes = images + got, classes + cls  # batches start at class 0
-                for key, value in (run.stats["strategies"].get("cspd") or {}).items():
-                    if key in counts:
-                        counts[key] += value
             seconds = time.perf_counter() - start
-        verified = counts["accepted_tokens"] + counts["resampled_tokens"]
+            totals = run.stats["totals"].get("cspd")  # the counters of every call, summed
         out = {
             "arm": name,
             "images": images,
             **gates.arm_scores(judge, images, classes, real),
             "seconds": round(seconds, 2),
         }
-        if acceptance is not None:
-            out["cspd"] = {
-                **counts,
-                "acceptance_rate": round(counts["accepted_tokens"] / verified, 4),
-            }
+        if totals is not None:
+            out["cspd"] = totals
         return out
 
     arms = [
@@ -112,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for r in rows:  # the share of drafts kept, as a column of the table
         if "cspd" in r:
-            r["acceptance_rate"] = r["cspd"]["acceptance_rate"]
+            r["acceptance_rate"] = round(r["cspd"]["acceptance_rate"], 4)
     gates.write_arm_rows(
         args.out, "benchmarks/cspd.py", argv if argv is not None else sys.argv[1:], rows,
         threads=args.threads, num_images=n, sampling=sampling, target=args.target,
