@@ -194,7 +194,8 @@ class HeadDensity:
     def _evaluate(self, traj: Tensor, z: Tensor, zu: Tensor | None) -> tuple[Tensor, Tensor]:
         M, S, D = traj.shape
         x = traj.transpose(0, 1).reshape(S * M, D)  # step-major: x_T of every row first
-        steps = torch.arange(S - 1, -1, -1, device=traj.device).repeat_interleave(M)
+        # the steps on the host: the schedule's numbers are indexed there, no device read
+        steps = torch.arange(S - 1, -1, -1).repeat_interleave(M)
         rep = lambda c: c.repeat(S, 1)  # noqa: E731  (M, Cz) -> (S * M, Cz), step-major
         mean, log_var = self.head.step_distribution(
             x, steps, rep(z), self.cfg, None if zu is None else rep(zu)
@@ -307,8 +308,7 @@ class CSpD(Strategy):
 
     def stats(self) -> dict[str, Any]:
         c = dict(self._counts)
-        verified = c["accepted_tokens"] + c["resampled_tokens"]
-        c["acceptance_rate"] = c["accepted_tokens"] / verified if verified else None
+        c.update(self.total_stats(c))  # the rate of this call's counts
         c["acceptance"] = self.params.acceptance
         decoder = self._decoder
         if decoder is not None:
@@ -318,7 +318,8 @@ class CSpD(Strategy):
         return c
 
     def total_stats(self, totals: dict[str, Any]) -> dict[str, Any]:
-        verified = totals.get("accepted_tokens", 0) + totals.get("resampled_tokens", 0)
+        """Drafted tokens kept over those verified (kept or resampled)."""
+        verified = totals["accepted_tokens"] + totals["resampled_tokens"]
         return {"acceptance_rate": totals["accepted_tokens"] / verified if verified else None}
 
     # -- the loop ----------------------------------------------------------------------------

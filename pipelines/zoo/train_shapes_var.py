@@ -590,8 +590,10 @@ def write_arm_rows(
 
     columns = [("adherence_shape", "shape"), ("adherence_colour", "colour"),
                ("adherence_class", "class"), ("frechet_to_real", "FD real")]  # fmt: skip
-    columns += [(k, k.replace("frechet_to_", "FD ")) for k in rows[0] if k.startswith("frechet_to_") and k != "frechet_to_real"]  # fmt: skip
-    columns += [(k, k) for k in ("ideal_speedup", "acceptance_rate", "wall_speedup") if any(k in r for r in rows)]  # fmt: skip
+    others = [k for k in rows[0] if k.startswith("frechet_to_") and k != "frechet_to_real"]
+    columns += [(k, k.replace("frechet_to_", "FD ")) for k in others]
+    optional = ("ideal_speedup", "acceptance_rate", "wall_speedup")
+    columns += [(k, k) for k in optional if any(k in r for r in rows)]
     print(f"{'arm':40}" + "".join(f" {label:>14}" for _, label in columns))
     for r in rows:
         cells = [r.get(k, "") for k, _ in columns]
